@@ -1,0 +1,36 @@
+"""Data I/O: the HDF5 cutout format, FITS ingest and PyTorch datasets."""
+
+from .atomic import atomic_output
+from .cutouts import (
+    DATASETS,
+    REQUIRED_DATASETS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    CutoutFile,
+    CutoutWriter,
+    merge_cutouts,
+    read_cutouts,
+)
+
+__all__ = [
+    "atomic_output",
+    "DATASETS",
+    "REQUIRED_DATASETS",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "CutoutFile",
+    "CutoutWriter",
+    "CutoutDataset",
+    "merge_cutouts",
+    "read_cutouts",
+]
+
+
+def __getattr__(name):
+    # CutoutDataset needs torch; import it lazily so that the simulator and the I/O
+    # functions work (and fork safely) without loading torch.
+    if name == "CutoutDataset":
+        from .dataset import CutoutDataset
+
+        return CutoutDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,32 @@
+"""GalSim simulation of galaxy cutouts: populations, survey presets, rendering."""
+
+from .population import (
+    CATALOG_COLUMNS,
+    PopulationModel,
+    composite_hlr,
+    generate_population,
+    load_catalog,
+    select_rows,
+)
+from .render import describe_galaxy, draw_integrated, galaxy_profile, render_galaxy
+from .simulator import draw_truth, simulate
+from .surveys import PSFSpec, Survey, available_surveys, load_survey
+
+__all__ = [
+    "CATALOG_COLUMNS",
+    "PopulationModel",
+    "composite_hlr",
+    "generate_population",
+    "load_catalog",
+    "select_rows",
+    "PSFSpec",
+    "Survey",
+    "available_surveys",
+    "load_survey",
+    "describe_galaxy",
+    "draw_integrated",
+    "galaxy_profile",
+    "render_galaxy",
+    "draw_truth",
+    "simulate",
+]
