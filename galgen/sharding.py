@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import GalgenInputError
 
-__all__ = ["Shard", "parse_shard"]
+__all__ = ["Shard", "parse_shard", "format_shard_path"]
 
 _SHARD_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
 
@@ -74,7 +74,9 @@ def parse_shard(spec: str | Shard | None, *, argument: str = "--shard") -> Shard
     Parameters
     ----------
     spec : str, Shard or None
-        ``"k/N"`` with ``0 <= k < N``; ``None`` means the whole run (``0/1``).
+        ``"k/N"`` with ``0 <= k < N``; ``None`` means the whole run (``0/1``);
+        ``"slurm"`` takes ``k`` and ``N`` from a SLURM job array
+        (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` and ``SLURM_ARRAY_TASK_COUNT``).
     argument : str, optional
         Name of the argument the spec came from, used in error messages.
 
@@ -97,6 +99,8 @@ def parse_shard(spec: str | Shard | None, *, argument: str = "--shard") -> Shard
         return Shard()
     if isinstance(spec, Shard):
         return spec
+    if str(spec).strip().lower() == "slurm":
+        return _slurm_shard(argument)
     m = _SHARD_RE.match(str(spec))
     if not m:
         raise GalgenInputError(f"{argument}: expected 'k/N' such as '0/4', got {spec!r}")
@@ -108,3 +112,40 @@ def parse_shard(spec: str | Shard | None, *, argument: str = "--shard") -> Shard
             f"{argument}: shard index k must satisfy 0 <= k < N (0-based), got {spec!r}"
         )
     return Shard(k, n)
+
+
+def _slurm_shard(argument: str) -> Shard:
+    import os
+
+    try:
+        task = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    except (KeyError, ValueError):
+        raise GalgenInputError(
+            f"{argument}: 'slurm' needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+            "(run inside an sbatch --array job)"
+        ) from None
+    return parse_shard(f"{task - first}/{count}", argument=argument)
+
+
+def format_shard_path(path, shard: Shard):
+    """Fill ``{k}`` and ``{N}`` placeholders of an output path with a shard's numbers.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        e.g. ``"shards/train_{k}of{N}.h5"``; a path without placeholders is returned as is.
+    shard : Shard
+        The shard.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> format_shard_path("train_{k}of{N}.h5", Shard(2, 8))
+    'train_2of8.h5'
+    """
+    return str(path).replace("{k}", str(shard.index)).replace("{N}", str(shard.count))

@@ -47,6 +47,9 @@ def atomic_output(path, *, suffix: str = ""):
         prefix=f".tmp-{path.name}-", suffix=suffix or path.suffix, dir=path.parent
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     tmp = Path(tmp)
     try:
         yield tmp

@@ -1,0 +1,190 @@
+"""Command-line interface: ``galgen <stage> [options]``.
+
+The CLI is thin: each subcommand parses its arguments and calls the library
+function that does the work (listed in each ``--help``). Errors caused by bad input
+are printed as one line naming the file or argument, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ._version import __version__
+from .errors import GalgenInputError
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_common(p, out_help):
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output made by another job")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: shown when stderr is a terminal)")
+
+
+def _cmd_simulate(args):
+    from .sharding import format_shard_path, parse_shard
+    from .simulate import simulate
+
+    shard = parse_shard(args.shard)
+    out = format_shard_path(args.out, shard)
+    path = simulate(out, survey=args.survey, n=args.n, stamp=args.stamp, seed=args.seed, shard=shard,
+                    oversampling=args.oversampling, psf_size=args.psf_size, catalog=args.catalog,
+                    workers=args.workers, progress=args.progress, overwrite=args.overwrite)
+    print(path)
+
+
+def _cmd_merge(args):
+    from .data import merge_cutouts
+
+    print(merge_cutouts(args.inputs, args.out, overwrite=args.overwrite))
+
+
+def _cmd_ingest(args):
+    from .data.ingest import ingest_fits
+
+    keys = tuple(k for k in (args.header_keys or "").split(",") if k)
+    path = ingest_fits(args.inputs, args.out, pixel_scale=args.pixel_scale, survey=args.survey, psf=args.psf,
+                       image_hdu=args.image_hdu, psf_hdu=args.psf_hdu, variance_hdu=args.variance_hdu,
+                       weight_hdu=args.weight_hdu, mask_hdu=args.mask_hdu, stamp=args.stamp,
+                       nonfinite=args.nonfinite, normalize_psf=args.normalize_psf, header_keys=keys,
+                       overwrite=args.overwrite, progress=args.progress)
+    print(path)
+
+
+def _cmd_run(args):
+    from .evaluation.report import format_summary
+    from .pipeline import run_pipeline
+
+    summary = run_pipeline(args.config, args.out)
+    sys.stdout.write(format_summary(summary))
+
+
+def _cmd_summary(args):
+    from .evaluation.report import format_summary, summarize_cutouts
+
+    sys.stdout.write(format_summary(summarize_cutouts(args.path)))
+
+
+def _cmd_preview(args):
+    from .plotting import cutout_grid
+
+    print(cutout_grid(args.path, args.out, n=args.n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``galgen`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    parser = argparse.ArgumentParser(
+        prog="galgen", description="galgen: generative models of galaxy morphology in a physical forward model.")
+    parser.add_argument("--version", action="version", version=f"galgen {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
+
+    p = sub.add_parser("simulate", help="simulate galaxy cutouts with GalSim",
+                       description="Simulate a training set with GalSim (galgen.simulate.simulate). "
+                                   "Deterministic: the same seed gives identical arrays; shards are disjoint "
+                                   "and 'galgen merge' joins them into the unsharded file.")
+    p.add_argument("--survey", default="sdss", help="preset (sdss, lsst, hst) or survey YAML file [sdss]")
+    p.add_argument("--n", type=_positive_int, default=1000, help="galaxies in the whole run [1000]")
+    p.add_argument("--stamp", type=_positive_int, default=64, help="stamp size in detector pixels [64]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--shard", default=None,
+                   help="k/N: write only part k (0-based) of N; 'slurm' reads SLURM_ARRAY_TASK_ID/COUNT")
+    p.add_argument("--oversampling", type=_positive_int, default=1,
+                   help="intrinsic pixels per detector pixel [1]")
+    p.add_argument("--psf-size", type=_positive_int, default=None,
+                   help="PSF grid size in intrinsic pixels [stamp]")
+    p.add_argument("--catalog", default=None, help="population catalog (default: the survey's bundled one)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="rendering processes [1]")
+    _add_common(p, "output HDF5 file; {k} and {N} are replaced by the shard numbers")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("merge", help="join the shards of one run into one cutout file",
+                       description="Concatenate shards 0/N..N-1/N of one job (galgen.data.merge_cutouts).")
+    p.add_argument("inputs", nargs="+", help="shard files")
+    _add_common(p, "merged HDF5 file")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("ingest", help="convert FITS cutouts to a cutout file",
+                       description="Convert FITS cutouts (image, PSF, variance or weight, mask HDUs) into the "
+                                   "galgen HDF5 format (galgen.data.ingest.ingest_fits).")
+    p.add_argument("inputs", nargs="+", help="FITS files, one galaxy each")
+    p.add_argument("--pixel-scale", type=float, default=None, help="arcsec/pixel (default: from WCS or PIXSCALE)")
+    p.add_argument("--survey", default="unknown", help="survey name stored in the file")
+    p.add_argument("--psf", default=None, help="FITS file of a PSF shared by all galaxies")
+    p.add_argument("--image-hdu", default=None, help="image HDU name or index (default: first 2-d image)")
+    p.add_argument("--psf-hdu", default="PSF", help="PSF HDU name in each file [PSF]")
+    p.add_argument("--variance-hdu", default="VARIANCE", help="variance HDU name [VARIANCE]")
+    p.add_argument("--weight-hdu", default="IVAR", help="inverse-variance HDU name, if no variance [IVAR]")
+    p.add_argument("--mask-hdu", default="MASK", help="mask HDU name (non-zero = bad) [MASK]")
+    p.add_argument("--stamp", type=_positive_int, default=None, help="centre-crop to this size")
+    p.add_argument("--nonfinite", choices=("mask", "raise"), default="mask",
+                   help="NaN/inf pixels: mask them with a warning, or refuse the file [mask]")
+    p.add_argument("--normalize-psf", action="store_true", help="normalise PSFs that do not sum to 1")
+    p.add_argument("--header-keys", default="", help="comma-separated header keywords copied to the catalog")
+    _add_common(p, "output HDF5 file")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("run", help="run a pipeline from a YAML config",
+                       description="Run the stages of a pipeline configuration (galgen.pipeline.run_pipeline); "
+                                   "completed stages are reused.")
+    p.add_argument("config", help="pipeline YAML, e.g. pipelines/sdss_demo.yaml")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("summary", help="print a summary of a cutout file")
+    p.add_argument("path", help="cutout file")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("preview", help="save a PNG grid of cutouts")
+    p.add_argument("path", help="cutout file")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--n", type=_positive_int, default=8, help="galaxies shown [8]")
+    p.set_defaults(func=_cmd_preview)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``galgen`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on bad input.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except GalgenInputError as exc:
+        print(f"galgen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

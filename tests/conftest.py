@@ -1,0 +1,22 @@
+"""Shared fixtures: small simulated cutout files made once per test session."""
+
+import pytest
+
+from galgen.simulate import simulate
+
+
+@pytest.fixture(scope="session")
+def sim_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sim")
+
+
+@pytest.fixture(scope="session")
+def sdss_small(sim_dir):
+    """60 SDSS galaxies, 48x48 stamps, seed 7."""
+    return simulate(sim_dir / "sdss_small.h5", survey="sdss", n=60, stamp=48, seed=7)
+
+
+@pytest.fixture(scope="session")
+def sdss_fit(sim_dir):
+    """120 SDSS galaxies on 64x64 stamps, for flux, noise and size checks."""
+    return simulate(sim_dir / "sdss_fit.h5", survey="sdss", n=120, stamp=64, seed=11)
