@@ -310,6 +310,8 @@ class CutoutFile:
                 f"expected {SCHEMA_NAME!r})"
             )
         version = f.attrs.get("schema_version")
+        if isinstance(version, np.generic):
+            version = version.item()
         if version != SCHEMA_VERSION:
             raise SchemaError(
                 f"{p}: galgen cutout schema version {version!r}; this galgen "
@@ -436,7 +438,9 @@ def read_cutouts(path, keys=None, index=slice(None)):
         return arrays, catalog, f.attrs
 
 
-_MERGE_IGNORED_ATTRS = {"shard", "fingerprint", "created", "n_galaxies", "n_done", "complete"}
+# attributes that differ between the shards of one job
+_MERGE_IGNORED_ATTRS = {"shard", "index_start", "index_stop", "fingerprint", "created", "n_galaxies",
+                        "n_done", "complete"}
 
 
 def merge_cutouts(paths, out, *, overwrite: bool = False) -> Path:
@@ -509,6 +513,8 @@ def merge_cutouts(paths, out, *, overwrite: bool = False) -> Path:
         n = sum(len(f) for f in ordered)
         shapes = {k: ref.dataset(k).shape[1:] for k in ref.keys}
         attrs = dict(ref_attrs, shard="0/1")
+        if "index_start" in ref.attrs:
+            attrs.update(index_start=ref.attrs["index_start"], index_stop=ordered[-1].attrs["index_stop"])
         fingerprint = json.dumps(dict(ref_fp, shard="0/1"), sort_keys=True) if ref_fp else ""
         if out.exists():
             out.unlink()
