@@ -109,7 +109,7 @@ class CutoutWriter:
     ...              flux_unit="adu", seed=0, source="galsim", shard="0/1")
     >>> with CutoutWriter(path, n=2, shapes=shapes, attrs=attrs) as w:
     ...     w.write({k: np.ones((2, 4, 4)) for k in shapes})
-    ...     w.finish(Table({"index": [0, 1]}))
+    ...     path = w.finish(Table({"index": [0, 1]}))
     >>> len(CutoutFile(path))
     2
     """

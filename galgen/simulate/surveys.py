@@ -149,10 +149,10 @@ class Survey:
     Examples
     --------
     >>> sdss = load_survey("sdss")
-    >>> round(sdss.flux(18.0))  # ADU of an r = 18 galaxy
-    12706
+    >>> round(float(sdss.flux(18.0)))  # ADU of an r = 18 galaxy
+    12589
     >>> round(sdss.sky_level, 1)  # ADU per pixel
-    137.1
+    136.6
     """
 
     name: str
