@@ -26,8 +26,11 @@ def summarize_cutouts(path, max_galaxies: int = 2000) -> dict:
         ``datasets``; ``snr_median`` (sqrt of sum(observed^2/variance) - npix, a rough
         S/N); with noiseless images also ``chi2_per_pixel`` (mean of
         (observed - noiseless)^2 / variance over unmasked pixels; ~1 when the stored
-        variance is right); with intrinsic images and a ``hlr`` catalog column,
-        ``hsm_sigma_over_hlr_median`` and the Spearman correlation ``hsm_hlr_spearman``.
+        variance is right); with intrinsic images and ``hlr`` and ``bt`` catalog
+        columns, for disk-dominated galaxies (B/T < 0.15, where the adaptive-moment
+        size is a fixed multiple of the half-light radius, ~0.72 for an exponential):
+        ``hsm_disk_sigma_over_hlr`` (median) and the Spearman correlation
+        ``hsm_disk_spearman``.
     """
     from scipy.stats import spearmanr
 
@@ -54,15 +57,17 @@ def summarize_cutouts(path, max_galaxies: int = 2000) -> dict:
             chi2 = np.where(good, (obs - model) ** 2 / var, 0).sum() / good.sum()
             summary["chi2_per_pixel"] = float(chi2)
         cat = f.catalog[:m]
-        if "intrinsic" in f.keys and "hlr" in cat.colnames:
-            scale = a["pixel_scale"] / a["oversampling"]
-            mom = hsm_moments(f.read("intrinsic", sl), scale)
-            ok = mom["ok"]
-            hlr = np.asarray(cat["hlr"], float)
-            summary["hsm_ok_fraction"] = float(ok.mean())
-            if ok.sum() > 2:
-                summary["hsm_sigma_over_hlr_median"] = float(np.median(mom["sigma"][ok] / hlr[ok]))
-                summary["hsm_hlr_spearman"] = float(spearmanr(mom["sigma"][ok], hlr[ok]).statistic)
+        if "intrinsic" in f.keys and {"hlr", "bt"} <= set(cat.colnames):
+            disk = np.flatnonzero(np.asarray(cat["bt"]) < 0.15)
+            if len(disk) > 2:
+                scale = a["pixel_scale"] / a["oversampling"]
+                mom = hsm_moments(f.read("intrinsic", disk), scale)
+                ok = mom["ok"]
+                hlr = np.asarray(cat["hlr"], float)[disk]
+                summary["hsm_disk_ok_fraction"] = float(ok.mean())
+                if ok.sum() > 2:
+                    summary["hsm_disk_sigma_over_hlr"] = float(np.median(mom["sigma"][ok] / hlr[ok]))
+                    summary["hsm_disk_spearman"] = float(spearmanr(mom["sigma"][ok], hlr[ok]).statistic)
     return summary
 
 
