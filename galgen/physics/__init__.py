@@ -1,6 +1,19 @@
-"""Differentiable physics layer: PSF convolution and pixel integration in PyTorch."""
+"""Differentiable physics layer: PSF convolution, pixel integration, noise and likelihood.
+
+Pure tensor functions (device and dtype follow the inputs) plus :class:`Observation`,
+which bundles a PSF, the pixel scale, the oversampling and a noise model.
+"""
 
 from .convolve import convolve, pixelate, psf_transfer
 from .fft import good_fft_size
+from .galsim_interop import to_interpolated_image
+from .noise import CCDNoise, CorrelatedGaussianNoise, GaussianNoise
+from .observation import Observation
+from .psf import check_psf, gaussian_psf, moffat_psf, psf_from_galsim
 
-__all__ = ["convolve", "pixelate", "psf_transfer", "good_fft_size"]
+__all__ = [
+    "convolve", "pixelate", "psf_transfer", "good_fft_size",
+    "gaussian_psf", "moffat_psf", "psf_from_galsim", "check_psf",
+    "GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise",
+    "Observation", "to_interpolated_image",
+]

@@ -1,0 +1,331 @@
+"""Noise models with ``sample`` and ``log_prob`` (per image, summed over good pixels).
+
+All models act on tensors of shape ``(H, W)`` or ``(B, H, W)`` and take an optional
+boolean ``mask`` (True = pixel excluded): masked pixels contribute nothing to
+``log_prob`` or ``chi2`` and are left noiseless by ``sample``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import GalgenInputError
+
+__all__ = ["GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _mask_or_none(mask, like):
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask, device=like.device)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _masked_sum(x, mask):
+    if mask is not None:
+        x = torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return x.sum(dim=(-2, -1))
+
+
+def _normal(shape, like, generator):
+    return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+class GaussianNoise:
+    """Independent Gaussian noise with a per-pixel variance map.
+
+    Parameters
+    ----------
+    variance : float or torch.Tensor
+        Variance (image units squared), broadcastable to the images; must be positive
+        and finite at every unmasked pixel.
+    mask : torch.Tensor, optional
+        Boolean (or 0/non-zero) mask, True = excluded.
+
+    Examples
+    --------
+    >>> import torch
+    >>> noise = GaussianNoise(torch.full((4, 4), 2.0, dtype=torch.float64))
+    >>> model = torch.zeros(4, 4, dtype=torch.float64)
+    >>> round(float(noise.log_prob(model, model)), 4)  # -0.5 * 16 * log(2 pi 2)
+    -20.2482
+    """
+
+    def __init__(self, variance, mask=None):
+        variance = torch.as_tensor(variance)
+        if not variance.is_floating_point():
+            variance = variance.to(torch.get_default_dtype())
+        self.mask = _mask_or_none(mask, variance)
+        good = torch.isfinite(variance) & (variance > 0)
+        if self.mask is not None:
+            good = good | torch.broadcast_to(self.mask, torch.broadcast_shapes(good.shape, self.mask.shape))
+        if not bool(good.all()):
+            raise GalgenInputError("variance: must be positive and finite at every unmasked pixel")
+        self.variance = variance
+
+    def _var(self, like):
+        v = self.variance.to(dtype=like.dtype, device=like.device)
+        if self.mask is not None:  # masked pixels may hold 0 or NaN: make them harmless
+            v = torch.where(self.mask, torch.ones((), dtype=v.dtype, device=v.device), v)
+        return v
+
+    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``model + noise``.
+
+        Parameters
+        ----------
+        model : torch.Tensor
+            Noiseless images.
+        generator : torch.Generator, optional
+            Source of randomness (same seed, same draw).
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        noise = _normal(model.shape, model, generator) * self._var(model).sqrt()
+        if self.mask is not None:
+            noise = torch.where(self.mask, torch.zeros_like(noise), noise)
+        return model + noise
+
+    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Sum over good pixels of ``(data - model)^2 / variance``, per image.
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``data.shape[:-2]``.
+        """
+        return _masked_sum((data - model) ** 2 / self._var(data), self.mask)
+
+    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Gaussian log-likelihood ``log p(data | model)`` per image (nats).
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            ``-0.5 * sum[(d - m)^2 / v + log(2 pi v)]`` over good pixels.
+        """
+        v = self._var(data)
+        return -0.5 * _masked_sum((data - model) ** 2 / v + torch.log(v) + _LOG_2PI, self.mask)
+
+
+class CCDNoise:
+    """CCD noise: Poisson noise of (signal + sky) electrons plus Gaussian read noise.
+
+    Images are in ADU with the sky subtracted, as GalSim's ``CCDNoise``. ``sample``
+    draws the exact Poisson + Gaussian noise; ``log_prob`` uses the Gaussian
+    approximation with signal-dependent variance
+    ``(max(model, 0) + sky) / gain + (read_noise / gain)^2``, which is differentiable
+    and accurate when a pixel holds more than a few tens of electrons.
+
+    Parameters
+    ----------
+    sky_level : float or torch.Tensor
+        Sky level in ADU per pixel (subtracted from the images), >= 0.
+    gain : float or torch.Tensor
+        Electrons per ADU, > 0.
+    read_noise : float or torch.Tensor
+        Read noise in electrons, >= 0.
+    mask : torch.Tensor, optional
+        True = excluded.
+    """
+
+    def __init__(self, sky_level, gain, read_noise, mask=None):
+        self.sky_level = torch.as_tensor(sky_level, dtype=torch.float64)
+        self.gain = torch.as_tensor(gain, dtype=torch.float64)
+        self.read_noise = torch.as_tensor(read_noise, dtype=torch.float64)
+        if not bool((self.gain > 0).all()) or not bool(torch.isfinite(self.gain).all()):
+            raise GalgenInputError("gain: must be positive and finite")
+        if not bool((self.sky_level >= 0).all()):
+            raise GalgenInputError("sky_level: must be >= 0")
+        if not bool((self.read_noise >= 0).all()):
+            raise GalgenInputError("read_noise: must be >= 0")
+        if float((self.sky_level.max() + self.read_noise.max() ** 2)) <= 0:
+            raise GalgenInputError("sky_level, read_noise: at least one must be positive (else the "
+                                   "variance of an empty pixel is zero)")
+        self.mask = _mask_or_none(mask, self.gain)
+
+    def _p(self, like, x):
+        x = x.to(dtype=like.dtype, device=like.device)
+        return x[..., None, None] if x.ndim == 1 else x
+
+    def variance(self, model: torch.Tensor) -> torch.Tensor:
+        """Per-pixel variance (ADU^2) of the noise around ``model``.
+
+        Parameters
+        ----------
+        model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        sky, gain, rn = (self._p(model, x) for x in (self.sky_level, self.gain, self.read_noise))
+        return (model.clamp(min=0) + sky) / gain + (rn / gain) ** 2
+
+    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw Poisson(signal + sky electrons) + read noise, in sky-subtracted ADU.
+
+        Parameters
+        ----------
+        model : torch.Tensor
+            Noiseless images (ADU, sky-subtracted).
+        generator : torch.Generator, optional
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        sky, gain, rn = (self._p(model, x) for x in (self.sky_level, self.gain, self.read_noise))
+        electrons = torch.poisson(((model.clamp(min=0) + sky) * gain).detach(), generator=generator)
+        read = _normal(model.shape, model, generator) * rn
+        noisy = (electrons + read) / gain - sky
+        noise = noisy - model.detach()
+        if self.mask is not None:
+            noise = torch.where(self.mask, torch.zeros_like(noise), noise)
+        return model + noise
+
+    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Sum over good pixels of ``(data - model)^2 / variance(model)``, per image.
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return _masked_sum((data - model) ** 2 / self.variance(model), self.mask)
+
+    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Gaussian-approximation log-likelihood per image (nats), differentiable in ``model``.
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        v = self.variance(model)
+        return -0.5 * _masked_sum((data - model) ** 2 / v + torch.log(v) + _LOG_2PI, self.mask)
+
+
+class CorrelatedGaussianNoise:
+    """Stationary correlated Gaussian noise, with the likelihood evaluated in Fourier space.
+
+    For noise whose covariance is stationary (e.g. the pixel correlations that
+    drizzling leaves in HST COSMOS images), the covariance on a periodic ``H x W`` grid
+    is diagonal in Fourier space with eigenvalues ``P_k`` (the noise power spectrum,
+    the DFT of the covariance function). Then
+    ``r^T C^-1 r = (1/N) sum_k |FFT(r)_k|^2 / P_k`` and ``log det C = sum_k log P_k``.
+
+    Parameters
+    ----------
+    power_spectrum : torch.Tensor
+        ``P_k`` on the full ``(H, W)`` FFT grid (``torch.fft.fft2`` ordering), positive,
+        symmetric under ``k -> -k``. For white noise of variance ``s2``, ``P_k = s2``.
+
+    Notes
+    -----
+    Masks are not supported: a mask breaks stationarity, so the Fourier-diagonal form
+    no longer holds (a masked pixel would need the full covariance). The periodic grid
+    approximates the covariance at the stamp edges; pad the residual when correlations
+    are long compared with the stamp.
+    """
+
+    def __init__(self, power_spectrum):
+        p = torch.as_tensor(power_spectrum)
+        if p.ndim != 2 or not bool(torch.isfinite(p).all()) or not bool((p > 0).all()):
+            raise GalgenInputError("power_spectrum: expected a positive, finite (H, W) tensor")
+        self.power_spectrum = p
+
+    @classmethod
+    def from_correlation(cls, kernel: torch.Tensor, shape: tuple[int, int]):
+        """Noise made by convolving white unit noise with ``kernel`` (centre at ``(P//2, Q//2)``).
+
+        Parameters
+        ----------
+        kernel : torch.Tensor
+            ``(P, Q)`` smoothing kernel.
+        shape : tuple of int
+            Image shape ``(H, W)``.
+
+        Returns
+        -------
+        CorrelatedGaussianNoise
+            With ``P_k = |FFT(kernel)_k|^2`` (kernel placed with its centre at the origin).
+        """
+        h, w = shape
+        p, q = kernel.shape
+        padded = torch.zeros((h, w), dtype=kernel.dtype, device=kernel.device)
+        padded[:p, :q] = kernel
+        padded = torch.roll(padded, shifts=(-(p // 2), -(q // 2)), dims=(0, 1))
+        return cls(torch.fft.fft2(padded).abs() ** 2)
+
+    def _p(self, like):
+        if tuple(like.shape[-2:]) != tuple(self.power_spectrum.shape):
+            raise GalgenInputError(f"data: image shape {tuple(like.shape[-2:])} does not match the power "
+                                   f"spectrum {tuple(self.power_spectrum.shape)}")
+        return self.power_spectrum.to(dtype=like.dtype, device=like.device)
+
+    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``model`` plus correlated noise.
+
+        Parameters
+        ----------
+        model : torch.Tensor
+        generator : torch.Generator, optional
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        p = self._p(model)
+        white = _normal(model.shape, model, generator)
+        return model + torch.fft.ifft2(torch.fft.fft2(white) * p.sqrt()).real
+
+    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """``r^T C^-1 r`` per image, ``r = data - model``.
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        p = self._p(data)
+        n = p.numel()
+        rk = torch.fft.fft2(data - model)
+        return (rk.abs() ** 2 / p).sum(dim=(-2, -1)) / n
+
+    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Exact Gaussian log-likelihood on the periodic grid, per image (nats).
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        p = self._p(data)
+        return -0.5 * (self.chi2(data, model) + torch.log(p).sum() + p.numel() * _LOG_2PI)

@@ -1,0 +1,251 @@
+"""An observation: PSF, pixel scale, oversampling and noise, bundled and batched.
+
+``Observation.observe(intrinsic)`` turns intrinsic (PSF-free) images into what the
+telescope records; ``log_likelihood(intrinsic, data)`` is what training and inference
+optimise. The intrinsic grid may be larger than the detector stamp (pad it, about
+twice the stamp, when PSF wings matter): after convolution and pixel integration the
+central ``stamp x stamp`` detector pixels are kept, with the centring convention
+(detector pixel ``(S'//2, S'//2)`` of the padded grid becomes ``(S//2, S//2)``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GalgenInputError
+from .convolve import _fft_shape, convolve, pixelate, psf_transfer
+from .noise import CCDNoise, GaussianNoise
+from .psf import check_psf
+
+__all__ = ["Observation"]
+
+
+class Observation:
+    """PSF convolution, pixel integration, cropping and noise for a batch of galaxies.
+
+    Parameters
+    ----------
+    psf : torch.Tensor
+        ``(P, P)`` shared or ``(B, P, P)`` per-galaxy PSF at the intrinsic scale, unit
+        sum, centre at ``(P//2, P//2)``, without pixel response.
+    pixel_scale : float
+        Detector pixel scale in arcsec/pixel.
+    oversampling : int, optional
+        Intrinsic pixels per detector pixel.
+    stamp : int, optional
+        Detector stamp size to keep; default: the full intrinsic grid / oversampling.
+    noise : GaussianNoise, CCDNoise or CorrelatedGaussianNoise, optional
+        Noise model of the detector images (needed by ``observe`` for the noisy image and
+        by ``log_likelihood``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from galgen.physics import Observation, GaussianNoise, gaussian_psf
+    >>> psf = gaussian_psf(1.4, 33, 0.396 / 3, dtype=torch.float64)
+    >>> obs = Observation(psf, pixel_scale=0.396, oversampling=3, stamp=32,
+    ...                   noise=GaussianNoise(torch.full((32, 32), 30.0, dtype=torch.float64)))
+    >>> intrinsic = torch.zeros(2, 192, 192, dtype=torch.float64); intrinsic[:, 97, 97] = 1000.0
+    >>> noiseless, noisy = obs.observe(intrinsic, generator=torch.Generator().manual_seed(0))
+    >>> noiseless.shape, round(float(noiseless[0].sum()), 3)
+    (torch.Size([2, 32, 32]), 1000.0)
+    """
+
+    def __init__(self, psf: torch.Tensor, *, pixel_scale: float, oversampling: int = 1,
+                 stamp: int | None = None, noise=None):
+        self.psf = check_psf(psf)
+        if not pixel_scale or pixel_scale <= 0:
+            raise GalgenInputError(f"pixel_scale: must be > 0 arcsec/pixel, got {pixel_scale!r}")
+        if int(oversampling) < 1:
+            raise GalgenInputError(f"oversampling: must be >= 1, got {oversampling!r}")
+        if stamp is not None and int(stamp) < 1:
+            raise GalgenInputError(f"stamp: must be >= 1, got {stamp!r}")
+        self.pixel_scale = float(pixel_scale)
+        self.oversampling = int(oversampling)
+        self.stamp = None if stamp is None else int(stamp)
+        self.noise = noise
+        self._transfer = {}
+
+    @property
+    def intrinsic_scale(self) -> float:
+        """Pixel scale of the intrinsic grid, arcsec/pixel."""
+        return self.pixel_scale / self.oversampling
+
+    def _check_intrinsic(self, intrinsic):
+        if not isinstance(intrinsic, torch.Tensor) or intrinsic.ndim not in (2, 3):
+            raise GalgenInputError("intrinsic: expected a tensor of shape (H, W) or (B, H, W)")
+        if self.psf.ndim == 3 and (intrinsic.ndim != 3 or intrinsic.shape[0] != self.psf.shape[0]):
+            raise GalgenInputError(f"intrinsic: batch of {tuple(intrinsic.shape)} does not match "
+                                   f"{self.psf.shape[0]} per-galaxy PSFs")
+        h, w = intrinsic.shape[-2:]
+        k = self.oversampling
+        if h % k or w % k:
+            raise GalgenInputError(f"intrinsic: grid {h}x{w} is not a multiple of the oversampling {k}")
+        if self.stamp is not None and (h // k < self.stamp or w // k < self.stamp):
+            raise GalgenInputError(f"intrinsic: grid {h}x{w} covers {h // k}x{w // k} detector pixels, "
+                                   f"fewer than the stamp {self.stamp}")
+
+    def _psf_transfer(self, intrinsic):
+        """The PSF's FFT at this grid, cached while the PSF needs no gradient."""
+        h, w = intrinsic.shape[-2:]
+        psf = self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device)
+        shape = _fft_shape(h, w, *psf.shape[-2:])
+        if psf.requires_grad:
+            return psf, psf_transfer(psf, shape)
+        key = (shape, intrinsic.dtype, intrinsic.device)
+        if key not in self._transfer:
+            self._transfer[key] = psf_transfer(psf, shape)
+        return psf, self._transfer[key]
+
+    def noiseless(self, intrinsic: torch.Tensor) -> torch.Tensor:
+        """Detector images without noise: PSF convolution, pixel integration, crop.
+
+        Parameters
+        ----------
+        intrinsic : torch.Tensor
+            ``(H, W)`` or ``(B, H, W)`` pixel-integrated intrinsic images at the
+            intrinsic scale, profile centre at the centre of the fine block of detector
+            pixel ``(H/k//2, W/k//2)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., stamp, stamp)`` detector images.
+        """
+        self._check_intrinsic(intrinsic)
+        psf, transfer = self._psf_transfer(intrinsic)
+        det = pixelate(convolve(intrinsic, psf, transfer=transfer, check=False), self.oversampling)
+        if self.stamp is None:
+            return det
+        h, w = det.shape[-2:]
+        y0, x0 = h // 2 - self.stamp // 2, w // 2 - self.stamp // 2
+        return det[..., y0:y0 + self.stamp, x0:x0 + self.stamp]
+
+    def observe(self, intrinsic: torch.Tensor, generator: torch.Generator | None = None):
+        """Noiseless and noisy detector images of intrinsic images.
+
+        Parameters
+        ----------
+        intrinsic : torch.Tensor
+            See :meth:`noiseless`.
+        generator : torch.Generator, optional
+            Randomness of the noise.
+
+        Returns
+        -------
+        noiseless, noisy : torch.Tensor
+        """
+        model = self.noiseless(intrinsic)
+        if self.noise is None:
+            raise GalgenInputError("noise: this Observation has no noise model")
+        return model, self.noise.sample(model, generator=generator)
+
+    def log_likelihood(self, intrinsic: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """``log p(data | intrinsic)`` per galaxy, in nats, differentiable in ``intrinsic``.
+
+        Parameters
+        ----------
+        intrinsic : torch.Tensor
+            Intrinsic images.
+        data : torch.Tensor
+            Observed detector images, ``(..., stamp, stamp)``.
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        if self.noise is None:
+            raise GalgenInputError("noise: this Observation has no noise model")
+        model = self.noiseless(intrinsic)
+        if data.shape != model.shape:
+            raise GalgenInputError(f"data: shape {tuple(data.shape)} does not match the model {tuple(model.shape)}")
+        return self.noise.log_prob(data, model)
+
+    def to(self, device=None, dtype=None) -> "Observation":
+        """A copy with the PSF and noise tensors on another device / dtype.
+
+        Parameters
+        ----------
+        device : torch.device or str, optional
+        dtype : torch.dtype, optional
+
+        Returns
+        -------
+        Observation
+        """
+        def mv(t):
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        noise = self.noise
+        if isinstance(noise, GaussianNoise):
+            noise = GaussianNoise(mv(noise.variance), None if noise.mask is None else mv(noise.mask))
+        elif isinstance(noise, CCDNoise):
+            noise = CCDNoise(noise.sky_level, noise.gain, noise.read_noise,
+                             None if noise.mask is None else mv(noise.mask))
+        return Observation(mv(self.psf), pixel_scale=self.pixel_scale, oversampling=self.oversampling,
+                           stamp=self.stamp, noise=noise)
+
+    @classmethod
+    def from_cutouts(cls, path, index=slice(None), *, dtype=torch.float32, device=None) -> "Observation":
+        """The observation of galaxies of a cutout file: their PSFs, variance maps and masks.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Cutout file.
+        index : int, slice or sequence of int, optional
+            Galaxies (default all).
+        dtype, device : optional
+            Of the tensors.
+
+        Returns
+        -------
+        Observation
+            Per-galaxy PSFs and :class:`GaussianNoise` with the stored variance and mask.
+        """
+        from ..data.cutouts import CutoutFile
+
+        with CutoutFile(path) as f:
+            psf = f.read("psf", index)
+            var = f.read("variance", index)
+            mask = f.read("mask", index)
+            scale, k, stamp = f.pixel_scale, f.oversampling, int(f.attrs["stamp_size"])
+        t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
+        psf_t = t(psf)
+        psf_t = psf_t / psf_t.sum(dim=(-2, -1), keepdim=True)  # float32 storage: renormalise
+        noise = GaussianNoise(t(var), torch.as_tensor(mask != 0, device=device))
+        return cls(psf_t, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
+
+    @classmethod
+    def from_survey(cls, survey, *, psf_fwhm: float | None = None, psf_size: int = 33, stamp: int = 64,
+                    oversampling: int = 1, dtype=torch.float32, device=None) -> "Observation":
+        """A survey preset's observation with its median PSF and CCD noise.
+
+        Parameters
+        ----------
+        survey : str or Survey
+            Preset name, YAML file or :class:`galgen.simulate.Survey`.
+        psf_fwhm : float, optional
+            PSF FWHM in arcsec (default: the survey's median).
+        psf_size : int, optional
+            PSF grid size in intrinsic pixels.
+        stamp : int, optional
+            Detector stamp size.
+        oversampling : int, optional
+            Intrinsic pixels per detector pixel.
+        dtype, device : optional
+            Of the tensors.
+
+        Returns
+        -------
+        Observation
+            With the PSF drawn by GalSim and :class:`CCDNoise` (sky, gain, read noise).
+        """
+        from ..simulate.surveys import load_survey
+        from .psf import psf_from_galsim
+
+        sv = load_survey(survey)
+        profile = sv.psf.build(psf_fwhm or sv.psf.fwhm)
+        psf = psf_from_galsim(profile, psf_size, sv.pixel_scale / oversampling, dtype=dtype, device=device)
+        noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
+        return cls(psf, pixel_scale=sv.pixel_scale, oversampling=oversampling, stamp=stamp, noise=noise)

@@ -1,0 +1,191 @@
+"""Observation, PSFs, noise and GalSim interop against GalSim and closed forms."""
+
+import math
+
+import galsim
+import numpy as np
+import pytest
+import torch
+
+from galgen.errors import GalgenInputError
+from galgen.physics import (
+    CCDNoise,
+    CorrelatedGaussianNoise,
+    GaussianNoise,
+    Observation,
+    gaussian_psf,
+    moffat_psf,
+    psf_from_galsim,
+    to_interpolated_image,
+)
+
+S, SCALE = 32, 0.2
+
+
+def _fine_intrinsic(prof, size, k, scale):
+    """GalSim's default (pixel-integrated) drawing on the oversampled grid of the convention."""
+    off = (size // 2 + 0.5) * k - 0.5 - (size * k) // 2
+    return prof.drawImage(nx=size * k, ny=size * k, scale=scale / k, use_true_center=False,
+                          offset=(off, off)).array
+
+
+PROFILES = {
+    "sersic1": galsim.Sersic(1.0, half_light_radius=0.8, flux=1e4).shear(g1=0.2, g2=0.1),
+    "sersic4": galsim.Sersic(4.0, half_light_radius=0.8, flux=1e4).shear(g1=-0.1, g2=0.15),
+    "bulge+disk": galsim.Add(galsim.Sersic(4.0, half_light_radius=0.4, flux=3e3),
+                             galsim.Exponential(half_light_radius=1.2, flux=7e3).shear(g1=0.3, g2=0.0)),
+}
+# PSF, grid size in units of S*k (the PSF light beyond its grid is the flux error), max diff / peak
+PSFS = {
+    "moffat": (galsim.Moffat(beta=3.5, fwhm=1.0), 2, 2e-3),
+    "kolmogorov": (galsim.Kolmogorov(fwhm=0.8), 4, 2e-3),
+    "airy": (galsim.Airy(lam_over_diam=0.25, obscuration=0.3), 16, 1e-2),
+}
+
+
+@pytest.mark.parametrize("psf_name", list(PSFS))
+@pytest.mark.parametrize("gal_name", list(PROFILES))
+def test_observe_agrees_with_galsim_at_oversampling_3(psf_name, gal_name):
+    psf, mult, tol = PSFS[psf_name]
+    gal = PROFILES[gal_name]
+    k, grid = 3, 2 * S  # intrinsic grid twice the stamp so that no light is cut
+    intrinsic = torch.tensor(_fine_intrinsic(gal, grid, k, SCALE), dtype=torch.float64)
+    p = psf_from_galsim(psf, (mult * S * k) | 1, SCALE / k, dtype=torch.float64)
+    ours = Observation(p, pixel_scale=SCALE, oversampling=k, stamp=S).noiseless(intrinsic).numpy()
+    ref = galsim.Convolve(gal, psf).drawImage(nx=S, ny=S, scale=SCALE, use_true_center=False).array
+    assert np.abs(ours - ref).max() <= tol * ref.max()
+    flux_tol = 1e-3 if psf_name != "airy" else 2e-3  # Airy: 0.13% of its light lies beyond a 77" grid
+    assert ours.sum() == pytest.approx(ref.sum(), rel=flux_tol)
+
+
+def test_oversampling_1_is_worse_than_3_for_cuspy_profiles():
+    """At k = 1 the PSF is sampled at detector pixels; the cusp of n = 4 makes that visible."""
+    gal, (psf, mult, _) = PROFILES["sersic4"], PSFS["moffat"]
+    ref = galsim.Convolve(gal, psf).drawImage(nx=S, ny=S, scale=SCALE, use_true_center=False).array
+    err = {}
+    for k in (1, 3):
+        intrinsic = torch.tensor(_fine_intrinsic(gal, 2 * S, k, SCALE), dtype=torch.float64)
+        p = psf_from_galsim(psf, (mult * S * k) | 1, SCALE / k, dtype=torch.float64)
+        ours = Observation(p, pixel_scale=SCALE, oversampling=k, stamp=S).noiseless(intrinsic).numpy()
+        err[k] = np.abs(ours - ref).max() / ref.max()
+    assert err[3] < 2e-3 < err[1]
+
+
+def test_analytic_psfs_match_galsim():
+    fwhm = torch.tensor([1.4, 0.9], dtype=torch.float64)
+    ours = moffat_psf(fwhm, 3.5, 41, 0.2, g1=0.05, g2=-0.03)
+    for i, f in enumerate(fwhm.tolist()):
+        ref = psf_from_galsim(galsim.Moffat(beta=3.5, fwhm=f).shear(g1=0.05, g2=-0.03), 41, 0.2,
+                              dtype=torch.float64)
+        assert torch.allclose(ours[i], ref, rtol=0, atol=1e-6 * float(ref.max()))
+    g = gaussian_psf(1.0, 31, 0.15, g1=0.2, dtype=torch.float64)
+    ref = psf_from_galsim(galsim.Gaussian(fwhm=1.0).shear(g1=0.2, g2=0.0), 31, 0.15, dtype=torch.float64)
+    assert torch.allclose(g, ref, atol=1e-6 * float(ref.max()))
+
+
+def test_psf_parameters_are_differentiable():
+    fwhm = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    g1 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, b, e: moffat_psf(f, b, 9, 0.3, g1=e), (fwhm, beta, g1))
+
+
+def test_gaussian_noise_chi2_and_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    var = torch.rand(50, 16, 16, generator=gen, dtype=torch.float64) * 4 + 0.5
+    mask = torch.rand(50, 16, 16, generator=gen) < 0.1
+    noise = GaussianNoise(var, mask)
+    model = torch.zeros(50, 16, 16, dtype=torch.float64)
+    data = noise.sample(model, generator=gen)
+    chi2 = noise.chi2(data, model)
+    npix = (~mask).sum(dim=(-2, -1)).double()
+    # chi2 over all images has mean sum(npix) and sd sqrt(2 sum(npix))
+    assert abs(chi2.sum() - npix.sum()) < 3 * math.sqrt(2 * npix.sum())
+    good = ~mask
+    closed = -0.5 * (((data - model) ** 2 / var + torch.log(2 * math.pi * var)) * good).sum(dim=(-2, -1))
+    assert torch.allclose(noise.log_prob(data, model), closed)
+    assert torch.all(data[mask] == 0)  # masked pixels stay noiseless
+
+
+def test_ccd_noise_matches_galsim_variance():
+    sky, gain, rn = 130.0, 4.7, 5.5
+    noise = CCDNoise(sky, gain, rn)
+    model = torch.full((200, 32, 32), 50.0, dtype=torch.float64)
+    data = noise.sample(model, generator=torch.Generator().manual_seed(1))
+    expected = (50 + sky) / gain + (rn / gain) ** 2
+    assert float(noise.variance(model)[0, 0, 0]) == pytest.approx(expected)
+    img = galsim.ImageD(np.full((32, 32), 50.0))
+    assert galsim.CCDNoise(sky_level=sky, gain=gain, read_noise=rn).getVariance() == pytest.approx(
+        sky / gain + (rn / gain) ** 2)
+    assert img.array.mean() == 50.0
+    z2 = ((data - model) ** 2 / expected).mean()
+    assert abs(float(z2) - 1) < 3 * math.sqrt(2 / data.numel())
+
+
+def test_correlated_noise_likelihood():
+    h = w = 16
+    kernel = torch.tensor([[0.1, 0.2, 0.1], [0.2, 1.0, 0.2], [0.1, 0.2, 0.1]], dtype=torch.float64)
+    noise = CorrelatedGaussianNoise.from_correlation(kernel, (h, w))
+    # exact dense covariance of white noise convolved (periodically) with the kernel
+    n = h * w
+    conv = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        e = torch.zeros(h, w, dtype=torch.float64)
+        e.view(-1)[i] = 1
+        k_pad = torch.zeros(h, w, dtype=torch.float64)
+        k_pad[:3, :3] = kernel
+        k_pad = torch.roll(k_pad, (-1, -1), (0, 1))
+        conv[:, i] = torch.fft.ifft2(torch.fft.fft2(e) * torch.fft.fft2(k_pad)).real.reshape(-1)
+    cov = conv @ conv.T
+    r = torch.randn(h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dense = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov)
+    assert float(noise.log_prob(r, torch.zeros_like(r))) == pytest.approx(float(dense.log_prob(r.reshape(-1))),
+                                                                         rel=1e-9)
+    white = CorrelatedGaussianNoise(torch.full((h, w), 2.0, dtype=torch.float64))
+    assert torch.allclose(white.log_prob(r, 0 * r), GaussianNoise(torch.full((h, w), 2.0,
+                                                                            dtype=torch.float64)).log_prob(r, 0 * r))
+
+
+def test_likelihood_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    psf = gaussian_psf(0.8, 7, 0.3, dtype=torch.float64)
+    noise = GaussianNoise(torch.rand(2, 6, 6, generator=gen, dtype=torch.float64) + 0.5)
+    obs = Observation(psf, pixel_scale=0.6, oversampling=2, stamp=6, noise=noise)
+    data = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    intrinsic = torch.rand(2, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: obs.log_likelihood(x, data), (intrinsic,))
+    ccd = CCDNoise(10.0, 2.0, 3.0)
+    model = torch.rand(6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m: ccd.log_prob(data[0], m * 20 + 1), (model,))
+
+
+def test_interpolated_image_round_trip():
+    prof = galsim.Exponential(half_light_radius=0.6, flux=100.0).shear(g1=0.2, g2=0.0)
+    img = prof.drawImage(nx=48, ny=48, scale=0.1, use_true_center=False).array
+    ii = to_interpolated_image(torch.tensor(img), 0.1)
+    back = ii.drawImage(nx=48, ny=48, scale=0.1, use_true_center=False).array
+    assert np.abs(back - img).max() <= 1e-3 * img.max()
+    assert ii.flux == pytest.approx(img.sum(), rel=1e-6)
+    # dropped into a GalSim simulation: observed through a PSF at a coarser scale
+    psf = galsim.Moffat(beta=3.0, fwhm=0.5)
+    ref = galsim.Convolve(prof, psf).drawImage(nx=24, ny=24, scale=0.2, use_true_center=False).array
+    ours = galsim.Convolve(ii, psf).drawImage(nx=24, ny=24, scale=0.2, use_true_center=False).array
+    assert np.abs(ours - ref).max() <= 5e-3 * ref.max()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Observation(torch.full((5, 5), 0.1), pixel_scale=0.2), "psf: a PSF must sum to 1"),
+    (lambda: Observation(torch.full((5, 5), float("nan")), pixel_scale=0.2), "psf: contains NaN"),
+    (lambda: Observation(gaussian_psf(1.0, 5, 0.2), pixel_scale=0), "pixel_scale"),
+    (lambda: GaussianNoise(torch.zeros(4, 4)), "variance: must be positive"),
+    (lambda: CCDNoise(100.0, 0.0, 5.0), "gain: must be positive"),
+    (lambda: CCDNoise(100.0, 2.0, -1.0), "read_noise"),
+    (lambda: moffat_psf(1.0, 0.9, 9, 0.2), "beta"),
+    (lambda: Observation(gaussian_psf(torch.ones(3), 5, 0.2), pixel_scale=0.2).noiseless(torch.zeros(2, 8, 8)),
+     "does not match 3 per-galaxy PSFs"),
+    (lambda: Observation(gaussian_psf(1.0, 5, 0.2), pixel_scale=0.2, oversampling=3).noiseless(
+        torch.zeros(8, 8)), "not a multiple of the oversampling"),
+])
+def test_bad_input_is_named(make, message):
+    with pytest.raises(GalgenInputError, match=message):
+        make()
