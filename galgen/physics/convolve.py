@@ -35,7 +35,8 @@ def psf_transfer(psf: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     psf : torch.Tensor
         ``(P, Q)`` or ``(B, P, Q)`` kernel(s), centre at ``(P//2, Q//2)``.
     shape : tuple of int
-        Padded FFT shape ``(Ny, Nx)`` with ``Ny >= H + P - 1`` and ``Nx >= W + Q - 1``.
+        Padded FFT shape ``(Ny, Nx)``: at least ``(max(H + P//2, P), max(W + Q//2, Q))``
+        for images of ``H x W`` (see :func:`convolve`).
 
     Returns
     -------
@@ -45,8 +46,16 @@ def psf_transfer(psf: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.fft.rfft2(psf, s=tuple(shape))
 
 
+def _fft_length(n, p):
+    """Shortest FFT length for which the circular convolution equals the linear one on the
+    kept region ``[p//2, p//2 + n)`` of the full convolution: ``N >= n + p//2`` (aliases
+    of the full result, of length ``n + p - 1``, then fall outside that region) and
+    ``N >= p`` (room for the kernel)."""
+    return good_fft_size(max(n + p // 2, p))
+
+
 def _fft_shape(h, w, p, q):
-    return good_fft_size(h + p - 1), good_fft_size(w + q - 1)
+    return _fft_length(h, p), _fft_length(w, q)
 
 
 def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor | None = None,
@@ -62,8 +71,8 @@ def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor 
         centre is at ``(P//2, Q//2)``. Any size relative to the images.
     transfer : torch.Tensor, optional
         A precomputed :func:`psf_transfer` of ``psf`` at the padded shape this call
-        uses (``good_fft_size(H + P - 1), good_fft_size(W + Q - 1)``), to skip the PSF
-        transform when the same PSF is reused.
+        uses, ``(good_fft_size(max(H + P//2, P)), good_fft_size(max(W + Q//2, Q)))``, to
+        skip the PSF transform when the same PSF is reused.
     check : bool, optional
         Validate shapes and that the PSF is finite (a device sync on GPUs).
 

@@ -10,7 +10,8 @@ from galgen.errors import GalgenInputError
 from galgen.physics import convolve, good_fft_size, pixelate, psf_transfer
 
 
-@pytest.mark.parametrize("h, w, p, q", [(16, 16, 5, 5), (15, 17, 4, 6), (8, 8, 21, 21), (12, 9, 12, 9)])
+@pytest.mark.parametrize("h, w, p, q", [(16, 16, 5, 5), (15, 17, 4, 6), (8, 8, 21, 21), (12, 9, 12, 9),
+                                        (7, 9, 16, 2), (31, 31, 63, 64), (5, 5, 1, 1)])
 def test_matches_direct_linear_convolution(h, w, p, q):
     rng = np.random.default_rng(0)
     img = rng.normal(size=(h, w))
@@ -29,7 +30,7 @@ def test_batched_and_shared_psf_and_cached_transfer():
     for i in range(4):
         assert torch.allclose(per[i], convolve(imgs[i], psfs[i]), atol=1e-12)
     shared = convolve(imgs, psfs[0])
-    t = psf_transfer(psfs[0], (good_fft_size(26), good_fft_size(26)))
+    t = psf_transfer(psfs[0], (good_fft_size(20 + 7 // 2), good_fft_size(20 + 7 // 2)))
     assert torch.allclose(shared, convolve(imgs, psfs[0], transfer=t), atol=1e-12)
 
 
