@@ -106,6 +106,7 @@ def main(argv=None):
     print(f"galgen convolve ({args.device}, {args.threads} threads, batch {args.batch}): {rate_galgen:10.0f} stamps/s")
     print(f"GalSim Convolve(InterpolatedImage, Moffat).drawImage:           {rate_galsim:10.0f} stamps/s")
     print(f"ratio galgen / GalSim: {result['ratio']:.1f}x")
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

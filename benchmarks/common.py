@@ -5,19 +5,24 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import sys
 from pathlib import Path
 
 
 def machine_info() -> dict:
-    """CPU model, usable cores, GPU and library versions, and the date, for docs/benchmarks.md.
+    """CPU model, cores, GPU and library versions, and the date, for docs/benchmarks.md.
+
+    torch is described only if the benchmark already imported it (importing it here
+    could change the threading a benchmark measures).
 
     Returns
     -------
     dict
     """
+    import astropy
     import galsim
+    import h5py
     import numpy
-    import torch
 
     import galgen
 
@@ -33,9 +38,14 @@ def machine_info() -> dict:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu, "usable_cores": cores, "gpu": gpu, "python": platform.python_version(),
-        "torch": torch.__version__, "galsim": galsim.__version__, "numpy": numpy.__version__,
-        "galgen": galgen.__version__, "date": _dt.date.today().isoformat(),
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "cores_usable": cores, "platform": platform.platform(),
+        "python": platform.python_version(), "galsim": galsim.__version__, "numpy": numpy.__version__,
+        "h5py": h5py.__version__, "astropy": astropy.__version__, "galgen": galgen.__version__,
+        "date": _dt.date.today().isoformat(),
     }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info

@@ -34,11 +34,13 @@ def draw_integrated(profile, size: int, scale: float, *, offset: float = 0.0,
 
     GalSim's default ``drawImage`` integrates over pixels by an FFT whose size grows
     without bound for cuspy Sersic profiles (n >~ 3: seconds per stamp). This function
-    gives the same pixel-integrated image ~30x faster: the light of each pixel is the
-    midpoint rule over ``subsample x subsample`` points, except in the
-    ``(2*core+1)^2`` pixels around the centre, where the cusp lives, which GalSim
-    integrates exactly (real-space convolution with the pixel). Agreement with
-    ``drawImage`` is ~1e-5 of the peak (see ``tests/simulate/test_render.py``).
+    gives the same pixel-integrated image ~100x faster (``benchmarks/bench_simulate.py``):
+    the light of each pixel is the midpoint rule over ``subsample x subsample`` points,
+    except in the ``(2*core+1)^2`` pixels around the centre, where the cusp lives, which
+    GalSim integrates exactly (real-space convolution with the pixel). The difference from
+    the exact pixel integral is typically 1e-4 of the peak and at most ~5e-4, in pixels
+    cut by a truncation edge, where the profile steps to zero (see
+    ``tests/simulate/test_render.py`` and ``docs/benchmarks.md``).
 
     Parameters
     ----------

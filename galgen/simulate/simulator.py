@@ -76,6 +76,14 @@ def _render_chunk(args):
     return {k: np.stack([a[k] for a in out]) for k in out[0]}
 
 
+def _worker_init():
+    # One GalSim OpenMP thread per worker process: the workers already fill the cores, and
+    # GalSim's default (all cores in every process) oversubscribes them.
+    import galsim
+
+    galsim.set_omp_threads(1)
+
+
 def _catalog_digest(cat) -> str:
     h = hashlib.sha256()
     for c in cat.colnames:
@@ -220,8 +228,8 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
         chunks = [(sv, truths[i:i + chunk_size], stamp, k, P, trunc) for i in range(done, m, chunk_size)]
         bar = tqdm(total=m, initial=done, disable=not progress, unit="gal", desc=f"simulate {sv.name}")
         # spawn, not fork: a forked child of a process holding torch/OpenMP threads can hang
-        pool = (cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-                if workers > 1 else None)
+        pool = (cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                       initializer=_worker_init) if workers > 1 else None)
         try:
             results = pool.map(_render_chunk, chunks) if pool else map(_render_chunk, chunks)
             for arrays in results:
