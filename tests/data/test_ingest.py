@@ -84,7 +84,9 @@ def test_weight_hdu_shared_psf_and_crop(tmp_path):
     out = ingest_fits([p], tmp_path / "o.h5", psf=shared, stamp=21)
     arrays, cat, _ = read_cutouts(out)
     assert arrays["observed"].shape == (1, 21, 21)
-    assert np.array_equal(arrays["observed"][0], img[16 - 10:16 + 11, 16 - 10:16 + 11])
+    good = arrays["mask"][0] == 0
+    assert np.array_equal(arrays["observed"][0][good], img[16 - 10:16 + 11, 16 - 10:16 + 11][good])
+    assert np.all(arrays["observed"][0][~good] == 0)
     assert np.unravel_index(arrays["observed"][0].argmax(), (21, 21)) == (10, 10)  # centre kept at S//2
     assert np.allclose(arrays["variance"][0][arrays["mask"][0] == 0], 9.0, rtol=1e-6)
     assert arrays["mask"][0][2].all() and cat["n_masked"][0] == 21  # the ivar = 0 row is masked
