@@ -47,7 +47,9 @@ class CliHelp(Directive):
         parser = build_parser()
         sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
         text = sub.choices[self.arguments[0]].format_help()
-        return [nodes.literal_block(text, text)]
+        block = nodes.literal_block(text, text)
+        block["language"] = "text"
+        return [block]
 
 
 class SurveyTable(Directive):

@@ -9,6 +9,7 @@ from .cutouts import (
     CutoutFile,
     CutoutWriter,
     merge_cutouts,
+    output_is_current,
     read_cutouts,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "CutoutWriter",
     "CutoutDataset",
     "merge_cutouts",
+    "output_is_current",
     "read_cutouts",
 ]
 

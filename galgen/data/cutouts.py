@@ -49,6 +49,7 @@ __all__ = [
     "CutoutFile",
     "read_cutouts",
     "merge_cutouts",
+    "output_is_current",
 ]
 
 SCHEMA_NAME = "galgen-cutouts"
@@ -411,6 +412,45 @@ class CutoutFile:
         return f"CutoutFile({str(self.path)!r}, n={len(self)}, keys={self.keys})"
 
 
+def output_is_current(out, fingerprint: str, overwrite: bool = False) -> bool:
+    """Decide what a stage does with an existing output file (resumable stages).
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        The stage's output path.
+    fingerprint : str
+        JSON of the arguments of the job about to run.
+    overwrite : bool, optional
+        Whether an output made by another job may be replaced.
+
+    Returns
+    -------
+    bool
+        True if ``out`` is a complete cutout file of this very job (nothing to do).
+        False if there is no output, or (with ``overwrite``) an output of another job; that
+        file stays until the new one replaces it atomically (a failed run loses nothing).
+
+    Raises
+    ------
+    GalgenInputError
+        If ``out`` exists, belongs to another job (or is not a cutout file), and
+        ``overwrite`` is False.
+    """
+    out = Path(out)
+    if not out.exists():
+        return False
+    try:
+        with CutoutFile(out) as f:
+            if f.attrs.get("fingerprint") == fingerprint:
+                return True
+    except GalgenInputError:  # SchemaError included: not a complete file of ours
+        pass
+    if not overwrite:
+        raise GalgenInputError(f"{out}: output exists (from another job); pass --overwrite to replace it")
+    return False
+
+
 def read_cutouts(path, keys=None, index=slice(None)):
     """Read a cutout file into memory.
 
@@ -516,8 +556,6 @@ def merge_cutouts(paths, out, *, overwrite: bool = False) -> Path:
         if "index_start" in ref.attrs:
             attrs.update(index_start=ref.attrs["index_start"], index_stop=ordered[-1].attrs["index_stop"])
         fingerprint = json.dumps(dict(ref_fp, shard="0/1"), sort_keys=True) if ref_fp else ""
-        if out.exists():
-            out.unlink()
         with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
             for f in ordered:
                 for start in range(0, len(f), 1024):

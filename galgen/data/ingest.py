@@ -32,7 +32,6 @@ Everything is validated before the output is created; the file is written as
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalgenInputError
-from .cutouts import CutoutFile, CutoutWriter
+from .cutouts import CutoutWriter, output_is_current
 
 __all__ = ["ingest_fits", "read_fits_cutout"]
 
@@ -288,15 +287,8 @@ def ingest_fits(paths, out, *, pixel_scale=None, survey="unknown", psf=None, ima
         "hdus": [image_hdu, psf_hdu, variance_hdu, weight_hdu, mask_hdu], "stamp": stamp, "nonfinite": nonfinite,
         "normalize_psf": normalize_psf, "psf_tolerance": psf_tolerance, "header_keys": list(header_keys),
     }, sort_keys=True, default=str)
-    if out.exists():
-        try:
-            with CutoutFile(out) as f:
-                if f.attrs.get("fingerprint") == fingerprint:
-                    return out
-        except GalgenInputError:
-            pass
-        if not overwrite:
-            raise GalgenInputError(f"{out}: output exists (from another job); pass --overwrite to replace it")
+    if output_is_current(out, fingerprint, overwrite):
+        return out
 
     shared = None
     if psf is not None:
@@ -347,8 +339,6 @@ def ingest_fits(paths, out, *, pixel_scale=None, survey="unknown", psf=None, ima
     shapes = {"observed": (size, size), "psf": first["psf"].shape, "variance": (size, size), "mask": (size, size)}
     attrs = {"survey": str(survey), "pixel_scale": float(pixel_scale), "oversampling": 1, "stamp_size": size,
              "flux_unit": flux_unit, "seed": -1, "source": "ingest", "shard": "0/1"}
-    if out.exists():
-        os.remove(out)
     with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
         w.write({k: np.stack([c[k] for c in cutouts]) for k in shapes})
         w.finish(cat)

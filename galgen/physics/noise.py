@@ -35,7 +35,67 @@ def _normal(shape, like, generator):
     return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
 
 
-class GaussianNoise:
+class _IndependentNoise:
+    """Shared parts of the noise models whose likelihood is an independent Gaussian per pixel.
+
+    Subclasses define ``variance(model)`` and ``_draw(model, generator)`` (the noisy image).
+    """
+
+    mask = None
+
+    def _masked_noise(self, model, noisy):
+        noise = noisy - model.detach()
+        if self.mask is not None:  # masked pixels stay noiseless
+            noise = torch.where(self.mask, torch.zeros_like(noise), noise)
+        return model + noise
+
+    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``model + noise`` (masked pixels are left noiseless).
+
+        Parameters
+        ----------
+        model : torch.Tensor
+            Noiseless images.
+        generator : torch.Generator, optional
+            Source of randomness (same seed, same draw).
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return self._masked_noise(model, self._draw(model.detach(), generator))
+
+    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Sum over good pixels of ``(data - model)^2 / variance``, per image.
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            Shape ``data.shape[:-2]``.
+        """
+        return _masked_sum((data - model) ** 2 / self.variance(model), self.mask)
+
+    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """Gaussian log-likelihood ``log p(data | model)`` per image (nats).
+
+        Parameters
+        ----------
+        data, model : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            ``-0.5 * sum[(d - m)^2 / v + log(2 pi v)]`` over good pixels.
+        """
+        v = self.variance(model)
+        return -0.5 * _masked_sum((data - model) ** 2 / v + torch.log(v) + _LOG_2PI, self.mask)
+
+
+class GaussianNoise(_IndependentNoise):
     """Independent Gaussian noise with a per-pixel variance map.
 
     Parameters
@@ -65,64 +125,29 @@ class GaussianNoise:
             good = good | torch.broadcast_to(self.mask, torch.broadcast_shapes(good.shape, self.mask.shape))
         if not bool(good.all()):
             raise GalgenInputError("variance: must be positive and finite at every unmasked pixel")
-        self.variance = variance
+        self.variance_map = variance
 
-    def _var(self, like):
-        v = self.variance.to(dtype=like.dtype, device=like.device)
-        if self.mask is not None:  # masked pixels may hold 0 or NaN: make them harmless
-            v = torch.where(self.mask, torch.ones((), dtype=v.dtype, device=v.device), v)
-        return v
-
-    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``model + noise``.
+    def variance(self, model: torch.Tensor) -> torch.Tensor:
+        """Per-pixel variance on the dtype and device of ``model`` (1 at masked pixels).
 
         Parameters
         ----------
         model : torch.Tensor
-            Noiseless images.
-        generator : torch.Generator, optional
-            Source of randomness (same seed, same draw).
 
         Returns
         -------
         torch.Tensor
         """
-        noise = _normal(model.shape, model, generator) * self._var(model).sqrt()
-        if self.mask is not None:
-            noise = torch.where(self.mask, torch.zeros_like(noise), noise)
-        return model + noise
+        v = self.variance_map.to(dtype=model.dtype, device=model.device)
+        if self.mask is not None:  # masked pixels may hold 0 or NaN: make them harmless
+            v = torch.where(self.mask, torch.ones((), dtype=v.dtype, device=v.device), v)
+        return v
 
-    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-        """Sum over good pixels of ``(data - model)^2 / variance``, per image.
-
-        Parameters
-        ----------
-        data, model : torch.Tensor
-
-        Returns
-        -------
-        torch.Tensor
-            Shape ``data.shape[:-2]``.
-        """
-        return _masked_sum((data - model) ** 2 / self._var(data), self.mask)
-
-    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-        """Gaussian log-likelihood ``log p(data | model)`` per image (nats).
-
-        Parameters
-        ----------
-        data, model : torch.Tensor
-
-        Returns
-        -------
-        torch.Tensor
-            ``-0.5 * sum[(d - m)^2 / v + log(2 pi v)]`` over good pixels.
-        """
-        v = self._var(data)
-        return -0.5 * _masked_sum((data - model) ** 2 / v + torch.log(v) + _LOG_2PI, self.mask)
+    def _draw(self, model, generator):
+        return model + _normal(model.shape, model, generator) * self.variance(model).sqrt()
 
 
-class CCDNoise:
+class CCDNoise(_IndependentNoise):
     """CCD noise: Poisson noise of (signal + sky) electrons plus Gaussian read noise.
 
     Images are in ADU with the sky subtracted, as GalSim's ``CCDNoise``. ``sample``
@@ -176,54 +201,11 @@ class CCDNoise:
         sky, gain, rn = (self._p(model, x) for x in (self.sky_level, self.gain, self.read_noise))
         return (model.clamp(min=0) + sky) / gain + (rn / gain) ** 2
 
-    def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw Poisson(signal + sky electrons) + read noise, in sky-subtracted ADU.
-
-        Parameters
-        ----------
-        model : torch.Tensor
-            Noiseless images (ADU, sky-subtracted).
-        generator : torch.Generator, optional
-
-        Returns
-        -------
-        torch.Tensor
-        """
+    def _draw(self, model, generator):
         sky, gain, rn = (self._p(model, x) for x in (self.sky_level, self.gain, self.read_noise))
-        electrons = torch.poisson(((model.clamp(min=0) + sky) * gain).detach(), generator=generator)
+        electrons = torch.poisson((model.clamp(min=0) + sky) * gain, generator=generator)
         read = _normal(model.shape, model, generator) * rn
-        noisy = (electrons + read) / gain - sky
-        noise = noisy - model.detach()
-        if self.mask is not None:
-            noise = torch.where(self.mask, torch.zeros_like(noise), noise)
-        return model + noise
-
-    def chi2(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-        """Sum over good pixels of ``(data - model)^2 / variance(model)``, per image.
-
-        Parameters
-        ----------
-        data, model : torch.Tensor
-
-        Returns
-        -------
-        torch.Tensor
-        """
-        return _masked_sum((data - model) ** 2 / self.variance(model), self.mask)
-
-    def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-        """Gaussian-approximation log-likelihood per image (nats), differentiable in ``model``.
-
-        Parameters
-        ----------
-        data, model : torch.Tensor
-
-        Returns
-        -------
-        torch.Tensor
-        """
-        v = self.variance(model)
-        return -0.5 * _masked_sum((data - model) ** 2 / v + torch.log(v) + _LOG_2PI, self.mask)
+        return (electrons + read) / gain - sky
 
 
 class CorrelatedGaussianNoise:

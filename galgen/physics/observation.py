@@ -178,7 +178,7 @@ class Observation:
 
         noise = self.noise
         if isinstance(noise, GaussianNoise):
-            noise = GaussianNoise(mv(noise.variance), None if noise.mask is None else mv(noise.mask))
+            noise = GaussianNoise(mv(noise.variance_map), None if noise.mask is None else mv(noise.mask))
         elif isinstance(noise, CCDNoise):
             noise = CCDNoise(noise.sky_level, noise.gain, noise.read_noise,
                              None if noise.mask is None else mv(noise.mask))

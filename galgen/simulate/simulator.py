@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
-from ..data.cutouts import CutoutFile, CutoutWriter
-from ..errors import GalgenInputError, SchemaError
+from ..data.cutouts import CutoutWriter, output_is_current
+from ..errors import GalgenInputError
 from ..sharding import parse_shard
 from .population import load_catalog, select_rows
 from .render import describe_galaxy, render_galaxy
@@ -191,18 +191,9 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
         "catalog": _catalog_digest(cat), "galgen": __version__,
     }, sort_keys=True, default=str)
 
-    if out.exists():
-        try:
-            with CutoutFile(out) as f:
-                same = f.attrs.get("fingerprint") == fingerprint
-        except (SchemaError, GalgenInputError):
-            same = False
-        if same:
-            log.info("%s already holds this simulation; nothing to do", out)
-            return out
-        if not overwrite:
-            raise GalgenInputError(f"{out}: output exists (from another job); pass --overwrite to replace it")
-        out.unlink()
+    if output_is_current(out, fingerprint, overwrite):
+        log.info("%s already holds this simulation; nothing to do", out)
+        return out
 
     rows = select_rows(len(cat), n, seed)[start:stop]
     cols = list(cat.colnames)
