@@ -190,3 +190,45 @@ def test_interpolated_image_round_trip():
 def test_bad_input_is_named(make, message):
     with pytest.raises(GalgenInputError, match=message):
         make()
+
+
+def test_observation_from_cutouts_reproduces_the_simulation(tmp_path):
+    """The simulator's intrinsic images, observed by galgen, give its noiseless images."""
+    from galgen.simulate import simulate
+
+    path = simulate(tmp_path / "s.h5", survey="sdss", n=6, stamp=64, seed=4, oversampling=3, psf_size=95)
+    from galgen.data import read_cutouts
+
+    arrays, cat, _ = read_cutouts(path)
+    obs = Observation.from_cutouts(path, dtype=torch.float64)
+    assert obs.oversampling == 3 and obs.stamp == 64 and obs.psf.shape == (6, 95, 95)
+    model = obs.noiseless(torch.tensor(arrays["intrinsic"], dtype=torch.float64)).numpy()
+    fits = np.asarray(cat["fits_stamp"])
+    assert fits.sum() >= 2
+    peak = arrays["noiseless"].max(axis=(1, 2))
+    err = np.abs(model - arrays["noiseless"]).max(axis=(1, 2)) / peak
+    # the intrinsic grid is the stamp itself here (no padding), so edges lose a little light
+    assert np.all(err[fits] < 1e-2), err
+    data = torch.tensor(arrays["observed"], dtype=torch.float64)
+    logl = obs.log_likelihood(torch.tensor(arrays["intrinsic"], dtype=torch.float64), data)
+    chi2 = obs.noise.chi2(data, torch.tensor(arrays["noiseless"], dtype=torch.float64))
+    npix = 64 * 64
+    expected = -0.5 * (chi2 + torch.log(2 * math.pi * torch.tensor(arrays["variance"], dtype=torch.float64)).sum((1, 2)))
+    fit = torch.tensor(fits)
+    assert torch.allclose(logl[fit], expected[fit], rtol=2e-3)
+    assert abs(float(chi2.sum()) / (6 * npix) - 1) < 3 * math.sqrt(2 / (6 * npix))
+
+
+def test_observation_from_survey():
+    from galgen.simulate import load_survey
+
+    sv = load_survey("lsst")
+    obs = Observation.from_survey("lsst", psf_size=41, stamp=32, oversampling=2, dtype=torch.float64)
+    assert obs.pixel_scale == sv.pixel_scale and obs.intrinsic_scale == pytest.approx(0.1)
+    ref = psf_from_galsim(galsim.Kolmogorov(fwhm=0.7), 41, 0.1, dtype=torch.float64)
+    assert torch.allclose(obs.psf, ref)
+    empty = torch.zeros(1, 32, 32, dtype=torch.float64)
+    assert float(obs.noise.variance(empty)[0, 0, 0]) == pytest.approx(sv.sky_variance)
+    noiseless, noisy = obs.observe(torch.zeros(1, 64, 64, dtype=torch.float64),
+                                   generator=torch.Generator().manual_seed(0))
+    assert noisy.std().item() == pytest.approx(math.sqrt(sv.sky_variance), rel=0.1)
