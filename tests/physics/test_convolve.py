@@ -78,3 +78,18 @@ def test_bad_input_is_named():
         convolve(img, torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(GalgenInputError, match="not a multiple"):
         pixelate(torch.zeros(7, 7), 3)
+
+
+def test_physics_runs_without_galsim():
+    """GPU images may lack GalSim: the torch paths of galgen.physics must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['galsim'] = None; sys.modules['astropy'] = None\n"
+            "import torch; from galgen.physics import convolve, moffat_psf, Observation, GaussianNoise\n"
+            "psf = moffat_psf(1.0, 3.5, 9, 0.2)\n"
+            "obs = Observation(psf, pixel_scale=0.2, noise=GaussianNoise(torch.ones(16, 16)))\n"
+            "print(float(obs.noiseless(torch.ones(2, 16, 16)).sum()) > 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
