@@ -58,6 +58,18 @@ def _fft_shape(h, w, p, q):
     return _fft_length(h, p), _fft_length(w, q)
 
 
+def _crop_kernel(psf, h, w):
+    """Drop PSF pixels farther than ``H-1`` (``W-1``) from its centre: no light from inside
+    the image can reach the image through them, so the result is unchanged, and faster."""
+    p, q = psf.shape[-2:]
+    cy, cx = p // 2, q // 2
+    y0, y1 = max(cy - (h - 1), 0), min(cy + h, p)
+    x0, x1 = max(cx - (w - 1), 0), min(cx + w, q)
+    if (y0, y1, x0, x1) == (0, p, 0, q):
+        return psf
+    return psf[..., y0:y1, x0:x1]
+
+
 def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor | None = None,
              check: bool = True) -> torch.Tensor:
     """Convolve images with a PSF, keeping the centring convention and the image shape.
@@ -68,7 +80,9 @@ def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor 
         ``(H, W)`` or ``(B, H, W)`` floating tensor (float32 or float64, any device).
     psf : torch.Tensor
         ``(P, Q)`` kernel shared by all images, or ``(B, P, Q)`` one per image; its
-        centre is at ``(P//2, Q//2)``. Any size relative to the images.
+        centre is at ``(P//2, Q//2)``. Any size relative to the images: the pixels of a
+        kernel farther than ``H-1`` (``W-1``) from its centre cannot carry light from one
+        image pixel to another and are dropped first (the result is unchanged).
     transfer : torch.Tensor, optional
         A precomputed :func:`psf_transfer` of ``psf`` at the padded shape this call
         uses, ``(good_fft_size(max(H + P//2, P)), good_fft_size(max(W + Q//2, Q)))``, to
@@ -111,6 +125,7 @@ def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor 
         if not bool(torch.isfinite(psf).all()):
             raise GalgenInputError("psf: contains NaN or inf")
     h, w = images.shape[-2:]
+    psf = _crop_kernel(psf, h, w)
     p, q = psf.shape[-2:]
     shape = _fft_shape(h, w, p, q)
     if transfer is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import GalgenInputError
-from .convolve import _fft_shape, convolve, pixelate, psf_transfer
+from .convolve import _crop_kernel, _fft_shape, convolve, pixelate, psf_transfer
 from .noise import CCDNoise, GaussianNoise
 from .psf import check_psf
 
@@ -88,7 +88,7 @@ class Observation:
     def _psf_transfer(self, intrinsic):
         """The PSF's FFT at this grid, cached while the PSF needs no gradient."""
         h, w = intrinsic.shape[-2:]
-        psf = self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device)
+        psf = _crop_kernel(self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device), h, w)
         shape = _fft_shape(h, w, *psf.shape[-2:])
         if psf.requires_grad:
             return psf, psf_transfer(psf, shape)

@@ -93,3 +93,13 @@ def test_physics_runs_without_galsim():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"
+
+
+def test_oversized_psf_is_cropped_exactly():
+    rng = np.random.default_rng(5)
+    img = torch.tensor(rng.normal(size=(3, 10, 12)))
+    big = torch.tensor(rng.uniform(size=(3, 41, 40)))
+    core = big[:, 20 - 9:20 + 10, 20 - 11:20 + 12]  # within H-1, W-1 of the centre (20, 20)
+    assert torch.allclose(convolve(img, big), convolve(img, core), atol=1e-12)
+    ref = np.stack([convolve2d(img[i].numpy(), big[i].numpy(), mode="full")[20:30, 20:32] for i in range(3)])
+    assert np.allclose(convolve(img, big).numpy(), ref, atol=1e-10)
