@@ -1,5 +1,6 @@
-"""Generative models of galaxy morphology (building blocks so far: encoder, decoder)."""
+"""Generative models of galaxy morphology (so far: encoder, decoder, auto-encoder)."""
 
+from .autoencoder import AutoEncoder
 from .networks import Decoder, Encoder, halvings
 
-__all__ = ["Encoder", "Decoder", "halvings"]
+__all__ = ["AutoEncoder", "Encoder", "Decoder", "halvings"]

@@ -160,6 +160,9 @@ class Decoder(nn.Module):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), _block(cin, cout)]
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(widths[-1], 1, 1)
+        # Start from an (almost) empty sky: softplus(-5) = 0.0067, so an untrained decoder
+        # does not paint a pedestal of 0.69 x flux_scale over the whole stamp.
+        nn.init.constant_(self.out.bias, -5.0)
         log_scale = torch.tensor(math.log(flux_scale))
         if learn_flux_scale:
             self.log_flux_scale = nn.Parameter(log_scale)

@@ -217,6 +217,34 @@ class Observation:
         return cls(psf_t, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
 
     @classmethod
+    def from_batch(cls, batch: dict, *, pixel_scale: float, oversampling: int = 1) -> "Observation":
+        """The observation of a batch of :class:`galgen.data.CutoutDataset` items.
+
+        Parameters
+        ----------
+        batch : dict
+            With ``psf`` ``(B, P, P)``, ``variance`` ``(B, S, S)`` and ``mask`` ``(B, S, S)``
+            tensors (as a ``DataLoader`` over a ``CutoutDataset`` yields them).
+        pixel_scale : float
+            Detector pixel scale (the dataset's ``attrs["pixel_scale"]``).
+        oversampling : int, optional
+            The dataset's ``attrs["oversampling"]``.
+
+        Returns
+        -------
+        Observation
+            Per-galaxy PSFs (renormalised to unit sum) and :class:`GaussianNoise`.
+        """
+        missing = [k for k in ("psf", "variance", "mask") if k not in batch]
+        if missing:
+            raise GalgenInputError(f"batch: missing {missing} (load the dataset with these keys)")
+        psf = batch["psf"]
+        psf = psf / psf.sum(dim=(-2, -1), keepdim=True)
+        var = batch["variance"].to(psf.dtype)
+        return cls(psf, pixel_scale=pixel_scale, oversampling=oversampling, stamp=var.shape[-1],
+                   noise=GaussianNoise(var, batch["mask"]))
+
+    @classmethod
     def from_survey(cls, survey, *, psf_fwhm: float | None = None, psf_size: int = 33, stamp: int = 64,
                     oversampling: int = 1, dtype=torch.float32, device=None) -> "Observation":
         """A survey preset's observation with its median PSF and CCD noise.

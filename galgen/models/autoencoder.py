@@ -1,0 +1,147 @@
+"""Auto-encoder of galaxy images, trained through the physics layer.
+
+The encoder reads an observed cutout; the decoder gives the intrinsic (PSF-free)
+galaxy; the loss is the physics layer's negative log-likelihood of the observation
+given that galaxy (per-galaxy PSF, variance, mask). The per-galaxy reduced chi-square of
+the reconstruction is an anomaly score, and the reconstruction a denoised image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import GalgenInputError
+from .networks import Decoder, Encoder
+
+__all__ = ["AutoEncoder"]
+
+
+class AutoEncoder(nn.Module):
+    """Deterministic auto-encoder: observed stamp -> latent code -> intrinsic image.
+
+    Parameters
+    ----------
+    stamp : int
+        Detector stamp size of the observations.
+    latent_dim : int, optional
+        Latent size.
+    oversampling : int, optional
+        Intrinsic pixels per detector pixel of the decoded image.
+    width : int, optional
+        Base channel count of encoder and decoder.
+    input_scale : float, optional
+        Observations enter the encoder as ``asinh(x / input_scale)``; use about the sky
+        noise rms (ADU), so that faint structure and bright cores are both visible.
+    flux_scale : float, optional
+        Initial output scale of the decoder (ADU per intrinsic pixel).
+
+    Examples
+    --------
+    >>> ae = AutoEncoder(32, latent_dim=8, width=8)
+    >>> ae(torch.zeros(2, 32, 32)).shape
+    torch.Size([2, 32, 32])
+    """
+
+    def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
+                 input_scale: float = 1.0, flux_scale: float = 1.0):
+        super().__init__()
+        if latent_dim < 1 or oversampling < 1 or not input_scale > 0:
+            raise GalgenInputError("latent_dim and oversampling must be >= 1 and input_scale > 0")
+        self.config = dict(kind="ae", stamp=stamp, latent_dim=latent_dim, oversampling=oversampling, width=width,
+                           input_scale=float(input_scale), flux_scale=float(flux_scale))
+        self.input_scale = float(input_scale)
+        self.encoder = Encoder(stamp, latent_dim, width=width)
+        self.decoder = Decoder(stamp * oversampling, latent_dim, width=width, flux_scale=flux_scale)
+
+    def encode(self, observed: torch.Tensor) -> torch.Tensor:
+        """Latent codes of observed cutouts ``(B, S, S)``.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, latent_dim)``.
+        """
+        return self.encoder(torch.asinh(observed / self.input_scale))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Intrinsic images ``(B, S*k, S*k)`` of latent codes.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return self.decoder(z)
+
+    def forward(self, observed: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the intrinsic galaxy of observed cutouts.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return self.decode(self.encode(observed))
+
+    def loss(self, observed: torch.Tensor, observation) -> torch.Tensor:
+        """Mean negative log-likelihood per galaxy (nats) of the reconstruction.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)`` data.
+        observation : galgen.physics.Observation
+            The batch's PSFs and noise.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar.
+        """
+        return -observation.log_likelihood(self(observed), observed).mean()
+
+    @torch.no_grad()
+    def anomaly_score(self, observed: torch.Tensor, observation) -> torch.Tensor:
+        """Reduced chi-square of each galaxy's reconstruction (~1 for a typical galaxy).
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+        observation : galgen.physics.Observation
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)``: chi2 over good pixels divided by their number.
+        """
+        model = observation.noiseless(self(observed))
+        chi2 = observation.noise.chi2(observed, model)
+        mask = getattr(observation.noise, "mask", None)
+        n = observed[0].numel() if mask is None else (~mask).sum(dim=(-2, -1)).clamp(min=1)
+        return chi2 / n
+
+    @torch.no_grad()
+    def denoise(self, observed: torch.Tensor, observation) -> torch.Tensor:
+        """Noise-free model of the observed cutouts (reconstruction through the physics layer).
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+        observation : galgen.physics.Observation
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return observation.noiseless(self(observed))
