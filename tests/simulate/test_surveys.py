@@ -77,3 +77,8 @@ def test_unknown_survey_name():
         load_survey("euclidish")
     with pytest.raises(GalgenInputError, match="no such file"):
         load_survey("missing.yaml")
+
+
+def test_sources_are_strings():
+    for name in available_surveys():
+        assert all(isinstance(s, str) for s in load_survey(name).sources), name
