@@ -125,8 +125,7 @@ class AutoEncoder(nn.Module):
         torch.Tensor
             ``(B,)``: chi2 over good pixels divided by their number.
         """
-        model = observation.noiseless(self(observed))
-        chi2 = observation.noise.chi2(observed, model)
+        chi2 = observation.noise.chi2(observed, self.denoise(observed, observation))
         mask = getattr(observation.noise, "mask", None)
         n = observed[0].numel() if mask is None else (~mask).sum(dim=(-2, -1)).clamp(min=1)
         return chi2 / n

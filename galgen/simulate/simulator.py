@@ -181,8 +181,10 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
     cat = load_catalog(catalog if catalog is not None else sv.catalog)
     model = cat.meta.get("model", {}) or {}
     trunc = (float(model.get("trunc_disk", 3.0)), float(model.get("trunc_bulge", 6.0)))
-    cat_name = str(catalog if catalog is not None and not hasattr(catalog, "colnames") else
-                   (sv.catalog if catalog is None else "table"))
+    if catalog is None:
+        cat_name = sv.catalog
+    else:
+        cat_name = "table" if hasattr(catalog, "colnames") else str(catalog)
 
     start, stop = sh.bounds(n)
     fingerprint = json.dumps({
