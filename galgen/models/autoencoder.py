@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
+from .base import Batch, GenerativeModel, no_sync
 from .networks import Decoder, Encoder
 
 __all__ = ["AutoEncoder"]
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(GenerativeModel):
     """Deterministic auto-encoder: observed stamp -> latent code -> intrinsic image.
 
     Parameters
@@ -42,6 +43,8 @@ class AutoEncoder(nn.Module):
     >>> ae(torch.zeros(2, 32, 32)).shape
     torch.Size([2, 32, 32])
     """
+
+    kind = "ae"
 
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0):
@@ -109,38 +112,60 @@ class AutoEncoder(nn.Module):
         torch.Tensor
             Scalar.
         """
-        return -observation.log_likelihood(self(observed), observed).mean()
+        return -observation.log_likelihood(self(observed).float(), observed).mean()
 
-    @torch.no_grad()
-    def anomaly_score(self, observed: torch.Tensor, observation) -> torch.Tensor:
-        """Reduced chi-square of each galaxy's reconstruction (~1 for a typical galaxy).
-
-        Parameters
-        ----------
-        observed : torch.Tensor
-        observation : galgen.physics.Observation
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B,)``: chi2 over good pixels divided by their number.
-        """
-        chi2 = observation.noise.chi2(observed, self.denoise(observed, observation))
-        mask = getattr(observation.noise, "mask", None)
-        n = observed[0].numel() if mask is None else (~mask).sum(dim=(-2, -1)).clamp(min=1)
-        return chi2 / n
-
-    @torch.no_grad()
-    def denoise(self, observed: torch.Tensor, observation) -> torch.Tensor:
-        """Noise-free model of the observed cutouts (reconstruction through the physics layer).
+    def reconstruct(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
+        """The intrinsic galaxy the auto-encoder sees in observed cutouts.
 
         Parameters
         ----------
         observed : torch.Tensor
-        observation : galgen.physics.Observation
+            ``(B, S, S)``.
+        cond : None
+            Unused (the auto-encoder is unconditional).
 
         Returns
         -------
         torch.Tensor
         """
-        return observation.noiseless(self(observed))
+        return self(observed)
+
+    def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
+        """One Adam step on the reconstruction NLL (see :meth:`GenerativeModel.training_step`).
+
+        Parameters
+        ----------
+        batch : Batch
+        optimizers : dict
+            ``{"model": optimizer}``.
+        step : int
+        sync : callable, optional
+
+        Returns
+        -------
+        dict
+            ``loss``: mean NLL per galaxy (nats).
+        """
+        opt = optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        loss = self.loss(batch.observed, batch.observation)
+        loss.backward()
+        sync(self.parameters())
+        opt.step()
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict:
+        """Per-galaxy NLL (``loss``) and reduced chi-square (``chi2_pixel``).
+
+        Parameters
+        ----------
+        batch : Batch
+
+        Returns
+        -------
+        dict
+        """
+        recon = self(batch.observed).float()
+        nll = -batch.observation.log_likelihood(recon, batch.observed)
+        return {"loss": nll, "chi2_pixel": self.anomaly_score(batch.observed, batch.observation)}
