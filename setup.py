@@ -43,6 +43,7 @@ setup(
         "h5py>=3.8",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "zuko>=1.1",
         "matplotlib>=3.7",
     ],
     extras_require={
