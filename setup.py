@@ -33,6 +33,7 @@ setup(
         "galgen.catalogs": ["*.ecsv", "README.md"],
         "galgen.simulate": ["surveys.yaml"],
         "galgen": ["py.typed"],
+        "galgen.pretrained": ["*.pt", "*.json"],
     },
     install_requires=[
         "torch>=2.2",

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from ._version import __version__
-from .errors import GalgenInputError
+from .errors import GalgenInputError, TrainingDiverged
 
 __all__ = ["main", "build_parser"]
 
@@ -84,6 +84,31 @@ def _cmd_preview(args):
     print(cutout_grid(args.path, args.out, n=args.n))
 
 
+def _cmd_train(args):
+    from .train import train
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device), ("batch_size", args.batch_size),
+                                   ("progress", args.progress)) if v is not None}
+    summary = train(args.config, args.data, args.out, resume=args.resume, overrides=overrides)
+    if summary.get("model") is not None:
+        print(summary["model"])
+
+
+def _cmd_sample(args):
+    from .sample import sample_to_file
+
+    print(sample_to_file(args.model, args.out, n=args.n, survey=args.survey, seed=args.seed, prior=args.prior,
+                         cond=args.cond, device=args.device, batch_size=args.batch_size,
+                         overwrite=args.overwrite))
+
+
+def _cmd_anomaly(args):
+    from .sample import anomaly_scores
+
+    print(anomaly_scores(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
+                         overwrite=args.overwrite))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``galgen`` command.
 
@@ -149,6 +174,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("train", help="train an AE, VAE or WGAN-GP on a cutout file",
+                       description="Train a generative model (galgen.train.train). The YAML has a 'model:' section "
+                                   "(kind: ae, vae or wgan-gp, and its options) and a 'train:' section (steps, "
+                                   "batch_size, lr, device, precision, ...). Under torchrun, processes split each "
+                                   "batch and average gradients (NCCL on GPUs, gloo on CPUs).")
+    p.add_argument("--config", required=True, help="training YAML, e.g. pipelines/configs/vae_sdss.yaml")
+    p.add_argument("--data", required=True, help="cutout file of training galaxies")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
+    p.add_argument("--steps", type=_positive_int, default=None, help="override train.steps")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="override train.batch_size")
+    p.add_argument("--device", default=None, help="override train.device (auto, cuda, cuda:N, mps, cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw new galaxies from a trained model and observe them",
+                       description="Sample intrinsic galaxies from a model (run directory, checkpoint or "
+                                   "pretrained name) and observe them with a survey preset's PSFs and noise; "
+                                   "writes a cutout file (galgen.sample.sample_to_file).")
+    p.add_argument("--model", required=True, help="run directory, .pt file or pretrained name (e.g. sdss-vae)")
+    p.add_argument("--n", type=_positive_int, default=1000, help="galaxies [1000]")
+    p.add_argument("--survey", default=None, help="preset or survey YAML (default: the training data's survey)")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--prior", choices=("flow", "normal"), default=None,
+                   help="VAE latent prior: the fitted flow (default when fitted) or N(0, I)")
+    p.add_argument("--cond", default=None, help="conditions, e.g. 'mag=17.5,hlr=1.2' (conditional models)")
+    p.add_argument("--device", default="auto", help="device [auto]")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
+    _add_common(p, "output cutout file (HDF5)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("anomaly", help="score how badly a model explains each galaxy",
+                       description="Anomaly score (reduced chi-square of each galaxy's reconstruction through "
+                                   "the physics layer) of an AE or VAE, written as a catalog "
+                                   "(galgen.sample.anomaly_scores).")
+    p.add_argument("--model", required=True, help="run directory, .pt file or pretrained name")
+    p.add_argument("--data", required=True, help="cutout file")
+    p.add_argument("--device", default="auto", help="device [auto]")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
+    _add_common(p, "output catalog (.fits or .ecsv)")
+    p.set_defaults(func=_cmd_anomaly)
+
     p = sub.add_parser("summary", help="print a summary of a cutout file")
     p.add_argument("path", help="cutout file")
     p.set_defaults(func=_cmd_summary)
@@ -180,7 +247,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except GalgenInputError as exc:
+    except (GalgenInputError, TrainingDiverged) as exc:
         print(f"galgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -5,7 +5,7 @@ Every error that a user can cause by giving bad input derives from
 file or argument concerned and what is wrong with it.
 """
 
-__all__ = ["GalgenInputError", "SchemaError"]
+__all__ = ["GalgenInputError", "SchemaError", "TrainingDiverged"]
 
 
 class GalgenInputError(ValueError):
@@ -17,3 +17,7 @@ class GalgenInputError(ValueError):
 
 class SchemaError(GalgenInputError):
     """An HDF5 file is not a galgen cutout file of a schema version this galgen reads."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

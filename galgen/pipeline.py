@@ -20,15 +20,13 @@ Example (``pipelines/sdss_demo.yaml``)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from .config import build_dataclass, read_yaml
 from .data.atomic import atomic_output
 from .errors import GalgenInputError
 
@@ -106,44 +104,6 @@ class PipelineConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-def _check_type(value, tp, where):
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return value
-        tp = next(a for a in args if a is not type(None))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise GalgenInputError(f"{where}: expected an integer, got {value!r}")
-    if tp is str and not isinstance(value, str):
-        raise GalgenInputError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls, data, where):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise GalgenInputError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise GalgenInputError(f"{where}: unknown key(s) {unknown}; allowed {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], f"{where}.{f.name}")
-        else:
-            kwargs[f.name] = _check_type(data[f.name], tp, f"{where}.{f.name}")
-    return cls(**kwargs)
-
-
 def load_config(path) -> PipelineConfig:
     """Read and validate a pipeline configuration.
 
@@ -162,13 +122,7 @@ def load_config(path) -> PipelineConfig:
         If the file is missing, not YAML, or has unknown keys or bad values.
     """
     path = Path(path)
-    if not path.exists():
-        raise GalgenInputError(f"{path}: no such configuration file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise GalgenInputError(f"{path}: not valid YAML ({exc})") from None
-    cfg = _build(PipelineConfig, data, str(path))
+    cfg = build_dataclass(PipelineConfig, read_yaml(path), str(path))
     for key in ("n", "stamp", "oversampling", "workers"):
         if getattr(cfg.simulate, key) < 1:
             raise GalgenInputError(f"{path}: simulate.{key} must be >= 1")

@@ -20,3 +20,9 @@ def sdss_small(sim_dir):
 def sdss_fit(sim_dir):
     """120 SDSS galaxies on 64x64 stamps, for flux, noise and size checks."""
     return simulate(sim_dir / "sdss_fit.h5", survey="sdss", n=120, stamp=64, seed=11)
+
+
+@pytest.fixture(scope="session")
+def sdss_tiny(sim_dir):
+    """64 SDSS galaxies on 32x32 stamps with 15x15 PSFs: fast training tests."""
+    return simulate(sim_dir / "sdss_tiny.h5", survey="sdss", n=64, stamp=32, seed=5, psf_size=15)

@@ -6,7 +6,8 @@ produces intrinsic (PSF-free) images that :class:`galgen.physics.Observation` ob
 """
 
 from .autoencoder import AutoEncoder
-from .base import Batch, GenerativeModel, good_pixels, no_sync
+from .base import Batch, GenerativeModel, good_pixels, make_optimizer, no_sync
 from .networks import Decoder, Encoder, halvings
 
-__all__ = ["AutoEncoder", "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "no_sync"]
+__all__ = ["AutoEncoder", "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings",
+           "make_optimizer", "no_sync"]

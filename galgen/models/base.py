@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import GalgenInputError
 
-__all__ = ["Batch", "GenerativeModel", "good_pixels", "no_sync"]
+__all__ = ["Batch", "GenerativeModel", "good_pixels", "make_optimizer", "no_sync"]
 
 
 def no_sync(params: Iterable[torch.nn.Parameter]) -> None:
@@ -30,6 +30,35 @@ def no_sync(params: Iterable[torch.nn.Parameter]) -> None:
     params : iterable of torch.nn.Parameter
         Ignored.
     """
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_optimizer(params, lr: float, name: str = "adam", **options) -> torch.optim.Optimizer:
+    """An optimiser by name, with a clear error for unknown names or options.
+
+    Parameters
+    ----------
+    params : iterable of torch.nn.Parameter
+    lr : float
+        Learning rate.
+    name : {"adam", "adamw", "sgd"}, optional
+    **options
+        Optimiser keyword arguments.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+    """
+    if name not in _OPTIMIZERS:
+        raise GalgenInputError(f"optimizer.name: one of {sorted(_OPTIMIZERS)}, got {name!r}")
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    try:
+        return _OPTIMIZERS[name](params, lr=lr, **options)
+    except TypeError as exc:
+        raise GalgenInputError(f"optimizer: bad option for {name} ({exc})") from None
 
 
 def good_pixels(observed: torch.Tensor, observation) -> torch.Tensor:
@@ -179,21 +208,24 @@ class GenerativeModel(nn.Module):
                                    f"got {tuple(cond.shape)}")
         return (cond - self.cond_mean) / self.cond_std
 
-    def make_optimizers(self, lr: float = 1e-3, **options) -> dict:
+    def make_optimizers(self, lr: float = 1e-3, name: str = "adam", **options) -> dict:
         """The model's optimisers, by name.
 
         Parameters
         ----------
         lr : float, optional
             Learning rate.
+        name : {"adam", "adamw", "sgd"}, optional
+            Optimiser.
         **options
-            Model-specific options (e.g. Adam betas).
+            Passed to the optimiser (e.g. ``betas``, ``weight_decay``, ``momentum``).
 
         Returns
         -------
         dict of str to torch.optim.Optimizer
+            ``{"model": optimizer}``.
         """
-        return {"model": torch.optim.Adam(self.parameters(), lr=lr)}
+        return {"model": make_optimizer(self.parameters(), lr, name, **options)}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int,
                       sync: Callable = no_sync) -> dict:

@@ -1,5 +1,11 @@
-"""Training infrastructure (so far: safe checkpoints)."""
+"""Training: the loop (devices, bf16, logs, validation, exact resume), data parallelism, checkpoints."""
 
-from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
+from .data import TrainingData, epoch_order, split_indices
+from .distributed import DistributedContext, average_gradients, init_distributed
+from .trainer import RunConfig, TrainConfig, Trainer, TrainingDiverged, load_run_config, resolve_device, train
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "TrainingData",
+           "epoch_order", "split_indices", "DistributedContext", "average_gradients", "init_distributed",
+           "RunConfig", "TrainConfig", "Trainer", "TrainingDiverged", "load_run_config", "resolve_device",
+           "train"]

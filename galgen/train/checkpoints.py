@@ -18,7 +18,7 @@ from .._version import __version__
 from ..data.atomic import atomic_output
 from ..errors import GalgenInputError
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model"]
 
 CHECKPOINT_FORMAT = "galgen-checkpoint-1"
 
@@ -120,3 +120,51 @@ def load_checkpoint(path, *, expect_config: dict | None = None, config_keys=None
                                for k in diff)
             raise GalgenInputError(f"{path}: checkpoint of another architecture/config ({detail})")
     return out
+
+
+def load_model(path, *, device="cpu"):
+    """Load a trained model from a run directory or a checkpoint file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A run directory (its ``model.pt``, else ``last.pt``) or a checkpoint file.
+    device : str or torch.device, optional
+        Where to put the model.
+
+    Returns
+    -------
+    galgen.models.GenerativeModel
+        In eval mode, with ``provenance`` (data the model was trained on: survey,
+        pixel scale, oversampling, ...), ``metrics`` (quality figures), ``run_config``
+        and ``checkpoint_path`` attributes.
+
+    Raises
+    ------
+    GalgenInputError
+        No checkpoint there, an unsafe or foreign file, or weights that do not fit the
+        stored architecture.
+    """
+    from ..models.registry import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.pt", path / "last.pt"]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise GalgenInputError(f"{path}: no model.pt or last.pt in this run directory")
+        path = found[0]
+    ck = load_checkpoint(path, map_location="cpu")
+    cfg = ck["config"]
+    model_cfg = cfg.get("model", cfg)
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as exc:
+        raise GalgenInputError(f"{path}: weights do not fit the stored {model_cfg.get('kind')} config "
+                               f"({str(exc).splitlines()[0]})") from None
+    model.provenance = ck["provenance"]
+    model.metrics = ck["metrics"]
+    model.run_config = cfg
+    model.checkpoint_path = str(path)
+    return model.to(device).eval()

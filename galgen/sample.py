@@ -1,0 +1,260 @@
+"""Stage functions that use a trained model: draw new galaxies, score observed ones.
+
+``galgen sample`` draws intrinsic galaxies from a model and observes them with a survey
+preset's per-galaxy PSFs and CCD noise, writing the cutout format (so samples can be
+summarised, previewed and compared with real data by the same tools).
+``galgen anomaly`` writes each galaxy's reduced chi-square under an AE or VAE
+reconstruction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import GalgenInputError
+
+__all__ = ["resolve_model", "parse_conditions", "sample_to_file", "anomaly_scores"]
+
+
+def resolve_model(spec, device="cpu"):
+    """A model from a pretrained name, a run directory or a checkpoint file.
+
+    Parameters
+    ----------
+    spec : str, os.PathLike or GenerativeModel
+        ``"sdss-vae"`` (see :func:`galgen.available_pretrained`), a run directory, a
+        ``.pt`` file, or a model (returned as is, moved to ``device``).
+    device : str or torch.device, optional
+
+    Returns
+    -------
+    galgen.models.GenerativeModel
+    """
+    from torch import nn
+
+    if isinstance(spec, nn.Module):
+        return spec.to(device)
+    from .pretrained import available_pretrained, load_pretrained
+    from .train.checkpoints import load_model
+
+    if isinstance(spec, str) and spec in available_pretrained() and not Path(spec).exists():
+        return load_pretrained(spec, device=device)
+    if not Path(spec).exists():
+        raise GalgenInputError(f"--model: {spec!r} is neither a file, a run directory, nor a pretrained "
+                               f"model ({', '.join(available_pretrained()) or 'none installed'})")
+    return load_model(spec, device=device)
+
+
+def parse_conditions(text, conditions) -> torch.Tensor | None:
+    """Parse ``"mag=17.5,hlr=1.2"`` into a vector in the model's condition order.
+
+    Parameters
+    ----------
+    text : str or dict or None
+        Conditions as text or a mapping.
+    conditions : sequence of str
+        The model's condition names.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``(C,)`` values, or None for an unconditional model.
+
+    Examples
+    --------
+    >>> parse_conditions("hlr=1.2, mag=17.5", ("mag", "hlr"))
+    tensor([17.5000,  1.2000])
+    """
+    conditions = tuple(conditions)
+    if not conditions:
+        if text:
+            raise GalgenInputError("--cond: this model is not conditioned on catalog quantities")
+        return None
+    if text is None:
+        raise GalgenInputError(f"--cond: this model needs values for {list(conditions)}, e.g. "
+                               + ",".join(f"{c}=..." for c in conditions))
+    if isinstance(text, str):
+        values = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, val = part.partition("=")
+            try:
+                values[key.strip()] = float(val)
+            except ValueError:
+                raise GalgenInputError(f"--cond: {part!r} is not name=number") from None
+            if not sep:
+                raise GalgenInputError(f"--cond: {part!r} is not name=number")
+    else:
+        values = {k: float(v) for k, v in dict(text).items()}
+    unknown = sorted(set(values) - set(conditions))
+    missing = [c for c in conditions if c not in values]
+    if unknown or missing:
+        raise GalgenInputError(f"--cond: the model is conditioned on {list(conditions)}; "
+                               f"missing {missing}, unknown {unknown}")
+    return torch.tensor([values[c] for c in conditions], dtype=torch.float32)
+
+
+def _device(name):
+    from .train.trainer import resolve_device
+
+    return resolve_device(name) if isinstance(name, str) else torch.device(name)
+
+
+def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, prior=None, cond=None,
+                   device="auto", batch_size: int = 256, psf_size: int | None = None,
+                   overwrite: bool = False) -> Path:
+    """Draw galaxies from a model, observe them with a survey's PSFs and noise, write a cutout file.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or GenerativeModel
+        See :func:`resolve_model`.
+    out : str or os.PathLike
+        Output cutout file (``intrinsic``, ``noiseless``, ``observed``, ``psf``,
+        ``variance``, ``mask`` and a catalog).
+    n : int, optional
+        Number of galaxies.
+    survey : str, optional
+        Preset or survey YAML (default: the survey of the model's training data). Its
+        pixel scale must be the model's.
+    seed : int, optional
+        Seed of the latent draws, PSFs and noise.
+    prior : {"flow", "normal"}, optional
+        VAE latent prior (default: the flow when fitted).
+    cond : str or dict, optional
+        Conditions of a conditional model (``"mag=17.5,hlr=1.2"``).
+    device : str, optional
+        ``auto``, ``cuda``, ``cpu``, ...
+    batch_size : int, optional
+        Galaxies per batch.
+    psf_size : int, optional
+        PSF grid size in intrinsic pixels (default about 33 detector pixels).
+    overwrite : bool, optional
+        Replace an output made by another job.
+
+    Returns
+    -------
+    pathlib.Path
+        The file (reused as is when it holds this very job).
+    """
+    from astropy.table import Table
+
+    from .data.cutouts import CutoutWriter, output_is_current
+    from .physics import CCDNoise, Observation, psf_from_galsim
+    from .simulate.surveys import load_survey
+
+    if n < 1:
+        raise GalgenInputError(f"--n: must be >= 1, got {n}")
+    dev = _device(device)
+    model = resolve_model(model, dev)
+    prov = getattr(model, "provenance", {}) or {}
+    cfg = model.config
+    k, stamp = int(cfg["oversampling"]), int(cfg["stamp"])
+    survey = survey or prov.get("survey") or "sdss"
+    sv = load_survey(survey)
+    scale = float(prov.get("pixel_scale", sv.pixel_scale))
+    if not math.isclose(sv.pixel_scale, scale, rel_tol=1e-6):
+        raise GalgenInputError(f"--survey: {sv.name} has {sv.pixel_scale}\"/pixel but the model draws galaxies "
+                               f"for {scale}\"/pixel (its training data); choose a survey with that scale")
+    cond_vec = parse_conditions(cond, model.conditions)
+    P = psf_size or (33 * k + (1 - (33 * k) % 2))
+    fingerprint = json.dumps({"model": getattr(model, "checkpoint_path", repr(cfg)), "n": n, "survey": sv.name,
+                              "seed": seed, "prior": prior, "cond": None if cond_vec is None else cond_vec.tolist(),
+                              "psf_size": P}, sort_keys=True)
+    out = Path(out)
+    if output_is_current(out, fingerprint, overwrite):
+        return out
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    attrs = dict(survey=sv.name, pixel_scale=scale, oversampling=k, stamp_size=stamp, flux_unit="adu", seed=seed,
+                 source=f"galgen-sample:{cfg['kind']}", shard="0/1", fingerprint=fingerprint)
+    shapes = {"observed": (stamp, stamp), "noiseless": (stamp, stamp), "intrinsic": (stamp * k, stamp * k),
+              "psf": (P, P), "variance": (stamp, stamp), "mask": (stamp, stamp)}
+    rows = []
+    noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
+    opts = {} if prior is None else {"prior": prior}
+    with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint="") as w:
+        if w.n_done:  # a partial file of another attempt: start over for exact reproducibility
+            raise GalgenInputError(f"{out}.partial exists from an interrupted run; remove it and run again")
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            params = [sv.psf.draw(rng) for _ in range(m)]
+            psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
+            intrinsic = model.sample(m, cond=cond_vec, generator=gen, **opts).float()
+            obs = Observation(psf, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
+            noiseless, observed = obs.observe(intrinsic, generator=gen)
+            w.write({"observed": observed.cpu().numpy(), "noiseless": noiseless.cpu().numpy(),
+                     "intrinsic": intrinsic.cpu().numpy(), "psf": psf.cpu().numpy(),
+                     "variance": noise.variance(noiseless).cpu().numpy(),
+                     "mask": np.zeros((m, stamp, stamp), np.uint8)})
+            flux = intrinsic.sum(dim=(-2, -1)).cpu().numpy()
+            for i, p in enumerate(params):
+                rows.append({"index": start + i, "flux": float(flux[i]), **p, "sky_level": sv.sky_level})
+        cat = Table(rows=rows)
+        if cond_vec is not None:
+            for j, c in enumerate(model.conditions):
+                cat[f"cond_{c}"] = np.full(n, float(cond_vec[j]))
+        return w.finish(cat)
+
+
+def anomaly_scores(model, data, out, *, device="auto", batch_size: int = 256, overwrite: bool = False) -> Path:
+    """Reduced chi-square of every galaxy's reconstruction by an AE or VAE, as a catalog.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or GenerativeModel
+        An auto-encoder or VAE (see :func:`resolve_model`).
+    data : str or os.PathLike
+        Cutout file.
+    out : str or os.PathLike
+        Catalog file; the format follows the extension (``.fits``, ``.ecsv``, ...).
+    device : str, optional
+    batch_size : int, optional
+    overwrite : bool, optional
+        Replace an existing ``out``.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Notes
+    -----
+    Columns: ``index`` (row in ``data``), ``anomaly`` (chi-square per good pixel; about 1
+    for galaxies the model explains down to the noise), ``chi2``, ``n_good``.
+    """
+    from astropy.table import Table
+
+    from .data.atomic import atomic_output
+    from .data.cutouts import CutoutFile
+    from .models.base import good_pixels
+    from .train.data import TrainingData
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GalgenInputError(f"{out}: output exists; pass --overwrite to replace it")
+    dev = _device(device)
+    model = resolve_model(model, dev)
+    with CutoutFile(data) as f:
+        n = len(f)
+        if int(f.attrs["stamp_size"]) != model.config["stamp"] or f.oversampling != model.config["oversampling"]:
+            raise GalgenInputError(f"{data}: stamp {f.attrs['stamp_size']} / oversampling {f.oversampling} do not "
+                                   f"match the model's {model.config['stamp']} / {model.config['oversampling']}")
+    td = TrainingData(data, np.arange(n), model.conditions, in_memory=False, device=dev)
+    scores, chi2s, goods = [], [], []
+    for batch in td.iter_batches(batch_size):
+        s = model.anomaly_score(batch.observed, batch.observation, batch.cond)
+        g = good_pixels(batch.observed, batch.observation).expand_as(s)
+        scores.append(s.cpu())
+        goods.append(g.cpu())
+        chi2s.append((s * g).cpu())
+    table = Table({"index": np.arange(n), "anomaly": torch.cat(scores).numpy(),
+                   "chi2": torch.cat(chi2s).numpy(), "n_good": torch.cat(goods).numpy().astype(np.int64)})
+    table.meta["model"] = str(getattr(model, "checkpoint_path", model.kind))
+    table.meta["data"] = str(data)
+    with atomic_output(out) as tmp:
+        table.write(tmp, format="fits" if out.suffix.lower() in (".fits", ".fit") else None, overwrite=True)
+    return out

@@ -1,0 +1,159 @@
+"""The training loop: learning, exact resume, NaN stop, bad configs, bf16, torchrun data parallelism."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from galgen.errors import GalgenInputError, TrainingDiverged
+from galgen.models import AutoEncoder
+from galgen.train import load_checkpoint, load_model, load_run_config, train
+
+BASE = {
+    "model": {"kind": "ae", "latent_dim": 8, "width": 8},
+    "train": {"steps": 6, "batch_size": 8, "lr": 2e-3, "val_fraction": 0.125, "log_every": 1, "val_every": 3,
+              "checkpoint_every": 3, "device": "cpu", "seed": 3},
+}
+
+
+def write_config(tmp_path, name="cfg.yaml", **train):
+    cfg = {"model": dict(BASE["model"]), "train": {**BASE["train"], **train}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_loss_decreases_and_outputs(sdss_tiny, tmp_path):
+    cfg = write_config(tmp_path, steps=40, val_every=20, checkpoint_every=20)
+    out = tmp_path / "run"
+    summary = train(cfg, sdss_tiny, out)
+    log = rows(out / "train_log.csv")
+    assert [int(r["step"]) for r in log] == list(range(1, 41))
+    first = sum(float(r["loss"]) for r in log[:5]) / 5
+    last = sum(float(r["loss"]) for r in log[-5:]) / 5
+    assert last < 0.5 * first
+    val = rows(out / "val_log.csv")
+    assert [int(r["step"]) for r in val] == [20, 40]
+    assert float(val[1]["loss"]) < float(val[0]["loss"])
+    for name in ("last.pt", "best.pt", "model.pt", "config.yaml"):
+        assert (out / name).exists()
+    model = load_model(out)
+    assert isinstance(model, AutoEncoder) and model.provenance["n_train"] == 56
+    assert model.provenance["data"] == str(Path(sdss_tiny).resolve())
+    assert summary["step"] == 40 and summary["model"] == out / "model.pt"
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["stamp"] == 32 and resolved["model"]["input_scale"] > 0
+
+
+def test_resume_is_exact(sdss_tiny, tmp_path):
+    cfg = write_config(tmp_path)
+    train(cfg, sdss_tiny, tmp_path / "straight")
+    train(cfg, sdss_tiny, tmp_path / "resumed", overrides={"steps": 3})
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    with pytest.raises(GalgenInputError, match="--resume"):
+        train(cfg, sdss_tiny, tmp_path / "resumed")
+    train(cfg, sdss_tiny, tmp_path / "resumed", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    assert states_equal(a["model"], b["model"])
+    assert [r["loss"] for r in rows(tmp_path / "straight" / "train_log.csv")] == \
+        [r["loss"] for r in rows(tmp_path / "resumed" / "train_log.csv")]
+    # a resume with another trajectory is refused
+    with pytest.raises(GalgenInputError, match="lr"):
+        train(write_config(tmp_path, "other.yaml", lr=1e-2), sdss_tiny, tmp_path / "resumed", resume=True)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(sdss_tiny, tmp_path, monkeypatch):
+    original = AutoEncoder.training_step
+
+    def poisoned(self, batch, optimizers, step, sync):
+        metrics = original(self, batch, optimizers, step, sync)
+        if step == 4:
+            metrics["loss"] = torch.tensor(float("nan"))
+        return metrics
+
+    monkeypatch.setattr(AutoEncoder, "training_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 4.*last.pt"):
+        train(write_config(tmp_path), sdss_tiny, out)
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+    assert not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"model": {"kind": "vae2"}}, "model.kind"),
+    ({"model": {"kind": "ae"}, "train": {"stepz": 3}}, "unknown key"),
+    ({"model": {"kind": "ae"}, "train": {"steps": "many"}}, "train.steps: expected an integer"),
+    ({"model": {"kind": "ae"}, "train": {"steps": 0}}, "steps: must be >= 1"),
+    ({"model": {"kind": "ae"}, "train": {"precision": "fp8"}}, "precision"),
+    ({"model": {"kind": "ae", "stamp": 64}, "train": {"device": "cpu"}}, "model.stamp: 64 does not match"),
+    ({"model": {"kind": "ae", "latent_size": 4}, "train": {"device": "cpu"}}, "bad ae model option"),
+    ({"model": {"kind": "ae"}, "train": {"batch_size": 512, "device": "cpu"}}, "larger than the"),
+    ({"model": {"kind": "ae"}, "train": {"device": "cuda:7"}}, "device"),
+])
+def test_bad_configs(sdss_tiny, tmp_path, cfg, match):
+    if "cuda" in str(cfg) and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(GalgenInputError, match=match):
+        train(path, sdss_tiny, tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_missing_and_unsafe_inputs(sdss_tiny, tmp_path):
+    with pytest.raises(GalgenInputError, match="no such configuration"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(GalgenInputError, match="nothing to resume"):
+        train(write_config(tmp_path), sdss_tiny, tmp_path / "fresh", resume=True)
+    (tmp_path / "bad.yaml").write_text("model: !!python/object:os.system {}\n")
+    with pytest.raises(GalgenInputError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+
+
+def test_bf16_autocast_step_runs_on_cpu(sdss_tiny, tmp_path):
+    out = tmp_path / "run"
+    train(write_config(tmp_path, steps=2, precision="bf16", val_every=2, checkpoint_every=2), sdss_tiny, out)
+    log = rows(out / "train_log.csv")
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in log)
+
+
+def test_torchrun_two_processes_match_one(sdss_tiny, tmp_path):
+    """Two gloo processes, each on half of every batch, take the same steps as one on the full batch."""
+    # SGD: the update is linear in the gradient, so the comparison is to float precision (Adam's
+    # first steps are ~lr*sign(g) and amplify round-off in gradients that are zero in exact
+    # arithmetic, e.g. the bias before a GroupNorm).
+    cfg = write_config(tmp_path, steps=3, val_every=3, checkpoint_every=3, lr=1e-7, optimizer={"name": "sgd"})
+    train(cfg, sdss_tiny, tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "galgen", "train", "--config", str(cfg), "--data", str(sdss_tiny), "--out", str(tmp_path / "two"),
+           "--no-progress"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[:4000]
+    a = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    torch.manual_seed(3)  # the trainer's initial weights
+    init = AutoEncoder.from_config(load_checkpoint(tmp_path / "one" / "last.pt")["config"]["model"]).state_dict()
+    for k in a:
+        if not a[k].numel():
+            continue
+        step = (a[k] - init[k]).abs().max()
+        assert float((a[k] - b[k]).abs().max()) <= 1e-3 * float(step) + 1e-7, k
+    assert max(float((a[k] - init[k]).abs().max()) for k in a if a[k].numel()) > 1e-4  # training moved the weights
