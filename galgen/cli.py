@@ -8,6 +8,7 @@ are printed as one line naming the file or argument, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -107,6 +108,14 @@ def _cmd_anomaly(args):
 
     print(anomaly_scores(args.model, args.data, args.out, device=args.device, batch_size=args.batch_size,
                          overwrite=args.overwrite))
+
+
+def _cmd_evaluate(args):
+    from .evaluation.quality import evaluate_models
+
+    report = evaluate_models(args.model, args.data, args.out, n=args.n, seed=args.seed,
+                             batch_size=args.batch_size, device=args.device)
+    print(json.dumps({k: report[k] for k in ("reconstruction", "generation")}, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
     _add_common(p, "output catalog (.fits or .ecsv)")
     p.set_defaults(func=_cmd_anomaly)
+
+    p = sub.add_parser("evaluate", help="quality of trained models on held-out cutouts",
+                       description="Reconstruction chi-square per pixel (AE, VAE) and flux/size/ellipticity "
+                                   "distributions of generated galaxies observed through the held-out galaxies' "
+                                   "PSFs and noise (galgen.evaluation.evaluate_models); writes quality.json, "
+                                   "samples.png and histograms.png.")
+    p.add_argument("--model", required=True, action="append",
+                   help="run directory, .pt file or pretrained name (repeat for several models)")
+    p.add_argument("--data", required=True, help="held-out cutout file")
+    p.add_argument("--n", type=_positive_int, default=5000, help="galaxies evaluated [5000]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--device", default="auto", help="device [auto]")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
+    p.add_argument("--out", required=True, help="report directory")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("summary", help="print a summary of a cutout file")
     p.add_argument("path", help="cutout file")

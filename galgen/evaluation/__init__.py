@@ -1,6 +1,8 @@
-"""Evaluation: morphology measurements and summaries of cutout files."""
+"""Evaluation: morphology measurements, summaries of cutout files, quality of trained models."""
 
 from .morphology import hsm_moments
+from .quality import evaluate_models, generated_observations, morphology_statistics, reconstruction_chi2
 from .report import format_summary, summarize_cutouts
 
-__all__ = ["hsm_moments", "summarize_cutouts", "format_summary"]
+__all__ = ["hsm_moments", "summarize_cutouts", "format_summary", "evaluate_models", "generated_observations",
+           "morphology_statistics", "reconstruction_chi2"]
