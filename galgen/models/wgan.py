@@ -43,7 +43,7 @@ _VALIDATION_SEED = 20170331  # fixed seed of the validation fakes (Gulrajani et 
 class Critic(nn.Module):
     """Convolutional critic of detector images with an optional projection head for conditions.
 
-    ``score(u, c) = w . h + (E c) . h``, with ``h = SiLU(Encoder(u))`` the image features
+    ``score(u, c) = w . h + b + (E c) . h``, with ``h = SiLU(Encoder(u))`` the image features
     and ``E`` a linear embedding of the standardised conditions (the projection
     discriminator of Miyato & Koyama 2018, for continuous conditions). The encoder uses
     per-sample GroupNorm only, so each score depends on its own image alone, as the
@@ -70,7 +70,7 @@ class Critic(nn.Module):
     def __init__(self, stamp: int, width: int = 32, features: int = 128, cond_dim: int = 0):
         super().__init__()
         self.cond_dim = int(cond_dim)
-        self.features = Encoder(stamp, features, width=width)
+        self.encoder = Encoder(stamp, features, width=width)
         self.out = nn.Linear(features, 1)
         self.embed = nn.Linear(self.cond_dim, features, bias=False) if self.cond_dim else None
 
@@ -89,7 +89,7 @@ class Critic(nn.Module):
         torch.Tensor
             ``(B,)`` scores.
         """
-        h = nn.functional.silu(self.features(u))
+        h = nn.functional.silu(self.encoder(u))
         score = self.out(h)[:, 0]
         if self.embed is not None:
             if cond is None:
@@ -197,7 +197,7 @@ class WGANGP(GenerativeModel):
         return self.generator(z)
 
     def _latent(self, n, generator=None):
-        like = self.generator.project.weight
+        like = self.cond_mean  # a buffer: follows the model's device and dtype
         device = like.device if generator is None else generator.device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device, dtype=like.dtype)
         return z.to(like.device)
@@ -229,29 +229,36 @@ class WGANGP(GenerativeModel):
         feats = self.condition_features(cond, int(n))
         return self._generate(self._latent(int(n), generator), feats)
 
-    def observe_fakes(self, observation, cond=None, generator: torch.Generator | None = None):
-        """Generate one galaxy per observation and observe it (PSF, pixels, noise).
+    def observe_fakes(self, observation, n: int | None = None, cond=None,
+                      generator: torch.Generator | None = None):
+        """Generate galaxies and observe them like a batch (PSF, pixel integration, noise).
 
-        Differentiable with respect to the generator: the noisy draw is
-        ``noiseless + noise`` with the noise independent of the parameters.
+        Differentiable with respect to the generator: the noisy image is the noiseless
+        one plus a noise draw that enters as a constant (reparameterised), so the
+        critic's gradients reach the generator through the physics layer.
 
         Parameters
         ----------
         observation : galgen.physics.Observation
-            Per-galaxy PSFs and noise of a batch (its batch size sets the number of fakes).
+            PSFs and noise; with per-galaxy PSFs or variance maps, galaxy ``i`` is
+            observed like galaxy ``i`` of the batch.
+        n : int, optional
+            Number of galaxies; default the observation's batch size.
         cond : torch.Tensor, optional
-            Raw conditioning values, ``(B, C)``.
+            Raw conditioning values, ``(n, C)`` or ``(C,)``.
         generator : torch.Generator, optional
-            Randomness of the latent vectors and the noise (on the model's device).
+            Randomness of the latent vectors and of the noise (on the model's device).
 
         Returns
         -------
         intrinsic : torch.Tensor
-            ``(B, S*k, S*k)`` generated images.
+            ``(n, S*k, S*k)`` generated images.
         observed : torch.Tensor
-            ``(B, S, S)`` noisy detector images (float32 or the PSF's dtype if wider).
+            ``(n, S, S)`` noisy detector images (float32, or the PSF's dtype if wider).
         """
-        n = self._batch_size(observation)
+        n = self._batch_size(observation) if n is None else int(n)
+        if n < 1:
+            raise GalgenInputError(f"n: must be >= 1, got {n!r}")
         return self._observe_fakes(observation, self.condition_features(cond, n), n, generator)
 
     def _observe_fakes(self, observation, feats, n, generator=None):
@@ -269,7 +276,7 @@ class WGANGP(GenerativeModel):
         var = getattr(noise, "variance_map", None)
         if var is not None and var.ndim == 3:
             return var.shape[0]
-        raise GalgenInputError("observation: cannot tell the batch size (give per-galaxy PSFs or variance maps)")
+        raise GalgenInputError("n: the observation's PSF and noise are shared; give the number of galaxies")
 
     # -- critic --------------------------------------------------------------------------
 
@@ -286,13 +293,13 @@ class WGANGP(GenerativeModel):
         Returns
         -------
         torch.Tensor
-            ``(B, S, S)``, on the dtype of the critic's weights.
+            ``(B, S, S)``, on the model's dtype.
         """
         if not isinstance(observed, torch.Tensor) or observed.ndim != 3 or observed.shape[-1] != self.stamp \
                 or observed.shape[-2] != self.stamp:
             shape = tuple(observed.shape) if isinstance(observed, torch.Tensor) else type(observed).__name__
             raise GalgenInputError(f"observed: expected shape (B, {self.stamp}, {self.stamp}), got {shape}")
-        x = _masked(observed, mask).to(self.critic.out.weight.dtype)
+        x = _masked(observed, mask).to(self.cond_mean.dtype)  # the model's dtype (a buffer)
         return torch.asinh(x / self.input_scale)
 
     def critic_score(self, observed: torch.Tensor, cond=None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,7 +312,7 @@ class WGANGP(GenerativeModel):
         cond : torch.Tensor, optional
             Raw conditioning values, ``(B, C)`` or ``(C,)``.
         mask : torch.Tensor, optional
-            ``(B, S, S)`` or ``(S, S)`` boolean, True = pixel excluded (ignored).
+            ``(B, S, S)`` or ``(S, S)`` boolean, True = pixel excluded (set to 0).
 
         Returns
         -------
@@ -409,6 +416,9 @@ class WGANGP(GenerativeModel):
             steps only, ``generator_loss``.
         """
         opt_c, opt_g = optimizers["critic"], optimizers["generator"]
+        # a caller may keep one autocast region over several steps: drop the low-precision
+        # copies of weights that autocast cached before the last optimiser steps
+        torch.clear_autocast_cache()
         n = len(batch)
         obs = batch.observation
         feats = self.condition_features(batch.cond, n)  # checks cond before any update
@@ -432,10 +442,7 @@ class WGANGP(GenerativeModel):
 
         # generator update through the physics layer, the critic frozen
         if (int(step) + 1) % self.n_critic == 0:
-            # under autocast, drop the low-precision copies of the critic's weights cast
-            # before its step: they are stale and would carry gradients to the critic
-            torch.clear_autocast_cache()
-            opt_g.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)  # (frozen weights bypass autocast's cast cache)
             for p in critic_params:
                 p.requires_grad_(False)
             try:
