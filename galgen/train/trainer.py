@@ -457,6 +457,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (show and main), desc="train",
                    dynamic_ncols=True)
         t0 = time.perf_counter()
+        start = self.step
         last_val = {}
         while self.step < cfg.steps:
             metrics = self.train_step()
@@ -468,6 +469,10 @@ class Trainer:
                 row.update({k: f"{v:.6g}" for k, v in sorted(metrics.items())})
                 self.train_log.add(row)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                if main:
+                    rate = (s - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                    log.info("step %d/%d  %s  (%.1f images/s)", s, cfg.steps,
+                             "  ".join(f"{k} {v:.5g}" for k, v in sorted(metrics.items())), rate)
                 if self._tb is not None:
                     for k, v in metrics.items():
                         self._tb.add_scalar(f"train/{k}", v, s)
@@ -478,6 +483,9 @@ class Trainer:
                     if self._tb is not None:
                         for k, v in last_val.items():
                             self._tb.add_scalar(f"val/{k}", v, s)
+                    if main:
+                        log.info("step %d validation: %s", s,
+                                 "  ".join(f"{k} {v:.5g}" for k, v in sorted(last_val.items())))
                     if last_val["loss"] < self.best_val:
                         self.best_val = last_val["loss"]
                         if main:
