@@ -164,37 +164,40 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
     P = psf_size or (33 * k + (1 - (33 * k) % 2))
     fingerprint = json.dumps({"model": getattr(model, "checkpoint_path", repr(cfg)), "n": n, "survey": sv.name,
                               "seed": seed, "prior": prior, "cond": None if cond_vec is None else cond_vec.tolist(),
-                              "psf_size": P}, sort_keys=True)
+                              "psf_size": P, "batch_size": batch_size}, sort_keys=True)
     out = Path(out)
     if output_is_current(out, fingerprint, overwrite):
         return out
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator(device=dev).manual_seed(seed)
     attrs = dict(survey=sv.name, pixel_scale=scale, oversampling=k, stamp_size=stamp, flux_unit="adu", seed=seed,
-                 source=f"galgen-sample:{cfg['kind']}", shard="0/1", fingerprint=fingerprint)
+                 source=f"galgen-sample:{cfg['kind']}", shard="0/1")
     shapes = {"observed": (stamp, stamp), "noiseless": (stamp, stamp), "intrinsic": (stamp * k, stamp * k),
               "psf": (P, P), "variance": (stamp, stamp), "mask": (stamp, stamp)}
     rows = []
     noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
     opts = {} if prior is None else {"prior": prior}
-    with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint="") as w:
-        if w.n_done:  # a partial file of another attempt: start over for exact reproducibility
-            raise GalgenInputError(f"{out}.partial exists from an interrupted run; remove it and run again")
+    with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
+        # Every batch has its own seeds, so an interrupted run continues where it stopped
+        # and ends identical to an uninterrupted one.
+        done = w.n_done
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
+            rng = np.random.default_rng([seed, start])
+            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
             params = [sv.psf.draw(rng) for _ in range(m)]
-            psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
-            intrinsic = model.sample(m, cond=cond_vec, generator=gen, **opts).float()
-            obs = Observation(psf, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
-            noiseless, observed = obs.observe(intrinsic, generator=gen)
-            w.write({"observed": observed.cpu().numpy(), "noiseless": noiseless.cpu().numpy(),
-                     "intrinsic": intrinsic.cpu().numpy(), "psf": psf.cpu().numpy(),
-                     "variance": noise.variance(noiseless).cpu().numpy(),
-                     "mask": np.zeros((m, stamp, stamp), np.uint8)})
-            flux = intrinsic.sum(dim=(-2, -1)).cpu().numpy()
+            if start >= done:
+                psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
+                intrinsic = model.sample(m, cond=cond_vec, generator=gen, **opts).float()
+                obs = Observation(psf, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
+                noiseless, observed = obs.observe(intrinsic, generator=gen)
+                w.write({"observed": observed.cpu().numpy(), "noiseless": noiseless.cpu().numpy(),
+                         "intrinsic": intrinsic.cpu().numpy(), "psf": psf.cpu().numpy(),
+                         "variance": noise.variance(noiseless).cpu().numpy(),
+                         "mask": np.zeros((m, stamp, stamp), np.uint8)})
             for i, p in enumerate(params):
-                rows.append({"index": start + i, "flux": float(flux[i]), **p, "sky_level": sv.sky_level})
+                rows.append({"index": start + i, **p, "sky_level": sv.sky_level})
         cat = Table(rows=rows)
+        cat["flux"] = np.concatenate([w.read("intrinsic", slice(i, i + batch_size)).sum((1, 2))
+                                      for i in range(0, n, batch_size)])
         if cond_vec is not None:
             for j, c in enumerate(model.conditions):
                 cat[f"cond_{c}"] = np.full(n, float(cond_vec[j]))

@@ -229,6 +229,24 @@ class CutoutWriter:
         self._f.attrs["n_done"] = start + m
         self._f.flush()
 
+    def read(self, key: str, index=slice(None)) -> np.ndarray:
+        """Read back rows already written (e.g. to build the catalog before :meth:`finish`).
+
+        Parameters
+        ----------
+        key : str
+            Dataset name.
+        index : slice or int, optional
+            Rows (below :attr:`n_done`).
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        if self._f is None:
+            raise RuntimeError("CutoutWriter.read called on a closed writer")
+        return self._f[key][index]
+
     def finish(self, catalog) -> Path:
         """Store the catalog, mark the file complete and move it to its final name.
 

@@ -9,7 +9,9 @@ from .autoencoder import AutoEncoder
 from .base import Batch, GenerativeModel, good_pixels, make_optimizer, no_sync
 from .networks import Decoder, Encoder, halvings
 from .registry import MODEL_KINDS, build_model, model_class
+from .prior import LatentFlowPrior
+from .vae import VAE
 from .wgan import WGANGP, Critic
 
-__all__ = ["AutoEncoder", "WGANGP", "Critic", "MODEL_KINDS", "build_model", "model_class", "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings",
+__all__ = ["AutoEncoder", "VAE", "LatentFlowPrior", "WGANGP", "Critic", "MODEL_KINDS", "build_model", "model_class", "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings",
            "make_optimizer", "no_sync"]
