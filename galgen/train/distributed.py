@@ -101,6 +101,7 @@ class DistributedContext:
     def close(self) -> None:
         """Leave the process group."""
         if self.active and dist.is_initialized():
+            dist.barrier()  # nobody leaves while another process still works
             dist.destroy_process_group()
 
 
