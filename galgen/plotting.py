@@ -7,7 +7,7 @@ import numpy as np
 from .data.atomic import atomic_output
 from .data.cutouts import CutoutFile
 
-__all__ = ["asinh_stretch", "cutout_grid"]
+__all__ = ["asinh_stretch", "cutout_grid", "training_curves"]
 
 
 def asinh_stretch(image, noise: float | None = None, q: float = 3.0):
@@ -95,3 +95,65 @@ def cutout_grid(path, out, *, n: int = 8, keys=None, title: str | None = None):
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
+
+
+def training_curves(run_dir, out, *, keys=None):
+    """Save a PNG of a training run's logged metrics against the step.
+
+    Parameters
+    ----------
+    run_dir : str or os.PathLike
+        Run directory with ``train_log.csv`` (and ``val_log.csv``).
+    out : str or os.PathLike
+        PNG file (written atomically).
+    keys : sequence of str, optional
+        Metrics to plot, one panel each; default: ``loss`` plus ``elbo`` and ``kl`` (VAE)
+        or ``wasserstein`` and ``gradient_penalty`` (WGAN-GP), when logged.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    import csv
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+
+    def read(name):
+        path = run_dir / name
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    train, val = read("train_log.csv"), read("val_log.csv")
+    if not train:
+        from .errors import GalgenInputError
+
+        raise GalgenInputError(f"{run_dir}: no train_log.csv (not a training run directory)")
+    present = set(train[0]) | {k for r in train for k, v in r.items() if v}
+    keys = list(keys or [k for k in ("loss", "elbo", "kl", "wasserstein", "gradient_penalty") if k in present])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(int(r["step"]), float(r[k])) for r in train if r.get(k)]
+        if pts:
+            ax.plot(*zip(*pts), lw=1, label="train")
+        vpts = [(int(r["step"]), float(r[k])) for r in val if r.get(k)]
+        if vpts:
+            ax.plot(*zip(*vpts), "o-", ms=3, label="validation")
+        ax.set_xlabel("step")
+        ax.set_title(k, fontsize=9)
+        if k in ("loss", "kl", "gradient_penalty") and pts and min(v for _, v in pts) > 0:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out)

@@ -86,6 +86,7 @@ def test_anomaly_scores_and_evaluate(vae_run, sdss_tiny, tmp_path):
     assert (tmp_path / "q" / "samples.png").stat().st_size > 1000
     assert (tmp_path / "q" / "histograms.png").stat().st_size > 1000
     assert report["reconstruction"] == saved["reconstruction"]
+    assert (tmp_path / "q" / "training_vae-0.png").stat().st_size > 1000
     with pytest.raises(GalgenInputError, match="exists"):
         main_out = tmp_path / "scores.ecsv"
         from galgen.sample import anomaly_scores

@@ -232,7 +232,8 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     data : str or os.PathLike
         Held-out cutout file (simulated: with ``noiseless`` images).
     out : str or os.PathLike
-        Directory for ``quality.json``, ``samples.png`` and ``histograms.png``.
+        Directory for ``quality.json``, ``samples.png``, ``histograms.png`` and, for
+        models loaded from a run directory, ``training_<name>.png`` (logged metrics).
     n : int, optional
         Galaxies evaluated.
     n_grid : int, optional
@@ -264,6 +265,12 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     for i, spec in enumerate(models):
         model = resolve_model(spec, device)
         name = spec if isinstance(spec, str) and not Path(str(spec)).exists() else f"{model.kind}-{i}"
+        run_dir = Path(getattr(model, "checkpoint_path", "")).parent
+        if (run_dir / "train_log.csv").exists():
+            from ..plotting import training_curves
+
+            out.mkdir(parents=True, exist_ok=True)
+            training_curves(run_dir, out / f"training_{name}.png")
         if hasattr(model, "encode"):  # AE and VAE reconstruct observations
             rec = reconstruction_chi2(model, data, n=n, batch_size=batch_size, device=device)
             rec.pop("chi2_pixel")
