@@ -157,3 +157,27 @@ def test_torchrun_two_processes_match_one(sdss_tiny, tmp_path):
         step = (a[k] - init[k]).abs().max()
         assert float((a[k] - b[k]).abs().max()) <= 1e-3 * float(step) + 1e-7, k
     assert max(float((a[k] - init[k]).abs().max()) for k in a if a[k].numel()) > 1e-4  # training moved the weights
+
+
+def test_conditional_training_stores_condition_statistics(sdss_tiny, tmp_path):
+    from astropy.table import Table
+
+    from galgen.sample import sample_to_file
+    from galgen.train import split_indices
+
+    cfg = {"model": {"kind": "vae", "latent_dim": 4, "width": 8, "conditions": ["mag", "hlr"]},
+           "train": {**BASE["train"], "steps": 4, "val_every": 4, "checkpoint_every": 4, "prior_epochs": 2}}
+    path = tmp_path / "cond.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    train(path, sdss_tiny, out)
+    model = load_model(out)
+    cat = Table.read(sdss_tiny, path="catalog")
+    tr, _ = split_indices(len(cat), 0.125, seed=3)
+    expect = torch.tensor([cat["mag"][tr].mean(), cat["hlr"][tr].mean()], dtype=torch.float32)
+    assert model.conditions == ("mag", "hlr")
+    assert torch.allclose(model.cond_mean, expect, rtol=1e-5)
+    s = sample_to_file(out, tmp_path / "s.h5", n=4, cond="mag=16.5,hlr=1.5", device="cpu")
+    assert Table.read(s, path="catalog")["cond_mag"][0] == 16.5
+    with pytest.raises(GalgenInputError, match="--cond"):
+        sample_to_file(out, tmp_path / "t.h5", n=4, device="cpu")
