@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
-from .base import Batch, GenerativeModel, no_sync
+from .base import Batch, GenerativeModel, make_optimizer, no_sync
 from .networks import Decoder, Encoder
 
 __all__ = ["WGANGP", "Critic"]
@@ -385,8 +385,11 @@ class WGANGP(GenerativeModel):
             ``{"critic": Adam, "generator": Adam}``.
         """
         betas = tuple(float(b) for b in betas)
-        return {"critic": torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas, **options),
-                "generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas, **options)}
+        name = options.pop("name", "adam")
+        if name == "sgd":
+            raise GalgenInputError("optimizer.name: the WGAN-GP trains with Adam (or AdamW), not SGD")
+        return {"critic": make_optimizer(self.critic.parameters(), lr, name, betas=betas, **options),
+                "generator": make_optimizer(self.generator.parameters(), lr, name, betas=betas, **options)}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
         """One critic update, and one generator update every ``n_critic`` steps.
