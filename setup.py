@@ -48,7 +48,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "arviz>=0.17"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "myst-parser>=2"],
     },
     entry_points={"console_scripts": ["galgen = galgen.cli:main"]},
