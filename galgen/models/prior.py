@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -20,13 +21,28 @@ from ..errors import GalgenInputError
 
 __all__ = ["LatentFlowPrior"]
 
+_KINDS = ("maf", "nsf")
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or (
+            isinstance(value, float) and value.is_integer())):
+        raise GalgenInputError(f"{name}: expected an integer, got {value!r}")
+    if int(value) < minimum:
+        raise GalgenInputError(f"{name}: must be >= {minimum}, got {value!r}")
+    return int(value)
+
 
 class LatentFlowPrior(nn.Module):
     """Flow density ``p(z | context)`` over latent codes, built with zuko.
 
-    The flow acts on standardised codes ``(z - mean) / std`` (the moments of the codes it
-    was fitted to, stored as buffers), and :meth:`log_prob` includes the Jacobian of
-    that standardisation, so it is a density over ``z`` itself.
+    The flow acts on standardised codes ``u = (z - z_mean) / z_std``, where ``z_mean``
+    and ``z_std`` are the per-dimension moments of the training codes given to
+    :meth:`fit` (buffers, zero and one before fitting). :meth:`log_prob` adds the
+    Jacobian of that standardisation, ``-sum(log z_std)``, so it is a density over ``z``
+    itself, and :meth:`sample` returns codes in the units of ``z``. The flow's weights,
+    the standardisation and the boolean ``fitted`` flag are all in the module's
+    ``state_dict``, so a checkpoint of a model holding the prior holds them too.
 
     Parameters
     ----------
@@ -35,19 +51,31 @@ class LatentFlowPrior(nn.Module):
     context : int, optional
         Context (condition) dimension; 0 for an unconditional prior.
     kind : {"nsf", "maf"}, optional
-        Neural spline flow (default) or masked autoregressive flow.
+        Neural spline flow (default; :class:`zuko.flows.NSF`) or masked autoregressive
+        flow (:class:`zuko.flows.MAF`).
     transforms : int, optional
         Number of autoregressive transforms.
     hidden : sequence of int, optional
         Hidden layer sizes of each transform's network.
 
+    Attributes
+    ----------
+    config : dict
+        The constructor arguments (JSON-serialisable).
+    fitted : torch.Tensor
+        Boolean scalar buffer, True once :meth:`fit` has run.
+
     Examples
     --------
-    >>> prior = LatentFlowPrior(2)
+    >>> prior = LatentFlowPrior(2, transforms=2, hidden=(32, 32))
     >>> z = torch.randn(512, 2) * torch.tensor([3.0, 0.5]) + 1.0
     >>> _ = prior.fit(z, epochs=5, generator=torch.Generator().manual_seed(0))
+    >>> bool(prior.fitted)
+    True
     >>> prior.sample(4, generator=torch.Generator().manual_seed(1)).shape
     torch.Size([4, 2])
+    >>> prior.log_prob(z[:3]).shape
+    torch.Size([3])
     """
 
     def __init__(self, features: int, context: int = 0, kind: str = "nsf", transforms: int = 3,
@@ -55,28 +83,78 @@ class LatentFlowPrior(nn.Module):
         super().__init__()
         import zuko
 
-        if features < 1 or context < 0 or transforms < 1:
-            raise GalgenInputError("prior: features and transforms must be >= 1, context >= 0")
-        kinds = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
-        if kind not in kinds:
-            raise GalgenInputError(f"prior.kind: one of {sorted(kinds)}, got {kind!r}")
-        self.config = {"features": int(features), "context": int(context), "kind": kind,
-                       "transforms": int(transforms), "hidden": [int(h) for h in hidden]}
-        self.features, self.context = int(features), int(context)
-        self.flow = kinds[kind](features, context, transforms=transforms, hidden_features=tuple(hidden))
+        features = _positive_int(features, "features")
+        context = _positive_int(context, "context", minimum=0)
+        transforms = _positive_int(transforms, "prior.transforms")
+        if kind not in _KINDS:
+            raise GalgenInputError(f"prior.kind: one of {list(_KINDS)}, got {kind!r}")
+        if isinstance(hidden, (int, float)) and not isinstance(hidden, bool):
+            hidden = (hidden,)
+        try:
+            hidden = [_positive_int(h, "prior.hidden") for h in hidden]
+        except TypeError:
+            raise GalgenInputError(f"prior.hidden: expected a list of layer sizes, got {hidden!r}") from None
+        if not hidden:
+            raise GalgenInputError("prior.hidden: needs at least one hidden layer size")
+        self.config = {"features": features, "context": context, "kind": kind, "transforms": transforms,
+                       "hidden": hidden}
+        self.features, self.context = features, context
+        flow_class = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}[kind]
+        self.flow = flow_class(features, context, transforms=transforms, hidden_features=tuple(hidden))
         self.register_buffer("z_mean", torch.zeros(features))
         self.register_buffer("z_std", torch.ones(features))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def _dist(self, context):
-        if self.context:
-            if context is None:
-                raise GalgenInputError(f"context: this prior is conditional ({self.context} values)")
-            return self.flow(context)
-        return self.flow()
+    # -- checks ---------------------------------------------------------------------------
+    def _codes(self, z, name="z") -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.features:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise GalgenInputError(f"{name}: expected a tensor of shape (N, {self.features}), got {shape}")
+        return z.to(device=self.z_mean.device, dtype=self.z_mean.dtype)
 
+    def _context(self, context, n: int) -> torch.Tensor | None:
+        if self.context == 0:
+            if context is not None and torch.as_tensor(context).numel():
+                raise GalgenInputError("context: this prior is unconditional (context=0)")
+            return None
+        if context is None:
+            raise GalgenInputError(f"context: this prior is conditional, it needs ({n}, {self.context}) values")
+        context = torch.as_tensor(context).to(device=self.z_mean.device, dtype=self.z_mean.dtype)
+        if context.ndim == 1 and context.shape[0] == self.context:
+            context = context.expand(n, -1)
+        if context.shape != (n, self.context):
+            raise GalgenInputError(f"context: expected shape ({n}, {self.context}) or ({self.context},), "
+                                   f"got {tuple(context.shape)}")
+        return context
+
+    def _dist(self, context):
+        return self.flow(context) if self.context else self.flow()
+
+    # -- density and sampling -------------------------------------------------------------
     def log_prob(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Log density of latent codes.
+        """Log density of latent codes (differentiable in ``z``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, features)``.
+        context : torch.Tensor, optional
+            ``(B, context)`` or ``(context,)`` (shared); required by a conditional prior.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` log density of ``z`` in nats, in the dtype of ``z``.
+        """
+        dtype = z.dtype if isinstance(z, torch.Tensor) else None
+        zz = self._codes(z)
+        ctx = self._context(context, len(zz))
+        u = (zz - self.z_mean) / self.z_std
+        lp = self._dist(ctx).log_prob(u) - self.z_std.log().sum()
+        return lp.to(dtype)
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as :meth:`log_prob`.
 
         Parameters
         ----------
@@ -88,116 +166,153 @@ class LatentFlowPrior(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B,)`` in nats.
+            ``(B,)`` nats.
         """
-        u = (z - self.z_mean) / self.z_std
-        return self._dist(context).log_prob(u) - self.z_std.log().sum()
+        return self.log_prob(z, context)
 
-    def sample(self, n: int, context: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def sample(self, n: int, context: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
         """Draw latent codes.
+
+        The base noise ``eps ~ N(0, I)`` is drawn with ``generator`` (on the generator's
+        device, then moved to the prior's) and mapped through the inverse flow, so a
+        generator with the same seed gives the same codes and the global random state is
+        neither used nor changed.
 
         Parameters
         ----------
         n : int
-            Number of codes (with a context, ``n`` must equal its batch size, or the
-            context is a single ``(context,)`` vector used for all).
+            Number of codes.
         context : torch.Tensor, optional
+            ``(n, context)``, or ``(context,)`` used for all ``n`` codes; required by a
+            conditional prior.
         generator : torch.Generator, optional
-            Makes the draw reproducible (the global random state is left untouched).
+            Source of randomness (default: the global generator).
+        temperature : float, optional
+            Scale of the base noise (``< 1`` draws from the denser core of the density).
 
         Returns
         -------
         torch.Tensor
-            ``(n, features)``.
+            ``(n, features)`` codes on the prior's device and dtype.
         """
-        dev = self.z_mean.device
-        if context is not None and context.ndim == 1:
-            context = context.expand(n, -1)
-        seed = None
-        if generator is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        devices = [dev] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.no_grad():
-                if self.context:
-                    u = self._dist(context).sample()
-                else:
-                    u = self._dist(None).sample((n,))
+        n = _positive_int(n, "n")
+        if not temperature > 0:
+            raise GalgenInputError(f"temperature: must be > 0, got {temperature!r}")
+        ctx = self._context(context, n)
+        dev, dtype = self.z_mean.device, self.z_mean.dtype
+        gdev = generator.device if generator is not None else dev
+        eps = torch.randn(n, self.features, generator=generator, device=gdev, dtype=dtype).to(dev)
+        u = self._dist(ctx).transform.inv(temperature * eps)
         return u * self.z_std + self.z_mean
 
+    # -- fitting --------------------------------------------------------------------------
     def fit(self, z: torch.Tensor, context: torch.Tensor | None = None, *, epochs: int = 50,
             batch_size: int = 512, lr: float = 1e-3, val_fraction: float = 0.1, patience: int = 10,
             generator: torch.Generator | None = None) -> dict:
-        """Fit the flow to samples by maximum likelihood (Adam), keeping the best validation weights.
+        """Fit the flow to samples by maximum likelihood, keeping the best validation weights.
+
+        The codes are first split (at random) into a training and a validation part;
+        ``z_mean`` and ``z_std`` are set to the training part's moments (the flow models
+        standardised codes); then Adam minimises the mean negative log density of
+        mini-batches. After every epoch the validation NLL is computed; the weights of
+        the best epoch are restored at the end, and training stops early after
+        ``patience`` epochs without improvement. ``fitted`` is set to True.
 
         Parameters
         ----------
         z : torch.Tensor
-            ``(N, features)`` codes.
+            ``(N, features)`` codes, ``N >= 10``.
         context : torch.Tensor, optional
-            ``(N, context)``.
+            ``(N, context)``; required by a conditional prior.
         epochs : int, optional
+            Maximum number of passes over the training codes.
         batch_size : int, optional
+            Mini-batch size.
         lr : float, optional
+            Adam learning rate.
         val_fraction : float, optional
-            Held-out share for early stopping.
+            Held-out share in ``[0, 1)`` for model selection and early stopping; with 0
+            the full training NLL is used instead.
         patience : int, optional
             Stop after this many epochs without validation improvement.
         generator : torch.Generator, optional
-            Shuffling and split.
+            Split and shuffling (default: a generator seeded with 0).
 
         Returns
         -------
         dict
-            ``train_loss`` and ``val_loss`` per epoch (mean negative log density, nats),
-            ``best_val_loss``, ``epochs``.
+            ``train_loss`` and ``val_loss`` per epoch (mean negative log density of
+            ``z``, nats per code), ``best_val_loss``, ``best_epoch`` (0-based) and
+            ``epochs`` (number run).
         """
-        z = z.detach().to(self.z_mean.device, torch.float32)
-        if z.ndim != 2 or z.shape[1] != self.features or len(z) < 10:
-            raise GalgenInputError(f"z: expected (N >= 10, {self.features}) codes, got {tuple(z.shape)}")
-        if self.context and (context is None or context.shape != (len(z), self.context)):
-            raise GalgenInputError(f"context: expected ({len(z)}, {self.context})")
-        ctx = None if not self.context else context.detach().to(z.device, torch.float32)
-        g = generator or torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(z), generator=g).to(z.device)
-        n_val = max(1, int(val_fraction * len(z)))
+        z = self._codes(z).detach()
+        if len(z) < 10:
+            raise GalgenInputError(f"z: need at least 10 codes to fit the prior, got {len(z)}")
+        if not bool(torch.isfinite(z).all()):
+            raise GalgenInputError("z: codes must be finite")
+        ctx = self._context(context, len(z))
+        ctx = None if ctx is None else ctx.detach()
+        epochs = _positive_int(epochs, "epochs")
+        batch_size = _positive_int(batch_size, "batch_size")
+        patience = _positive_int(patience, "patience")
+        if not 0 <= val_fraction < 1:
+            raise GalgenInputError(f"val_fraction: must be in [0, 1), got {val_fraction!r}")
+        if not lr > 0:
+            raise GalgenInputError(f"lr: must be > 0, got {lr!r}")
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        perm = torch.randperm(len(z), generator=g, device=g.device).to(z.device)
+        n_val = int(round(val_fraction * len(z)))
+        if val_fraction > 0:
+            n_val = min(max(n_val, 1), len(z) - 2)
         vi, ti = perm[:n_val], perm[n_val:]
+        if n_val == 0:
+            vi = ti
+        initial = copy.deepcopy(self.state_dict())
         with torch.no_grad():
             self.z_mean.copy_(z[ti].mean(0))
             self.z_std.copy_(z[ti].std(0).clamp(min=1e-6))
-        opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
 
         def nll(idx):
             return -self.log_prob(z[idx], None if ctx is None else ctx[idx]).mean()
 
-        hist = {"train_loss": [], "val_loss": []}
-        best, best_state, bad = math.inf, None, 0
-        for _ in range(epochs):
-            order = ti[torch.randperm(len(ti), generator=g).to(z.device)]
-            total = 0.0
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                loss = nll(idx)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
+        def full_nll(idx):
             with torch.no_grad():
-                val = float(nll(vi))
-            hist["train_loss"].append(total / len(ti))
-            hist["val_loss"].append(val)
-            if val < best - 1e-4:
-                best, best_state, bad = val, copy.deepcopy(self.flow.state_dict()), 0
-            else:
-                bad += 1
+                parts = [float(nll(idx[s:s + 8192])) * len(idx[s:s + 8192]) for s in range(0, len(idx), 8192)]
+            return sum(parts) / len(idx)
+
+        hist = {"train_loss": [], "val_loss": []}
+        best, best_state, best_epoch, bad = math.inf, None, -1, 0
+        with torch.enable_grad():
+            opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
+            for epoch in range(epochs):
+                order = ti[torch.randperm(len(ti), generator=g, device=g.device).to(z.device)]
+                total = 0.0
+                for s in range(0, len(order), batch_size):
+                    idx = order[s:s + batch_size]
+                    loss = nll(idx)
+                    if not bool(torch.isfinite(loss)):  # skip a bad step rather than poison Adam
+                        continue
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(self.flow.parameters(), 10.0)
+                    opt.step()
+                    total += float(loss.detach()) * len(idx)
+                val = full_nll(vi)
+                hist["train_loss"].append(total / len(ti))
+                hist["val_loss"].append(val)
+                bad = 0 if val < best - 1e-4 else bad + 1  # patience counts real improvements
+                if val < best:
+                    best, best_epoch = val, epoch
+                    best_state = copy.deepcopy(self.flow.state_dict())
                 if bad >= patience:
                     break
-        if best_state is not None:
-            self.flow.load_state_dict(best_state)
+        if best_state is None:
+            self.load_state_dict(initial)
+            raise GalgenInputError("z: the flow fit gave no finite validation loss (diverged); "
+                                   "check the codes or lower lr")
+        self.flow.load_state_dict(best_state)
         self.fitted.fill_(True)
-        hist["best_val_loss"] = best
-        hist["epochs"] = len(hist["val_loss"])
+        hist.update(best_val_loss=best, best_epoch=best_epoch, epochs=len(hist["val_loss"]))
         return hist

@@ -14,6 +14,7 @@ normalizing flow (:class:`LatentFlowPrior`) is fitted to the aggregate posterior
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -25,7 +26,16 @@ from .prior import LatentFlowPrior
 
 __all__ = ["VAE"]
 
-_LOGVAR_RANGE = (-12.0, 6.0)
+#: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
+LOGVAR_RANGE = (-12.0, 6.0)
+_PRIOR_DEFAULTS = {"kind": "nsf", "transforms": 3, "hidden": [128, 128]}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    """Standard normal draws made on the generator's device, then moved to ``device``."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
 
 
 class VAE(GenerativeModel):
@@ -36,10 +46,11 @@ class VAE(GenerativeModel):
     stamp : int
         Detector stamp size.
     latent_dim : int, optional
+        Latent size.
     oversampling : int, optional
         Intrinsic pixels per detector pixel of the decoded image.
     width : int, optional
-        Base channel count.
+        Base channel count of encoder and decoder.
     input_scale : float, optional
         Observations enter the encoder as ``asinh(x / input_scale)`` (about the sky rms).
     flux_scale : float, optional
@@ -51,13 +62,34 @@ class VAE(GenerativeModel):
     conditions : sequence of str, optional
         Catalog columns the encoder, decoder and flow prior are conditioned on.
     prior : dict, optional
-        :class:`LatentFlowPrior` options (``kind``, ``transforms``, ``hidden``).
+        :class:`LatentFlowPrior` options ``kind`` (``"nsf"`` or ``"maf"``),
+        ``transforms`` and ``hidden``; missing ones take the defaults
+        ``{"kind": "nsf", "transforms": 3, "hidden": [128, 128]}``.
+
+    Attributes
+    ----------
+    config : dict
+        ``kind`` and every constructor argument (JSON-serialisable; ``prior`` with all
+        its options filled in).
+    prior : LatentFlowPrior
+        The latent flow (context: the normalised conditions); unfitted until
+        :meth:`fit_prior`.
+
+    Notes
+    -----
+    The encoder maps ``asinh(x / input_scale)`` to features, the normalised conditions
+    are appended, and a linear head gives the mean and log-variance of q(z | x, c) (the
+    log-variance clamped to ``[-12, 6]``). The decoder maps ``[z, c]`` to a
+    non-negative intrinsic image of ``stamp * oversampling`` pixels.
 
     Examples
     --------
     >>> vae = VAE(32, latent_dim=4, width=8)
     >>> vae.sample(2, prior="normal", generator=torch.Generator().manual_seed(0)).shape
     torch.Size([2, 32, 32])
+    >>> mu, logvar = vae.encode(torch.zeros(3, 32, 32))
+    >>> mu.shape
+    torch.Size([3, 4])
     """
 
     kind = "vae"
@@ -66,23 +98,34 @@ class VAE(GenerativeModel):
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None):
         super().__init__(conditions)
-        if latent_dim < 1 or oversampling < 1 or not input_scale > 0 or beta < 0 or warmup_steps < 0:
-            raise GalgenInputError("VAE: latent_dim, oversampling >= 1; input_scale > 0; beta, warmup_steps >= 0")
-        prior = dict(prior or {"kind": "nsf", "transforms": 3, "hidden": [128, 128]})
-        self.config = dict(kind="vae", stamp=int(stamp), latent_dim=int(latent_dim), oversampling=int(oversampling),
-                           width=int(width), input_scale=float(input_scale), flux_scale=float(flux_scale),
-                           beta=float(beta), warmup_steps=int(warmup_steps), conditions=list(self.conditions),
-                           prior=prior)
+        checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
+                  ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
+        for name, value, least in checks:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise GalgenInputError(f"{name}: expected an integer >= {least}, got {value!r}")
+        for name, value in (("input_scale", input_scale), ("flux_scale", flux_scale)):
+            if not isinstance(value, numbers.Real) or not math.isfinite(value) or not value > 0:
+                raise GalgenInputError(f"{name}: must be a positive number, got {value!r}")
+        if not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+            raise GalgenInputError(f"beta: must be a number >= 0, got {beta!r}")
+        if prior is not None and not isinstance(prior, dict):
+            raise GalgenInputError(f"prior: expected a dict of flow options, got {prior!r}")
+        unknown = sorted(set(prior or {}) - set(_PRIOR_DEFAULTS))
+        if unknown:
+            raise GalgenInputError(f"prior: unknown option(s) {unknown} (known: {sorted(_PRIOR_DEFAULTS)})")
         self.latent_dim = int(latent_dim)
         self.input_scale = float(input_scale)
-        hidden = max(64, 4 * latent_dim)
-        self.encoder = Encoder(stamp, hidden, width=width)
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(hidden + self.cond_dim, 2 * latent_dim))
-        self.decoder = Decoder(stamp * oversampling, latent_dim + self.cond_dim, width=width, flux_scale=flux_scale)
-        try:
-            self.prior = LatentFlowPrior(latent_dim, self.cond_dim, **prior)
-        except TypeError as exc:
-            raise GalgenInputError(f"prior: bad option ({exc})") from None
+        features = max(64, 4 * self.latent_dim)
+        self.encoder = Encoder(int(stamp), features, width=int(width))
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(features + self.cond_dim, 2 * self.latent_dim))
+        self.decoder = Decoder(int(stamp) * int(oversampling), self.latent_dim + self.cond_dim, width=int(width),
+                               flux_scale=flux_scale)
+        self.prior = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
+        prior_config = {k: self.prior.config[k] for k in _PRIOR_DEFAULTS}
+        self.config = dict(kind=self.kind, stamp=int(stamp), latent_dim=self.latent_dim,
+                           oversampling=int(oversampling), width=int(width), input_scale=float(input_scale),
+                           flux_scale=float(flux_scale), beta=float(beta), warmup_steps=int(warmup_steps),
+                           conditions=list(self.conditions), prior=prior_config)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None):
@@ -91,21 +134,22 @@ class VAE(GenerativeModel):
         Parameters
         ----------
         observed : torch.Tensor
-            ``(B, S, S)``.
+            ``(B, S, S)`` observed cutouts (ADU).
         cond : torch.Tensor, optional
-            Raw conditions ``(B, C)``.
+            Raw conditions ``(B, C)`` or ``(C,)``; required by a conditional model.
 
         Returns
         -------
         mu, logvar : torch.Tensor
-            ``(B, latent_dim)`` each.
+            ``(B, latent_dim)`` each; ``logvar`` clamped to ``[-12, 6]``.
         """
-        h = self.encoder(torch.asinh(observed / self.input_scale))
+        weight = self.encoder.head.weight
+        h = self.encoder(torch.asinh(observed.to(weight.dtype) / self.input_scale))
         c = self.condition_features(cond, len(observed))
         if c is not None:
             h = torch.cat([h, c.to(h.dtype)], 1)
         mu, logvar = self.head(h).chunk(2, dim=1)
-        return mu, logvar.clamp(*_LOGVAR_RANGE)
+        return mu, logvar.clamp(*LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """Intrinsic images of latent codes.
@@ -115,13 +159,15 @@ class VAE(GenerativeModel):
         z : torch.Tensor
             ``(B, latent_dim)``.
         cond : torch.Tensor, optional
-            Raw conditions.
+            Raw conditions ``(B, C)`` or ``(C,)``; required by a conditional model.
 
         Returns
         -------
         torch.Tensor
             ``(B, S*k, S*k)``, non-negative.
         """
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise GalgenInputError(f"z: expected shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         c = self.condition_features(cond, len(z))
         if c is not None:
             z = torch.cat([z, c.to(z.dtype)], 1)
@@ -130,55 +176,87 @@ class VAE(GenerativeModel):
     def reconstruct(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
         """Decoded posterior mean: the VAE's intrinsic galaxy for observed cutouts.
 
+        Used by :meth:`GenerativeModel.denoise` and :meth:`GenerativeModel.anomaly_score`.
+
         Parameters
         ----------
         observed : torch.Tensor
+            ``(B, S, S)``.
         cond : torch.Tensor, optional
+            Raw conditions.
 
         Returns
         -------
         torch.Tensor
+            ``(B, S*k, S*k)``.
         """
         return self.decode(self.encode(observed, cond)[0], cond)
 
+    def forward(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
+        """Same as :meth:`reconstruct`.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)``.
+        cond : torch.Tensor, optional
+            Raw conditions.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, S*k, S*k)``.
+        """
+        return self.reconstruct(observed, cond)
+
     # -- objective ------------------------------------------------------------------------
     def beta_at(self, step: int) -> float:
-        """KL weight at a training step (linear warm-up to ``beta``).
+        """KL weight at a training step: ``beta * min(1, (step + 1) / warmup_steps)``.
 
         Parameters
         ----------
         step : int
+            Global step, 0-based.
 
         Returns
         -------
         float
+            ``beta`` itself when ``warmup_steps`` is 0.
         """
         w = self.config["warmup_steps"]
         return self.config["beta"] * (1.0 if w == 0 else min(1.0, (step + 1) / w))
 
-    def elbo(self, batch: Batch, generator: torch.Generator | None = None) -> dict:
-        """ELBO terms per galaxy (one reparameterised sample of z).
+    def elbo(self, batch: Batch, beta: float = 1.0, generator: torch.Generator | None = None) -> dict:
+        """ELBO terms per galaxy, with one reparameterised sample of z.
 
         Parameters
         ----------
         batch : Batch
+            Observed cutouts, their :class:`~galgen.physics.Observation`, conditions.
+        beta : float, optional
+            Weight of the KL term in ``elbo``; with 1 (default) it is the true evidence
+            lower bound.
         generator : torch.Generator, optional
+            Source of the reparameterisation noise.
 
         Returns
         -------
         dict of torch.Tensor
-            Each ``(B,)``: ``nll`` (-log p(x|z), nats), ``kl`` (KL(q||N(0,I)), nats),
-            ``elbo`` (= -nll - kl), ``bits_per_pixel`` (= -elbo / (good pixels * ln 2);
-            a density of continuous data, so it can be negative).
+            Each ``(B,)``, float32: ``nll`` = ``-log p(x | z)`` (nats; the physics
+            layer's likelihood, per-galaxy PSF, variance and mask), ``kl`` = the analytic
+            ``KL(q(z | x) || N(0, I))`` (nats), ``elbo`` = ``-nll - beta * kl`` (nats per
+            galaxy), ``bits_per_pixel`` = ``-elbo / (n_good * ln 2)`` with ``n_good`` the
+            galaxy's unmasked pixels. The ELBO bounds a *density* of continuous data, so
+            bits per pixel can be negative, and it depends on the flux unit.
         """
         mu, logvar = self.encode(batch.observed, batch.cond)
         mu, logvar = mu.float(), logvar.float()
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = _randn(mu.shape, generator, mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
-        intrinsic = self.decode(z, batch.cond).float()
-        nll = -batch.observation.log_likelihood(intrinsic, batch.observed)
+        intrinsic = self.decode(z, batch.cond)
+        nll = -batch.observation.log_likelihood(intrinsic.float(), batch.observed)
         kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)
-        elbo = -nll - kl
+        elbo = -nll - beta * kl
         bpp = -elbo / (good_pixels(batch.observed, batch.observation) * math.log(2))
         return {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp}
 
@@ -188,14 +266,20 @@ class VAE(GenerativeModel):
         Parameters
         ----------
         batch : Batch
+            Training batch.
         optimizers : dict
+            ``{"model": optimizer}`` from :meth:`make_optimizers`.
         step : int
+            Global step, for the KL warm-up.
         sync : callable, optional
+            Gradient synchronisation, called between ``backward`` and ``step``.
 
         Returns
         -------
-        dict
-            ``loss``, ``elbo``, ``nll``, ``kl``, ``beta``, ``bits_per_pixel`` (batch means).
+        dict of torch.Tensor
+            Detached scalars: ``loss`` (the objective with the current weight),
+            ``beta``, and the batch means of ``elbo`` (true ELBO, beta = 1), ``nll``,
+            ``kl`` and ``bits_per_pixel``.
         """
         opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
@@ -206,7 +290,7 @@ class VAE(GenerativeModel):
         sync(self.parameters())
         opt.step()
         out = {k: v.detach().mean() for k, v in t.items()}
-        out.update(loss=loss.detach(), beta=torch.tensor(beta))
+        out.update(loss=loss.detach(), beta=torch.tensor(float(beta)))
         return out
 
     @torch.no_grad()
@@ -216,10 +300,14 @@ class VAE(GenerativeModel):
         Parameters
         ----------
         batch : Batch
+            Validation batch.
 
         Returns
         -------
         dict of torch.Tensor
+            Each ``(B,)``: ``loss``, ``elbo``, ``nll``, ``kl``, ``bits_per_pixel`` (as
+            in :meth:`elbo`, one sample of z) and ``chi2_pixel``, the reduced chi-square
+            of the posterior-mean reconstruction (:meth:`anomaly_score`).
         """
         t = self.elbo(batch)
         t["loss"] = -t["elbo"]
@@ -228,55 +316,92 @@ class VAE(GenerativeModel):
 
     # -- prior ----------------------------------------------------------------------------
     @torch.no_grad()
-    def aggregate_posterior(self, batches, samples_per_galaxy: int = 4):
+    def aggregate_posterior(self, batches, samples_per_galaxy: int = 4,
+                            generator: torch.Generator | None = None):
         """Codes drawn from q(z | x) over a data set: samples of the aggregate posterior.
 
         Parameters
         ----------
         batches : iterable of Batch
+            E.g. ``TrainingData.iter_batches(...)`` over the training set.
         samples_per_galaxy : int, optional
+            Draws from each galaxy's q(z | x) (not only its mean: the aggregate
+            posterior is the mixture of the q's).
+        generator : torch.Generator, optional
+            Source of the draws (default: the global generator).
 
         Returns
         -------
         codes : torch.Tensor
-            ``(N * samples_per_galaxy, latent_dim)``.
+            ``(N * samples_per_galaxy, latent_dim)`` on the CPU, float32.
         cond : torch.Tensor or None
-            The matching raw conditions.
+            The matching raw conditions ``(N * samples_per_galaxy, C)`` (None for an
+            unconditional model).
         """
+        if (isinstance(samples_per_galaxy, bool) or not isinstance(samples_per_galaxy, numbers.Integral)
+                or samples_per_galaxy < 1):
+            raise GalgenInputError(f"samples_per_galaxy: expected an integer >= 1, got {samples_per_galaxy!r}")
+        was_training = self.training
         self.eval()
         codes, conds = [], []
-        for b in batches:
-            mu, logvar = self.encode(b.observed, b.cond)
-            std = (0.5 * logvar.float()).exp()
-            for _ in range(samples_per_galaxy):
-                codes.append((mu.float() + torch.randn_like(std) * std).cpu())
-                if b.cond is not None:
-                    conds.append(b.cond.float().cpu())
+        try:
+            for b in batches:
+                if not isinstance(b, Batch):
+                    raise GalgenInputError(f"batches: expected galgen.models.Batch items, got {type(b).__name__}")
+                mu, logvar = self.encode(b.observed, b.cond)
+                mu, std = mu.float(), (0.5 * logvar.float()).exp()
+                for _ in range(samples_per_galaxy):
+                    codes.append((mu + _randn(mu.shape, generator, mu.device, mu.dtype) * std).cpu())
+                    if self.cond_dim:
+                        c = torch.as_tensor(b.cond, dtype=torch.float32).expand(len(mu), -1)
+                        conds.append(c.cpu())
+        finally:
+            self.train(was_training)
+        if not codes:
+            raise GalgenInputError("batches: no galaxies to encode")
         return torch.cat(codes), (torch.cat(conds) if conds else None)
 
-    def fit_prior(self, codes: torch.Tensor, cond=None, **options) -> dict:
-        """Fit the flow prior to aggregate-posterior codes.
+    def fit_prior(self, latents_or_batches, cond=None, *, samples_per_galaxy: int = 4, **options) -> dict:
+        """Fit the flow prior to the aggregate posterior.
 
         Parameters
         ----------
-        codes : torch.Tensor
-            From :meth:`aggregate_posterior`.
+        latents_or_batches : torch.Tensor or iterable of Batch
+            Codes ``(N, latent_dim)`` (e.g. from :meth:`aggregate_posterior`), or
+            batches of a training set, which are encoded first
+            (:meth:`aggregate_posterior` with ``samples_per_galaxy`` draws each).
         cond : torch.Tensor, optional
-            Raw conditions of the codes.
+            Raw conditions ``(N, C)`` of the codes (with codes from a conditional model
+            only; batches carry their own).
+        samples_per_galaxy : int, optional
+            Draws per galaxy when batches are given.
         **options
-            Passed to :meth:`LatentFlowPrior.fit` (``epochs``, ``lr``, ``generator``, ...).
+            Passed to :meth:`LatentFlowPrior.fit` (``epochs``, ``batch_size``, ``lr``,
+            ``val_fraction``, ``patience``, ``generator``).
 
         Returns
         -------
         dict
-            The fit history.
+            The fit history (see :meth:`LatentFlowPrior.fit`); ``prior.fitted`` is then True.
         """
-        dev = self.prior.z_mean.device
-        ctx = self.condition_features(None if cond is None else cond.to(dev), len(codes))
-        with torch.enable_grad():
-            return self.prior.fit(codes.to(dev), ctx, **options)
+        if isinstance(latents_or_batches, torch.Tensor):
+            codes = latents_or_batches
+        else:
+            if cond is not None:
+                raise GalgenInputError("cond: batches carry their own conditions; pass cond with codes only")
+            try:
+                iter(latents_or_batches)
+            except TypeError:
+                raise GalgenInputError("latents_or_batches: expected a tensor of codes or an iterable of "
+                                       f"Batch, got {type(latents_or_batches).__name__}") from None
+            codes, cond = self.aggregate_posterior(latents_or_batches, samples_per_galaxy,
+                                                   generator=options.get("generator"))
+        if codes.ndim != 2 or codes.shape[1] != self.latent_dim:
+            raise GalgenInputError(f"latents: expected shape (N, {self.latent_dim}), got {tuple(codes.shape)}")
+        ctx = self.condition_features(cond, len(codes))
+        return self.prior.fit(codes, ctx, **options)
 
-    def _prior_name(self, prior):
+    def _prior_name(self, prior) -> str:
         fitted = bool(self.prior.fitted)
         prior = prior or ("flow" if fitted else "normal")
         if prior not in ("flow", "normal"):
@@ -287,53 +412,84 @@ class VAE(GenerativeModel):
         return prior
 
     def latent_log_prob(self, z: torch.Tensor, cond=None, prior: str | None = None) -> torch.Tensor:
-        """Log prior density of latent codes.
+        """Log prior density of latent codes (differentiable in ``z``).
 
         Parameters
         ----------
         z : torch.Tensor
             ``(B, latent_dim)``.
         cond : torch.Tensor, optional
-            Raw conditions.
+            Raw conditions ``(B, C)`` or ``(C,)``: the flow's context (unused by N(0, I)).
         prior : {"flow", "normal"}, optional
-            Default: the flow when fitted.
+            Default: the flow when fitted, else N(0, I).
 
         Returns
         -------
         torch.Tensor
             ``(B,)`` nats.
         """
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise GalgenInputError(f"z: expected shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         if self._prior_name(prior) == "flow":
             return self.prior.log_prob(z, self.condition_features(cond, len(z)))
-        return -0.5 * (z**2).sum(1) - 0.5 * self.latent_dim * math.log(2 * math.pi)
+        return -0.5 * (z**2).sum(1) - 0.5 * self.latent_dim * _LOG_2PI
 
     @torch.no_grad()
-    def sample(self, n: int, cond=None, generator: torch.Generator | None = None, prior: str | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
-        """Draw intrinsic galaxies.
+    def sample_latents(self, n: int, cond=None, generator: torch.Generator | None = None,
+                       prior: str | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Draw latent codes from the prior.
 
         Parameters
         ----------
         n : int
+            Number of codes.
         cond : torch.Tensor, optional
-            Raw conditions ``(n, C)`` or ``(C,)``.
+            Raw conditions ``(n, C)`` or ``(C,)``: the flow's context (unused by N(0, I)).
         generator : torch.Generator, optional
+            Source of randomness (same seed, same codes).
         prior : {"flow", "normal"}, optional
             Default: the flow when fitted, else N(0, I).
         temperature : float, optional
-            Scales N(0, I) draws (``normal`` prior only).
+            Scale of the Gaussian noise (of N(0, I), or of the flow's base distribution).
 
         Returns
         -------
         torch.Tensor
-            ``(n, S*k, S*k)``.
+            ``(n, latent_dim)``.
         """
-        dev = self.prior.z_mean.device
-        c = self.condition_features(cond, n)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise GalgenInputError(f"n: expected an integer >= 1, got {n!r}")
+        if not temperature > 0:
+            raise GalgenInputError(f"temperature: must be > 0, got {temperature!r}")
         if self._prior_name(prior) == "flow":
-            z = self.prior.sample(n, c, generator=generator)
-        else:
-            z = temperature * torch.randn(n, self.latent_dim, generator=generator, device=dev)
-        if c is not None:
-            z = torch.cat([z, c], 1)
-        return self.decoder(z)
+            c = self.condition_features(cond, n)
+            return self.prior.sample(n, c, generator=generator, temperature=temperature)
+        weight = self.decoder.project.weight
+        return temperature * _randn((n, self.latent_dim), generator, weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def sample(self, n: int, cond=None, generator: torch.Generator | None = None, prior: str | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Draw intrinsic galaxies: latent codes from the prior, then the decoder.
+
+        Parameters
+        ----------
+        n : int
+            Number of galaxies.
+        cond : torch.Tensor, optional
+            Raw conditions ``(n, C)`` or ``(C,)``; required by a conditional model.
+        generator : torch.Generator, optional
+            Source of randomness (same seed, same galaxies).
+        prior : {"flow", "normal"}, optional
+            Default: the flow when fitted, else N(0, I). ``"flow"`` before the flow is
+            fitted is an error.
+        temperature : float, optional
+            Scale of the Gaussian noise (of N(0, I), or of the flow's base distribution).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, S*k, S*k)`` non-negative intrinsic images.
+        """
+        z = self.sample_latents(n, cond, generator=generator, prior=prior, temperature=temperature)
+        return self.decode(z, cond)
