@@ -118,6 +118,17 @@ def _cmd_evaluate(args):
     print(json.dumps({k: report[k] for k in ("reconstruction", "generation")}, indent=1))
 
 
+def _cmd_fit(args):
+    from .inference.fit import fit_file
+    from .sharding import format_shard_path, parse_shard
+
+    shard = parse_shard(args.shard) if args.shard else None
+    out = format_shard_path(args.out, shard) if shard else args.out
+    print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
+                   shard=shard, device=args.device, batch_size=args.batch_size, restarts=args.restarts,
+                   max_iter=args.max_iter, seed=args.seed, prior=args.prior, overwrite=args.overwrite))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``galgen`` command.
 
@@ -239,6 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("fit", help="MAP fits and posterior samples of observed galaxies",
+                       description="Fit each galaxy of a cutout file with a trained model "
+                                   "(galgen.inference.fit.fit_file): batched MAP of the latent code and flux "
+                                   "scale, residual maps, chi2/dof and flags; with --samples, batched HMC "
+                                   "posterior samples with R-hat, ESS and posterior predictive mean/std "
+                                   "images. Writes an HDF5 fit file and a FITS catalog beside it; a killed "
+                                   "run restarted with the same arguments finishes only what is missing.")
+    p.add_argument("--model", required=True, help="run directory, .pt file or pretrained name")
+    p.add_argument("--data", required=True, help="cutout file of observations")
+    p.add_argument("--samples", type=int, default=0, help="posterior draws per chain (0: MAP only) [0]")
+    p.add_argument("--chains", type=_positive_int, default=4, help="HMC chains per galaxy [4]")
+    p.add_argument("--warmup", type=int, default=None, help="HMC warm-up iterations [= --samples]")
+    p.add_argument("--restarts", type=int, default=1, help="random MAP restarts besides the encoder's [1]")
+    p.add_argument("--max-iter", type=_positive_int, default=500, help="MAP iterations at most [500]")
+    p.add_argument("--prior", choices=("flow", "normal"), default=None, help="VAE latent prior [flow if fitted]")
+    p.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    p.add_argument("--shard", default=None, help="k/N: fit only part k (0-based) of N; 'slurm' reads the array")
+    p.add_argument("--device", default="auto", help="device [auto]")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
+    _add_common(p, "fit file (HDF5); the catalog is written with suffix .fits; {k}/{N} are shard numbers")
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("summary", help="print a summary of a cutout file")
     p.add_argument("path", help="cutout file")

@@ -115,14 +115,20 @@ class CutoutWriter:
     2
     """
 
+    #: Format name, datasets and required datasets of the files this writer makes
+    #: (subclasses write other galgen formats with the same atomic, resumable mechanics).
+    schema_name = SCHEMA_NAME
+    datasets = DATASETS
+    required = REQUIRED_DATASETS
+
     def __init__(self, path, *, n: int, shapes: dict, attrs: dict, fingerprint: str = ""):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + _PARTIAL)
         self.n = int(n)
-        unknown = set(shapes) - set(DATASETS)
+        unknown = set(shapes) - set(self.datasets)
         if unknown:
             raise GalgenInputError(f"{self.path}: unknown dataset(s) {sorted(unknown)}")
-        missing = set(REQUIRED_DATASETS) - set(shapes)
+        missing = set(self.required) - set(shapes)
         if missing:
             raise GalgenInputError(f"{self.path}: required dataset(s) {sorted(missing)} missing")
         self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
@@ -151,7 +157,7 @@ class CutoutWriter:
         try:
             for key, value in self.attrs.items():
                 f.attrs[key] = value
-            f.attrs["format"] = SCHEMA_NAME
+            f.attrs["format"] = self.schema_name
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["complete"] = False
             f.attrs["n_galaxies"] = self.n
@@ -161,7 +167,7 @@ class CutoutWriter:
             f.attrs["pixel_scale_unit"] = "arcsec/pixel"
             k = int(self.attrs.get("oversampling", 1))
             for key, shape in self.shapes.items():
-                dtype, unit, grid, description = DATASETS[key]
+                dtype, unit, grid, description = self.datasets[key]
                 ds = f.create_dataset(
                     key, shape=(self.n,) + shape, dtype=dtype, chunks=_chunks(self.n, shape),
                     compression="gzip", compression_opts=4, shuffle=True,

@@ -1,0 +1,84 @@
+"""galgen fit: the fit file, its catalog, resume, shards and bad input."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+
+from galgen.cli import main
+from galgen.errors import GalgenInputError
+from galgen.inference.fit import fit_file
+from galgen.models import VAE
+from galgen.sharding import Shard
+from galgen.train import save_checkpoint
+
+FAST = dict(samples=8, chains=2, warmup=8, n_leapfrog=3, batch_size=24, restarts=0, max_iter=40, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=3, width=8, input_scale=5.0, flux_scale=100.0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_checkpoint(path, model_state=vae.state_dict(), config={"model": vae.config})
+
+
+def test_fit_file_contents_and_catalog(tiny_model, sdss_tiny, tmp_path):
+    out = fit_file(tiny_model, sdss_tiny, tmp_path / "fit.h5", prior="normal", **FAST)
+    with h5py.File(out) as f:
+        assert f.attrs["format"] == "galgen-fits" and f.attrs["complete"]
+        assert f["samples"].shape == (64, 2, 8, 4) and f["z"].shape == (64, 3)
+        resid, model = f["residual"][:], f["model"][:]
+        chi2, norm = f["chi2"][:], f["normalized_residual"][:]
+        assert np.allclose((norm**2).sum((1, 2)), chi2, rtol=1e-4)
+        assert f["posterior_std"].shape == (64, 32, 32) and np.all(f["posterior_std"][:] >= 0)
+    with h5py.File(sdss_tiny) as f:
+        assert np.allclose(f["observed"][:] - model, resid, atol=1e-3)
+    cat = Table.read(tmp_path / "fit.fits")
+    assert len(cat) == 64 and set(cat["status_name"]) <= {"converged", "max-iterations", "diverged"}
+    assert {"chi2_dof", "rhat_max", "ess_bulk_min", "z_map", "flux_map"} <= set(cat.colnames)
+
+
+def test_resume_equals_uninterrupted_and_shards(tiny_model, sdss_tiny, tmp_path, monkeypatch):
+    straight = fit_file(tiny_model, sdss_tiny, tmp_path / "a.h5", prior="normal", **FAST)
+    import galgen.inference.fit as fit_mod
+
+    calls = {"n": 0}
+    original = fit_mod.fit_map
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(fit_mod, "fit_map", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit_file(tiny_model, sdss_tiny, tmp_path / "b.h5", prior="normal", **FAST)
+    monkeypatch.setattr(fit_mod, "fit_map", original)
+    with h5py.File(tmp_path / "b.h5.partial") as f:
+        assert f.attrs["n_done"] == 24
+    resumed = fit_file(tiny_model, sdss_tiny, tmp_path / "b.h5", prior="normal", **FAST)
+    with h5py.File(straight) as a, h5py.File(resumed) as b:
+        for key in ("z", "chi2", "samples", "posterior_mean"):
+            assert np.array_equal(a[key][:], b[key][:]), key
+    part = fit_file(tiny_model, sdss_tiny, tmp_path / "s1.h5", prior="normal", shard=Shard(1, 2), **FAST)
+    with h5py.File(part) as f:
+        assert list(f["index"][:]) == list(range(32, 64))
+
+
+def test_bad_input(tiny_model, sdss_small, tmp_path, capsys):
+    with pytest.raises(GalgenInputError, match="stamp 48"):
+        fit_file(tiny_model, sdss_small, tmp_path / "x.h5", **FAST)
+    assert main(["fit", "--model", str(tmp_path / "none"), "--data", str(sdss_small), "--out",
+                 str(tmp_path / "x.h5")]) == 2
+    assert not (tmp_path / "x.h5").exists()
