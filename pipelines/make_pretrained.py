@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Install a trained model as a galgen pretrained model, with its model card.
+
+    python pipelines/make_pretrained.py --run runs/sdss-vae --name sdss-vae \
+        --quality report/quality.json --simulate "galgen simulate --survey sdss --n 50000 ..."
+
+Copies the run's final checkpoint (weights, config, provenance; no optimiser state) to
+``galgen/pretrained/<name>.pt`` after checking that it loads safely, and writes
+``galgen/pretrained/<name>.json``: the training configuration, how to regenerate the
+training data, the machine it was trained on, the training length and the quality
+figures measured on held-out galaxies by ``galgen evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shutil
+from pathlib import Path
+
+from galgen.data.atomic import atomic_output
+from galgen.pretrained import PRETRAINED_DIR
+from galgen.train import load_checkpoint, load_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--run", required=True, help="training run directory (with model.pt)")
+    ap.add_argument("--name", required=True, help="pretrained name, e.g. sdss-vae")
+    ap.add_argument("--quality", default=None, help="quality.json written by galgen evaluate")
+    ap.add_argument("--quality-key", default=None, help="name of this model inside quality.json")
+    ap.add_argument("--simulate", required=True, help="the galgen simulate command that made the training data")
+    ap.add_argument("--machine", default=None, help="where it was trained (default: this machine)")
+    args = ap.parse_args()
+    run = Path(args.run)
+    src = run / "model.pt"
+    load_model(src)  # refuses unsafe or inconsistent files
+    ck = load_checkpoint(src)
+    if ck["optimizer"] is not None:
+        raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
+    log = list(csv.DictReader(open(run / "train_log.csv", newline="")))
+    card = {
+        "name": args.name, "kind": ck["config"]["model"]["kind"], "galgen_version": ck["galgen_version"],
+        "config": ck["config"], "provenance": ck["provenance"], "training_data_command": args.simulate,
+        "steps": ck["step"], "images_seen": ck["step"] * ck["config"]["train"]["batch_size"],
+        "training_wall_s": float(log[-1]["wall_s"]) if log else None,
+        "machine": args.machine or f"{platform.processor() or platform.machine()}, {platform.platform()}",
+        "metrics": ck["metrics"],
+    }
+    if args.quality:
+        q = json.loads(Path(args.quality).read_text())
+        key = args.quality_key or args.name
+        card["quality"] = {"data": q["data"], "n": q["n"],
+                           "reconstruction": q["reconstruction"].get(key),
+                           "generation": {k: v for k, v in q["generation"].items() if k.startswith(key)}}
+    PRETRAINED_DIR.mkdir(exist_ok=True)
+    with atomic_output(PRETRAINED_DIR / f"{args.name}.pt") as tmp:
+        shutil.copyfile(src, tmp)
+    with atomic_output(PRETRAINED_DIR / f"{args.name}.json") as tmp:
+        tmp.write_text(json.dumps(card, indent=2, default=str))
+    print(PRETRAINED_DIR / f"{args.name}.pt")
+
+
+if __name__ == "__main__":
+    main()
