@@ -20,11 +20,13 @@ import torch
 
 from ..data.cutouts import CutoutFile, CutoutWriter, output_is_current
 from ..errors import GalgenInputError
+from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
 from .map import STATUS, _decode, _repeat_observation, fit_map, latent_log_prior
 
-__all__ = ["FIT_SCHEMA", "FIT_DATASETS", "FitWriter", "fit_file", "posterior_log_prob"]
+__all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
+           "posterior_log_prob"]
 
 FIT_SCHEMA = "galgen-fits"
 
@@ -49,7 +51,14 @@ FIT_DATASETS = {
     "divergences": ("int32", "", "chains", "divergent transitions per chain"),
     "posterior_mean": ("float32", "adu", "detector", "posterior mean of the model observation"),
     "posterior_std": ("float32", "adu", "detector", "posterior standard deviation of the model observation"),
+    "derived_map": ("float64", "", "derived", "flux [adu], hlr [arcsec], e1, e2 of the MAP intrinsic galaxy"),
+    "derived_draws": ("float32", "", "derived", "flux, hlr, e1, e2 of thinned posterior draws (draws, 4)"),
+    "derived_quantiles": ("float64", "", "derived", "quantiles 2.5, 16, 50, 84, 97.5% of flux, hlr, e1, e2 (4, 5)"),
 }
+
+#: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
+#: derived quantities and for the posterior predictive mean and standard deviation.
+DERIVED_DRAWS = 256
 
 
 class FitWriter(CutoutWriter):
@@ -170,13 +179,15 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     d = int(cfg["latent_dim"])
     shapes = {"index": (), "z": (d,), "log_scale": (), "intrinsic": (stamp * k, stamp * k),
               "model": (stamp, stamp), "residual": (stamp, stamp), "normalized_residual": (stamp, stamp),
-              "chi2": (), "dof": (), "status": (), "n_iter": ()}
+              "chi2": (), "dof": (), "status": (), "n_iter": (), "derived_map": (4,)}
     if samples:
         shapes.update(samples=(chains, samples, d + 1), rhat=(d + 1,), ess_bulk=(d + 1,), ess_tail=(d + 1,),
                       accept_rate=(chains,), divergences=(chains,), posterior_mean=(stamp, stamp),
-                      posterior_std=(stamp, stamp))
+                      posterior_std=(stamp, stamp), derived_draws=(min(DERIVED_DRAWS, chains * samples), 4),
+                      derived_quantiles=(4, len(QUANTILES)))
     attrs = {"model": str(getattr(model, "checkpoint_path", cfg["kind"])), "data": str(data),
-             "model_kind": cfg["kind"], "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed}
+             "model_kind": cfg["kind"], "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed,
+             "derived_names": json.dumps(DERIVED_NAMES), "derived_quantile_levels": json.dumps(QUANTILES)}
     td = TrainingData(data, rows, model.conditions, in_memory=False, device=dev)
     wall = []
     with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w:
@@ -193,7 +204,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "intrinsic": res.intrinsic.numpy(), "model": res.model.numpy(),
                      "residual": res.residual.numpy(), "normalized_residual": res.normalized_residual.numpy(),
                      "chi2": res.chi2.numpy(), "dof": res.dof.numpy(), "status": status.numpy(),
-                     "n_iter": res.n_iter.numpy()}
+                     "n_iter": res.n_iter.numpy(),
+                     "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
                 block.update(_posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, dev))
             w.write(block)
@@ -206,9 +218,16 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         cat = Table({"index": idx, "chi2": chi2, "dof": dof,
                      "chi2_dof": np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan),
                      "status": status, "status_name": [STATUS.get(int(s), "no-good-pixels") for s in status],
-                     "log_scale": w.read("log_scale"), "flux_map": w.read("intrinsic").sum((1, 2)),
+                     "log_scale": w.read("log_scale"),
                      "z_map": z})
+        dmap = w.read("derived_map")
+        for j, name in enumerate(DERIVED_NAMES):
+            cat[f"{name}_map"] = dmap[:, j]
         if samples:
+            dq = w.read("derived_quantiles")
+            for j, name in enumerate(DERIVED_NAMES):
+                for col, qi in (("lo95", 0), ("lo68", 1), ("median", 2), ("hi68", 3), ("hi95", 4)):
+                    cat[f"{name}_{col}"] = dq[:, j, qi]
             cat["rhat_max"] = w.read("rhat").max(1)
             cat["ess_bulk_min"] = w.read("ess_bulk").min(1)
             cat["ess_tail_min"] = w.read("ess_tail").min(1)
@@ -229,18 +248,57 @@ def _posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, d
     lp = posterior_log_prob(model, b.observation, b.observed, b.cond, prior, chains)
     h = hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, n_leapfrog=n_leapfrog, generator=gen)
     diag = summarize_chains(h.samples.cpu().numpy())
-    # posterior predictive: the model observation for up to 64 draws per galaxy
-    draws = h.samples.reshape(G, -1, x0.shape[1])
-    pick = torch.linspace(0, draws.shape[1] - 1, min(64, draws.shape[1])).long()
-    sub = draws[:, pick]  # (G, m, d+1)
-    m = sub.shape[1]
-    with torch.no_grad():
-        obs = _repeat_observation(b.observation, m)
-        flat = sub.transpose(0, 1).reshape(m * G, -1)
-        c = None if b.cond is None else b.cond.repeat(m, 1)
-        imgs = obs.noiseless(_decode(model, flat[:, :-1], c).float() * flat[:, -1].exp()[:, None, None])
-        imgs = imgs.view(m, G, *imgs.shape[1:])
+    derived, mean, std = posterior_images(model, b.observation, h.samples, b.cond)
     return {"samples": h.samples.cpu().numpy(), "rhat": diag["rhat"], "ess_bulk": diag["ess_bulk"],
             "ess_tail": diag["ess_tail"], "accept_rate": h.accept_rate.cpu().numpy(),
             "divergences": h.divergences.cpu().numpy().astype(np.int32),
-            "posterior_mean": imgs.mean(0).cpu().numpy(), "posterior_std": imgs.std(0).cpu().numpy()}
+            "posterior_mean": mean.cpu().numpy(), "posterior_std": std.cpu().numpy(),
+            "derived_draws": derived.numpy(), "derived_quantiles": credible_intervals(derived.numpy())}
+
+
+def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_draws: int = DERIVED_DRAWS,
+                     chunk: int = 32):
+    """Derived quantities and posterior predictive images from (thinned) posterior draws.
+
+    Parameters
+    ----------
+    model : GenerativeModel or parametric model
+    observation : galgen.physics.Observation
+        Of the ``G`` galaxies.
+    samples : torch.Tensor
+        ``(G, C, N, d + 1)`` draws of (z, log_scale), as :func:`hmc_sample` returns.
+    cond : torch.Tensor, optional
+    n_draws : int, optional
+        Draws per galaxy, thinned evenly over all chains.
+    chunk : int, optional
+        Draws decoded at once (bounds memory: ``chunk * G`` images).
+
+    Returns
+    -------
+    derived : torch.Tensor
+        ``(G, n_draws, 4)`` :data:`~galgen.inference.derived.DERIVED_NAMES` per draw.
+    mean, std : torch.Tensor
+        ``(G, S, S)`` posterior mean and standard deviation of the noise-free observation.
+    """
+    G = samples.shape[0]
+    draws = samples.reshape(G, -1, samples.shape[-1])
+    pick = torch.linspace(0, draws.shape[1] - 1, min(n_draws, draws.shape[1])).round().long()
+    sub = draws[:, pick].to(observation.psf.device)
+    derived, s1, s2 = [], 0.0, 0.0
+    with torch.no_grad():
+        for a in range(0, sub.shape[1], chunk):
+            part = sub[:, a:a + chunk]  # (G, m, d+1)
+            m = part.shape[1]
+            flat = part.transpose(0, 1).reshape(m * G, -1)
+            c = None if cond is None else cond.repeat(m, 1)
+            intr = _decode(model, flat[:, :-1], c).float() * flat[:, -1].exp()[:, None, None]
+            derived.append(derived_quantities(intr, observation.intrinsic_scale).view(m, G, -1).transpose(0, 1).cpu())
+            obs = _repeat_observation(observation, m) if m > 1 else observation
+            img = obs.noiseless(intr).double()
+            img = img.view(m, G, *img.shape[1:])
+            s1 = s1 + img.sum(0)
+            s2 = s2 + (img * img).sum(0)
+    n = sub.shape[1]
+    mean = s1 / n
+    std = ((s2 - n * mean * mean).clamp(min=0) / max(n - 1, 1)).sqrt()
+    return torch.cat(derived, 1), mean.float(), std.float()

@@ -172,7 +172,8 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
         ``tol * (1 + |objective|)`` over ``patience`` iterations.
     patience : int, optional
     fit_flux : bool, optional
-        Also fit a per-galaxy log flux scale.
+        Also fit a per-galaxy log flux scale, starting from ``model.initial_log_scale(observed)``
+        where the model has it (parametric models render unit flux), else from 0.
     prior : {"flow", "normal"}, optional
         VAE latent prior.
     generator : torch.Generator, optional
@@ -201,7 +202,8 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     inits = _initial_codes(model, observed, cond, restarts, generator, prior)
     R = inits.shape[0]
     z = inits.reshape(R * B, -1).clone().requires_grad_(True)
-    s = torch.zeros(R * B, device=observed.device, requires_grad=fit_flux)
+    s0 = model.initial_log_scale(observed).float() if hasattr(model, "initial_log_scale") and fit_flux else None
+    s = (torch.zeros(R * B, device=observed.device) if s0 is None else s0.repeat(R)).requires_grad_(fit_flux)
     data = observed.repeat(R, 1, 1)
     obs = _repeat_observation(observation, R) if R > 1 else observation
     c = None if cond is None else torch.as_tensor(cond).repeat(R, *([1] * (torch.as_tensor(cond).ndim - 1)))

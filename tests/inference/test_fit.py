@@ -45,7 +45,14 @@ def test_fit_file_contents_and_catalog(tiny_model, sdss_tiny, tmp_path):
         assert np.allclose(f["observed"][:] - model, resid, atol=1e-3)
     cat = Table.read(tmp_path / "fit.fits")
     assert len(cat) == 64 and set(cat["status_name"]) <= {"converged", "max-iterations", "diverged"}
-    assert {"chi2_dof", "rhat_max", "ess_bulk_min", "z_map", "flux_map"} <= set(cat.colnames)
+    assert {"chi2_dof", "rhat_max", "ess_bulk_min", "z_map", "flux_map", "hlr_lo68", "e1_hi95"} <= set(cat.colnames)
+    with h5py.File(out) as f:
+        dq, draws, dmap, intr = f["derived_quantiles"][:], f["derived_draws"][:], f["derived_map"][:], f["intrinsic"][:]
+    assert dq.shape == (64, 4, 5) and draws.shape == (64, 16, 4)
+    assert np.all(np.diff(dq, axis=-1) >= -1e-9)  # 2.5 <= 16 <= 50 <= 84 <= 97.5 %
+    assert np.allclose(dq[:, :, 2], np.median(draws, axis=1), rtol=1e-5, atol=1e-6)
+    assert np.allclose(dmap[:, 0], intr.sum((1, 2)), rtol=1e-5)
+    assert np.allclose(cat["hlr_median"], dq[:, 1, 2]) and np.allclose(cat["e2_map"], dmap[:, 3])
 
 
 def test_resume_equals_uninterrupted_and_shards(tiny_model, sdss_tiny, tmp_path, monkeypatch):
