@@ -11,6 +11,7 @@ zuko neural spline flow (or MAF), optionally conditional on a context vector.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import numbers
 
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
+
+log = logging.getLogger("galgen.prior")
 
 __all__ = ["LatentFlowPrior"]
 
@@ -302,6 +305,8 @@ class LatentFlowPrior(nn.Module):
                 val = full_nll(vi)
                 hist["train_loss"].append(total / len(ti))
                 hist["val_loss"].append(val)
+                log.info("flow prior epoch %d/%d: train nll %.4g, validation nll %.4g", epoch + 1, epochs,
+                         hist["train_loss"][-1], val)
                 bad = 0 if val < best - 1e-4 else bad + 1  # patience counts real improvements
                 if val < best:
                     best, best_epoch = val, epoch
