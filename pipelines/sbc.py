@@ -95,7 +95,9 @@ def main():
     parts = []
     for b, start in enumerate(range(0, args.n, args.batch_size)):
         part = out / f"batch{b:04d}.npz"
-        if part.exists() and json.loads(str(np.load(part)["settings"])) == settings:
+        same = {k: v for k, v in settings.items() if k != "n"}  # a batch does not depend on --n
+        if part.exists() and {k: v for k, v in json.loads(str(np.load(part)["settings"])).items()
+                              if k != "n"} == same:
             parts.append(dict(np.load(part)))
             continue
         rows = list(range(start, min(start + args.batch_size, args.n)))
