@@ -68,7 +68,8 @@ suppress_warnings = ["myst.header"]
 API_MODULES = (
     "galgen.simulate", "galgen.data", "galgen.data.ingest", "galgen.physics", "galgen.models",
     "galgen.train", "galgen.inference.map", "galgen.inference.hmc", "galgen.inference.diagnostics",
-    "galgen.inference.fit", "galgen.evaluation", "galgen.pipeline", "galgen.plotting", "galgen.sharding",
+    "galgen.inference.fit", "galgen.inference.derived", "galgen.inference.calibration",
+    "galgen.models.parametric", "galgen.evaluation", "galgen.pipeline", "galgen.plotting", "galgen.sharding",
     "galgen.errors", "galgen.cli",
 )
 

@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "posterior samples with R-hat, ESS and posterior predictive mean/std "
                                    "images. Writes an HDF5 fit file and a FITS catalog beside it; a killed "
                                    "run restarted with the same arguments finishes only what is missing.")
-    p.add_argument("--model", required=True, help="run directory, .pt file or pretrained name")
+    p.add_argument("--model", required=True,
+                   help="run directory, .pt file, pretrained name, or 'sersic' / 'bulge-disk' for a "
+                        "parametric baseline fit")
     p.add_argument("--data", required=True, help="cutout file of observations")
     p.add_argument("--samples", type=int, default=0, help="posterior draws per chain (0: MAP only) [0]")
     p.add_argument("--chains", type=_positive_int, default=4, help="HMC chains per galaxy [4]")

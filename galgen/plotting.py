@@ -7,7 +7,27 @@ import numpy as np
 from .data.atomic import atomic_output
 from .data.cutouts import CutoutFile
 
-__all__ = ["asinh_stretch", "cutout_grid", "training_curves"]
+__all__ = ["asinh_stretch", "cutout_grid", "training_curves", "fit_panel", "corner_plot", "fit_corner"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out):
+    """Write a figure as PNG atomically and close it."""
+    from pathlib import Path
+
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    fig.clf()
+    _pyplot().close(fig)
+    return Path(out)
 
 
 def asinh_stretch(image, noise: float | None = None, q: float = 3.0):
@@ -60,11 +80,7 @@ def cutout_grid(path, out, *, n: int = 8, keys=None, title: str | None = None):
     pathlib.Path
         ``out``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     with CutoutFile(path) as f:
         keys = [k for k in (keys or ("observed", "noiseless", "intrinsic", "psf")) if k in f.keys]
         n = min(n, len(f))
@@ -91,10 +107,7 @@ def cutout_grid(path, out, *, n: int = 8, keys=None, title: str | None = None):
     fig.suptitle(title or f"{a['survey']}: {a['pixel_scale']}\"/pix, stamp {a['stamp_size']}, "
                  f"oversampling {a['oversampling']}", fontsize=9)
     fig.tight_layout()
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def training_curves(run_dir, out, *, keys=None):
@@ -118,11 +131,7 @@ def training_curves(run_dir, out, *, keys=None):
     import csv
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     run_dir = Path(run_dir)
 
     def read(name):
@@ -153,7 +162,179 @@ def training_curves(run_dir, out, *, keys=None):
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
+
+
+def fit_panel(fit_path, out, *, rows=None, n: int = 6):
+    """Save a PNG of fits: observed, MAP model, normalised residual and intrinsic galaxy.
+
+    One column per galaxy, titled with its chi2/dof; a row of posterior predictive
+    standard deviations is added where the fit file has samples.
+
+    Parameters
+    ----------
+    fit_path : str or os.PathLike
+        Fit file written by :func:`galgen.inference.fit.fit_file` (its ``data`` attribute
+        names the cutout file of the observations, read for the ``observed`` row).
+    out : str or os.PathLike
+        PNG file (written atomically).
+    rows : sequence of int, optional
+        Positions in the fit file to show; default the first ``n``.
+    n : int, optional
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    import h5py
+
+    from .errors import GalgenInputError
+
+    plt = _pyplot()
+    with h5py.File(fit_path, "r") as f:
+        if f.attrs.get("format") != "galgen-fits":
+            raise GalgenInputError(f"{fit_path}: not a galgen fit file")
+        total = len(f["index"])
+        rows = list(range(min(n, total))) if rows is None else [int(r) for r in rows]
+        if not rows or min(rows) < 0 or max(rows) >= total:
+            raise GalgenInputError(f"rows: must lie in [0, {total}) for {fit_path}, got {rows}")
+        sel = np.array(rows)
+        panels = {"model": f["model"][:][sel], "normalized_residual": f["normalized_residual"][:][sel],
+                  "intrinsic": f["intrinsic"][:][sel]}
+        if "posterior_std" in f:
+            panels["posterior_std"] = f["posterior_std"][:][sel]
+        chi2, dof, index = f["chi2"][:][sel], f["dof"][:][sel], f["index"][:][sel]
+        data_path, kind = f.attrs["data"], f.attrs.get("model_kind", "")
+    with CutoutFile(data_path) as c:
+        observed = np.stack([c.read("observed", slice(int(i), int(i) + 1))[0] for i in index])
+        var = np.stack([c.read("variance", slice(int(i), int(i) + 1))[0] for i in index])
+    panels = {"observed": observed, **panels}
+    labels = {"observed": "observed", "model": "MAP model", "normalized_residual": "(data-model)/sigma",
+              "intrinsic": "intrinsic (MAP)", "posterior_std": "posterior std"}
+    fig, axes = plt.subplots(len(panels), len(rows), figsize=(1.7 * len(rows), 1.75 * len(panels) + 0.4),
+                             squeeze=False)
+    for r, (key, imgs) in enumerate(panels.items()):
+        for c in range(len(rows)):
+            ax = axes[r, c]
+            if key == "normalized_residual":
+                ax.imshow(imgs[c], origin="lower", cmap="RdBu_r", vmin=-4, vmax=4, interpolation="nearest")
+            else:
+                sigma = float(np.sqrt(np.median(var[c]))) if key in ("observed", "model") else None
+                ax.imshow(asinh_stretch(imgs[c], sigma), origin="lower", cmap="magma", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(labels[key], fontsize=8)
+            if r == 0:
+                ax.set_title(f"#{int(index[c])} chi2/dof={chi2[c] / max(dof[c], 1):.2f}", fontsize=7)
+    fig.suptitle(f"{kind} fits of {data_path}", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def corner_plot(draws, out, *, names=None, truths=None, bins: int = 30, title: str | None = None):
+    """Save a corner plot: 1-D histograms on the diagonal, 2-D histograms below it.
+
+    Parameters
+    ----------
+    draws : array_like
+        ``(n_draws, D)`` samples.
+    out : str or os.PathLike
+        PNG file (written atomically).
+    names : sequence of str, optional
+        ``D`` axis labels.
+    truths : sequence of float, optional
+        ``D`` reference values, drawn as lines.
+    bins : int, optional
+    title : str, optional
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    from .errors import GalgenInputError
+
+    x = np.asarray(draws, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise GalgenInputError(f"draws: need an (n_draws >= 2, D) array, got shape {x.shape}")
+    d = x.shape[1]
+    names = list(names) if names is not None else [f"x{i}" for i in range(d)]
+    if len(names) != d or (truths is not None and len(truths) != d):
+        raise GalgenInputError(f"names/truths: need {d} entries, one per column of draws")
+    if not np.isfinite(x).all():
+        raise GalgenInputError("draws: contain NaN or inf")
+    plt = _pyplot()
+    fig, axes = plt.subplots(d, d, figsize=(1.9 * d + 0.5, 1.9 * d + 0.5), squeeze=False)
+    lims = [(lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+            for lo, hi in zip(np.percentile(x, 0.5, 0), np.percentile(x, 99.5, 0))]
+    for i in range(d):
+        for j in range(d):
+            ax = axes[i, j]
+            if j > i:
+                ax.set_visible(False)
+                continue
+            if i == j:
+                ax.hist(x[:, i], bins=bins, range=lims[i], histtype="step", color="k")
+                lo, med, hi = np.percentile(x[:, i], [16, 50, 84])
+                for v in (lo, med, hi):
+                    ax.axvline(v, color="k", ls=":" if v != med else "-", lw=0.8)
+                ax.set_yticks([])
+                ax.set_title(f"{names[i]} = {med:.3g} +{hi - med:.2g} -{med - lo:.2g}", fontsize=7)
+            else:
+                ax.hist2d(x[:, j], x[:, i], bins=bins, range=[lims[j], lims[i]], cmap="Greys")
+                if truths is not None:
+                    ax.axhline(truths[i], color="tab:blue", lw=0.8)
+            if truths is not None:
+                ax.axvline(truths[j], color="tab:blue", lw=0.8)
+            if i == d - 1:
+                ax.set_xlabel(names[j], fontsize=8)
+            else:
+                ax.set_xticklabels([])
+            if j == 0 and i > 0:
+                ax.set_ylabel(names[i], fontsize=8)
+            elif i != j:
+                ax.set_yticklabels([])
+            ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def fit_corner(fit_path, out, *, row: int = 0, truths=None):
+    """Save the corner plot of one galaxy's posterior derived quantities.
+
+    Parameters
+    ----------
+    fit_path : str or os.PathLike
+        Fit file with posterior samples (``galgen fit --samples``).
+    out : str or os.PathLike
+        PNG file (written atomically).
+    row : int, optional
+        Position of the galaxy in the fit file.
+    truths : sequence of float, optional
+        Reference flux, hlr, e1, e2 (e.g. a simulation's truth).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    import json
+
+    import h5py
+
+    from .errors import GalgenInputError
+
+    with h5py.File(fit_path, "r") as f:
+        if "derived_draws" not in f:
+            raise GalgenInputError(f"{fit_path}: no posterior samples (run galgen fit with --samples)")
+        if not 0 <= row < len(f["index"]):
+            raise GalgenInputError(f"row: must lie in [0, {len(f['index'])}) for {fit_path}, got {row}")
+        draws = f["derived_draws"][row]
+        names = json.loads(f.attrs["derived_names"])
+        rhat, index = float(f["rhat"][row].max()), int(f["index"][row])
+    return corner_plot(draws, out, names=names, truths=truths,
+                       title=f"galaxy #{index}: {len(draws)} posterior draws, max R-hat {rhat:.2f}")

@@ -23,6 +23,7 @@ from ..errors import GalgenInputError
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
+from ..models.parametric import PARAMETRIC_KINDS, SersicModel
 from .map import STATUS, _decode, _repeat_observation, fit_map, latent_log_prior
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
@@ -122,7 +123,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     Parameters
     ----------
     model : str, os.PathLike or GenerativeModel
-        See :func:`galgen.sample.resolve_model`.
+        See :func:`galgen.sample.resolve_model`; or ``"sersic"`` / ``"bulge-disk"``
+        (:data:`~galgen.models.parametric.PARAMETRIC_KINDS`): a parametric
+        :class:`~galgen.models.parametric.SersicModel` built for the file's stamp,
+        oversampling and pixel scale, the classical baseline.
     data : str or os.PathLike
         Cutout file of observations.
     out : str or os.PathLike
@@ -154,12 +158,15 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     from ..train.data import TrainingData
 
     dev = _device(device)
-    model = resolve_model(model, dev).eval()
     data = Path(data)
     with CutoutFile(data) as f:
         n_all = len(f)
         stamp, k = int(f.attrs["stamp_size"]), f.oversampling
         data_fp = str(f.attrs.get("fingerprint", ""))
+        scale = float(f.attrs["pixel_scale"])
+    if isinstance(model, str) and model in PARAMETRIC_KINDS and not Path(model).exists():
+        model = SersicModel(model, stamp=stamp, oversampling=k, pixel_scale=scale)
+    model = resolve_model(model, dev).eval()
     cfg = model.config
     if stamp != cfg["stamp"] or k != cfg["oversampling"]:
         raise GalgenInputError(f"{data}: stamp {stamp} / oversampling {k} differ from the model's "
@@ -188,6 +195,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     attrs = {"model": str(getattr(model, "checkpoint_path", cfg["kind"])), "data": str(data),
              "model_kind": cfg["kind"], "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed,
              "derived_names": json.dumps(DERIVED_NAMES), "derived_quantile_levels": json.dumps(QUANTILES)}
+    if hasattr(model, "param_names"):
+        attrs["param_names"] = json.dumps(list(model.param_names))
     td = TrainingData(data, rows, model.conditions, in_memory=False, device=dev)
     wall = []
     with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w:
@@ -223,6 +232,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         dmap = w.read("derived_map")
         for j, name in enumerate(DERIVED_NAMES):
             cat[f"{name}_map"] = dmap[:, j]
+        if hasattr(model, "physical"):  # parametric models: their physical parameters at the MAP
+            with torch.no_grad():
+                for name, value in model.physical(torch.as_tensor(z, dtype=torch.float32)).items():
+                    cat[f"param_{name}"] = value.cpu().numpy()
         if samples:
             dq = w.read("derived_quantiles")
             for j, name in enumerate(DERIVED_NAMES):
