@@ -14,13 +14,12 @@ figure of merit is stamps per second and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
-from common import machine_info
+from common import finish, machine_info
 
 
 def make_inputs(n, stamp, psf_size, scale, seed=0):
@@ -106,11 +105,7 @@ def main(argv=None):
     print(f"galgen convolve ({args.device}, {args.threads} threads, batch {args.batch}): {rate_galgen:10.0f} stamps/s")
     print(f"GalSim Convolve(InterpolatedImage, Moffat).drawImage:           {rate_galsim:10.0f} stamps/s")
     print(f"ratio galgen / GalSim: {result['ratio']:.1f}x")
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

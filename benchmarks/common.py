@@ -49,3 +49,25 @@ def machine_info() -> dict:
         info["torch"] = torch.__version__
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
+
+
+def finish(result: dict, json_path=None) -> dict:
+    """Print the machine line and save ``result`` as JSON where asked (the end of each script).
+
+    Parameters
+    ----------
+    result : dict
+        With a ``machine`` entry from :func:`machine_info`.
+    json_path : str or os.PathLike, optional
+
+    Returns
+    -------
+    dict
+        ``result``.
+    """
+    import json
+
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

@@ -11,7 +11,7 @@ galaxies, through the same physics layer, as the VAE.
 half_light_radius=hlr, flux=F).shear(g1=g1, g2=g2)`` drawn with the default
 (pixel-integrated) ``drawImage``, the centre at pixel ``(size//2, size//2)`` (or a
 given sub-pixel position). Pixel integration uses the midpoint rule on a sub-pixel grid,
-refined twice towards the centre, where a cuspy profile (n ~ 4) changes by orders of
+refined three times towards the centre (:data:`LEVELS`), where a cuspy profile (n ~ 4) changes by orders of
 magnitude within a pixel (agreement with GalSim: ``tests/models/test_parametric.py``).
 """
 
@@ -31,7 +31,7 @@ PARAMETRIC_KINDS = ("sersic", "bulge-disk")
 
 #: Sub-pixel sampling levels: (half-width in pixels of the block about the centre, points
 #: per pixel along each axis); ``None`` is the whole grid.
-LEVELS = ((None, 4), (2, 16), (0, 128))
+LEVELS = ((None, 2), (8, 6), (2, 24), (0, 96))
 
 
 def sersic_b(n):
