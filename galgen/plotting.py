@@ -187,6 +187,8 @@ def fit_panel(fit_path, out, *, rows=None, n: int = 6):
     pathlib.Path
         ``out``.
     """
+    from pathlib import Path
+
     import h5py
 
     from .errors import GalgenInputError
@@ -228,7 +230,7 @@ def fit_panel(fit_path, out, *, rows=None, n: int = 6):
                 ax.set_ylabel(labels[key], fontsize=8)
             if r == 0:
                 ax.set_title(f"#{int(index[c])} chi2/dof={chi2[c] / max(dof[c], 1):.2f}", fontsize=7)
-    fig.suptitle(f"{kind} fits of {data_path}", fontsize=8)
+    fig.suptitle(f"{kind} fits of {Path(str(data_path)).name}", fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
 
