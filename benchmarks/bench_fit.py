@@ -68,23 +68,25 @@ def accuracy(t, hlr, n, g1, g2, red_chi2):
             "chi2_dof_median": float(np.median(red_chi2))}
 
 
+def observation(fwhm, stamp, sigma, device):
+    """Per-galaxy Moffat PSFs and uniform Gaussian noise, as a galgen Observation."""
+    from galgen.physics import GaussianNoise, Observation, moffat_psf
+
+    psf = moffat_psf(torch.tensor(fwhm), BETA, 33, SCALE).float()
+    noise = GaussianNoise(torch.full((len(fwhm), stamp, stamp), sigma**2))
+    return Observation(psf, pixel_scale=SCALE, stamp=stamp, noise=noise).to(device)
+
+
 def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimizer="adam"):
     from galgen.inference import fit_map, hmc_sample, summarize_chains
     from galgen.inference.fit import posterior_log_prob
     from galgen.models.parametric import SersicModel
-    from galgen.physics import GaussianNoise, Observation, moffat_psf
 
     n, stamp = data.shape[0], data.shape[1]
-
-    def observation(k):
-        psf = moffat_psf(torch.tensor(t["fwhm"][:k]), BETA, 33, SCALE).float()
-        noise = GaussianNoise(torch.full((k, stamp, stamp), sigma**2))
-        return Observation(psf, pixel_scale=SCALE, stamp=stamp, noise=noise).to(device)
-
-    obs = observation(n)
+    obs = observation(t["fwhm"], stamp, sigma, device)
     x = torch.from_numpy(data).to(device)
     model = SersicModel("sersic", stamp=stamp, pixel_scale=SCALE)
-    fit_map(model, x[:8], observation(8), max_iter=5)  # warm-up
+    fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     res = fit_map(model, x, obs, max_iter=max_iter, optimizer=optimizer, **({"lr": 0.05, "tol": 1e-6, "patience": 20}
@@ -118,15 +120,12 @@ def bench_vae(data, sigma, t, device, max_iter, name="sdss-vae"):
     """MAP fits of the same galaxies with a pretrained deep prior (64x64 stamps)."""
     import galgen
     from galgen.inference import fit_map
-    from galgen.physics import GaussianNoise, Observation, moffat_psf
 
     n, stamp = data.shape[0], data.shape[1]
     model = galgen.load_pretrained(name, device=device)
-    psf = moffat_psf(torch.tensor(t["fwhm"]), BETA, 33, SCALE).float()
-    obs = Observation(psf, pixel_scale=SCALE, stamp=stamp,
-                      noise=GaussianNoise(torch.full((n, stamp, stamp), sigma**2))).to(device)
+    obs = observation(t["fwhm"], stamp, sigma, device)
     x = torch.from_numpy(data).to(device)
-    fit_map(model, x[:8], Observation(psf[:8], pixel_scale=SCALE, stamp=stamp).to(device), max_iter=5)
+    fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     res = fit_map(model, x, obs, max_iter=max_iter)
