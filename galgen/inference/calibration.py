@@ -25,8 +25,7 @@ import torch
 from ..errors import GalgenInputError
 from .derived import DERIVED_NAMES, derived_quantities
 from .diagnostics import summarize_chains
-from .fit import posterior_images, posterior_log_prob
-from .hmc import hmc_sample
+from .fit import _hmc_from_map, _thin_draws, posterior_images
 from .map import _decode, _latent_dim, fit_map
 
 __all__ = ["simulation_based_calibration", "coverage", "rank_uniformity"]
@@ -81,16 +80,11 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         intr = _decode(model, z_true, None).float()
         _, observed = observation.observe(intr, generator=gen)
     res = fit_map(model, observed, observation, max_iter=max_iter, prior=prior, generator=gen)
-    x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
-    init = x0[:, None, :] + 0.01 * torch.randn(B, chains, x0.shape[1], generator=gen, device=dev)
-    lp = posterior_log_prob(model, observation, observed, None, prior, chains)
-    h = hmc_sample(lp, init, n_samples=samples, n_warmup=samples if warmup is None else warmup,
-                   n_leapfrog=n_leapfrog, generator=gen)
+    h = _hmc_from_map(model, observation, observed, None, res, samples=samples, chains=chains,
+                      warmup=samples if warmup is None else warmup, n_leapfrog=n_leapfrog, prior=prior, generator=gen)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
-    flat = h.samples.reshape(B, -1, d + 1)
-    pick = torch.linspace(0, flat.shape[1] - 1, min(n_draws, flat.shape[1])).round().long()
-    draws = torch.cat([derived.double(), flat[:, pick, :d].double().cpu()], 2).numpy()
+    draws = torch.cat([derived.double(), _thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()
     truth = torch.cat([derived_quantities(intr, observation.intrinsic_scale).cpu(), z_true.double().cpu()], 1).numpy()
     ranks = (draws < truth[:, None, :]).sum(1)
     diag = summarize_chains(h.samples.cpu().numpy())

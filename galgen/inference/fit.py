@@ -20,10 +20,10 @@ import torch
 
 from ..data.cutouts import CutoutFile, CutoutWriter, output_is_current
 from ..errors import GalgenInputError
+from ..models.parametric import PARAMETRIC_KINDS, SersicModel
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
-from ..models.parametric import PARAMETRIC_KINDS, SersicModel
 from .map import STATUS, _decode, _repeat_observation, fit_map, latent_log_prior
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
@@ -216,7 +216,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "n_iter": res.n_iter.numpy(),
                      "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
-                block.update(_posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, dev))
+                block.update(_posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen))
             w.write(block)
             wall.append(res.wall_time)
         from astropy.table import Table
@@ -254,12 +254,26 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     return out
 
 
-def _posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, dev):
-    G = len(b)
+def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, warmup, n_leapfrog, prior,
+                 generator):
+    """HMC chains of (z, log_scale) started about a batch's MAP (the posterior step of ``galgen fit``)."""
+    dev = observation.psf.device
     x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
-    init = x0[:, None, :] + 0.01 * torch.randn(G, chains, x0.shape[1], generator=gen, device=dev)
-    lp = posterior_log_prob(model, b.observation, b.observed, b.cond, prior, chains)
-    h = hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, n_leapfrog=n_leapfrog, generator=gen)
+    init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
+    lp = posterior_log_prob(model, observation, observed, cond, prior, chains)
+    return hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, n_leapfrog=n_leapfrog, generator=generator)
+
+
+def _thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """``(G, C, N, k)`` chains -> ``(G, m, k)``: ``m = min(n_draws, C*N)`` draws evenly over all chains."""
+    draws = samples.reshape(samples.shape[0], -1, samples.shape[-1])
+    pick = torch.linspace(0, draws.shape[1] - 1, min(n_draws, draws.shape[1])).round().long()
+    return draws[:, pick]
+
+
+def _posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen):
+    h = _hmc_from_map(model, b.observation, b.observed, b.cond, res, samples=samples, chains=chains, warmup=warmup,
+                      n_leapfrog=n_leapfrog, prior=prior, generator=gen)
     diag = summarize_chains(h.samples.cpu().numpy())
     derived, mean, std = posterior_images(model, b.observation, h.samples, b.cond)
     return {"samples": h.samples.cpu().numpy(), "rhat": diag["rhat"], "ess_bulk": diag["ess_bulk"],
@@ -294,9 +308,7 @@ def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_
         ``(G, S, S)`` posterior mean and standard deviation of the noise-free observation.
     """
     G = samples.shape[0]
-    draws = samples.reshape(G, -1, samples.shape[-1])
-    pick = torch.linspace(0, draws.shape[1] - 1, min(n_draws, draws.shape[1])).round().long()
-    sub = draws[:, pick].to(observation.psf.device)
+    sub = _thin_draws(samples, n_draws).to(observation.psf.device)
     derived, s1, s2 = [], 0.0, 0.0
     with torch.no_grad():
         for a in range(0, sub.shape[1], chunk):

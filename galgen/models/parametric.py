@@ -78,7 +78,7 @@ def _profile(dx, dy, hlr, n, g1, g2, flux):
 
 
 def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, centre=None,
-                  levels=LEVELS) -> torch.Tensor:
+                  levels=LEVELS, check: bool = True) -> torch.Tensor:
     """Pixel-integrated, sheared Sersic profiles on a square grid, batched and differentiable.
 
     Parameters
@@ -103,6 +103,9 @@ def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, 
         Sub-pixel sampling: the whole grid with ``levels[0][1]`` points per pixel per
         axis, then the blocks of half-width ``h`` pixels about the pixel holding the
         centre with ``q`` points, each replacing the coarser values.
+    check : bool, optional
+        Refuse ``|g| >= 1`` (a device synchronisation; callers whose parametrisation
+        bounds the shear, as :class:`SersicModel`'s does, skip it).
 
     Returns
     -------
@@ -122,7 +125,7 @@ def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, 
     p = [torch.as_tensor(t, dtype=dtype, device=device).reshape(-1) for t in (hlr, n, g1, g2, flux)]
     B = max(len(t) for t in p)
     hlr, n, g1, g2, flux = (t.expand(B)[:, None, None] for t in p)
-    if bool(((g1**2 + g2**2) >= 1).any()):
+    if check and bool(((g1**2 + g2**2) >= 1).any()):
         raise GalgenInputError("g1, g2: the shear must have |g| < 1")
     if centre is None:
         centre = torch.full((B, 2), float(size // 2), dtype=dtype, device=device)
@@ -276,7 +279,7 @@ class SersicModel(nn.Module):
         p = self.physical(theta)
         base = (S // 2 + 0.5) * k - 0.5
         centre = torch.stack([base + k * p["dx"], base + k * p["dy"]], 1)
-        kw = dict(size=S * k, scale=c["pixel_scale"] / k, centre=centre)
+        kw = dict(size=S * k, scale=c["pixel_scale"] / k, centre=centre, check=False)  # |g| < 0.9 by construction
         if self.kind == "sersic":
             return render_sersic(p["hlr"], p["n"], p["g1"], p["g2"], **kw)
         four, one = torch.full_like(p["bt"], 4.0), torch.ones_like(p["bt"])
