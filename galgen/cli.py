@@ -89,7 +89,7 @@ def _cmd_train(args):
     from .train import train
 
     overrides = {k: v for k, v in (("steps", args.steps), ("device", args.device), ("batch_size", args.batch_size),
-                                   ("progress", args.progress)) if v is not None}
+                                   ("progress", args.progress), ("init", args.init)) if v is not None}
     summary = train(args.config, args.data, args.out, resume=args.resume, overrides=overrides)
     if summary.get("model") is not None:
         print(summary["model"])
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=None, help="override train.steps")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="override train.batch_size")
     p.add_argument("--device", default=None, help="override train.device (auto, cuda, cuda:N, mps, cpu)")
+    p.add_argument("--init", default=None, help="override train.init: start from the weights of this run directory "
+                                                "or checkpoint (fine-tuning; same model config)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

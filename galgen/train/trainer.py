@@ -45,7 +45,8 @@ __all__ = ["TrainConfig", "RunConfig", "Trainer", "TrainingDiverged", "load_run_
 log = logging.getLogger("galgen.train")
 
 #: Training options that change the trajectory; a resume must keep them.
-_TRAJECTORY_KEYS = ("batch_size", "lr", "seed", "val_fraction", "optimizer")
+_TRAJECTORY_KEYS = ("batch_size", "lr", "seed", "val_fraction", "optimizer", "lr_schedule", "lr_warmup",
+                    "lr_min", "init")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,23 @@ class TrainConfig:
     batch_size : int
         Galaxies per global batch (split over data-parallel processes).
     lr : float
-        Learning rate.
+        (Peak) learning rate.
+    lr_schedule : {"constant", "cosine"}
+        ``cosine`` decays the learning rate from ``lr`` to ``lr_min`` over the run
+        (after the warm-up) along a half cosine (Loshchilov & Hutter 2017); the final
+        steps then refine the weights with small updates instead of jittering around a
+        minimum at the full rate. It depends on ``steps``, so a resumed cosine run must
+        keep them.
+    lr_warmup : int
+        Steps of linear warm-up from ``lr / lr_warmup`` to ``lr`` (0: none).
+    lr_min : float
+        Final learning rate of the cosine schedule.
+    init : str, optional
+        Checkpoint (``model.pt``, ``last.pt`` or a run directory) whose weights start the
+        run: fine-tuning, e.g. a longer or decayed continuation of a finished run. The
+        architecture must be the checkpoint's (training-only model options, such as the
+        VAE's ``beta`` and ``warmup_steps``, may differ); the optimiser and the step
+        count start afresh.
     optimizer : dict
         Extra optimiser options passed to the model's ``make_optimizers`` (e.g. betas).
     seed : int
@@ -91,6 +108,10 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_min: float = 0.0
+    init: str | None = None
     optimizer: dict = field(default_factory=dict)
     seed: int = 0
     val_fraction: float = 0.05
@@ -107,6 +128,31 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool | None = None
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimisation step ``step`` (counted from 0).
+
+        Parameters
+        ----------
+        step : int
+
+        Returns
+        -------
+        float
+
+        Examples
+        --------
+        >>> c = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine", lr_warmup=10, lr_min=1e-5)
+        >>> c.lr_at(0), c.lr_at(9), round(c.lr_at(99), 8)
+        (0.0001, 0.001, 1e-05)
+        """
+        if step < self.lr_warmup:
+            return self.lr * (step + 1) / self.lr_warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(self.steps - 1 - self.lr_warmup, 1)
+        t = min((step - self.lr_warmup) / span, 1.0)
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+
     def check(self, where: str = "train") -> None:
         """Raise :class:`GalgenInputError` for out-of-range values.
 
@@ -120,6 +166,12 @@ class TrainConfig:
                 raise GalgenInputError(f"{where}.{key}: must be >= 1, got {getattr(self, key)!r}")
         if not self.lr > 0:
             raise GalgenInputError(f"{where}.lr: must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise GalgenInputError(f"{where}.lr_schedule: 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_warmup < 0 or self.lr_warmup >= self.steps:
+            raise GalgenInputError(f"{where}.lr_warmup: must be in [0, steps={self.steps}), got {self.lr_warmup!r}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise GalgenInputError(f"{where}.lr_min: must be in [0, lr={self.lr}], got {self.lr_min!r}")
         if not 0 <= self.val_fraction < 1:
             raise GalgenInputError(f"{where}.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -296,6 +348,7 @@ class Trainer:
             raise GalgenInputError(f"train.batch_size: {config.batch_size} is larger than the "
                                    f"{len(train_data)} training galaxies")
         self.optimizers = model.make_optimizers(lr=config.lr, **config.optimizer)
+        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.step = 0
         self.best_val = math.inf
         self.train_log = _CSVLog(self.out / "train_log.csv")
@@ -337,8 +390,8 @@ class Trainer:
         if have.get("model") != want.get("model"):
             raise GalgenInputError(f"{path}: checkpoint of another model config "
                                    f"({have.get('model')} vs {want.get('model')})")
-        diff = [k for k in _TRAJECTORY_KEYS
-                if have.get("train", {}).get(k) != want.get("train", {}).get(k)]
+        keys = _TRAJECTORY_KEYS + (("steps",) if self.config.lr_schedule != "constant" else ())
+        diff = [k for k in keys if have.get("train", {}).get(k) != want.get("train", {}).get(k)]
         if diff:
             raise GalgenInputError(f"{path}: training options {diff} differ from the checkpoint's; "
                                    "an exact resume needs the same ones")
@@ -354,6 +407,42 @@ class Trainer:
         self.val_log.load(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def initialise(self, path) -> None:
+        """Start from the weights of another run (``train.init``): fine-tuning.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Run directory (its ``model.pt``, else ``last.pt``) or checkpoint file.
+
+        Raises
+        ------
+        GalgenInputError
+            No checkpoint there, or one of another model configuration.
+        """
+        from .checkpoints import load_model
+
+        source = load_model(path)
+        mine = self.model.config
+        try:
+            if source.config.get("kind") != mine.get("kind"):
+                raise RuntimeError("kind")
+            self.model.load_state_dict(source.state_dict())
+        except RuntimeError:
+            keys = sorted(k for k in set(source.config) | set(mine) if source.config.get(k) != mine.get(k))
+            raise GalgenInputError(f"train.init: {path} holds a model of another architecture (its config "
+                                   f"differs in {keys}); fine-tuning needs the same one") from None
+        self.provenance = {**self.provenance, "init": str(getattr(source, "checkpoint_path", path)),
+                           "init_step": int(source.run_config.get("train", {}).get("steps", 0))}
+        log.info("initialised from %s", path)
+
+    def _set_lr(self, step: int) -> float:
+        factor = self.config.lr_at(step) / self.config.lr
+        for k, o in self.optimizers.items():
+            for g, base in zip(o.param_groups, self._base_lr[k]):
+                g["lr"] = base * factor
+        return self.config.lr * factor
 
     # -- one step -----------------------------------------------------------------------
     def _global_positions(self, step: int) -> torch.Tensor:
@@ -383,6 +472,7 @@ class Trainer:
             If the loss is NaN or infinite on any process.
         """
         self.model.train()
+        lr = self._set_lr(self.step)
         batch = self.train_data.batch(self._global_positions(self.step))
         torch.manual_seed(_step_seed(self.config.seed, self.step, self.ctx.rank))
         with self._autocast():
@@ -394,7 +484,10 @@ class Trainer:
                                    f"checkpoint is {self.out / 'last.pt'} (lower the learning rate or check the "
                                    "data for bad pixels)")
         self.step += 1
-        return {k: float(v) for k, v in metrics.items()}
+        out = {k: float(v) for k, v in metrics.items()}
+        if self.config.lr_schedule != "constant" or self.config.lr_warmup:
+            out["lr"] = lr
+        return out
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -619,6 +712,8 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
                 tmp.write_text(yaml.safe_dump(_json(run_config), sort_keys=False))
         if resume:
             trainer.resume()
+        elif tc.init:
+            trainer.initialise(tc.init)
         summary = trainer.fit()
         summary["model"] = trainer.finish()
         return summary

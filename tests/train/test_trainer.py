@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume, NaN stop, bad configs, bf16, torchrun data parallelism."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 
 from galgen.errors import GalgenInputError, TrainingDiverged
 from galgen.models import AutoEncoder
-from galgen.train import load_checkpoint, load_model, load_run_config, train
+from galgen.train import Trainer, load_checkpoint, load_model, load_run_config, train
 
 BASE = {
     "model": {"kind": "ae", "latent_dim": 8, "width": 8},
@@ -76,6 +77,67 @@ def test_resume_is_exact(sdss_tiny, tmp_path):
     # a resume with another trajectory is refused
     with pytest.raises(GalgenInputError, match="lr"):
         train(write_config(tmp_path, "other.yaml", lr=1e-2), sdss_tiny, tmp_path / "resumed", resume=True)
+
+
+def test_cosine_schedule_logs_decays_and_resumes_exactly(sdss_tiny, tmp_path):
+    sched = dict(lr_schedule="cosine", lr_warmup=2, lr_min=1e-4)
+    cfg = write_config(tmp_path, **sched)
+    train(cfg, sdss_tiny, tmp_path / "straight")
+    lrs = [float(r["lr"]) for r in rows(tmp_path / "straight" / "train_log.csv")]
+    # warm-up 1e-3, 2e-3, then a half cosine from 2e-3 to 1e-4 over the remaining 4 steps
+    want = [1e-3, 2e-3] + [1e-4 + (2e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(4)]
+    assert lrs == pytest.approx(want, rel=1e-5)
+    # a run killed after its step-3 checkpoint ...
+    original = Trainer.train_step
+
+    def killed(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, sdss_tiny, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    # ... resumes on the same schedule only: the cosine depends on lr_min and on steps
+    with pytest.raises(GalgenInputError, match="steps"):
+        train(cfg, sdss_tiny, tmp_path / "resumed", resume=True, overrides={"steps": 8})
+    with pytest.raises(GalgenInputError, match="lr_"):
+        train(write_config(tmp_path, "b.yaml", **{**sched, "lr_min": 0.0}), sdss_tiny, tmp_path / "resumed",
+              resume=True)
+    train(cfg, sdss_tiny, tmp_path / "resumed", resume=True)
+    assert states_equal(load_checkpoint(tmp_path / "straight" / "last.pt")["model"],
+                        load_checkpoint(tmp_path / "resumed" / "last.pt")["model"])
+
+
+def test_schedule_bad_values(sdss_tiny, tmp_path):
+    for bad, match in (({"lr_schedule": "step"}, "lr_schedule"), ({"lr_warmup": 6}, "lr_warmup"),
+                       ({"lr_min": 1.0}, "lr_min")):
+        with pytest.raises(GalgenInputError, match=match):
+            train(write_config(tmp_path, **bad), sdss_tiny, tmp_path / "run")
+
+
+def test_init_fine_tunes_from_another_run(sdss_tiny, tmp_path):
+    cfg = write_config(tmp_path, steps=3, val_every=3)
+    train(cfg, sdss_tiny, tmp_path / "first")
+    first = load_model(tmp_path / "first")
+    # zero steps of learning (lr_min = lr = tiny) keeps the initial weights almost exactly
+    train(cfg, sdss_tiny, tmp_path / "tuned", overrides={"init": str(tmp_path / "first"), "steps": 1, "lr": 1e-12,
+                                                          "val_every": 1, "checkpoint_every": 1})
+    tuned = load_model(tmp_path / "tuned")
+    for k, v in first.state_dict().items():
+        assert torch.allclose(v, tuned.state_dict()[k], atol=1e-8), k
+    assert tuned.provenance["init"].endswith("model.pt")
+    # a fresh run of the same seed differs: the weights did come from the first run
+    train(cfg, sdss_tiny, tmp_path / "fresh", overrides={"steps": 1, "lr": 1e-12, "val_every": 1,
+                                                         "checkpoint_every": 1})
+    fresh = load_model(tmp_path / "fresh")
+    assert not states_equal(fresh.state_dict(), first.state_dict())
+    other = tmp_path / "wide.yaml"
+    other.write_text(yaml.safe_dump({"model": {**BASE["model"], "width": 16}, "train": BASE["train"]}))
+    with pytest.raises(GalgenInputError, match=r"another architecture.*width"):
+        train(other, sdss_tiny, tmp_path / "wide", overrides={"init": str(tmp_path / "first")})
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(sdss_tiny, tmp_path, monkeypatch):
