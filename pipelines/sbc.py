@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from galgen.data.atomic import atomic_output
+from galgen.data.cutouts import CutoutFile
 from galgen.inference.calibration import coverage, rank_uniformity, simulation_based_calibration
+from galgen.inference.fit import _model_for_data
 from galgen.physics import Observation
-from galgen.sample import _device, resolve_model
+from galgen.sample import _device
 
 N_DRAWS = 199
 
@@ -71,7 +73,9 @@ def plot(names, ranks, cov, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--model", required=True, help="pretrained name, run directory or model.pt")
+    ap.add_argument("--model", required=True, help="pretrained name, run directory or model.pt, or 'sersic' / "
+                    "'bulge-disk' (the parametric model, its parameters drawn from its prior and its flux "
+                    "from the observed galaxy's)")
     ap.add_argument("--data", required=True, help="cutout file whose PSFs and noise observe the simulated galaxies")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=250)
@@ -87,7 +91,12 @@ def main():
     if args.samples * args.chains < N_DRAWS:
         raise SystemExit(f"--samples x --chains must be >= {N_DRAWS} (posterior draws ranked per galaxy)")
     dev = _device(args.device)
-    model = resolve_model(args.model, dev).eval()
+    with CutoutFile(args.data) as f:
+        model = _model_for_data(args.model, int(f.attrs["stamp_size"]), f.oversampling,
+                                float(f.attrs["pixel_scale"]), dev)
+        if len(f) < args.n:
+            raise SystemExit(f"--n {args.n}: {args.data} has only {len(f)} galaxies to lend PSFs and noise")
+    unit_flux = hasattr(model, "initial_log_scale")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "data", "n", "batch_size", "samples", "chains", "warmup",
@@ -102,9 +111,14 @@ def main():
             continue
         rows = list(range(start, min(start + args.batch_size, args.n)))
         obs = Observation.from_cutouts(args.data, rows, device=dev)
+        log_scale = None
+        if unit_flux:  # the observed galaxy's total flux
+            with CutoutFile(args.data) as f:
+                images = torch.as_tensor(f.read("observed", np.asarray(rows)), device=dev)
+            log_scale = model.initial_log_scale(images)
         r = simulation_based_calibration(model, obs, samples=args.samples, chains=args.chains, warmup=args.warmup,
                                          n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, prior=args.prior,
-                                         seed=args.seed * 1_000_003 + start)
+                                         log_scale=log_scale, seed=args.seed * 1_000_003 + start)
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:

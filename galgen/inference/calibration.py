@@ -34,12 +34,15 @@ __all__ = ["simulation_based_calibration", "coverage", "rank_uniformity"]
 def _prior_draws(model, n, generator, prior):
     if hasattr(model, "sample_latents"):
         return model.sample_latents(n, generator=generator, prior=prior).float()
+    if hasattr(model, "sample_prior"):
+        return model.sample_prior(n, generator=generator).float()
     return torch.randn(n, _latent_dim(model), generator=generator, device=generator.device)
 
 
 def simulation_based_calibration(model, observation, *, samples: int = 200, chains: int = 4,
                                  warmup: int | None = None, n_leapfrog: int = 16, n_draws: int = 199,
-                                 prior: str | None = None, max_iter: int = 300, seed: int = 0) -> dict:
+                                 prior: str | None = None, max_iter: int = 300, log_scale=None,
+                                 seed: int = 0) -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -59,13 +62,20 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         The VAE latent prior used both to simulate and to fit.
     max_iter : int, optional
         MAP iterations of the starting point.
+    log_scale : torch.Tensor, optional
+        ``(B,)`` true log flux scales multiplying the decoded galaxies (default 0: the
+        decoder's own flux, right for a VAE). A parametric model renders unit flux: give
+        it realistic fluxes, e.g. ``model.initial_log_scale`` of the observed cutouts.
+        The fits' log flux scale has a flat prior, so that any fixed truth is covered as
+        a location parameter is, up to the non-Gaussianity of its likelihood.
     seed : int, optional
 
     Returns
     -------
     dict
         ``names`` (derived names, then ``z0``...), ``truth`` ``(B, p)``, ``ranks``
-        ``(B, p)`` int, ``draws`` ``(B, n_draws, p)``, ``rhat_max`` and
+        ``(B, p)`` int, ``draws`` ``(B, n_draws, p)`` (a parametric model's latents are
+        named by its ``param_names``), ``rhat_max`` and
         ``ess_bulk_min`` ``(B,)`` of the latent chains, ``divergences`` ``(B,)``,
         ``wall_s``.
     """
@@ -78,6 +88,11 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     with torch.no_grad():
         z_true = _prior_draws(model, B, gen, prior)
         intr = _decode(model, z_true, None).float()
+        if log_scale is not None:
+            log_scale = torch.as_tensor(log_scale, dtype=intr.dtype, device=intr.device).reshape(-1)
+            if log_scale.shape != (B,) or not bool(torch.isfinite(log_scale).all()):
+                raise GalgenInputError(f"log_scale: expected {B} finite values, got shape {tuple(log_scale.shape)}")
+            intr = intr * log_scale.exp()[:, None, None]
         _, observed = observation.observe(intr, generator=gen)
     res = fit_map(model, observed, observation, max_iter=max_iter, prior=prior, generator=gen)
     h = _hmc_from_map(model, observation, observed, None, res, samples=samples, chains=chains,
@@ -88,7 +103,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     truth = torch.cat([derived_quantities(intr, observation.intrinsic_scale).cpu(), z_true.double().cpu()], 1).numpy()
     ranks = (draws < truth[:, None, :]).sum(1)
     diag = summarize_chains(h.samples.cpu().numpy())
-    return {"names": list(DERIVED_NAMES) + [f"z{i}" for i in range(d)], "truth": truth, "ranks": ranks,
+    latent_names = list(getattr(model, "param_names", [f"z{i}" for i in range(d)]))
+    return {"names": list(DERIVED_NAMES) + latent_names, "truth": truth, "ranks": ranks,
             "draws": draws, "rhat_max": diag["rhat"].max(1), "ess_bulk_min": diag["ess_bulk"].min(1),
             "divergences": h.divergences.sum(1).cpu().numpy(), "wall_s": time.perf_counter() - t0}
 

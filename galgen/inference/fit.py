@@ -154,7 +154,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     pathlib.Path
         ``out``.
     """
-    from ..sample import _device, resolve_model
+    from ..sample import _device
     from ..train.data import TrainingData
 
     dev = _device(device)
@@ -164,9 +164,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         stamp, k = int(f.attrs["stamp_size"]), f.oversampling
         data_fp = str(f.attrs.get("fingerprint", ""))
         scale = float(f.attrs["pixel_scale"])
-    if isinstance(model, str) and model in PARAMETRIC_KINDS and not Path(model).exists():
-        model = SersicModel(model, stamp=stamp, oversampling=k, pixel_scale=scale)
-    model = resolve_model(model, dev).eval()
+    model = _model_for_data(model, stamp, k, scale, dev)
     cfg = model.config
     if stamp != cfg["stamp"] or k != cfg["oversampling"]:
         raise GalgenInputError(f"{data}: stamp {stamp} / oversampling {k} differ from the model's "
@@ -262,6 +260,15 @@ def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, w
     init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
     lp = posterior_log_prob(model, observation, observed, cond, prior, chains)
     return hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, n_leapfrog=n_leapfrog, generator=generator)
+
+
+def _model_for_data(model, stamp: int, oversampling: int, pixel_scale: float, device):
+    """``resolve_model``, or a parametric model built for a file's stamp, oversampling and pixel scale."""
+    from ..sample import resolve_model
+
+    if isinstance(model, str) and model in PARAMETRIC_KINDS and not Path(model).exists():
+        model = SersicModel(model, stamp=stamp, oversampling=oversampling, pixel_scale=pixel_scale)
+    return resolve_model(model, device).eval()
 
 
 def _thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:

@@ -302,14 +302,37 @@ class SersicModel(nn.Module):
         torch.Tensor
             ``(B,)``.
         """
-        sd = torch.ones(self.latent_dim, dtype=theta.dtype, device=theta.device)
+        mu, sd = self._prior_moments(theta.dtype, theta.device)
+        return -0.5 * (((theta - mu) / sd) ** 2).sum(1) - torch.log(sd).sum()
+
+    def _prior_moments(self, dtype, device):
+        sd = torch.ones(self.latent_dim, dtype=dtype, device=device)
         mu = torch.zeros_like(sd)
         for i, name in enumerate(self.param_names):
             if name.startswith("log_hlr"):
                 mu[i] = math.log(0.8)
             elif name in ("t_n", "t_bt"):
                 sd[i] = 1.5
-        return -0.5 * (((theta - mu) / sd) ** 2).sum(1) - torch.log(sd).sum()
+        return mu, sd
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Parameter vectors drawn from :meth:`log_prior` (for simulation-based calibration).
+
+        Parameters
+        ----------
+        n : int
+        generator : torch.Generator, optional
+        device : torch.device, optional
+            Default: the generator's device, else the CPU.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, latent_dim)``.
+        """
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        mu, sd = self._prior_moments(torch.float32, device)
+        return mu + sd * torch.randn(n, self.latent_dim, generator=generator, device=device)
 
     def initial_guess(self, observed: torch.Tensor) -> torch.Tensor:
         """Starting parameters from the light-weighted moments of observed stamps.

@@ -65,3 +65,26 @@ def test_needs_per_galaxy_observation():
     obs = Observation(gaussian_psf(1.0, 9, 1.0), pixel_scale=1.0, stamp=16, noise=GaussianNoise(torch.ones(16, 16)))
     with pytest.raises(GalgenInputError, match="per-galaxy"):
         simulation_based_calibration(LinearGalaxy(), obs)
+
+
+def test_sbc_of_the_sersic_model_draws_from_its_prior_at_given_fluxes():
+    """A parametric model: parameters from its prior, the flux given, latents named by the model."""
+    from galgen.models.parametric import SersicModel
+
+    B = 6
+    model = SersicModel("sersic", stamp=24, pixel_scale=0.4)
+    obs = Observation(gaussian_psf(1.2, 11, 0.4), pixel_scale=0.4, stamp=24,
+                      noise=GaussianNoise(torch.full((B, 24, 24), 4.0)))
+    log_scale = torch.log(torch.linspace(2e3, 2e4, B))
+    res = simulation_based_calibration(model, obs, samples=60, chains=2, warmup=40, n_leapfrog=4, n_draws=99,
+                                       max_iter=60, log_scale=log_scale, seed=1)
+    assert res["names"] == ["flux", "hlr", "e1", "e2"] + model.param_names
+    truth = torch.as_tensor(res["truth"])
+    # true flux: the given total times the in-stamp fraction of the unit-flux render
+    frac = torch.as_tensor(res["truth"][:, 0]) / log_scale.exp().double()
+    assert torch.all((frac > 0.3) & (frac <= 1.0 + 1e-4))
+    assert torch.equal(truth[:, 4:].float(), model.sample_prior(B, generator=torch.Generator().manual_seed(1)))
+    assert np.all((res["ranks"] >= 0) & (res["ranks"] <= 99))
+    with pytest.raises(GalgenInputError, match="log_scale"):
+        simulation_based_calibration(model, obs, samples=5, chains=1, warmup=5, n_draws=4, max_iter=2,
+                                     log_scale=torch.zeros(B + 1))

@@ -1,5 +1,7 @@
 """The torch Sersic / bulge+disk renderer against GalSim, and fits with galgen's MAP code."""
 
+import math
+
 import galsim
 import numpy as np
 import pytest
@@ -111,3 +113,19 @@ def test_map_fit_recovers_a_galsim_galaxy():
     assert torch.allclose(res.log_scale.exp(), torch.tensor(3e4), rtol=0.03)
     red = res.reduced_chi2
     assert bool(((red > 0.9) & (red < 1.1)).all()), red
+
+
+def test_sample_prior_follows_log_prior():
+    m = SersicModel("bulge-disk", stamp=32, pixel_scale=0.4)
+    th = m.sample_prior(40000, generator=torch.Generator().manual_seed(0)).double()
+    mu, sd = th.mean(0), th.std(0)
+    names = m.param_names
+    for i, name in enumerate(names):
+        want_mu = math.log(0.8) if name.startswith("log_hlr") else 0.0
+        want_sd = 1.5 if name == "t_bt" else 1.0
+        assert abs(mu[i] - want_mu) < 0.03 and abs(sd[i] / want_sd - 1) < 0.02, name
+    # the density it samples is the one log_prior evaluates: its gradient is the Gaussian score
+    x = th[:5].float().requires_grad_(True)
+    g, = torch.autograd.grad(m.log_prior(x).sum(), x)
+    mu_t, sd_t = m._prior_moments(torch.float32, "cpu")
+    assert torch.allclose(g, -(x - mu_t) / sd_t**2, atol=1e-5)
