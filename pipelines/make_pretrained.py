@@ -25,6 +25,26 @@ from galgen.pretrained import PRETRAINED_DIR
 from galgen.train import load_checkpoint, load_model
 
 
+def training_stages(path, ck) -> list:
+    """The run of ``path`` and, for a fine-tuned run (``train.init``), the runs it started from."""
+    stages = []
+    seen = set()
+    while True:
+        run = Path(path).parent
+        log = list(csv.DictReader(open(run / "train_log.csv", newline="")))
+        train = ck["config"]["train"]
+        stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
+                          "images_seen": int(ck["step"]) * int(train["batch_size"]),
+                          "wall_s": float(log[-1]["wall_s"]) if log else None,
+                          "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min", "batch_size")
+                                    if train.get(k) is not None}})
+        init = ck["provenance"].get("init")
+        if not init or init in seen:
+            return stages
+        seen.add(init)
+        path, ck = init, load_checkpoint(init)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--run", required=True, help="training run directory (with model.pt)")
@@ -40,12 +60,13 @@ def main():
     ck = load_checkpoint(src)
     if ck["optimizer"] is not None:
         raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
-    log = list(csv.DictReader(open(run / "train_log.csv", newline="")))
+    stages = training_stages(src, ck)
     card = {
         "name": args.name, "kind": ck["config"]["model"]["kind"], "galgen_version": ck["galgen_version"],
         "config": ck["config"], "provenance": ck["provenance"], "training_data_command": args.simulate,
-        "steps": ck["step"], "images_seen": ck["step"] * ck["config"]["train"]["batch_size"],
-        "training_wall_s": float(log[-1]["wall_s"]) if log else None,
+        "steps": sum(st["steps"] for st in stages), "images_seen": sum(st["images_seen"] for st in stages),
+        "training_wall_s": sum(st["wall_s"] or 0.0 for st in stages),
+        "stages": stages,
         "machine": args.machine or f"{platform.processor() or platform.machine()}, {platform.platform()}",
         "metrics": ck["metrics"],
     }
