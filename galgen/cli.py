@@ -125,7 +125,7 @@ def _cmd_fit(args):
     shard = parse_shard(args.shard) if args.shard else None
     out = format_shard_path(args.out, shard) if shard else args.out
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
-                   shard=shard, device=args.device, batch_size=args.batch_size, restarts=args.restarts,
+                   n_leapfrog=args.n_leapfrog, metric=args.metric, shard=shard, device=args.device, batch_size=args.batch_size, restarts=args.restarts,
                    max_iter=args.max_iter, seed=args.seed, prior=args.prior, overwrite=args.overwrite))
 
 
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, help="posterior draws per chain (0: MAP only) [0]")
     p.add_argument("--chains", type=_positive_int, default=4, help="HMC chains per galaxy [4]")
     p.add_argument("--warmup", type=int, default=None, help="HMC warm-up iterations [= --samples]")
+    p.add_argument("--n-leapfrog", type=_positive_int, default=16, help="leapfrog steps per HMC trajectory [16]")
+    p.add_argument("--metric", choices=("diag", "dense"), default="diag",
+                   help="HMC mass matrix: per-chain diagonal, or dense per galaxy for correlated parameters [diag]")
     p.add_argument("--restarts", type=int, default=1, help="random MAP restarts besides the encoder's [1]")
     p.add_argument("--max-iter", type=_positive_int, default=500, help="MAP iterations at most [500]")
     p.add_argument("--prior", choices=("flow", "normal"), default=None, help="VAE latent prior [flow if fitted]")

@@ -42,7 +42,7 @@ def _prior_draws(model, n, generator, prior):
 def simulation_based_calibration(model, observation, *, samples: int = 200, chains: int = 4,
                                  warmup: int | None = None, n_leapfrog: int = 16, n_draws: int = 199,
                                  prior: str | None = None, max_iter: int = 300, log_scale=None,
-                                 seed: int = 0) -> dict:
+                                 metric: str = "diag", seed: int = 0) -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -62,6 +62,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         The VAE latent prior used both to simulate and to fit.
     max_iter : int, optional
         MAP iterations of the starting point.
+    metric : {"diag", "dense"}, optional
+        HMC mass matrix, as in :func:`galgen.inference.fit_file`.
     log_scale : torch.Tensor, optional
         ``(B,)`` true log flux scales multiplying the decoded galaxies (default 0: the
         decoder's own flux, right for a VAE). A parametric model renders unit flux: give
@@ -96,7 +98,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         _, observed = observation.observe(intr, generator=gen)
     res = fit_map(model, observed, observation, max_iter=max_iter, prior=prior, generator=gen)
     h = _hmc_from_map(model, observation, observed, None, res, samples=samples, chains=chains,
-                      warmup=samples if warmup is None else warmup, n_leapfrog=n_leapfrog, prior=prior, generator=gen)
+                      warmup=samples if warmup is None else warmup, n_leapfrog=n_leapfrog, prior=prior, generator=gen,
+                      metric=metric)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
     draws = torch.cat([derived.double(), _thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()
