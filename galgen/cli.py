@@ -125,8 +125,9 @@ def _cmd_fit(args):
     shard = parse_shard(args.shard) if args.shard else None
     out = format_shard_path(args.out, shard) if shard else args.out
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
-                   n_leapfrog=args.n_leapfrog, metric=args.metric, shard=shard, device=args.device, batch_size=args.batch_size, restarts=args.restarts,
-                   max_iter=args.max_iter, seed=args.seed, prior=args.prior, overwrite=args.overwrite))
+                   n_leapfrog=args.n_leapfrog, metric=args.metric, shard=shard, device=args.device,
+                   batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
+                   prior=args.prior, overwrite=args.overwrite))
 
 
 def build_parser() -> argparse.ArgumentParser:

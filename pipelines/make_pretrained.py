@@ -31,7 +31,8 @@ def training_stages(path, ck) -> list:
     seen = set()
     while True:
         run = Path(path).parent
-        log = list(csv.DictReader(open(run / "train_log.csv", newline="")))
+        with open(run / "train_log.csv", newline="") as fh:
+            log = list(csv.DictReader(fh))
         train = ck["config"]["train"]
         stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
                           "images_seen": int(ck["step"]) * int(train["batch_size"]),

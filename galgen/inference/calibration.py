@@ -62,14 +62,14 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         The VAE latent prior used both to simulate and to fit.
     max_iter : int, optional
         MAP iterations of the starting point.
-    metric : {"diag", "dense"}, optional
-        HMC mass matrix, as in :func:`galgen.inference.fit_file`.
     log_scale : torch.Tensor, optional
         ``(B,)`` true log flux scales multiplying the decoded galaxies (default 0: the
         decoder's own flux, right for a VAE). A parametric model renders unit flux: give
         it realistic fluxes, e.g. ``model.initial_log_scale`` of the observed cutouts.
         The fits' log flux scale has a flat prior, so that any fixed truth is covered as
         a location parameter is, up to the non-Gaussianity of its likelihood.
+    metric : {"diag", "dense"}, optional
+        HMC mass matrix, as in :func:`galgen.inference.fit_file`.
     seed : int, optional
 
     Returns

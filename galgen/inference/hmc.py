@@ -2,18 +2,18 @@
 
 Every chain of every galaxy is one row of a ``(M, d)`` state; the target's log density
 is evaluated for all rows in one call (one batched decoder and physics-layer pass on a
-GPU), and each chain has its own step size and diagonal mass matrix. Warm-up follows
-Stan's scheme in a simplified form: dual-averaging step-size adaptation (Hoffman &
-Gelman 2014) towards a target acceptance rate, a diagonal mass matrix estimated three
-times, each from the draws of one window of the middle of warm-up made with the previous
-estimate (regularised towards the identity), then a final step-size adaptation with that
-metric. ``metric="dense"`` estimates a full covariance
-instead, from the warm-up draws of all chains of a galaxy pooled (Stan's ``dense_e``):
-worth it where parameters are strongly correlated, such as a Sersic profile's flux,
-radius and index, whose narrow, tilted posterior a diagonal metric crosses in many
-small steps. Trajectories have a fixed number of leapfrog
-steps with a step size jittered by +-10% per iteration. A transition whose energy error
-exceeds 1000 (or is not finite) is a divergence.
+GPU), and each chain has its own step size and mass matrix. Warm-up follows Stan's
+scheme in a simplified form: dual-averaging step-size adaptation (Hoffman & Gelman 2014)
+towards a target acceptance rate, a mass matrix estimated three times, each from the
+draws of one window of the middle of warm-up made with the previous estimate
+(regularised towards the identity), then a final step-size adaptation with that metric.
+The metric is diagonal per chain, or with ``metric="dense"`` a full covariance from the
+warm-up draws of all chains of a galaxy pooled (Stan's ``dense_e``): worth it where
+parameters are strongly correlated, such as a Sersic profile's flux, radius and index,
+whose narrow, tilted posterior a diagonal metric crosses in many small steps.
+Trajectories have a fixed number of leapfrog steps with a step size jittered by +-10%
+per iteration. A transition whose energy error exceeds 1000 (or is not finite) is a
+divergence.
 """
 
 from __future__ import annotations
@@ -113,19 +113,19 @@ class _Metric:
 
     def adapt(self, window, chains, dense):
         """Set from warm-up draws ``(n, M, d)``, regularised towards 1e-3 I as Stan does."""
+        def shrink(estimate, n, identity):  # Stan's regularisation
+            return (n / (n + 5)) * estimate + 1e-3 * (5 / (n + 5)) * identity
+
         n, M, d = window.shape
         if not dense:
-            var = window.var(0)
-            self.inv_mass = (n / (n + 5)) * var + 1e-3 * (5 / (n + 5))
+            self.inv_mass = shrink(window.var(0), n, 1.0)
             return
         G = M // chains
         pooled = window.reshape(n, G, chains, d).permute(1, 2, 0, 3).reshape(G, chains * n, d)
         centred = pooled - pooled.mean(1, keepdim=True)
         m = chains * n
-        cov = centred.transpose(1, 2) @ centred / (m - 1)
         eye = torch.eye(d, device=window.device, dtype=window.dtype)
-        cov = (m / (m + 5)) * cov + 1e-3 * (5 / (m + 5)) * eye
-        cov = cov.repeat_interleave(chains, 0)
+        cov = shrink(centred.transpose(1, 2) @ centred / (m - 1), m, eye).repeat_interleave(chains, 0)
         chol, info = torch.linalg.cholesky_ex(cov)
         bad = info != 0
         if bool(bad.any()):  # fall back to the diagonal where the estimate is not positive definite

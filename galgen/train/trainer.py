@@ -433,8 +433,7 @@ class Trainer:
             keys = sorted(k for k in set(source.config) | set(mine) if source.config.get(k) != mine.get(k))
             raise GalgenInputError(f"train.init: {path} holds a model of another architecture (its config "
                                    f"differs in {keys}); fine-tuning needs the same one") from None
-        self.provenance = {**self.provenance, "init": str(getattr(source, "checkpoint_path", path)),
-                           "init_step": int(source.run_config.get("train", {}).get("steps", 0))}
+        self.provenance = {**self.provenance, "init": str(getattr(source, "checkpoint_path", path))}
         log.info("initialised from %s", path)
 
     def _set_lr(self, step: int) -> float:
