@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--n-leapfrog", type=int, default=16)
     ap.add_argument("--prior", choices=["flow", "normal"], default=None)
     ap.add_argument("--metric", choices=["diag", "dense"], default="diag", help="HMC mass matrix [diag]")
+    ap.add_argument("--sampler", choices=["hmc", "nuts"], default="hmc", help="fixed-length HMC or NUTS [hmc]")
+    ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory")
@@ -102,6 +104,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "data", "n", "batch_size", "samples", "chains", "warmup",
                                                "n_leapfrog", "prior", "metric", "seed")}
+    if args.sampler != "hmc":  # (settings of earlier HMC runs stay valid for their batches)
+        settings.update(sampler=args.sampler, max_depth=args.max_depth)
     parts = []
     for b, start in enumerate(range(0, args.n, args.batch_size)):
         part = out / f"batch{b:04d}.npz"
@@ -119,7 +123,8 @@ def main():
             log_scale = model.initial_log_scale(images)
         r = simulation_based_calibration(model, obs, samples=args.samples, chains=args.chains, warmup=args.warmup,
                                          n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, prior=args.prior,
-                                         log_scale=log_scale, metric=args.metric, seed=args.seed * 1_000_003 + start)
+                                         log_scale=log_scale, metric=args.metric, sampler=args.sampler,
+                                         max_depth=args.max_depth, seed=args.seed * 1_000_003 + start)
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:

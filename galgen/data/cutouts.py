@@ -436,7 +436,7 @@ class CutoutFile:
         return f"CutoutFile({str(self.path)!r}, n={len(self)}, keys={self.keys})"
 
 
-def output_is_current(out, fingerprint: str, overwrite: bool = False) -> bool:
+def output_is_current(out, fingerprint: str, overwrite: bool = False, schema: str = SCHEMA_NAME) -> bool:
     """Decide what a stage does with an existing output file (resumable stages).
 
     Parameters
@@ -447,11 +447,16 @@ def output_is_current(out, fingerprint: str, overwrite: bool = False) -> bool:
         JSON of the arguments of the job about to run.
     overwrite : bool, optional
         Whether an output made by another job may be replaced.
+    schema : str, optional
+        The output's ``format`` attribute: a cutout file (validated as
+        :class:`CutoutFile` does), or another galgen HDF5 file written by a
+        :class:`CutoutWriter` subclass (e.g. a fit file), of which the format, the
+        completion flag and the fingerprint are checked.
 
     Returns
     -------
     bool
-        True if ``out`` is a complete cutout file of this very job (nothing to do).
+        True if ``out`` is a complete file of this very job (nothing to do).
         False if there is no output, or (with ``overwrite``) an output of another job; that
         file stays until the new one replaces it atomically (a failed run loses nothing).
 
@@ -465,10 +470,16 @@ def output_is_current(out, fingerprint: str, overwrite: bool = False) -> bool:
     if not out.exists():
         return False
     try:
-        with CutoutFile(out) as f:
-            if f.attrs.get("fingerprint") == fingerprint:
-                return True
-    except GalgenInputError:  # SchemaError included: not a complete file of ours
+        if schema == SCHEMA_NAME:
+            with CutoutFile(out) as f:
+                if f.attrs.get("fingerprint") == fingerprint:
+                    return True
+        else:
+            with h5py.File(out, "r") as f:
+                if (f.attrs.get("format") == schema and bool(f.attrs.get("complete", False))
+                        and f.attrs.get("fingerprint") == fingerprint):
+                    return True
+    except (GalgenInputError, OSError):  # SchemaError included: not a complete file of ours
         pass
     if not overwrite:
         raise GalgenInputError(f"{out}: output exists (from another job); pass --overwrite to replace it")

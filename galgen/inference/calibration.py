@@ -42,7 +42,8 @@ def _prior_draws(model, n, generator, prior):
 def simulation_based_calibration(model, observation, *, samples: int = 200, chains: int = 4,
                                  warmup: int | None = None, n_leapfrog: int = 16, n_draws: int = 199,
                                  prior: str | None = None, max_iter: int = 300, log_scale=None,
-                                 metric: str = "diag", seed: int = 0) -> dict:
+                                 metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
+                                 seed: int = 0) -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -70,6 +71,9 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         a location parameter is, up to the non-Gaussianity of its likelihood.
     metric : {"diag", "dense"}, optional
         HMC mass matrix, as in :func:`galgen.inference.fit_file`.
+    sampler : {"hmc", "nuts"}, optional
+    max_depth : int, optional
+        As in :func:`galgen.inference.fit_file`.
     seed : int, optional
 
     Returns
@@ -98,8 +102,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         _, observed = observation.observe(intr, generator=gen)
     res = fit_map(model, observed, observation, max_iter=max_iter, prior=prior, generator=gen)
     h = _hmc_from_map(model, observation, observed, None, res, samples=samples, chains=chains,
-                      warmup=samples if warmup is None else warmup, n_leapfrog=n_leapfrog, prior=prior, generator=gen,
-                      metric=metric)
+                      warmup=samples if warmup is None else warmup, prior=prior, generator=gen, n_leapfrog=n_leapfrog,
+                      metric=metric, sampler=sampler, max_depth=max_depth)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
     draws = torch.cat([derived.double(), _thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()

@@ -118,7 +118,7 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
 def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int | None = None,
              n_leapfrog: int = 16, shard=None, device="auto", batch_size: int = 256, restarts: int = 1,
              max_iter: int = 500, seed: int = 0, prior: str | None = None, metric: str = "diag",
-             overwrite: bool = False) -> Path:
+             sampler: str = "hmc", max_depth: int = 8, overwrite: bool = False) -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -142,6 +142,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     metric : {"diag", "dense"}, optional
         HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense
         for strongly correlated parameters (Sersic flux, radius and index).
+    sampler : {"hmc", "nuts"}, optional
+        Fixed-length HMC trajectories of ``n_leapfrog`` steps, or the No-U-Turn sampler.
+    max_depth : int, optional
+        NUTS: at most ``2**max_depth - 1`` leapfrog steps per draw.
     shard : galgen.sharding.Shard, optional
         Fit only this part of the file.
     device : str, optional
@@ -181,10 +185,11 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "data_fingerprint": data_fp, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
                      "samples": samples, "chains": chains, "warmup": warmup, "n_leapfrog": n_leapfrog,
                      "batch_size": batch_size, "restarts": restarts, "max_iter": max_iter, "seed": seed,
-                     "prior": prior, **({"metric": metric} if metric != "diag" else {})}, sort_keys=True)
+                     "prior": prior, **({"metric": metric} if metric != "diag" else {}),
+                     **({"sampler": sampler, "max_depth": max_depth} if sampler != "hmc" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
-    if output_is_current(out, fp, overwrite) and catalog_path.exists():
+    if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
         return out
     d = int(cfg["latent_dim"])
     shapes = {"index": (), "z": (d,), "log_scale": (), "intrinsic": (stamp * k, stamp * k),
@@ -219,7 +224,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "n_iter": res.n_iter.numpy(),
                      "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
-                block.update(_posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, metric))
+                block.update(_posterior(model, b, res, samples, chains, warmup, prior, gen, n_leapfrog=n_leapfrog,
+                                        metric=metric, sampler=sampler, max_depth=max_depth))
             w.write(block)
             wall.append(res.wall_time)
         from astropy.table import Table
@@ -257,15 +263,17 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     return out
 
 
-def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, warmup, n_leapfrog, prior,
-                 generator, metric="diag"):
-    """HMC chains of (z, log_scale) started about a batch's MAP (the posterior step of ``galgen fit``)."""
+def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, warmup, prior, generator,
+                  **sampler_kw):
+    """HMC chains of (z, log_scale) started about a batch's MAP (the posterior step of ``galgen fit``).
+
+    ``sampler_kw`` (``n_leapfrog``, ``metric``, ``sampler``, ``max_depth``) go to :func:`hmc_sample`.
+    """
     dev = observation.psf.device
     x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
     init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
     lp = posterior_log_prob(model, observation, observed, cond, prior, chains)
-    return hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, n_leapfrog=n_leapfrog, metric=metric,
-                      generator=generator)
+    return hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, generator=generator, **sampler_kw)
 
 
 def _model_for_data(model, stamp: int, oversampling: int, pixel_scale: float, device):
@@ -284,9 +292,9 @@ def _thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
     return draws[:, pick]
 
 
-def _posterior(model, b, res, samples, chains, warmup, n_leapfrog, prior, gen, metric="diag"):
+def _posterior(model, b, res, samples, chains, warmup, prior, gen, **sampler_kw):
     h = _hmc_from_map(model, b.observation, b.observed, b.cond, res, samples=samples, chains=chains, warmup=warmup,
-                      n_leapfrog=n_leapfrog, prior=prior, generator=gen, metric=metric)
+                      prior=prior, generator=gen, **sampler_kw)
     diag = summarize_chains(h.samples.cpu().numpy())
     derived, mean, std = posterior_images(model, b.observation, h.samples, b.cond)
     return {"samples": h.samples.cpu().numpy(), "rhat": diag["rhat"], "ess_bulk": diag["ess_bulk"],

@@ -121,3 +121,24 @@ def test_cli_posterior_with_a_dense_metric(sdss_tiny, tmp_path):
         assert f["samples"].shape == (4, 2, 10, 7)
         assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["rhat"][:]))
         assert '"metric": "dense"' in f.attrs["fingerprint"]
+
+
+def test_cli_posterior_with_nuts(sdss_tiny, tmp_path):
+    """``galgen fit --sampler nuts``: chains, diagnostics and the sampler in the fingerprint; a rerun is a no-op."""
+    out = tmp_path / "nuts.h5"
+    argv = ["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "0/16",
+            "--samples", "10", "--chains", "2", "--warmup", "30", "--sampler", "nuts", "--max-depth", "4",
+            "--metric", "dense", "--restarts", "0", "--max-iter", "60", "--device", "cpu"]
+    assert main(argv) == 0
+    with h5py.File(out) as f:
+        assert f["samples"].shape == (4, 2, 10, 7)
+        assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["rhat"][:]))
+        assert '"sampler": "nuts"' in f.attrs["fingerprint"] and '"max_depth": 4' in f.attrs["fingerprint"]
+        before = f["samples"][:]
+    mtime = out.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert out.stat().st_mtime_ns == mtime
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["samples"][:], before)
+    with pytest.raises(SystemExit):
+        main(argv[:-2] + ["--sampler", "gibbs"])

@@ -7,7 +7,8 @@ from galgen.errors import GalgenInputError
 from galgen.inference.hmc import hmc_sample
 
 
-def test_linear_gaussian_posterior_mean_and_covariance():
+@pytest.mark.parametrize("sampler", ["hmc", "nuts"])
+def test_linear_gaussian_posterior_mean_and_covariance(sampler):
     """y = A z + noise, z ~ N(0, I): the posterior is Gaussian with known moments."""
     torch.manual_seed(0)
     G, d, n_pix, sigma = 6, 3, 20, 0.5
@@ -26,7 +27,7 @@ def test_linear_gaussian_posterior_mean_and_covariance():
     cov = torch.linalg.inv(prec)
     mean = torch.einsum("gij,gj->gi", cov, torch.einsum("gpd,gp->gd", A, y) / sigma**2)
     res = hmc_sample(log_prob, torch.zeros(G, C, d, dtype=torch.float64), n_samples=1500, n_warmup=500,
-                     n_leapfrog=10, generator=torch.Generator().manual_seed(1))
+                     n_leapfrog=10, sampler=sampler, generator=torch.Generator().manual_seed(1))
     s = res.samples.reshape(G, C * 1500, d)
     sd = cov.diagonal(dim1=1, dim2=2).sqrt()
     # means within ~4 Monte-Carlo standard errors (effective sample size >= ~600 per galaxy)
@@ -87,3 +88,63 @@ def test_dense_metric_learns_a_correlated_posterior_and_mixes_faster():
     assert (ess_dense > 3 * ess_diag).all(), (ess_dense, ess_diag)
     with pytest.raises(GalgenInputError, match="metric"):
         hmc_sample(log_prob, init, metric="full")
+
+
+def test_nuts_draws_standard_normals_at_every_scale():
+    """Galaxies whose posteriors differ by 10^4 in scale: standardised NUTS draws are N(0, 1).
+
+    A bias of the trajectory sampling or of the U-turn checks (a transition that is not
+    reversible) shows as a wrong variance or tails; each chain picks its own step size and
+    trajectory length.
+    """
+    from scipy import stats
+
+    G, C = 24, 4
+    sd = torch.logspace(-2, 2, G, dtype=torch.float64)
+    mu = torch.linspace(-5, 5, G, dtype=torch.float64)
+
+    def log_prob(x):
+        g = torch.arange(len(x)) // C
+        return -0.5 * (((x - mu[g, None]) / sd[g, None]) ** 2).sum(1)
+
+    init = (mu[:, None, None] + 0.1 * sd[:, None, None]).expand(G, C, 2).clone()
+    res = hmc_sample(log_prob, init, n_samples=800, n_warmup=300, sampler="nuts",
+                     generator=torch.Generator().manual_seed(1))
+    z = ((res.samples - mu[:, None, None, None]) / sd[:, None, None, None]).reshape(-1).numpy()
+    assert abs(z.mean()) < 0.03 and abs(z.var() - 1) < 0.04, (z.mean(), z.var())
+    assert abs(stats.kurtosis(z)) < 0.1
+    assert stats.kstest(z[::7], "norm").pvalue > 0.001
+    assert (res.divergences == 0).all()
+    # the metric takes each galaxy's scale, so that every chain needs a few steps of about
+    # the same size (no circling: Stan's checks across merged sub-trees)
+    rel = res.inv_mass / sd[:, None, None] ** 2
+    assert ((rel > 1 / 3) & (rel < 3)).all(), rel
+    assert ((res.n_steps > 1.5) & (res.n_steps < 8)).all(), res.n_steps
+    assert ((res.step_size > 0.4) & (res.step_size < 1.6)).all(), res.step_size
+
+
+def test_nuts_dense_metric_and_depth_limit():
+    """On a tilted Gaussian NUTS with the dense metric recovers the covariance; max_depth bounds the trajectory."""
+    S = torch.tensor([[1.0, 0.99 * 30], [0.99 * 30, 900.0]], dtype=torch.float64)
+    P = torch.linalg.inv(S)
+
+    def log_prob(x):
+        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+
+    init = 0.01 * torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = hmc_sample(log_prob, init, n_samples=600, n_warmup=300, sampler="nuts", metric="dense",
+                     generator=torch.Generator().manual_seed(2))
+    s = res.samples.reshape(3, -1, 2)
+    emp = torch.stack([torch.cov(si.T) for si in s])
+    assert ((emp.diagonal(dim1=1, dim2=2) / S.diagonal() - 1).abs() < 0.15).all()
+    assert ((emp[:, 0, 1] / (emp[:, 0, 0] * emp[:, 1, 1]).sqrt() - 0.99).abs() < 0.01).all()
+    short = hmc_sample(log_prob, init, n_samples=50, n_warmup=0, sampler="nuts", step_size=1e-3, max_depth=3,
+                       adapt_mass=False, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(short.n_steps, torch.full_like(short.n_steps, 7.0))  # 1 + 2 + 4, never U-turning
+    again = hmc_sample(log_prob, init, n_samples=50, n_warmup=0, sampler="nuts", step_size=1e-3, max_depth=3,
+                       adapt_mass=False, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(short.samples, again.samples)
+    with pytest.raises(GalgenInputError, match="sampler"):
+        hmc_sample(log_prob, init, sampler="mala")
+    with pytest.raises(GalgenInputError, match="max_depth"):
+        hmc_sample(log_prob, init, sampler="nuts", max_depth=0)
