@@ -7,7 +7,8 @@ Gaussian noise (peak S/N ~ 30-100), are fitted by
 
 * **galgen**: :class:`galgen.models.parametric.SersicModel` through the physics layer,
   all galaxies in one batch, MAP by :func:`galgen.inference.fit_map` (Adam); then, with
-  ``--hmc``, batched HMC (:func:`galgen.inference.hmc_sample`) from the MAP, reported as
+  ``--hmc``, batched HMC or NUTS (``--sampler``, :func:`galgen.inference.hmc_sample`)
+  from the MAP, reported as
   effective samples per second (the smallest bulk ESS over a galaxy's parameters, summed
   over galaxies, over the sampler's wall time);
 * **GalSim + scipy**: what a GalSim user writes: ``scipy.optimize.least_squares``
@@ -22,8 +23,8 @@ not bought with wrong answers.
 With ``--vae`` (64x64 stamps) the same galaxies are also MAP-fitted with the pretrained
 ``sdss-vae`` (a 16-d latent through the same physics layer), timed and scored by chi2/dof.
 
-    python benchmarks/bench_fit.py [--n 256] [--stamp 48] [--threads 2] [--device cpu|cuda] [--hmc] [--vae]
-                                   [--json out.json]
+    python benchmarks/bench_fit.py [--n 256] [--stamp 48] [--threads 2] [--device cpu|cuda] [--hmc]
+                                   [--sampler hmc|nuts] [--metric diag|dense] [--vae] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def observation(fwhm, stamp, sigma, device):
     return Observation(psf, pixel_scale=SCALE, stamp=stamp, noise=noise).to(device)
 
 
-def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimizer="adam"):
+def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimizer="adam", sampler="hmc",
+                 metric="diag"):
     from galgen.inference import fit_map, summarize_chains
     from galgen.inference.fit import _hmc_from_map
     from galgen.models.parametric import SersicModel
@@ -100,7 +102,7 @@ def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimiz
         gen = torch.Generator(device=device).manual_seed(0)
         t0 = time.perf_counter()  # galgen fit's posterior step: HMC about the MAP
         h = _hmc_from_map(model, obs, x, None, res, samples=samples, chains=chains, warmup=samples, n_leapfrog=16,
-                          prior=None, generator=gen)
+                          prior=None, generator=gen, sampler=sampler, metric=metric)
         _sync(device)
         hwall = time.perf_counter() - t0
         diag = summarize_chains(h.samples.cpu().numpy())
@@ -110,7 +112,8 @@ def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimiz
                     "hmc_rhat_max_median": float(np.median(diag["rhat"].max(1))),
                     "hmc_ess_per_s": float(ess.sum() / hwall),
                     "hmc_ess_per_s_per_galaxy": float(np.median(ess) / hwall),
-                    "hmc_accept": float(h.accept_rate.mean())})
+                    "hmc_accept": float(h.accept_rate.mean()), "hmc_sampler": sampler, "hmc_metric": metric,
+                    "hmc_steps_per_draw_mean": float(h.n_steps.mean())})
     return out
 
 
@@ -183,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--hmc", action="store_true", help="also time batched HMC from the MAP")
     ap.add_argument("--samples", type=int, default=200, help="HMC draws (and warm-up) per chain [200]")
     ap.add_argument("--chains", type=int, default=2)
+    ap.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc", help="posterior sampler [hmc: 16 steps]")
+    ap.add_argument("--metric", choices=("diag", "dense"), default="diag", help="HMC/NUTS mass matrix [diag]")
     ap.add_argument("--vae", action="store_true",
                     help="also time MAP fits with the pretrained sdss-vae (needs --stamp 64)")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds for the GalSim + scipy loop [120]")
@@ -191,7 +196,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t, data, sigma = make_galaxies(args.n, args.stamp)
     g = bench_galgen(t, data, sigma, args.device, args.max_iter, args.hmc, args.samples, args.chains,
-                     args.optimizer)
+                     args.optimizer, args.sampler, args.metric)
     v = bench_vae(data, sigma, t, args.device, args.max_iter) if args.vae else None
     s = bench_galsim_scipy(t, data, sigma, args.budget)
     result = {"machine": machine_info(), "device": args.device, "torch_threads": args.threads, "n": args.n,
@@ -205,7 +210,8 @@ def main(argv=None):
         print(f"galgen MAP with {v['model']} ({v['latent_dim']}-d latent): {v['galaxies_per_s']:.2f} galaxies/s, "
               f"median chi2/dof {v['chi2_dof_median']:.3f}, fraction < 1.1: {v['frac_chi2_dof_lt_1.1']:.2f}")
     if args.hmc:
-        print(f"galgen HMC: {g['hmc_ess_per_s']:.1f} effective samples/s (min over parameters, summed over "
+        print(f"galgen {args.sampler.upper()} ({args.metric}, {g['hmc_steps_per_draw_mean']:.1f} leapfrog steps per "
+              f"draw): {g['hmc_ess_per_s']:.1f} effective samples/s (min over parameters, summed over "
               f"galaxies; {g['hmc_ess_per_s_per_galaxy']:.3f} per galaxy), "
               f"median min-ESS {g['hmc_min_ess_median']:.0f}, "
               f"median max R-hat {g['hmc_rhat_max_median']:.3f}")
