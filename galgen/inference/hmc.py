@@ -12,17 +12,21 @@ warm-up draws of all chains of a galaxy pooled (Stan's ``dense_e``): worth it wh
 parameters are strongly correlated, such as a Sersic profile's flux, radius and index,
 whose narrow, tilted posterior a diagonal metric crosses in many small steps.
 
-Two transitions: ``sampler="hmc"``, trajectories of a fixed number of leapfrog steps
-with a step size jittered by +-10% per iteration and a Metropolis correction; and
-``sampler="nuts"``, the No-U-Turn sampler (Hoffman & Gelman 2014) in the multinomial
-form Stan uses (Betancourt 2017): each chain doubles its trajectory in a random
-direction until the generalised U-turn criterion holds on the whole trajectory or on
-any of the balanced sub-trees of the new half, or ``max_depth`` doublings, and draws
-the next state from the trajectory with weights ``exp(-H)`` (biased towards the new
-half). The sub-tree checks are done as the new half is integrated, from check-points
-kept at the start of each sub-tree (the iterative form of NumPyro's NUTS), so that all
-chains advance in lock-step, one batched gradient per leapfrog step: a chain whose
-trajectory has ended waits, and a doubling lasts as long as the longest chain needs.
+Two samplers: ``sampler="hmc"``, trajectories of a fixed number of leapfrog steps with
+a step size jittered by +-10% per iteration and a Metropolis correction, all chains in
+lock-step; and ``sampler="nuts"``, the No-U-Turn sampler (Hoffman & Gelman 2014) in the
+multinomial form Stan uses (Betancourt 2017): each chain doubles its trajectory in a
+random direction until the generalised U-turn criterion fails on the whole trajectory,
+on any balanced sub-tree of the new half or across the junction of two merged sub-trees
+(Stan's checks since 2.26), or ``max_depth`` doublings are done, and draws its next
+state from the trajectory with weights ``exp(-H)`` (biased towards the new half).
+NUTS trajectories differ in length from chain to chain and draw to draw, so NUTS
+chains do not wait for each other: every batched gradient is one leapfrog step of
+every chain, whatever point of its own transition the chain is at (the sub-tree checks
+are made from check-points kept at the start and end of each sub-tree as the new half
+is integrated, the iterative form of NumPyro's NUTS), and a chain that has drawn its
+next state starts its next trajectory at the following step. Chains wait for each
+other only where the warm-up estimates the metric and at the end.
 A transition whose energy error exceeds 1000 (or is not finite) is a divergence.
 """
 
@@ -80,22 +84,31 @@ def _value_and_grad(log_prob_fn, x):
 
 
 class _DualAveraging:
-    """Per-chain dual averaging of log step sizes (Hoffman & Gelman 2014, section 3.2)."""
+    """Per-chain dual averaging of log step sizes (Hoffman & Gelman 2014, section 3.2).
+
+    Each chain has its own iteration count, so that chains may finish their transitions
+    at different times (NUTS): :meth:`update` advances only the chains of ``mask``.
+    """
 
     def __init__(self, eps0, target, gamma=0.05, t0=10.0, kappa=0.75):
         self.mu = torch.log(10 * eps0)
         self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
         self.h = torch.zeros_like(eps0)
         self.log_eps_bar = torch.zeros_like(eps0)
-        self.t = 0
+        self.t = torch.zeros_like(eps0)
 
-    def update(self, accept):
-        self.t += 1
-        t = self.t
-        self.h = (1 - 1 / (t + self.t0)) * self.h + (self.target - accept) / (t + self.t0)
-        log_eps = self.mu - math.sqrt(t) / self.gamma * self.h
-        w = t ** (-self.kappa)
-        self.log_eps_bar = w * log_eps + (1 - w) * self.log_eps_bar
+    def update(self, accept, mask=None):
+        """The next step sizes (of the chains of ``mask``; others' entries are meaningless)."""
+        t = self.t + (1.0 if mask is None else mask.to(self.t.dtype))
+        h = (1 - 1 / (t + self.t0)) * self.h + (self.target - accept) / (t + self.t0)
+        log_eps = self.mu - t.sqrt() / self.gamma * h
+        w = t.clamp(min=1) ** (-self.kappa)
+        bar = w * log_eps + (1 - w) * self.log_eps_bar
+        if mask is None:
+            self.t, self.h, self.log_eps_bar = t, h, bar
+        else:
+            self.t, self.h = t, torch.where(mask, h, self.h)
+            self.log_eps_bar = torch.where(mask, bar, self.log_eps_bar)
         return log_eps.exp()
 
     def final(self):
@@ -179,96 +192,203 @@ def _hmc_transition(log_prob_fn, x, lp, grad, eps, metric, n_leapfrog, rand, ran
     x = torch.where(take[:, None], xn, x)
     lp = torch.where(take, lpn, lp)
     grad = torch.where(take[:, None], gn, grad)
-    return x, lp, grad, accept, divergent, torch.full_like(accept, n_leapfrog)
+    return x, lp, grad, accept, divergent
 
 
 def _no_uturn(ps_a, ps_b, rho):
     """The generalised no-U-turn criterion (Betancourt 2017) between two ends of a trajectory."""
-    return ((ps_a * rho).sum(1) > 0) & ((ps_b * rho).sum(1) > 0)
+    return ((ps_a * rho).sum(-1) > 0) & ((ps_b * rho).sum(-1) > 0)
 
 
-def _nuts_transition(log_prob_fn, x, lp, grad, eps, metric, max_depth, rand, randn):
-    """One multinomial NUTS transition of every chain, in lock-step (see the module docstring).
+def _where(mask, a, b):
+    """``torch.where`` with a ``(M,)`` mask over the rows of ``(M, ...)`` tensors."""
+    return torch.where(mask.view(-1, *([1] * (a.ndim - 1))), a, b)
 
-    The U-turn criterion is checked, as in Stan (since 2.26), on every balanced sub-tree
-    and on the two trajectories that overlap each merge of two sub-trees by one point, which
-    stops the circling that the sub-tree checks alone miss on near-Gaussian targets.
+
+class _Nuts:
+    """Multinomial NUTS for ``M`` chains that each run their own transitions (module docstring).
+
+    Every call of :meth:`step` is one leapfrog step, one batched gradient, for every chain
+    that is not waiting; a chain whose trajectory ends draws its next state and starts the
+    next trajectory at once, so that no gradient is spent waiting for the longest
+    trajectory of the batch. Chains wait only at the barriers where the warm-up estimates
+    the metric (all chains' windows then hold the same number of draws) and at the end.
     """
+
+    def __init__(self, log_prob_fn, x, lp, grad, eps, metric, max_depth, rand, randn):
+        self.f, self.metric, self.max_depth, self.rand, self.randn = log_prob_fn, metric, max_depth, rand, randn
+        self.x, self.lp, self.grad, self.eps = x, lp, grad, eps
+        M, d = x.shape
+        self.M = M
+        self.levels = torch.arange(max_depth + 1, device=x.device)[:, None]  # (L, 1)
+        zero = torch.zeros(max_depth + 1, M, d, device=x.device, dtype=x.dtype)
+        # check-points of the balanced sub-trees of 2^k steps, per level k: p#, p and the
+        # new half's momentum sum before their first point; p# and p at their last point
+        self.first_ps, self.first_p, self.first_rho = zero.clone(), zero.clone(), zero.clone()
+        self.last_ps, self.last_p = zero.clone(), zero.clone()
+        self.active = torch.ones(M, dtype=torch.bool, device=x.device)
+        self.finished = torch.zeros_like(self.active)  # chains that ended a transition at the last step
+        self.start_trajectory(self.active)
+
+    def start_trajectory(self, mask):
+        m = self.metric
+        p0 = m.momentum(self.randn(self.M, self.x.shape[1]))
+        h0 = -self.lp + m.kinetic(p0)
+        end = [self.x, p0, self.grad, m.velocity(p0)]
+        if not hasattr(self, "h0"):  # the first call: every chain
+            self.h0, self.ends = h0, [list(end), list(end)]  # backward, forward end: x, p, grad, p#
+            self.rho, self.log_w = p0, torch.zeros_like(h0)
+            self.new = [self.x, self.lp, self.grad]
+            self.running, self.divergent = mask.clone(), torch.zeros_like(mask)
+            self.acc, self.nst = torch.zeros_like(h0), torch.zeros_like(h0)
+            self.depth = torch.zeros(self.M, dtype=torch.long, device=h0.device)
+            self.fwd, self.building, self.i = mask.clone(), mask.clone(), self.depth.clone()
+            self.sub_log_w, self.sub_rho = torch.full_like(h0, -math.inf), torch.zeros_like(p0)
+            self.sub, self.xs, self.ps, self.gs = list(self.new), self.x, p0, self.grad
+        self.h0 = torch.where(mask, h0, self.h0)
+        self.ends = [[_where(mask, v, old) for v, old in zip(end, side)] for side in self.ends]
+        self.rho = _where(mask, p0, self.rho)
+        self.log_w = torch.where(mask, torch.zeros_like(h0), self.log_w)
+        self.new = [_where(mask, v, old) for v, old in zip((self.x, self.lp, self.grad), self.new)]
+        self.running = self.running | mask
+        self.divergent = self.divergent & ~mask
+        self.acc = torch.where(mask, torch.zeros_like(h0), self.acc)
+        self.nst = torch.where(mask, torch.zeros_like(h0), self.nst)
+        self.depth = torch.where(mask, torch.zeros_like(self.depth), self.depth)
+        self.start_subtree(mask)
+
+    def start_subtree(self, mask):
+        """The new half of the trajectory of the chains of ``mask``, doubling it at their depth."""
+        self.fwd = torch.where(mask, self.rand(self.M) < 0.5, self.fwd)
+        near = [_where(self.fwd, f, b) for f, b in zip(self.ends[1], self.ends[0])]
+        self.xs, self.ps, self.gs = (_where(mask, v, old) for v, old in zip(near[:3], (self.xs, self.ps, self.gs)))
+        self.building = self.building | mask
+        self.i = torch.where(mask, torch.zeros_like(self.i), self.i)
+        self.sub_log_w = torch.where(mask, torch.full_like(self.sub_log_w, -math.inf), self.sub_log_w)
+        self.sub_rho = _where(mask, torch.zeros_like(self.sub_rho), self.sub_rho)
+
+    def step(self):
+        """One leapfrog step of every active chain; sets :attr:`finished`, returns nothing."""
+        m, act = self.metric, self.active
+        e = torch.where(self.fwd, self.eps, -self.eps)[:, None]
+        xn, pn, lpn, gn = _leapfrog(self.f, self.xs, self.ps, self.gs, e, m)
+        self.xs, self.ps, self.gs = _where(act, xn, self.xs), _where(act, pn, self.ps), _where(act, gn, self.gs)
+        dh = _energy_error(lpn, pn, self.h0, m)
+        div = act & (dh > 1000)
+        self.acc = self.acc + torch.where(act, torch.exp(torch.clamp(-dh, max=0)), torch.zeros_like(dh))
+        self.nst = self.nst + act.to(dh.dtype)
+        ps_sharp = m.velocity(self.ps)
+        size = 2 ** self.levels  # (L, 1)
+        at_level = act & (self.levels <= self.depth)  # (L, M)
+        begins = (at_level & (self.i % size == 0))[..., None]
+        self.first_ps = torch.where(begins, ps_sharp, self.first_ps)
+        self.first_p = torch.where(begins, self.ps, self.first_p)
+        self.first_rho = torch.where(begins, self.sub_rho, self.first_rho)
+        self.sub_rho = self.sub_rho + _where(act, self.ps, torch.zeros_like(self.ps))
+        # multinomial sampling within the new half: this point with weight exp(-dh)
+        grown = torch.logaddexp(self.sub_log_w, -dh)
+        take = act & ~div & (self.rand(self.M) < torch.exp(-dh - grown))
+        self.sub = [_where(take, v, old) for v, old in zip((self.xs, lpn, self.gs), self.sub)]
+        self.sub_log_w = torch.where(act, grown, self.sub_log_w)
+        # the sub-trees of 2^k steps (k >= 1) that end here, [a, m-1] + [m, i], and the two
+        # trajectories that overlap their junction by one point
+        ends_here = at_level & ((self.i + 1) % size == 0)
+        rho_a = self.first_rho[:-1] - self.first_rho[1:]
+        rho_b = self.sub_rho - self.first_rho[:-1]
+        ok = (_no_uturn(self.first_ps[1:], ps_sharp, rho_a + rho_b)
+              & _no_uturn(self.first_ps[1:], self.first_ps[:-1], rho_a + self.first_p[:-1])
+              & _no_uturn(self.last_ps[:-1], ps_sharp, rho_b + self.last_p[:-1]))
+        ok = (ok | ~ends_here[1:]).all(0)
+        self.last_ps = torch.where(ends_here[..., None], ps_sharp, self.last_ps)
+        self.last_p = torch.where(ends_here[..., None], self.ps, self.last_p)
+        self.divergent = self.divergent | div
+        self.building = self.building & ~(act & (div | ~ok))
+        self.i = self.i + act.long()
+        end = act & (~self.building | (self.i == 2 ** self.depth))
+        self.finished = torch.zeros_like(act)
+        if bool(end.any()):
+            self._end_subtree(end, ps_sharp)
+
+    def _end_subtree(self, end, ps_sharp):
+        """Merge the valid new halves of ``end``: the biased progressive sample, then U-turns."""
+        merge = end & self.building
+        take = merge & (self.rand(self.M) < torch.exp(self.sub_log_w - self.log_w))
+        self.new = [_where(take, v, old) for v, old in zip(self.sub, self.new)]
+        self.log_w = torch.where(merge, torch.logaddexp(self.log_w, self.sub_log_w), self.log_w)
+        near = [_where(self.fwd, f, b) for f, b in zip(self.ends[1], self.ends[0])]
+        far_ps = _where(self.fwd, self.ends[0][3], self.ends[1][3])
+        rows = torch.arange(self.M, device=end.device)
+        first_ps, first_p = self.first_ps[self.depth, rows], self.first_p[self.depth, rows]
+        ok = (_no_uturn(far_ps, first_ps, self.rho + first_p)
+              & _no_uturn(near[3], ps_sharp, self.sub_rho + near[1]))
+        self.rho = _where(merge, self.rho + self.sub_rho, self.rho)
+        for side, sel in ((1, merge & self.fwd), (0, merge & ~self.fwd)):
+            self.ends[side] = [_where(sel, v, old)
+                               for v, old in zip((self.xs, self.ps, self.gs, ps_sharp), self.ends[side])]
+        turned = ~_no_uturn(self.ends[0][3], self.ends[1][3], self.rho)
+        self.running = torch.where(end, merge & ok & ~turned, self.running)
+        self.building = self.building & ~end
+        grow = end & self.running & (self.depth + 1 < self.max_depth)
+        self.depth = self.depth + grow.long()
+        self.start_subtree(grow)
+        self.finished = end & ~grow
+        self.running = self.running & ~self.finished
+        self.x, self.lp, self.grad = (_where(self.finished, v, old) for v, old in zip(self.new, (self.x, self.lp,
+                                                                                                 self.grad)))
+        self.xs, self.gs = _where(self.finished, self.x, self.xs), _where(self.finished, self.grad, self.gs)
+
+
+def _run_nuts(log_prob_fn, x, lp, grad, eps, metric, *, chains, n_warmup, n_samples, max_depth, target_accept,
+              w1, ends, dense, rand, randn):
+    """NUTS chains, each running its own transitions, with the warm-up of :func:`hmc_sample`."""
     M, d = x.shape
-    p0 = metric.momentum(randn(M, d))
-    h0 = -lp + metric.kinetic(p0)
-    ends = [[x, p0, grad, metric.velocity(p0)] for _ in range(2)]  # backward, forward end: x, p, grad, p#
-    rho = p0.clone()  # sum of the momenta over the trajectory
-    log_w = torch.zeros_like(lp)  # log of the summed weights exp(h0 - H); the start has weight 1
-    new = [x, lp, grad]
-    running = torch.ones(M, dtype=torch.bool, device=x.device)
-    divergent = torch.zeros_like(running)
-    acc_sum, steps = torch.zeros_like(lp), torch.zeros_like(lp)
-    for depth in range(max_depth):
-        if not bool(running.any()):
-            break
-        fwd = rand(M) < 0.5
-        e = torch.where(fwd, eps, -eps)[:, None]
-        near = [torch.where(fwd[:, None], f, b) for f, b in zip(ends[1], ends[0])]  # where the new half starts
-        far = [torch.where(fwd[:, None], b, f) for f, b in zip(ends[1], ends[0])]
-        xs, ps, gs = near[0], near[1], near[2]
-        building = running.clone()  # chains whose new half is still valid
-        sub_log_w = torch.full_like(lp, -math.inf)
-        sub = [xs, lp, gs]
-        sub_rho = torch.zeros_like(ps)
-        # check-points of the sub-trees of 2^k steps: at their first point p#, p and sub_rho
-        # before it; at their last point p# and p
-        first = [[None] * (depth + 1) for _ in range(3)]
-        last = [[None] * (depth + 1) for _ in range(2)]
-        for i in range(2 ** depth):
-            if not bool(building.any()):
-                break
-            xn, pn, lpn, gn = _leapfrog(log_prob_fn, xs, ps, gs, e, metric)
-            keep = building[:, None]  # chains that stopped stay where they are
-            xs, ps, gs = torch.where(keep, xn, xs), torch.where(keep, pn, ps), torch.where(keep, gn, gs)
-            dh = _energy_error(lpn, pn, h0, metric)
-            div = building & (dh > 1000)
-            acc_sum += torch.where(building, torch.exp(torch.clamp(-dh, max=0)), torch.zeros_like(dh))
-            steps += building.to(steps.dtype)
-            ps_sharp = metric.velocity(ps)
-            for k in range(depth + 1):
-                if i % 2 ** k == 0:
-                    first[0][k], first[1][k], first[2][k] = ps_sharp, ps, sub_rho
-            sub_rho = sub_rho + torch.where(keep, ps, torch.zeros_like(ps))
-            # multinomial sampling within the new half: the i-th point with weight exp(-dh)
-            grown = torch.logaddexp(sub_log_w, -dh)
-            take = building & ~div & (rand(M) < torch.exp(-dh - grown))
-            sub = [torch.where(take[:, None], xs, sub[0]), torch.where(take, lpn, sub[1]),
-                   torch.where(take[:, None], gs, sub[2])]
-            sub_log_w = torch.where(building, grown, sub_log_w)
-            ok = torch.ones_like(building)
-            for k in range(1, depth + 1):  # sub-trees of 2^k steps that end here: [a, m-1] + [m, i]
-                if (i + 1) % 2 ** k == 0:
-                    rho_a = first[2][k - 1] - first[2][k]
-                    rho_b = sub_rho - first[2][k - 1]
-                    ok &= _no_uturn(first[0][k], ps_sharp, rho_a + rho_b)
-                    ok &= _no_uturn(first[0][k], first[0][k - 1], rho_a + first[1][k - 1])
-                    ok &= _no_uturn(last[0][k - 1], ps_sharp, rho_b + last[1][k - 1])
-            for k in range(depth + 1):
-                if (i + 1) % 2 ** k == 0:
-                    last[0][k], last[1][k] = ps_sharp, ps
-            divergent |= div
-            building = building & ~div & ok
-        # merge the valid new halves: the biased progressive sample, then the U-turns of the
-        # whole trajectory and of the two overlapping the junction
-        merge = running & building
-        take = merge & (rand(M) < torch.exp(sub_log_w - log_w))
-        new = [torch.where(take[:, None], sub[0], new[0]), torch.where(take, sub[1], new[1]),
-               torch.where(take[:, None], sub[2], new[2])]
-        log_w = torch.where(merge, torch.logaddexp(log_w, sub_log_w), log_w)
-        ok = (_no_uturn(far[3], first[0][depth], rho + first[1][depth])
-              & _no_uturn(near[3], ps_sharp, sub_rho + near[1]))
-        rho = torch.where(merge[:, None], rho + sub_rho, rho)
-        for side, sel in ((1, merge & fwd), (0, merge & ~fwd)):
-            ends[side] = [torch.where(sel[:, None], v, old) for v, old in zip((xs, ps, gs, ps_sharp), ends[side])]
-        running = merge & ok & _no_uturn(ends[0][3], ends[1][3], rho)
-    accept = acc_sum / steps.clamp(min=1)
-    return new[0], new[1], new[2], accept, divergent, steps
+    dev, dt = x.device, x.dtype
+    total = n_warmup + n_samples
+    da = _DualAveraging(eps, target_accept)
+    bounds = [w1] + list(ends)  # metric window j: iterations bounds[j] .. bounds[j+1] - 1
+    window = torch.empty(max([b - a for a, b in zip(bounds[:-1], bounds[1:])] + [1]), M, d, device=dev, dtype=dt)
+    barriers = torch.tensor(sorted(set(ends)) or [-1], device=dev)
+    it = torch.zeros(M, dtype=torch.long, device=dev)
+    waiting = torch.zeros(M, dtype=torch.bool, device=dev)
+    draws = torch.empty(n_samples, M, d, device=dev, dtype=dt)
+    draw_lp = torch.empty(n_samples, M, device=dev, dtype=dt)
+    acc_sum, div_sum, step_sum = (torch.zeros(M, device=dev, dtype=dt) for _ in range(3))
+    nuts = _Nuts(log_prob_fn, x, lp, grad, eps, metric, max_depth, rand, randn)
+    while bool((it < total).any()):
+        if not bool(nuts.active.any()):  # every chain at a metric barrier (or done): adapt, go on
+            j = bounds.index(int(it.max()))
+            if len(ends) and bounds[j] - bounds[j - 1] > 10:
+                metric.adapt(window[:bounds[j] - bounds[j - 1]], chains, dense=dense)
+                da = _DualAveraging(nuts.eps, target_accept)
+            go = it < total
+            waiting &= False
+            nuts.active = go
+            nuts.start_trajectory(go)
+            continue
+        nuts.step()
+        fin = nuts.finished
+        if not bool(fin.any()):
+            continue
+        accept = nuts.acc / nuts.nst.clamp(min=1)
+        warm, samp = fin & (it < n_warmup), fin & (it >= n_warmup)
+        rows = samp.nonzero()[:, 0]
+        if len(rows):
+            k = it[rows] - n_warmup
+            draws[k, rows], draw_lp[k, rows] = nuts.x[rows], nuts.lp[rows]
+            acc_sum[rows] += accept[rows]
+            div_sum[rows] += nuts.divergent[rows].to(dt)
+            step_sum[rows] += nuts.nst[rows]
+        if bool(warm.any()):
+            nuts.eps = torch.where(warm, da.update(accept, warm), nuts.eps)
+            for j in range(len(ends)):
+                rows = (warm & (it >= bounds[j]) & (it < bounds[j + 1])).nonzero()[:, 0]
+                window[it[rows] - bounds[j], rows] = nuts.x[rows]
+            nuts.eps = torch.where(warm & (it == n_warmup - 1), da.final(), nuts.eps)
+        it = it + fin.long()
+        waiting = waiting | (fin & torch.isin(it, barriers))
+        nuts.active = (it < total) & ~waiting
+        nuts.start_trajectory(fin & nuts.active)
+    return draws, draw_lp, acc_sum, div_sum, step_sum, nuts.eps
 
 
 def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmup: int = 500,
@@ -343,7 +463,7 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
         raise GalgenInputError("init: the log density is not finite at some initial states")
     eps = torch.full((M,), float(step_size), device=dev, dtype=dt)
     metric_ = _Metric(M, d, dev, dt)
-    da = _DualAveraging(eps, target_accept)
+    da = _DualAveraging(eps, target_accept)  # (HMC; NUTS chains keep their own iteration counts)
     # warm-up: step size only (15%), then metric windows of 15%, 25% and 35% of the warm-up, each
     # estimating the metric afresh from its own draws (made with the previous window's metric,
     # so a chain crossing a tilted or stretched posterior gets faster window by window, as in
@@ -360,36 +480,34 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
         return torch.rand(*shape, generator=generator, device=dev, dtype=dt)
 
     if sampler == "nuts":
-        def transition(x, lp, grad, eps):
-            return _nuts_transition(log_prob_fn, x, lp, grad, eps, metric_, int(max_depth), rand, randn)
+        draws, draw_lp, acc_sum, div_sum, step_sum, eps = _run_nuts(
+            log_prob_fn, x, lp, grad, eps, metric_, chains=C, n_warmup=n_warmup, n_samples=n_samples,
+            max_depth=int(max_depth), target_accept=target_accept, w1=w1, ends=ends, dense=metric == "dense",
+            rand=rand, randn=randn)
     else:
-        def transition(x, lp, grad, eps):
-            return _hmc_transition(log_prob_fn, x, lp, grad, eps, metric_, n_leapfrog, rand, randn)
-
-    draws = torch.empty(n_samples, M, d, device=dev, dtype=dt)
-    draw_lp = torch.empty(n_samples, M, device=dev, dtype=dt)
-    acc_sum = torch.zeros(M, device=dev, dtype=dt)
-    div_sum = torch.zeros(M, device=dev, dtype=dt)
-    step_sum = torch.zeros(M, device=dev, dtype=dt)
-    for it in range(n_warmup + n_samples):
-        x, lp, grad, accept, divergent, steps = transition(x, lp, grad, eps)
-        if it < n_warmup:
-            eps = da.update(accept)
-            if w1 <= it < w2:
-                window.append(x.clone())
-            if it + 1 in ends:
-                if len(window) > 10:
-                    metric_.adapt(torch.stack(window), C, dense=metric == "dense")
-                    da = _DualAveraging(eps, target_accept)
-                window = []
-            if it == n_warmup - 1:
-                eps = da.final()
-        else:
-            k = it - n_warmup
-            draws[k], draw_lp[k] = x, lp
-            acc_sum += accept
-            div_sum += divergent.to(dt)
-            step_sum += steps
+        draws = torch.empty(n_samples, M, d, device=dev, dtype=dt)
+        draw_lp = torch.empty(n_samples, M, device=dev, dtype=dt)
+        acc_sum, div_sum = torch.zeros(M, device=dev, dtype=dt), torch.zeros(M, device=dev, dtype=dt)
+        step_sum = torch.full((M,), float(n_leapfrog * n_samples), device=dev, dtype=dt)
+        for it in range(n_warmup + n_samples):
+            x, lp, grad, accept, divergent = _hmc_transition(log_prob_fn, x, lp, grad, eps, metric_, n_leapfrog,
+                                                             rand, randn)
+            if it < n_warmup:
+                eps = da.update(accept)
+                if w1 <= it < w2:
+                    window.append(x.clone())
+                if it + 1 in ends:
+                    if len(window) > 10:
+                        metric_.adapt(torch.stack(window), C, dense=metric == "dense")
+                        da = _DualAveraging(eps, target_accept)
+                    window = []
+                if it == n_warmup - 1:
+                    eps = da.final()
+            else:
+                k = it - n_warmup
+                draws[k], draw_lp[k] = x, lp
+                acc_sum += accept
+                div_sum += divergent.to(dt)
     return HMCResult(samples=draws.permute(1, 0, 2).reshape(G, C, n_samples, d),
                      log_prob=draw_lp.T.reshape(G, C, n_samples),
                      accept_rate=(acc_sum / n_samples).reshape(G, C),
