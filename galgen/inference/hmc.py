@@ -226,25 +226,27 @@ class _Nuts:
         # new half's momentum sum before their first point; p# and p at their last point
         self.first_ps, self.first_p, self.first_rho = zero.clone(), zero.clone(), zero.clone()
         self.last_ps, self.last_p = zero.clone(), zero.clone()
-        self.active = torch.ones(M, dtype=torch.bool, device=x.device)
-        self.finished = torch.zeros_like(self.active)  # chains that ended a transition at the last step
+        # per-chain trajectory state, set for every chain by start_trajectory below
+        none = torch.zeros(M, dtype=torch.bool, device=x.device)
+        self.h0, self.log_w, self.acc, self.nst = (torch.zeros_like(lp) for _ in range(4))
+        self.rho, self.sub_rho = torch.zeros_like(x), torch.zeros_like(x)
+        self.ends = [[x, x, grad, x], [x, x, grad, x]]  # backward, forward end: x, p, grad, p#
+        self.new, self.sub = [x, lp, grad], [x, lp, grad]
+        self.xs, self.ps, self.gs = x, torch.zeros_like(x), grad
+        self.running, self.divergent, self.fwd, self.building = none, none, none, none
+        self.depth = torch.zeros(M, dtype=torch.long, device=x.device)
+        self.i = self.depth.clone()
+        self.sub_log_w = torch.full_like(lp, -math.inf)
+        self.active = ~none
+        self.finished = none  # chains that ended a transition at the last step
         self.start_trajectory(self.active)
 
     def start_trajectory(self, mask):
+        """A new trajectory from the current state for the chains of ``mask``."""
         m = self.metric
         p0 = m.momentum(self.randn(self.M, self.x.shape[1]))
         h0 = -self.lp + m.kinetic(p0)
         end = [self.x, p0, self.grad, m.velocity(p0)]
-        if not hasattr(self, "h0"):  # the first call: every chain
-            self.h0, self.ends = h0, [list(end), list(end)]  # backward, forward end: x, p, grad, p#
-            self.rho, self.log_w = p0, torch.zeros_like(h0)
-            self.new = [self.x, self.lp, self.grad]
-            self.running, self.divergent = mask.clone(), torch.zeros_like(mask)
-            self.acc, self.nst = torch.zeros_like(h0), torch.zeros_like(h0)
-            self.depth = torch.zeros(self.M, dtype=torch.long, device=h0.device)
-            self.fwd, self.building, self.i = mask.clone(), mask.clone(), self.depth.clone()
-            self.sub_log_w, self.sub_rho = torch.full_like(h0, -math.inf), torch.zeros_like(p0)
-            self.sub, self.xs, self.ps, self.gs = list(self.new), self.x, p0, self.grad
         self.h0 = torch.where(mask, h0, self.h0)
         self.ends = [[_where(mask, v, old) for v, old in zip(end, side)] for side in self.ends]
         self.rho = _where(mask, p0, self.rho)
