@@ -259,10 +259,14 @@ class _Nuts:
         self.depth = torch.where(mask, torch.zeros_like(self.depth), self.depth)
         self.start_subtree(mask)
 
+    def _end(self, forward):
+        """Each chain's forward end of the trajectory where ``forward``, else its backward end."""
+        return [_where(forward, f, b) for f, b in zip(self.ends[1], self.ends[0])]
+
     def start_subtree(self, mask):
         """The new half of the trajectory of the chains of ``mask``, doubling it at their depth."""
         self.fwd = torch.where(mask, self.rand(self.M) < 0.5, self.fwd)
-        near = [_where(self.fwd, f, b) for f, b in zip(self.ends[1], self.ends[0])]
+        near = self._end(self.fwd)
         self.xs, self.ps, self.gs = (_where(mask, v, old) for v, old in zip(near[:3], (self.xs, self.ps, self.gs)))
         self.building = self.building | mask
         self.i = torch.where(mask, torch.zeros_like(self.i), self.i)
@@ -317,8 +321,7 @@ class _Nuts:
         take = merge & (self.rand(self.M) < torch.exp(self.sub_log_w - self.log_w))
         self.new = [_where(take, v, old) for v, old in zip(self.sub, self.new)]
         self.log_w = torch.where(merge, torch.logaddexp(self.log_w, self.sub_log_w), self.log_w)
-        near = [_where(self.fwd, f, b) for f, b in zip(self.ends[1], self.ends[0])]
-        far_ps = _where(self.fwd, self.ends[0][3], self.ends[1][3])
+        near, far_ps = self._end(self.fwd), self._end(~self.fwd)[3]
         rows = torch.arange(self.M, device=end.device)
         first_ps, first_p = self.first_ps[self.depth, rows], self.first_p[self.depth, rows]
         ok = (_no_uturn(far_ps, first_ps, self.rho + first_p)
@@ -347,8 +350,10 @@ def _run_nuts(log_prob_fn, x, lp, grad, eps, metric, *, chains, n_warmup, n_samp
     dev, dt = x.device, x.dtype
     total = n_warmup + n_samples
     da = _DualAveraging(eps, target_accept)
-    bounds = [w1] + list(ends)  # metric window j: iterations bounds[j] .. bounds[j+1] - 1
-    window = torch.empty(max([b - a for a, b in zip(bounds[:-1], bounds[1:])] + [1]), M, d, device=dev, dtype=dt)
+    # metric windows: iterations w1 .. ends[0] - 1, ends[0] .. ends[1] - 1, ...; every chain waits at
+    # each end, so that all are in the same window, which starts at win_start
+    w2, win_start = (ends[-1] if ends else w1), w1
+    window = torch.empty(max([b - a for a, b in zip([w1] + ends[:-1], ends)] + [1]), M, d, device=dev, dtype=dt)
     barriers = torch.tensor(sorted(set(ends)) or [-1], device=dev)
     it = torch.zeros(M, dtype=torch.long, device=dev)
     waiting = torch.zeros(M, dtype=torch.bool, device=dev)
@@ -357,13 +362,14 @@ def _run_nuts(log_prob_fn, x, lp, grad, eps, metric, *, chains, n_warmup, n_samp
     acc_sum, div_sum, step_sum = (torch.zeros(M, device=dev, dtype=dt) for _ in range(3))
     nuts = _Nuts(log_prob_fn, x, lp, grad, eps, metric, max_depth, rand, randn)
     while bool((it < total).any()):
-        if not bool(nuts.active.any()):  # every chain at a metric barrier (or done): adapt, go on
-            j = bounds.index(int(it.max()))
-            if len(ends) and bounds[j] - bounds[j - 1] > 10:
-                metric.adapt(window[:bounds[j] - bounds[j - 1]], chains, dense=dense)
+        if not bool(nuts.active.any()):  # every chain at a metric barrier: adapt, go on
+            end = int(it.max())
+            if end - win_start > 10:
+                metric.adapt(window[:end - win_start], chains, dense=dense)
                 da = _DualAveraging(nuts.eps, target_accept)
+            win_start = end
             go = it < total
-            waiting &= False
+            waiting = torch.zeros_like(waiting)
             nuts.active = go
             nuts.start_trajectory(go)
             continue
@@ -382,9 +388,8 @@ def _run_nuts(log_prob_fn, x, lp, grad, eps, metric, *, chains, n_warmup, n_samp
             step_sum[rows] += nuts.nst[rows]
         if bool(warm.any()):
             nuts.eps = torch.where(warm, da.update(accept, warm), nuts.eps)
-            for j in range(len(ends)):
-                rows = (warm & (it >= bounds[j]) & (it < bounds[j + 1])).nonzero()[:, 0]
-                window[it[rows] - bounds[j], rows] = nuts.x[rows]
+            rows = (warm & (it >= w1) & (it < w2)).nonzero()[:, 0]
+            window[it[rows] - win_start, rows] = nuts.x[rows]
             nuts.eps = torch.where(warm & (it == n_warmup - 1), da.final(), nuts.eps)
         it = it + fin.long()
         waiting = waiting | (fin & torch.isin(it, barriers))
