@@ -24,7 +24,7 @@ from ..models.parametric import PARAMETRIC_KINDS, SersicModel
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
-from .map import STATUS, _decode, _repeat_observation, fit_map, latent_log_prior
+from .map import STATUS, _decode, fit_map, latent_log_prior
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
            "posterior_log_prob"]
@@ -97,20 +97,26 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
     Returns
     -------
     callable
-        ``(G * chains, d + 1) -> (G * chains,)``.
+        ``log_prob(x, rows=None)``: ``(G * chains, d + 1) -> (G * chains,)``, or, with
+        ``rows`` (indices into the ``G * chains`` rows), the log posterior of those rows
+        only, ``x`` holding just them (how :func:`~galgen.inference.hmc_sample`'s NUTS
+        evaluates only the chains that are still moving).
     """
     G = len(observed)
-    obs = _repeat_observation(observation, chains) if chains > 1 else observation
-    data = observed.repeat(chains, 1, 1)
-    c = None if cond is None else cond.repeat(chains, 1)
+    every = torch.arange(G * chains, device=observed.device)
+    full = observation.select(every // chains) if chains > 1 else observation
 
-    def log_prob(x):
+    def log_prob(x, rows=None):
         d = x.shape[1] - 1
-        xc = x.view(G, chains, d + 1).transpose(0, 1).reshape(chains * G, d + 1)  # chain-major
-        z, s = xc[:, :d], xc[:, d]
+        if rows is None:
+            obs, gal = full, every // chains
+        else:
+            gal = torch.as_tensor(rows, device=observed.device) // chains
+            obs = observation.select(gal)
+        z, s = x[:, :d], x[:, d]
+        c = None if cond is None else cond[gal]
         intr = _decode(model, z, c).float() * s.exp()[:, None, None]
-        lp = obs.log_likelihood(intr, data) + latent_log_prior(model, z, c, prior)
-        return lp.view(chains, G).transpose(0, 1).reshape(-1)
+        return obs.log_likelihood(intr, observed[gal]) + latent_log_prior(model, z, c, prior)
 
     return log_prob
 
@@ -339,7 +345,7 @@ def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_
             c = None if cond is None else cond.repeat(m, 1)
             intr = _decode(model, flat[:, :-1], c).float() * flat[:, -1].exp()[:, None, None]
             derived.append(derived_quantities(intr, observation.intrinsic_scale).view(m, G, -1).transpose(0, 1).cpu())
-            obs = _repeat_observation(observation, m) if m > 1 else observation
+            obs = observation.select(torch.arange(G).repeat(m)) if m > 1 else observation
             img = obs.noiseless(intr).double()
             img = img.view(m, G, *img.shape[1:])
             s1 = s1 + img.sum(0)

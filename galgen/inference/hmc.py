@@ -32,6 +32,7 @@ A transition whose energy error exceeds 1000 (or is not finite) is a divergence.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -75,12 +76,24 @@ class HMCResult:
     n_steps: torch.Tensor
 
 
-def _value_and_grad(log_prob_fn, x):
-    x = x.detach().requires_grad_(True)
+def _value_and_grad(log_prob_fn, x, rows=None):
+    """Log density and gradient of every row of ``x``, or of ``rows`` only (the others 0)."""
+    xr = (x if rows is None else x[rows]).detach().requires_grad_(True)
     with torch.enable_grad():
-        lp = log_prob_fn(x)
-        grad, = torch.autograd.grad(lp.sum(), x)
-    return lp.detach(), grad.detach()
+        lp = log_prob_fn(xr) if rows is None else log_prob_fn(xr, rows=rows)
+        grad, = torch.autograd.grad(lp.sum(), xr)
+    if rows is None:
+        return lp.detach(), grad.detach()
+    return (torch.zeros(len(x), dtype=x.dtype, device=x.device).index_copy(0, rows, lp.detach().to(x.dtype)),
+            torch.zeros_like(x).index_copy(0, rows, grad.detach()))
+
+
+def _takes_rows(log_prob_fn):
+    """Whether ``log_prob_fn`` evaluates a subset of the rows (a ``rows`` keyword)."""
+    try:
+        return "rows" in inspect.signature(log_prob_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class _DualAveraging:
@@ -162,11 +175,12 @@ class _Metric:
         self.inv_mass, self.chol = cov, chol
 
 
-def _leapfrog(log_prob_fn, x, p, grad, e, metric):
-    """One leapfrog step of size ``e`` ``(M, 1)`` (negative: backwards in time)."""
+def _leapfrog(log_prob_fn, x, p, grad, e, metric, rows=None):
+    """One leapfrog step of size ``e`` ``(M, 1)`` (negative: backwards in time); with ``rows``,
+    the log density and gradient only of those rows (the others' results are meaningless)."""
     p = p + 0.5 * e * grad
     x = x + e * metric.velocity(p)
-    lp, grad = _value_and_grad(log_prob_fn, x)
+    lp, grad = _value_and_grad(log_prob_fn, x, rows)
     return x, p + 0.5 * e * grad, lp, grad
 
 
@@ -217,6 +231,7 @@ class _Nuts:
 
     def __init__(self, log_prob_fn, x, lp, grad, eps, metric, max_depth, rand, randn):
         self.f, self.metric, self.max_depth, self.rand, self.randn = log_prob_fn, metric, max_depth, rand, randn
+        self.by_rows = _takes_rows(log_prob_fn)  # evaluate only the active chains' rows
         self.x, self.lp, self.grad, self.eps = x, lp, grad, eps
         M, d = x.shape
         self.M = M
@@ -277,7 +292,8 @@ class _Nuts:
         """One leapfrog step of every active chain; sets :attr:`finished`, returns nothing."""
         m, act = self.metric, self.active
         e = torch.where(self.fwd, self.eps, -self.eps)[:, None]
-        xn, pn, lpn, gn = _leapfrog(self.f, self.xs, self.ps, self.gs, e, m)
+        rows = act.nonzero()[:, 0] if self.by_rows and not bool(act.all()) else None
+        xn, pn, lpn, gn = _leapfrog(self.f, self.xs, self.ps, self.gs, e, m, rows)
         self.xs, self.ps, self.gs = _where(act, xn, self.xs), _where(act, pn, self.ps), _where(act, gn, self.gs)
         dh = _energy_error(lpn, pn, self.h0, m)
         div = act & (dh > 1000)
@@ -409,7 +425,12 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
     log_prob_fn : callable
         ``(M, d) -> (M,)`` log density (up to a constant) of each row; rows are
         independent (row ``i`` may belong to any galaxy and chain). Must be
-        differentiable.
+        differentiable. If it takes a keyword ``rows``, ``log_prob_fn(x[rows], rows=rows)``
+        must give the log density of those rows alone: NUTS then evaluates only the
+        chains still moving, not those waiting for the others (at a metric estimate or
+        at the end), which saves most of the time where trajectory lengths differ
+        widely and the cost grows with the batch (a CPU);
+        :func:`~galgen.inference.posterior_log_prob` does.
     init : torch.Tensor
         ``(G, C, d)`` initial states of ``C`` chains for each of ``G`` galaxies.
     n_samples : int, optional

@@ -205,7 +205,7 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     s0 = model.initial_log_scale(observed).float() if hasattr(model, "initial_log_scale") and fit_flux else None
     s = (torch.zeros(R * B, device=observed.device) if s0 is None else s0.repeat(R)).requires_grad_(fit_flux)
     data = observed.repeat(R, 1, 1)
-    obs = _repeat_observation(observation, R) if R > 1 else observation
+    obs = observation.select(torch.arange(B).repeat(R)) if R > 1 else observation
     c = None if cond is None else torch.as_tensor(cond).repeat(R, *([1] * (torch.as_tensor(cond).ndim - 1)))
 
     def objective():
@@ -276,20 +276,3 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
                      residual=resid.cpu(), normalized_residual=norm.cpu(), chi2=chi2.cpu(), dof=dof.cpu(),
                      log_posterior=lp.view(R, B).gather(0, best[None])[0].cpu(), status=status[pick.cpu()],
                      n_iter=n_iter[pick.cpu()], wall_time=time.perf_counter() - t0)
-
-
-def _repeat_observation(observation, r: int):
-    """The same observation for ``r`` stacked copies of the batch."""
-    from ..physics import GaussianNoise, Observation
-
-    psf = observation.psf
-    if psf.ndim == 3:
-        psf = psf.repeat(r, 1, 1)
-    noise = observation.noise
-    if isinstance(noise, GaussianNoise):
-        var = noise.variance_map
-        mask = noise.mask
-        noise = GaussianNoise(var.repeat(r, 1, 1) if var.ndim == 3 else var,
-                              None if mask is None else (mask.repeat(r, 1, 1) if mask.ndim == 3 else mask))
-    return Observation(psf, pixel_scale=observation.pixel_scale, oversampling=observation.oversampling,
-                       stamp=observation.stamp, noise=noise)

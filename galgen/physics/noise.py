@@ -7,6 +7,7 @@ boolean ``mask`` (True = pixel excluded): masked pixels contribute nothing to
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -31,6 +32,11 @@ def _masked_sum(x, mask):
     return x.sum(dim=(-2, -1))
 
 
+def _rows(t, index, ndim):
+    """Rows ``index`` of a per-galaxy tensor (``t.ndim == ndim``); a shared one as it is."""
+    return t[index] if t is not None and t.ndim == ndim else t
+
+
 def _normal(shape, like, generator):
     return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
 
@@ -42,6 +48,27 @@ class _IndependentNoise:
     """
 
     mask = None
+    _per_galaxy = ()  # attributes that may hold one entry per galaxy: (name, ndim when they do)
+
+    def select(self, index):
+        """The noise of galaxies ``index`` of the batch (a subset, reordering or repetition).
+
+        Per-galaxy maps and parameters are indexed, shared ones kept; the result is not
+        validated again.
+
+        Parameters
+        ----------
+        index : torch.Tensor
+            1-d integer indices into the batch.
+
+        Returns
+        -------
+        same type as self
+        """
+        new = copy.copy(self)
+        for name, ndim in self._per_galaxy + (("mask", 3),):
+            setattr(new, name, _rows(getattr(self, name), index, ndim))
+        return new
 
     def _masked_noise(self, model, noisy):
         noise = noisy - model.detach()
@@ -115,6 +142,8 @@ class GaussianNoise(_IndependentNoise):
     -20.2482
     """
 
+    _per_galaxy = (("variance_map", 3),)
+
     def __init__(self, variance, mask=None):
         variance = torch.as_tensor(variance)
         if not variance.is_floating_point():
@@ -167,6 +196,8 @@ class CCDNoise(_IndependentNoise):
     mask : torch.Tensor, optional
         True = excluded.
     """
+
+    _per_galaxy = (("sky_level", 1), ("gain", 1), ("read_noise", 1))
 
     def __init__(self, sky_level, gain, read_noise, mask=None):
         self.sky_level = torch.as_tensor(sky_level, dtype=torch.float64)
@@ -259,6 +290,20 @@ class CorrelatedGaussianNoise:
         padded[:p, :q] = kernel
         padded = torch.roll(padded, shifts=(-(p // 2), -(q // 2)), dims=(0, 1))
         return cls(torch.fft.fft2(padded).abs() ** 2)
+
+    def select(self, index):
+        """The same (stationary, shared) noise for galaxies ``index`` of the batch.
+
+        Parameters
+        ----------
+        index : torch.Tensor
+
+        Returns
+        -------
+        CorrelatedGaussianNoise
+            ``self``.
+        """
+        return self
 
     def _p(self, like):
         if tuple(like.shape[-2:]) != tuple(self.power_spectrum.shape):

@@ -10,6 +10,8 @@ central ``stamp x stamp`` detector pixels are kept, with the centring convention
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import GalgenInputError
@@ -65,6 +67,7 @@ class Observation:
         self.stamp = None if stamp is None else int(stamp)
         self.noise = noise
         self._transfer = {}
+        self._parent = None  # (observation, index) of a selection that shares its PSF transforms
 
     @property
     def intrinsic_scale(self) -> float:
@@ -85,9 +88,68 @@ class Observation:
             raise GalgenInputError(f"intrinsic: grid {h}x{w} covers {h // k}x{w // k} detector pixels, "
                                    f"fewer than the stamp {self.stamp}")
 
+    def select(self, index) -> "Observation":
+        """The observation of galaxies ``index`` of this batch: a subset, reordering or repetition.
+
+        Per-galaxy PSFs, variance maps, masks and noise parameters are indexed; shared ones
+        are kept. The selection reuses this observation's cached PSF transforms (indexed,
+        not recomputed), so that selecting a few rows of a large batch at every step, as
+        NUTS does for the chains still moving, costs no PSF FFTs.
+
+        Parameters
+        ----------
+        index : sequence of int or torch.Tensor
+            1-d indices into the batch.
+
+        Returns
+        -------
+        Observation
+
+        Examples
+        --------
+        >>> import torch
+        >>> from galgen.physics import Observation, gaussian_psf
+        >>> psfs = torch.stack([gaussian_psf(f, 15, 0.2) for f in (0.8, 1.2)])
+        >>> obs = Observation(psfs, pixel_scale=0.2)
+        >>> obs.select([1, 1, 0]).psf.shape
+        torch.Size([3, 15, 15])
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.psf.device)
+        if index.ndim != 1:
+            raise GalgenInputError(f"index: expected 1-d indices into the batch, got shape {tuple(index.shape)}")
+        n = self.batch_size
+        if n is not None and len(index) and (int(index.min()) < -n or int(index.max()) >= n):
+            raise GalgenInputError(f"index: out of range for a batch of {n} galaxies")
+        new = copy.copy(self)
+        new._transfer, new._parent = {}, None
+        if self.psf.ndim == 3:
+            new.psf = self.psf[index]
+            new._parent = (self, index)
+        if self.noise is not None:
+            new.noise = self.noise.select(index)
+        return new
+
+    @property
+    def batch_size(self) -> int | None:
+        """Galaxies of the per-galaxy PSFs or noise maps; ``None`` where all are shared."""
+        if self.psf.ndim == 3:
+            return self.psf.shape[0]
+        for name, ndim in getattr(self.noise, "_per_galaxy", ()) + (("mask", 3),):
+            t = getattr(self.noise, name, None)
+            if t is not None and t.ndim == ndim:
+                return t.shape[0]
+        return None
+
     def _psf_transfer(self, intrinsic):
         """The PSF's FFT at this grid, cached while the PSF needs no gradient."""
         h, w = intrinsic.shape[-2:]
+        if self._parent is not None and not self.psf.requires_grad:  # a selection: index the parent's
+            parent, index = self._parent
+            psf, transfer = parent._psf_transfer(intrinsic)
+            key = (transfer.shape, intrinsic.dtype, intrinsic.device)
+            if key not in self._transfer:
+                self._transfer[key] = transfer[index]
+            return psf[index], self._transfer[key]
         psf = _crop_kernel(self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device), h, w)
         shape = _fft_shape(h, w, *psf.shape[-2:])
         if psf.requires_grad:

@@ -142,3 +142,23 @@ def test_cli_posterior_with_nuts(sdss_tiny, tmp_path):
         np.testing.assert_array_equal(f["samples"][:], before)
     with pytest.raises(SystemExit):
         main(argv[:-2] + ["--sampler", "gibbs"])
+
+
+def test_posterior_log_prob_of_selected_rows(sdss_tiny):
+    """The log posterior of a few rows (how NUTS asks for the chains still moving) equals theirs in the full batch."""
+    from galgen.inference import posterior_log_prob
+    from galgen.models.parametric import SersicModel
+    from galgen.physics import Observation
+
+    obs = Observation.from_cutouts(sdss_tiny, range(5))
+    model = SersicModel(stamp=32, oversampling=obs.oversampling, pixel_scale=obs.pixel_scale)
+    with h5py.File(sdss_tiny) as f:
+        observed = torch.as_tensor(f["observed"][:5])
+    chains = 3
+    x = model.sample_prior(5 * chains, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([x, model.initial_log_scale(observed).repeat_interleave(chains)[:, None]], 1)
+    lp = posterior_log_prob(model, obs, observed, chains=chains)
+    full = lp(x)
+    rows = torch.tensor([14, 0, 7, 8])
+    assert torch.allclose(lp(x[rows], rows=rows), full[rows], rtol=1e-5)
+    assert torch.isfinite(full).all() and len(set(full.tolist())) == len(full)

@@ -169,3 +169,26 @@ def test_nuts_chains_do_not_wait_for_each_other():
     assert len(calls) - 1 < 1.1 * float(steps.max()), (len(calls), float(steps.max()), float(steps.mean()))
     z = res.samples.reshape(-1).numpy()
     assert abs(z.var() - 1) < 0.1
+
+
+def test_nuts_evaluates_only_the_moving_chains():
+    """A target that takes ``rows`` is asked only for the chains still moving, and the draws are the same."""
+    scales = torch.logspace(-2, 2, 12, dtype=torch.float64).repeat_interleave(4)  # 12 galaxies x 4 chains
+    rows_asked = []
+
+    def plain(x):
+        return -0.5 * ((x / scales[:, None]) ** 2).sum(1)
+
+    def by_rows(x, rows=None):
+        rows_asked.append(len(x))
+        s = scales if rows is None else scales[rows]
+        return -0.5 * ((x / s[:, None]) ** 2).sum(1)
+
+    kw = dict(n_samples=100, n_warmup=0, step_size=0.05, adapt_mass=False, sampler="nuts")
+    a = hmc_sample(plain, torch.zeros(12, 4, 2, dtype=torch.float64), generator=torch.Generator().manual_seed(3), **kw)
+    b = hmc_sample(by_rows, torch.zeros(12, 4, 2, dtype=torch.float64), generator=torch.Generator().manual_seed(3),
+                   **kw)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.n_steps, b.n_steps)
+    # after the first call (all 48 rows) every row asked for is one leapfrog step of one chain
+    assert sum(rows_asked[1:]) == round(float((b.n_steps * 100).sum()))
+    assert sum(rows_asked[1:]) < 0.8 * 48 * (len(rows_asked) - 1)  # and fewer than all chains at every step

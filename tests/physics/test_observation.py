@@ -232,3 +232,32 @@ def test_observation_from_survey():
     noiseless, noisy = obs.observe(torch.zeros(1, 64, 64, dtype=torch.float64),
                                    generator=torch.Generator().manual_seed(0))
     assert noisy.std().item() == pytest.approx(math.sqrt(sv.sky_variance), rel=0.1)
+
+
+def test_select_indexes_per_galaxy_psfs_and_noise_and_shares_the_psf_transforms():
+    psfs = torch.stack([gaussian_psf(f, 15, SCALE / 2, dtype=torch.float64) for f in (0.6, 0.9, 1.3)])
+    var = torch.stack([torch.full((S, S), v, dtype=torch.float64) for v in (1.0, 4.0, 9.0)])
+    mask = torch.zeros(3, S, S, dtype=torch.bool)
+    mask[1, :4] = True
+    obs = Observation(psfs, pixel_scale=SCALE, oversampling=2, stamp=S, noise=GaussianNoise(var, mask))
+    torch.manual_seed(0)
+    intr = torch.rand(3, 2 * S, 2 * S, dtype=torch.float64)
+    data = obs.noiseless(intr) + torch.randn(3, S, S, dtype=torch.float64)
+    full = obs.log_likelihood(intr, data)
+    idx = torch.tensor([2, 0, 1, 1])
+    sel = obs.select(idx)
+    assert torch.allclose(sel.log_likelihood(intr[idx], data[idx]), full[idx], rtol=1e-12)
+    # the selection indexes the parent's cached PSF transform instead of computing its own
+    (parent_t,) = obs._transfer.values()
+    (sel_t,) = sel._transfer.values()
+    assert torch.equal(sel_t, parent_t[idx])
+    # per-galaxy CCD parameters are indexed too, a shared PSF and correlated noise are kept
+    ccd = CCDNoise(torch.tensor([10.0, 20.0, 30.0]), 2.0, 5.0)
+    one = Observation(psfs[0], pixel_scale=SCALE, oversampling=2, stamp=S, noise=ccd).select(torch.tensor([2, 2]))
+    assert one.psf.ndim == 2 and one.noise.sky_level.tolist() == [30.0, 30.0]
+    corr = CorrelatedGaussianNoise(torch.ones(S, S))
+    assert Observation(psfs, pixel_scale=SCALE, noise=corr).select([0]).noise is corr
+    with pytest.raises(GalgenInputError, match="index: out of range"):
+        obs.select([3])
+    with pytest.raises(GalgenInputError, match="index: expected 1-d"):
+        obs.select([[0]])
