@@ -12,7 +12,11 @@ half-light radius, e1, e2 and latent coordinates among 199 posterior draws
 ``<out>/sbc.json`` (coverage of 68% and 95% intervals with standard errors, rank
 uniformity p-values, sampler diagnostics, settings, wall time), ``<out>/sbc_ranks.npz``
 and ``<out>/sbc.png`` (rank histograms and coverage). Batches are saved as they finish
-and a rerun with the same arguments skips them (resumable).
+and a rerun with the same arguments skips them (resumable). ``--shard k/N`` runs only
+the k-th contiguous block of the batches (SLURM arrays, or several processes on one
+machine), each writing its own batch files into the shared ``--out``; the report counts
+the batches done so far, and a last run without ``--shard`` (which skips them all) makes
+the final one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from galgen.inference.calibration import coverage, rank_uniformity, simulation_b
 from galgen.inference.fit import _model_for_data
 from galgen.physics import Observation
 from galgen.sample import _device
+from galgen.sharding import parse_shard
 
 N_DRAWS = 199
 
@@ -89,10 +94,15 @@ def main():
     ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", default=None, help="k/N: run only the k-th of N contiguous blocks of batches")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args()
     if args.samples * args.chains < N_DRAWS:
         raise SystemExit(f"--samples x --chains must be >= {N_DRAWS} (posterior draws ranked per galaxy)")
+    shard = parse_shard(args.shard)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = _device(args.device)
     with CutoutFile(args.data) as f:
         model = _model_for_data(args.model, int(f.attrs["stamp_size"]), f.oversampling,
@@ -107,12 +117,16 @@ def main():
     if args.sampler != "hmc":  # (settings of earlier HMC runs stay valid for their batches)
         settings.update(sampler=args.sampler, max_depth=args.max_depth)
     parts = []
-    for b, start in enumerate(range(0, args.n, args.batch_size)):
+    starts = list(range(0, args.n, args.batch_size))
+    lo, hi = shard.bounds(len(starts))
+    same = {k: v for k, v in settings.items() if k != "n"}  # a batch does not depend on --n
+    for b, start in enumerate(starts):
         part = out / f"batch{b:04d}.npz"
-        same = {k: v for k, v in settings.items() if k != "n"}  # a batch does not depend on --n
         if part.exists() and {k: v for k, v in json.loads(str(np.load(part)["settings"])).items()
                               if k != "n"} == same:
             parts.append(dict(np.load(part)))
+            continue
+        if not lo <= b < hi:  # another shard's batch, not done yet
             continue
         rows = list(range(start, min(start + args.batch_size, args.n)))
         obs = Observation.from_cutouts(args.data, rows, device=dev)
@@ -132,6 +146,8 @@ def main():
                 np.savez(fh, **r)
         parts.append(r)
         print(f"batch {b}: {len(rows)} galaxies in {r['wall_s']:.0f} s", flush=True)
+    if not parts:
+        raise SystemExit(f"{out}: no batches done yet")
     names = [str(s) for s in parts[0]["names"]]
     ranks = np.concatenate([p["ranks"] for p in parts])
     cov = coverage(ranks, N_DRAWS)
