@@ -15,8 +15,8 @@ and ``<out>/sbc.png`` (rank histograms and coverage). Batches are saved as they 
 and a rerun with the same arguments skips them (resumable). ``--shard k/N`` runs only
 the k-th contiguous block of the batches (SLURM arrays, or several processes on one
 machine), each writing its own batch files into the shared ``--out``; the report counts
-the batches done so far, and a last run without ``--shard`` (which skips them all) makes
-the final one.
+the batches done so far; ``--report-only`` writes it from the batches done, running
+none.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", default=None, help="k/N: run only the k-th of N contiguous blocks of batches")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--report-only", action="store_true", help="report the batches done so far, run none")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args()
     if args.samples * args.chains < N_DRAWS:
@@ -126,7 +127,7 @@ def main():
                               if k != "n"} == same:
             parts.append(dict(np.load(part)))
             continue
-        if not lo <= b < hi:  # another shard's batch, not done yet
+        if args.report_only or not lo <= b < hi:  # another shard's batch, not done yet
             continue
         rows = list(range(start, min(start + args.batch_size, args.n)))
         obs = Observation.from_cutouts(args.data, rows, device=dev)
@@ -152,6 +153,14 @@ def main():
     ranks = np.concatenate([p["ranks"] for p in parts])
     cov = coverage(ranks, N_DRAWS)
     _, pval = rank_uniformity(ranks, N_DRAWS, bins=20)
+    truth = np.concatenate([p["truth"] for p in parts])
+    by_size = {}  # coverage of the derived quantities by true half-light radius (column 1)
+    for a, b in ((0.0, 0.3), (0.3, 0.7), (0.7, 1.5), (1.5, np.inf)):
+        sel = (truth[:, 1] >= a) & (truth[:, 1] < b)
+        if sel.sum() >= 10:
+            c = coverage(ranks[sel], N_DRAWS)
+            by_size[f"{a}-{b}"] = {"n": int(sel.sum()), **{f"{lev:.2f}": dict(zip(names[:4], map(float, frac[:4])))
+                                                          for lev, (frac, _, _) in c.items()}}
     rhat = np.concatenate([p["rhat_max"] for p in parts])
     ess = np.concatenate([p["ess_bulk_min"] for p in parts])
     div = np.concatenate([p["divergences"] for p in parts])
@@ -160,6 +169,7 @@ def main():
         "coverage": {f"{lev:.2f}": {"fraction": dict(zip(names, map(float, frac))), "nominal": nominal,
                                     "standard_error": se} for lev, (frac, nominal, se) in cov.items()},
         "rank_uniformity_p": dict(zip(names, map(float, pval))),
+        "coverage_by_true_hlr_arcsec": by_size,
         "rhat_max_median": float(np.median(rhat)), "frac_rhat_below_1.05": float((rhat < 1.05).mean()),
         "ess_bulk_min_median": float(np.median(ess)), "divergent_fraction": float((div > 0).mean()),
         "wall_s": float(sum(float(p["wall_s"]) for p in parts)),
