@@ -22,6 +22,7 @@ hlr 0.1"-2", |g| up to 0.63 and sub-pixel offsets (``tests/models/test_parametri
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -105,7 +106,7 @@ def sersic_b(n):
     return x.to(n.dtype) + dbdn.to(n.dtype) * (n - n.detach())  # the exact value and derivative
 
 
-def _profile(dx, dy, hlr, n, g1, g2, flux):
+def _profile(dx, dy, hlr, n, b, g1, g2, flux):
     """Surface brightness (flux / arcsec^2) at offsets (arcsec) from the centre; params (B, 1, 1)."""
     # |A^-1 (dx, dy)|^2 / hlr^2 with the inverse shear A^-1 = (1 - g^2)^-1/2 [[1 - g1, -g2],
     # [-g2, 1 + g1]], as a quadratic form whose coefficients are per galaxy; the power
@@ -115,7 +116,6 @@ def _profile(dx, dy, hlr, n, g1, g2, flux):
     ayy = ((1 + g1) ** 2 + g2 * g2) * s2
     axy = -4 * g2 * s2
     r2 = axx * dx * dx + ayy * dy * dy + axy * dx * dy
-    b = sersic_b(n)
     i0 = flux * b ** (2 * n) / (2 * math.pi * n * hlr * hlr * torch.exp(torch.lgamma(2 * n)))
     return i0 * torch.exp(-b * torch.exp(torch.log(r2 + 1e-20) * (0.5 / n)))
 
@@ -156,7 +156,7 @@ def _wedge_light(p, q, n, b, nodes, weights):
     return torch.where(ok, light, torch.zeros_like(cr))
 
 
-def _core_block(cx, cy, jx, jy, hlr, n, g1, g2, flux, scale, nodes, weights):
+def _core_block(cx, cy, jx, jy, hlr, n, b, g1, g2, flux, scale, nodes, weights):
     """Exact light of the pixels of a block about the centre (the cusp's pixels), ``(B, w, w)``.
 
     The integral over pixel ``[x0, x1] x [y0, y1]`` is ``F(x1, y1) - F(x0, y1) - F(x1, y0)
@@ -167,8 +167,7 @@ def _core_block(cx, cy, jx, jy, hlr, n, g1, g2, flux, scale, nodes, weights):
     nodes) for any index, size and sub-pixel position; computed in float64.
     """
     dt = cx.dtype
-    f64 = [t.double() for t in (cx, cy, hlr, n, g1, g2, flux)]
-    cx, cy, hlr, n, g1, g2, flux = f64
+    cx, cy, hlr, n, b, g1, g2, flux = (t.double() for t in (cx, cy, hlr, n, b, g1, g2, flux))
     cornx = torch.cat([jx, jx[:, -1:] + 1], 1).double() - 0.5  # (B, w+1) corner coordinates
     corny = torch.cat([jy, jy[:, -1:] + 1], 1).double() - 0.5
     ax = ((cornx[:, None, :] - cx) * scale).expand(-1, corny.shape[1], -1)  # (B, w+1, w+1)
@@ -189,17 +188,23 @@ def _core_block(cx, cy, jx, jy, hlr, n, g1, g2, flux, scale, nodes, weights):
     ax, ay = torch.where(thin_x, torch.full_like(ax, tiny), ax), torch.where(thin_y, torch.full_like(ay, tiny), ay)
     zero = torch.zeros_like(ax)
     e1, c, e2 = circ(ax, zero), circ(ax, ay), circ(zero, ay)
-    nn_, bb = n[..., None], sersic_b(n)[..., None]
+    nn_, bb = n[..., None], b[..., None]
     F = (_wedge_light(e1, c, nn_, bb, nodes, weights) + _wedge_light(c, e2, nn_, bb, nodes, weights)) * flux
     F = F * scale_x * scale_y
     pix = F[:, 1:, 1:] - F[:, :-1, 1:] - F[:, 1:, :-1] + F[:, :-1, :-1]
     return pix.clamp(min=0).to(dt)  # (the quadrature's 1e-6 of the peak below 0 where there is no light)
 
 
+@functools.lru_cache(maxsize=None)
+def _leggauss(q):
+    x, w = np.polynomial.legendre.leggauss(int(q))  # (~0.25 ms for q = 16: once per q, not per render)
+    return x / 2, w / 2
+
+
 def _gauss(q, dtype, device):
     """``q`` Gauss-Legendre sub-pixel offsets in ``(-1/2, 1/2)`` and their weights (sum 1)."""
-    x, w = np.polynomial.legendre.leggauss(int(q))
-    return torch.as_tensor(x / 2, dtype=dtype, device=device), torch.as_tensor(w / 2, dtype=dtype, device=device)
+    x, w = _leggauss(q)
+    return torch.as_tensor(x, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device)
 
 
 def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, centre=None,
@@ -267,6 +272,7 @@ def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, 
     centre = torch.as_tensor(centre, dtype=dtype, device=device).reshape(-1, 2).expand(B, 2)
     cx, cy = centre[:, 0, None, None], centre[:, 1, None, None]
     b_idx = torch.arange(B, device=device)[:, None, None]
+    b = sersic_b(n)  # once for every level and the core
 
     def block(half):  # pixel indices (B, w) of the block of half-width `half` about the centre
         w = min(2 * half + 1, size)
@@ -286,18 +292,18 @@ def render_sersic(hlr, n, g1=0.0, g2=0.0, *, size: int, scale: float, flux=1.0, 
             xs = (pix[:, None] + sub[None, :]).reshape(-1)  # (size*q,)
             dx = (xs[None, None, :] - cx) * scale
             dy = (xs[None, :, None] - cy) * scale
-            val = _profile(dx, dy, hlr, n, g1, g2, flux)  # (B, size*q, size*q)
+            val = _profile(dx, dy, hlr, n, b, g1, g2, flux)  # (B, size*q, size*q)
             img = torch.einsum("bjqkr,q,r->bjk", val.view(B, size, q, size, q), wq, wq) * scale**2
             continue
         jx, jy, w = block(half)
         xs = (jx.to(dtype)[:, :, None] + sub).reshape(B, 1, -1)  # (B, 1, w*q)
         ys = (jy.to(dtype)[:, :, None] + sub).reshape(B, -1, 1)
-        val = _profile((xs - cx) * scale, (ys - cy) * scale, hlr, n, g1, g2, flux)
+        val = _profile((xs - cx) * scale, (ys - cy) * scale, hlr, n, b, g1, g2, flux)
         img = put(img, jx, jy, w, torch.einsum("bjqkr,q,r->bjk", val.view(B, w, q, w, q), wq, wq) * scale**2)
     if core >= 0:
         nodes, weights = _gauss(core_nodes, torch.float64, device)
         jx, jy, w = block(core)
-        img = put(img, jx, jy, w, _core_block(cx, cy, jx, jy, hlr, n, g1, g2, flux, scale, nodes + 0.5, weights))
+        img = put(img, jx, jy, w, _core_block(cx, cy, jx, jy, hlr, n, b, g1, g2, flux, scale, nodes + 0.5, weights))
     return img
 
 
