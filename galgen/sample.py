@@ -17,37 +17,9 @@ import numpy as np
 import torch
 
 from .errors import GalgenInputError
+from .runtime import derive_seed, resolve_device, resolve_model
 
 __all__ = ["resolve_model", "parse_conditions", "sample_to_file", "anomaly_scores"]
-
-
-def resolve_model(spec, device="cpu"):
-    """A model from a pretrained name, a run directory or a checkpoint file.
-
-    Parameters
-    ----------
-    spec : str, os.PathLike or GenerativeModel
-        ``"sdss-vae"`` (see :func:`galgen.available_pretrained`), a run directory, a
-        ``.pt`` file, or a model (returned as is, moved to ``device``).
-    device : str or torch.device, optional
-
-    Returns
-    -------
-    galgen.models.GenerativeModel
-    """
-    from torch import nn
-
-    if isinstance(spec, nn.Module):
-        return spec.to(device)
-    from .pretrained import available_pretrained, load_pretrained
-    from .train.checkpoints import load_model
-
-    if isinstance(spec, str) and spec in available_pretrained() and not Path(spec).exists():
-        return load_pretrained(spec, device=device)
-    if not Path(spec).exists():
-        raise GalgenInputError(f"--model: {spec!r} is neither a file, a run directory, nor a pretrained "
-                               f"model ({', '.join(available_pretrained()) or 'none installed'})")
-    return load_model(spec, device=device)
 
 
 def parse_conditions(text, conditions) -> torch.Tensor | None:
@@ -98,12 +70,6 @@ def parse_conditions(text, conditions) -> torch.Tensor | None:
     return torch.tensor([values[c] for c in conditions], dtype=torch.float32)
 
 
-def _device(name):
-    from .train.trainer import resolve_device
-
-    return resolve_device(name) if isinstance(name, str) else torch.device(name)
-
-
 def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, prior=None, cond=None,
                    device="auto", batch_size: int = 256, psf_size: int | None = None,
                    overwrite: bool = False) -> Path:
@@ -112,7 +78,7 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
     Parameters
     ----------
     model : str, os.PathLike or GenerativeModel
-        See :func:`resolve_model`.
+        See :func:`galgen.runtime.resolve_model`.
     out : str or os.PathLike
         Output cutout file (``intrinsic``, ``noiseless``, ``observed``, ``psf``,
         ``variance``, ``mask`` and a catalog).
@@ -149,7 +115,7 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
 
     if n < 1:
         raise GalgenInputError(f"--n: must be >= 1, got {n}")
-    dev = _device(device)
+    dev = resolve_device(device)
     model = resolve_model(model, dev)
     prov = getattr(model, "provenance", {}) or {}
     cfg = model.config
@@ -182,7 +148,7 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             rng = np.random.default_rng([seed, start])
-            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
+            gen = torch.Generator(device=dev).manual_seed(derive_seed(seed, start))
             params = [sv.psf.draw(rng) for _ in range(m)]
             if start >= done:
                 psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
@@ -239,7 +205,7 @@ def anomaly_scores(model, data, out, *, device="auto", batch_size: int = 256, ov
     out = Path(out)
     if out.exists() and not overwrite:
         raise GalgenInputError(f"{out}: output exists; pass --overwrite to replace it")
-    dev = _device(device)
+    dev = resolve_device(device)
     model = resolve_model(model, dev)
     with CutoutFile(data) as f:
         n = len(f)

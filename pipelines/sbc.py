@@ -33,9 +33,8 @@ import torch
 from galgen.data.atomic import atomic_output
 from galgen.data.cutouts import CutoutFile
 from galgen.inference.calibration import coverage, rank_uniformity, simulation_based_calibration
-from galgen.inference.fit import _model_for_data
 from galgen.physics import Observation
-from galgen.sample import _device
+from galgen.runtime import resolve_device, resolve_model
 from galgen.sharding import parse_shard
 
 N_DRAWS = 199
@@ -104,10 +103,10 @@ def main():
     shard = parse_shard(args.shard)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = _device(args.device)
+    dev = resolve_device(args.device)
     with CutoutFile(args.data) as f:
-        model = _model_for_data(args.model, int(f.attrs["stamp_size"]), f.oversampling,
-                                float(f.attrs["pixel_scale"]), dev)
+        model = resolve_model(args.model, dev, data=(int(f.attrs["stamp_size"]), f.oversampling,
+                                                     float(f.attrs["pixel_scale"]))).eval()
         if len(f) < args.n:
             raise SystemExit(f"--n {args.n}: {args.data} has only {len(f)} galaxies to lend PSFs and noise")
     unit_flux = hasattr(model, "initial_log_scale")

@@ -25,6 +25,7 @@ import torch
 from ..data.atomic import atomic_output
 from ..data.cutouts import CutoutFile
 from ..errors import GalgenInputError
+from ..runtime import resolve_device, resolve_model
 
 __all__ = ["reconstruction_chi2", "generated_observations", "morphology_statistics", "evaluate_models"]
 
@@ -249,9 +250,7 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         ``generation`` (per generator: medians and KS distances of flux, size,
         ellipticity against the real galaxies), ``n``, ``data``.
     """
-    from ..sample import _device, resolve_model
-
-    device = _device(device)
+    device = resolve_device(device)
     out = Path(out)
     with CutoutFile(data) as f:
         n = min(n, len(f))

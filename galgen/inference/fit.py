@@ -20,10 +20,10 @@ import torch
 
 from ..data.cutouts import CutoutFile, CutoutWriter, output_is_current
 from ..errors import GalgenInputError
-from ..models.parametric import PARAMETRIC_KINDS, SersicModel
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
+from ..runtime import generator, resolve_device, resolve_model
 from .map import STATUS, _decode, fit_map, latent_log_prior
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
@@ -169,10 +169,9 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     pathlib.Path
         ``out``.
     """
-    from ..sample import _device
     from ..train.data import TrainingData
 
-    dev = _device(device)
+    dev = resolve_device(device)
     data = Path(data)
     with CutoutFile(data) as f:
         n_all = len(f)
@@ -216,7 +215,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w:
         for start in range(w.n_done, n, batch_size):
             b = td.batch(torch.arange(start, min(start + batch_size, n)))
-            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + int(rows[start]))
+            gen = generator(dev, seed, int(rows[start]))
             res = fit_map(model, b.observed, b.observation, cond=b.cond, restarts=restarts, max_iter=max_iter,
                           prior=prior, generator=gen)
             good = (~b.observation.noise.mask).sum((1, 2)).cpu() if b.observation.noise.mask is not None else None
@@ -284,11 +283,7 @@ def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, w
 
 def _model_for_data(model, stamp: int, oversampling: int, pixel_scale: float, device):
     """``resolve_model``, or a parametric model built for a file's stamp, oversampling and pixel scale."""
-    from ..sample import resolve_model
-
-    if isinstance(model, str) and model in PARAMETRIC_KINDS and not Path(model).exists():
-        model = SersicModel(model, stamp=stamp, oversampling=oversampling, pixel_scale=pixel_scale)
-    return resolve_model(model, device).eval()
+    return resolve_model(model, device, data=(stamp, oversampling, pixel_scale)).eval()
 
 
 def _thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:

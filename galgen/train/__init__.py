@@ -3,7 +3,8 @@
 from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
 from .data import TrainingData, epoch_order, split_indices
 from .distributed import DistributedContext, average_gradients, init_distributed
-from .trainer import RunConfig, TrainConfig, Trainer, TrainingDiverged, load_run_config, resolve_device, train
+from ..runtime import resolve_device
+from .trainer import RunConfig, TrainConfig, Trainer, TrainingDiverged, load_run_config, train
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "TrainingData",
            "epoch_order", "split_indices", "DistributedContext", "average_gradients", "init_distributed",

@@ -16,6 +16,7 @@ import torch
 
 from ..data.cutouts import REQUIRED_DATASETS, CutoutFile
 from ..errors import GalgenInputError
+from ..runtime import derive_seed
 from ..models.base import Batch
 
 __all__ = ["TrainingData", "split_indices", "epoch_order"]
@@ -65,7 +66,7 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     torch.Tensor
         A permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
     """
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 

@@ -35,6 +35,7 @@ import torch
 from ..config import build_dataclass, read_yaml
 from ..data.atomic import atomic_output
 from ..errors import GalgenInputError, TrainingDiverged
+from ..runtime import derive_seed, resolve_device
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import TrainingData, epoch_order, split_indices
 from .distributed import DistributedContext, init_distributed
@@ -231,46 +232,12 @@ def load_run_config(path, overrides: dict | None = None) -> RunConfig:
     return cfg
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """The device a ``device`` option names.
-
-    Parameters
-    ----------
-    name : str
-        ``auto`` picks CUDA, then Apple MPS, then the CPU.
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    GalgenInputError
-        A device this machine does not have.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise GalgenInputError(f"device: unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GalgenInputError(f"device: {name!r} requested but CUDA is not available on this machine")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GalgenInputError(f"device: {name!r} requested but MPS is not available on this machine")
-    return dev
-
-
 def _json(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 101 + int(rank)) % (2**63 - 1)
+    return derive_seed(seed, int(step) * 101 + int(rank))
 
 
 class _CSVLog:
