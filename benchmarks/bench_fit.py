@@ -80,8 +80,7 @@ def observation(fwhm, stamp, sigma, device):
 
 def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimizer="adam", sampler="hmc",
                  metric="diag"):
-    from galgen.inference import fit_map, summarize_chains
-    from galgen.inference.fit import _hmc_from_map
+    from galgen.inference import fit_map, sample_posterior, summarize_chains
     from galgen.models.parametric import SersicModel
 
     n, stamp = data.shape[0], data.shape[1]
@@ -101,8 +100,8 @@ def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimiz
     if hmc:
         gen = torch.Generator(device=device).manual_seed(0)
         t0 = time.perf_counter()  # galgen fit's posterior step: HMC about the MAP
-        h = _hmc_from_map(model, obs, x, None, res, samples=samples, chains=chains, warmup=samples, n_leapfrog=16,
-                          prior=None, generator=gen, sampler=sampler, metric=metric)
+        h = sample_posterior(model, x, obs, res, samples=samples, chains=chains, warmup=samples, n_leapfrog=16,
+                             generator=gen, sampler=sampler, metric=metric)
         _sync(device)
         hwall = time.perf_counter() - t0
         diag = summarize_chains(h.samples.cpu().numpy())

@@ -89,8 +89,9 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
         pixel scale must be the model's.
     seed : int, optional
         Seed of the latent draws, PSFs and noise.
-    prior : {"flow", "normal"}, optional
-        VAE latent prior (default: the flow when fitted).
+    prior : str, optional
+        One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``;
+        default the model's own: the flow when fitted).
     cond : str or dict, optional
         Conditions of a conditional model (``"mag=17.5,hlr=1.2"``).
     device : str, optional
@@ -110,13 +111,14 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
     from astropy.table import Table
 
     from .data.cutouts import CutoutWriter, output_is_current
+    from .models.base import sample_latents
     from .physics import CCDNoise, Observation, psf_from_galsim
     from .simulate.surveys import load_survey
 
     if n < 1:
         raise GalgenInputError(f"--n: must be >= 1, got {n}")
     dev = resolve_device(device)
-    model = resolve_model(model, dev)
+    model = resolve_model(model, dev, prior=prior)
     prov = getattr(model, "provenance", {}) or {}
     cfg = model.config
     k, stamp = int(cfg["oversampling"]), int(cfg["stamp"])
@@ -128,7 +130,7 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
                                f"for {scale}\"/pixel (its training data); choose a survey with that scale")
     cond_vec = parse_conditions(cond, model.conditions)
     P = psf_size or (33 * k + (1 - (33 * k) % 2))
-    fingerprint = json.dumps({"model": getattr(model, "checkpoint_path", repr(cfg)), "n": n, "survey": sv.name,
+    fingerprint = json.dumps({"model": model.checkpoint_path or repr(cfg), "n": n, "survey": sv.name,
                               "seed": seed, "prior": prior, "cond": None if cond_vec is None else cond_vec.tolist(),
                               "psf_size": P, "batch_size": batch_size}, sort_keys=True)
     out = Path(out)
@@ -140,7 +142,6 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
               "psf": (P, P), "variance": (stamp, stamp), "mask": (stamp, stamp)}
     rows = []
     noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
-    opts = {} if prior is None else {"prior": prior}
     with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
         # Every batch has its own seeds, so an interrupted run continues where it stopped
         # and ends identical to an uninterrupted one.
@@ -152,7 +153,9 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
             params = [sv.psf.draw(rng) for _ in range(m)]
             if start >= done:
                 psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
-                intrinsic = model.sample(m, cond=cond_vec, generator=gen, **opts).float()
+                c = None if cond_vec is None else cond_vec.to(dev).expand(m, -1)
+                with torch.no_grad():
+                    intrinsic = model.decode(sample_latents(model.prior(c), m, generator=gen), c).float()
                 obs = Observation(psf, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
                 noiseless, observed = obs.observe(intrinsic, generator=gen)
                 w.write({"observed": observed.cpu().numpy(), "noiseless": noiseless.cpu().numpy(),
@@ -198,23 +201,19 @@ def anomaly_scores(model, data, out, *, device="auto", batch_size: int = 256, ov
     from astropy.table import Table
 
     from .data.atomic import atomic_output
-    from .data.cutouts import CutoutFile
+    from .data.loading import ObservationLoader
     from .models.base import good_pixels
-    from .train.data import TrainingData
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise GalgenInputError(f"{out}: output exists; pass --overwrite to replace it")
     dev = resolve_device(device)
     model = resolve_model(model, dev)
-    with CutoutFile(data) as f:
-        n = len(f)
-        if int(f.attrs["stamp_size"]) != model.config["stamp"] or f.oversampling != model.config["oversampling"]:
-            raise GalgenInputError(f"{data}: stamp {f.attrs['stamp_size']} / oversampling {f.oversampling} do not "
-                                   f"match the model's {model.config['stamp']} / {model.config['oversampling']}")
-    td = TrainingData(data, np.arange(n), model.conditions, in_memory=False, device=dev)
+    loader = ObservationLoader(data, conditions=model.conditions, device=dev)
+    loader.check_grid(model.config["stamp"], model.config["oversampling"])
+    n = len(loader)
     scores, chi2s, goods = [], [], []
-    for batch in td.iter_batches(batch_size):
+    for batch in loader.iter_batches(batch_size):
         s = model.anomaly_score(batch.observed, batch.observation, batch.cond)
         g = good_pixels(batch.observed, batch.observation).expand_as(s)
         scores.append(s.cpu())
@@ -222,7 +221,7 @@ def anomaly_scores(model, data, out, *, device="auto", batch_size: int = 256, ov
         chi2s.append((s * g).cpu())
     table = Table({"index": np.arange(n), "anomaly": torch.cat(scores).numpy(),
                    "chi2": torch.cat(chi2s).numpy(), "n_good": torch.cat(goods).numpy().astype(np.int64)})
-    table.meta["model"] = str(getattr(model, "checkpoint_path", model.kind))
+    table.meta["model"] = str(model.checkpoint_path or model.kind)
     table.meta["data"] = str(data)
     with atomic_output(out) as tmp:
         table.write(tmp, format="fits" if out.suffix.lower() in (".fits", ".fit") else None, overwrite=True)

@@ -33,8 +33,9 @@ import torch
 from galgen.data.atomic import atomic_output
 from galgen.data.cutouts import CutoutFile
 from galgen.inference.calibration import coverage, rank_uniformity, simulation_based_calibration
-from galgen.physics import Observation
-from galgen.runtime import resolve_device, resolve_model
+from galgen.data.loading import observation_from_cutouts
+from galgen.models.parametric import SersicModel
+from galgen.runtime import derive_seed, resolve_device, resolve_model
 from galgen.sharding import parse_shard
 
 N_DRAWS = 199
@@ -105,11 +106,11 @@ def main():
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     with CutoutFile(args.data) as f:
-        model = resolve_model(args.model, dev, data=(int(f.attrs["stamp_size"]), f.oversampling,
-                                                     float(f.attrs["pixel_scale"]))).eval()
+        model = resolve_model(args.model, dev, data=(f.stamp_size, f.oversampling, f.pixel_scale),
+                              prior=args.prior).eval()
         if len(f) < args.n:
             raise SystemExit(f"--n {args.n}: {args.data} has only {len(f)} galaxies to lend PSFs and noise")
-    unit_flux = hasattr(model, "initial_log_scale")
+    unit_flux = isinstance(model, SersicModel)  # renders unit flux: give it the observed galaxies' fluxes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "data", "n", "batch_size", "samples", "chains", "warmup",
@@ -129,16 +130,16 @@ def main():
         if args.report_only or not lo <= b < hi:  # another shard's batch, not done yet
             continue
         rows = list(range(start, min(start + args.batch_size, args.n)))
-        obs = Observation.from_cutouts(args.data, rows, device=dev)
+        obs = observation_from_cutouts(args.data, rows, device=dev)
         log_scale = None
         if unit_flux:  # the observed galaxy's total flux
             with CutoutFile(args.data) as f:
                 images = torch.as_tensor(f.read("observed", np.asarray(rows)), device=dev)
             log_scale = model.initial_log_scale(images)
         r = simulation_based_calibration(model, obs, samples=args.samples, chains=args.chains, warmup=args.warmup,
-                                         n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, prior=args.prior,
-                                         log_scale=log_scale, metric=args.metric, sampler=args.sampler,
-                                         max_depth=args.max_depth, seed=args.seed * 1_000_003 + start)
+                                         n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, log_scale=log_scale,
+                                         metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
+                                         seed=derive_seed(args.seed, start), latent_names=model.latent_names)
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:

@@ -22,6 +22,8 @@ __all__ = [
     "CutoutFile",
     "CutoutWriter",
     "CutoutDataset",
+    "ObservationLoader",
+    "observation_from_cutouts",
     "merge_cutouts",
     "output_is_current",
     "read_cutouts",
@@ -29,10 +31,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # CutoutDataset needs torch; import it lazily so that the simulator and the I/O
+    # CutoutDataset and the observation loader need torch; import it lazily so that the simulator and the I/O
     # functions work (and fork safely) without loading torch.
     if name == "CutoutDataset":
         from .dataset import CutoutDataset
 
         return CutoutDataset
+    if name in ("ObservationLoader", "observation_from_cutouts"):
+        from . import loading
+
+        return getattr(loading, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

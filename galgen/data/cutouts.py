@@ -371,6 +371,11 @@ class CutoutFile:
         return [k for k in DATASETS if k in self._f]
 
     @property
+    def stamp_size(self) -> int:
+        """Detector stamp size in pixels (root attribute ``stamp_size``)."""
+        return int(self._f.attrs["stamp_size"])
+
+    @property
     def pixel_scale(self) -> float:
         """Detector pixel scale in arcsec/pixel."""
         return float(self._f.attrs["pixel_scale"])

@@ -24,27 +24,44 @@ import torch
 
 from ..data.atomic import atomic_output
 from ..data.cutouts import CutoutFile
+from ..data.loading import ObservationLoader
 from ..errors import GalgenInputError
-from ..runtime import resolve_device, resolve_model
+from ..models.base import amortised_guess, good_pixels, sample_latents
+from ..runtime import generator, resolve_device, resolve_model
 
 __all__ = ["reconstruction_chi2", "generated_observations", "morphology_statistics", "evaluate_models"]
 
 
-def _holdout(data, n, device, conditions=()):
-    from ..train.data import TrainingData
-
+def _holdout(data, n, device, conditions=()) -> ObservationLoader:
     with CutoutFile(data) as f:
         m = min(n, len(f)) if n else len(f)
-    return TrainingData(data, np.arange(m), conditions, in_memory=True, device=device)
+    return ObservationLoader(data, np.arange(m), conditions, in_memory=True, device=device)
+
+
+@torch.no_grad()
+def _reconstruction_scores(model, loader: ObservationLoader, batch_size: int) -> np.ndarray | None:
+    """Reduced chi-square of ``decode(encode(x))`` per galaxy; None for a model without an encoder."""
+    out = []
+    for batch in loader.iter_batches(batch_size):
+        guess = amortised_guess(model, batch.observed, batch.cond)
+        if guess is None:
+            return None
+        model_img = batch.observation.noiseless(model.decode(guess, batch.cond).float())
+        chi2 = batch.observation.noise.chi2(batch.observed, model_img)
+        out.append((chi2 / good_pixels(batch.observed, batch.observation)).float().cpu())
+    return torch.cat(out).numpy()
 
 
 def reconstruction_chi2(model, data, *, n: int | None = None, batch_size: int = 256, device="cpu") -> dict:
     """Per-galaxy reduced chi-square of a model's reconstructions of held-out cutouts.
 
+    The reconstruction is ``decode(encode(x))`` (the encoder's guess, a VAE's posterior
+    mean) observed through the galaxy's own PSF and compared with its own variance.
+
     Parameters
     ----------
-    model : galgen.models.GenerativeModel
-        An auto-encoder or VAE (anything with ``reconstruct``).
+    model : galgen.models.LatentModel
+        A model whose ``encode`` gives a guess (an auto-encoder, a VAE).
     data : str or os.PathLike
         Cutout file (the first ``n`` galaxies are used).
     n : int, optional
@@ -59,26 +76,30 @@ def reconstruction_chi2(model, data, *, n: int | None = None, batch_size: int = 
         ``fraction_in_0.95_1.15``, and ``truth_median`` (the same figure for the
         simulator's noiseless images, when the file has them).
     """
-    td = _holdout(data, n, device, model.conditions)
-    out = []
-    for batch in td.iter_batches(batch_size):
-        out.append(model.anomaly_score(batch.observed, batch.observation, batch.cond).float().cpu())
-    chi2 = torch.cat(out).numpy()
-    res = {"chi2_pixel": chi2, "n": int(len(chi2)), "median": float(np.median(chi2)),
+    loader = _holdout(data, n, device, model.conditions)
+    chi2 = _reconstruction_scores(model, loader, batch_size)
+    if chi2 is None:
+        raise GalgenInputError(f"model: a {type(model).__name__} has no encoder to reconstruct observations")
+    return {"chi2_pixel": chi2, **_reconstruction_summary(chi2, loader)}
+
+
+def _reconstruction_summary(chi2: np.ndarray, loader: ObservationLoader) -> dict:
+    """Median, 16-84% range and the fraction near 1 of reduced chi-squares, with the noiseless truth's median."""
+    res = {"n": int(len(chi2)), "median": float(np.median(chi2)),
            "p16": float(np.percentile(chi2, 16)), "p84": float(np.percentile(chi2, 84)),
            "fraction_in_0.95_1.15": float(np.mean((chi2 >= 0.95) & (chi2 <= 1.15)))}
-    with CutoutFile(data) as f:
+    with CutoutFile(loader.path) as f:
         if "noiseless" in f.keys:
-            sl = slice(0, len(chi2))
-            obs, model_img = f.read("observed", sl).astype(np.float64), f.read("noiseless", sl).astype(np.float64)
-            var, good = f.read("variance", sl).astype(np.float64), f.read("mask", sl) == 0
+            r = loader.rows(torch.arange(len(chi2)))
+            obs, var = r["observed"].double().cpu().numpy(), r["variance"].double().cpu().numpy()
+            good = ~r["mask"].cpu().numpy()
+            model_img = f.read("noiseless", slice(0, len(chi2))).astype(np.float64)
             truth = np.where(good, (obs - model_img) ** 2 / var, 0).sum((1, 2)) / good.sum((1, 2)).clip(1)
             res["truth_median"] = float(np.median(truth))
     return res
 
 
-def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu",
-                           **sample_options) -> dict:
+def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu") -> dict:
     """Draw ``n`` galaxies and observe them through the PSFs and noise of held-out galaxies.
 
     Galaxy ``i`` gets the PSF of held-out galaxy ``i`` and CCD noise with the survey's
@@ -87,8 +108,9 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
 
     Parameters
     ----------
-    model : galgen.models.GenerativeModel
-        A VAE or WGAN-GP.
+    model : galgen.models.LatentModel
+        Latent codes are drawn from ``model.prior(cond)`` and decoded (choose a VAE's
+        prior with ``model.with_prior(name)``).
     data : str or os.PathLike
         Held-out cutout file (PSFs, catalog with ``sky_level``, ``gain``, ``read_noise``).
     n : int
@@ -96,8 +118,6 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     seed : int, optional
     batch_size : int, optional
     device : str or torch.device, optional
-    **sample_options
-        Passed to ``model.sample`` (e.g. ``prior="normal"``).
 
     Returns
     -------
@@ -106,31 +126,23 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     """
     from ..physics import CCDNoise, Observation
 
+    loader = _holdout(data, n, device, model.conditions)
+    loader.check_grid(model.config.get("stamp", loader.stamp_size),
+                      model.config.get("oversampling", loader.oversampling))
     with CutoutFile(data) as f:
-        n = min(n, len(f))
-        psf = torch.from_numpy(f.read("psf", slice(0, n)))
-        cat = f.catalog[:n]
-        scale, k = f.pixel_scale, f.oversampling
-        stamp = int(f.attrs["stamp_size"])
+        cat = f.catalog[:len(loader)]
     for col in ("sky_level", "gain", "read_noise"):
         if col not in cat.colnames:
             raise GalgenInputError(f"{data}: catalog needs '{col}' to observe generated galaxies like real ones")
-    if model.config["stamp"] != stamp or model.config["oversampling"] != k:
-        raise GalgenInputError(f"{data}: stamp/oversampling {stamp}/{k} differ from the model's "
-                               f"{model.config['stamp']}/{model.config['oversampling']}")
     noise = CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = generator(device, seed)
     out = {"intrinsic": [], "noiseless": [], "observed": []}
-    cond = None
-    if model.conditions:
-        cond = torch.tensor(np.stack([np.asarray(cat[c], np.float32) for c in model.conditions], 1))
-    for s in range(0, n, batch_size):
-        m = min(batch_size, n - s)
-        p = psf[s:s + m].to(device)
-        obs = Observation(p / p.sum((-2, -1), keepdim=True), pixel_scale=scale, oversampling=k, stamp=stamp,
-                          noise=noise)
-        c = None if cond is None else cond[s:s + m].to(device)
-        intr = model.sample(m, cond=c, generator=gen, **sample_options).float()
+    for batch in loader.iter_batches(batch_size):
+        o = batch.observation
+        obs = Observation(o.psf, pixel_scale=o.pixel_scale, oversampling=o.oversampling, stamp=o.stamp, noise=noise)
+        with torch.no_grad():
+            z = sample_latents(model.prior(batch.cond), len(batch), generator=gen)
+            intr = model.decode(z, batch.cond).float()
         noiseless, observed = obs.observe(intr, generator=gen)
         for key, v in (("intrinsic", intr), ("noiseless", noiseless), ("observed", observed)):
             out[key].append(v.cpu().numpy())
@@ -264,24 +276,19 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     for i, spec in enumerate(models):
         model = resolve_model(spec, device)
         name = spec if isinstance(spec, str) and not Path(str(spec)).exists() else f"{model.kind}-{i}"
-        run_dir = Path(getattr(model, "checkpoint_path", "")).parent
+        run_dir = Path(model.checkpoint_path or "").parent
         if (run_dir / "train_log.csv").exists():
             from ..plotting import training_curves
 
             out.mkdir(parents=True, exist_ok=True)
             training_curves(run_dir, out / f"training_{name}.png")
-        if hasattr(model, "encode"):  # AE and VAE reconstruct observations
-            rec = reconstruction_chi2(model, data, n=n, batch_size=batch_size, device=device)
-            rec.pop("chi2_pixel")
-            report["reconstruction"][name] = rec
-        variants = [("", {})]
-        if model.kind == "vae":
-            variants = [(" (flow prior)", {"prior": "flow"}), (" (N(0,I))", {"prior": "normal"})]
-            if not bool(getattr(model.prior, "fitted", torch.tensor(False))):
-                variants = variants[1:]
-        for suffix, opts in variants:
+        rec = _reconstruction_scores(model, _holdout(data, n, device, model.conditions), batch_size)
+        if rec is not None:  # models with an encoder (AE, VAE) reconstruct observations
+            report["reconstruction"][name] = _reconstruction_summary(rec, _holdout(data, n, device))
+        variants = [(f" ({label})", model.with_prior(choice)) for choice, label in model.prior_choices.items()]
+        for suffix, variant in variants or [("", model)]:
             label = name + suffix
-            g = generated_observations(model, data, n=n, seed=seed, batch_size=batch_size, device=device, **opts)
+            g = generated_observations(variant, data, n=n, seed=seed, batch_size=batch_size, device=device)
             st = morphology_statistics(g["noiseless"].astype(np.float64), scale)
             stats[label] = st
             report["generation"][label] = _compare(stats["real"], st)

@@ -5,10 +5,11 @@ See :doc:`/inference`.
 
 from .derived import DERIVED_NAMES, credible_intervals, derived_quantities
 from .diagnostics import ess_bulk, ess_tail, split_rhat, summarize_chains
-from .fit import FitWriter, fit_file, posterior_images, posterior_log_prob
+from .fit import FitWriter, fit_file, posterior_images, posterior_log_prob, sample_posterior, thin_draws
 from .hmc import HMCResult, hmc_sample
-from .map import STATUS, MAPResult, fit_map, latent_log_prior
+from .map import STATUS, MAPResult, fit_map, initial_log_scale, latent_log_prior
 
-__all__ = ["fit_map", "MAPResult", "STATUS", "latent_log_prior", "hmc_sample", "HMCResult", "split_rhat",
-           "ess_bulk", "ess_tail", "summarize_chains", "fit_file", "FitWriter", "posterior_log_prob",
-           "posterior_images", "derived_quantities", "credible_intervals", "DERIVED_NAMES"]
+__all__ = ["fit_map", "MAPResult", "STATUS", "latent_log_prior", "initial_log_scale", "sample_posterior",
+           "thin_draws", "hmc_sample", "HMCResult", "split_rhat", "ess_bulk", "ess_tail", "summarize_chains",
+           "fit_file", "FitWriter", "posterior_log_prob", "posterior_images", "derived_quantities",
+           "credible_intervals", "DERIVED_NAMES"]

@@ -18,55 +18,53 @@ parameter is calibrated too.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
 
 from ..errors import GalgenInputError
+from ..models.base import sample_latents
 from .derived import DERIVED_NAMES, derived_quantities
 from .diagnostics import summarize_chains
-from .fit import _hmc_from_map, _thin_draws, posterior_images
-from .map import _decode, _latent_dim, fit_map
+from .fit import posterior_images, sample_posterior, thin_draws
+from .map import fit_map
 
 __all__ = ["simulation_based_calibration", "coverage", "rank_uniformity"]
-
-
-def _prior_draws(model, n, generator, prior):
-    if hasattr(model, "sample_latents"):
-        return model.sample_latents(n, generator=generator, prior=prior).float()
-    if hasattr(model, "sample_prior"):
-        return model.sample_prior(n, generator=generator).float()
-    return torch.randn(n, _latent_dim(model), generator=generator, device=generator.device)
 
 
 def simulation_based_calibration(model, observation, *, samples: int = 200, chains: int = 4,
                                  warmup: int | None = None, n_leapfrog: int = 16, n_draws: int = 199,
                                  prior: str | None = None, max_iter: int = 300, log_scale=None,
                                  metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
-                                 seed: int = 0) -> dict:
+                                 seed: int = 0, latent_names=None) -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
     ----------
-    model : GenerativeModel
-        In eval mode, on the observation's device.
+    model : galgen.models.LatentModel
+        Any model of the latent-model contract, in eval mode, on the observation's
+        device; the truths are drawn from ``model.prior()`` (choose a VAE's prior with
+        ``model.with_prior(name)``).
     observation : galgen.physics.Observation
-        ``B`` galaxies' PSFs and noise (e.g. ``Observation.from_cutouts`` of held-out
-        data); one simulated galaxy per entry. Batch over calls for large studies.
+        ``B`` galaxies' PSFs and noise (e.g. :func:`galgen.data.observation_from_cutouts`
+        of held-out data); one simulated galaxy per entry. Batch over calls for large
+        studies.
     samples, chains, warmup, n_leapfrog : int, optional
         HMC settings, as in :func:`galgen.inference.fit_file`.
     n_draws : int, optional
         Posterior draws (thinned evenly over all chains) against which the truth is
         ranked; ranks run from 0 to ``n_draws`` (199 makes the 68% and 95% rank
         intervals of :func:`coverage` exact).
-    prior : {"flow", "normal"}, optional
-        The VAE latent prior used both to simulate and to fit.
+    prior : str, optional
+        Deprecated: pass ``model.with_prior(name)`` (the prior used both to simulate
+        and to fit).
     max_iter : int, optional
         MAP iterations of the starting point.
     log_scale : torch.Tensor, optional
         ``(B,)`` true log flux scales multiplying the decoded galaxies (default 0: the
         decoder's own flux, right for a VAE). A parametric model renders unit flux: give
-        it realistic fluxes, e.g. ``model.initial_log_scale`` of the observed cutouts.
+        it realistic fluxes, e.g. ``SersicModel.initial_log_scale`` of the observed cutouts.
         The fits' log flux scale has a flat prior, so that any fixed truth is covered as
         a location parameter is, up to the non-Gaussianity of its likelihood.
     metric : {"diag", "dense"}, optional
@@ -75,42 +73,47 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     max_depth : int, optional
         As in :func:`galgen.inference.fit_file`.
     seed : int, optional
+    latent_names : sequence of str, optional
+        Names of the latent coordinates in ``names`` (default ``z0``, ``z1``, ...;
+        e.g. ``model.latent_names``).
 
     Returns
     -------
     dict
         ``names`` (derived names, then ``z0``...), ``truth`` ``(B, p)``, ``ranks``
-        ``(B, p)`` int, ``draws`` ``(B, n_draws, p)`` (a parametric model's latents are
-        named by its ``param_names``), ``rhat_max`` and
+        ``(B, p)`` int, ``draws`` ``(B, n_draws, p)``, ``rhat_max`` and
         ``ess_bulk_min`` ``(B,)`` of the latent chains, ``divergences`` ``(B,)``,
         ``wall_s``.
     """
     t0 = time.perf_counter()
+    if prior is not None:
+        warnings.warn("the prior= argument is deprecated: pass model.with_prior(name)", DeprecationWarning,
+                      stacklevel=2)
+        model = model.with_prior(prior)
     dev = observation.psf.device
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     if observation.psf.ndim != 3 and observation.noise.variance_map.ndim != 3:
         raise GalgenInputError("observation: needs a per-galaxy PSF or variance map (B, ., .), one per simulated galaxy")
     B = observation.psf.shape[0] if observation.psf.ndim == 3 else observation.noise.variance_map.shape[0]
     with torch.no_grad():
-        z_true = _prior_draws(model, B, gen, prior)
-        intr = _decode(model, z_true, None).float()
+        z_true = sample_latents(model.prior(), B, generator=gen).float()
+        intr = model.decode(z_true).float()
         if log_scale is not None:
             log_scale = torch.as_tensor(log_scale, dtype=intr.dtype, device=intr.device).reshape(-1)
             if log_scale.shape != (B,) or not bool(torch.isfinite(log_scale).all()):
                 raise GalgenInputError(f"log_scale: expected {B} finite values, got shape {tuple(log_scale.shape)}")
             intr = intr * log_scale.exp()[:, None, None]
         _, observed = observation.observe(intr, generator=gen)
-    res = fit_map(model, observed, observation, max_iter=max_iter, prior=prior, generator=gen)
-    h = _hmc_from_map(model, observation, observed, None, res, samples=samples, chains=chains,
-                      warmup=samples if warmup is None else warmup, prior=prior, generator=gen, n_leapfrog=n_leapfrog,
-                      metric=metric, sampler=sampler, max_depth=max_depth)
+    res = fit_map(model, observed, observation, max_iter=max_iter, generator=gen)
+    h = sample_posterior(model, observed, observation, res, samples=samples, chains=chains, warmup=warmup,
+                         generator=gen, n_leapfrog=n_leapfrog, metric=metric, sampler=sampler, max_depth=max_depth)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
-    draws = torch.cat([derived.double(), _thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()
+    draws = torch.cat([derived.double(), thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()
     truth = torch.cat([derived_quantities(intr, observation.intrinsic_scale).cpu(), z_true.double().cpu()], 1).numpy()
     ranks = (draws < truth[:, None, :]).sum(1)
     diag = summarize_chains(h.samples.cpu().numpy())
-    latent_names = list(getattr(model, "param_names", [f"z{i}" for i in range(d)]))
+    latent_names = list(latent_names) if latent_names is not None else [f"z{i}" for i in range(d)]
     return {"names": list(DERIVED_NAMES) + latent_names, "truth": truth, "ranks": ranks,
             "draws": draws, "rhat_max": diag["rhat"].max(1), "ess_bulk_min": diag["ess_bulk"].min(1),
             "divergences": h.divergences.sum(1).cpu().numpy(), "wall_s": time.perf_counter() - t0}

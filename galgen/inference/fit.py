@@ -13,85 +13,45 @@ it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.cutouts import CutoutFile, CutoutWriter, output_is_current
-from ..errors import GalgenInputError
+from ..data.cutouts import output_is_current
+from ..data.fitfile import FIT_DATASETS, FIT_SCHEMA, FitWriter
+from ..data.loading import ObservationLoader
+from ..runtime import generator, resolve_device, resolve_model
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
-from ..runtime import generator, resolve_device, resolve_model
-from .map import STATUS, _decode, fit_map, latent_log_prior
+from .map import STATUS, fit_map
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
-           "posterior_log_prob"]
-
-FIT_SCHEMA = "galgen-fits"
-
-#: Datasets of a fit file: dtype, unit, grid, meaning (shapes per galaxy are set by the run).
-FIT_DATASETS = {
-    "index": ("int64", "", "scalar", "row of the galaxy in the data file"),
-    "z": ("float32", "", "latent", "MAP latent code"),
-    "log_scale": ("float32", "", "scalar", "MAP log flux scale multiplying the decoded galaxy"),
-    "intrinsic": ("float32", "adu", "intrinsic", "MAP intrinsic (PSF-free) galaxy"),
-    "model": ("float32", "adu", "detector", "MAP model of the observation (noise-free)"),
-    "residual": ("float32", "adu", "detector", "data - model"),
-    "normalized_residual": ("float32", "", "detector", "(data - model) / sigma; 0 on masked pixels"),
-    "chi2": ("float64", "", "scalar", "chi-square of the MAP model over good pixels"),
-    "dof": ("int32", "", "scalar", "good pixels minus fitted parameters"),
-    "status": ("int8", "", "scalar", "0 converged, 1 max-iterations, 2 diverged, 3 no good pixels"),
-    "n_iter": ("int32", "", "scalar", "optimiser iterations"),
-    "samples": ("float32", "", "latent", "posterior samples (chains, draws, parameters): z, then log_scale"),
-    "rhat": ("float32", "", "latent", "rank-normalised split R-hat per parameter"),
-    "ess_bulk": ("float32", "", "latent", "bulk effective sample size per parameter"),
-    "ess_tail": ("float32", "", "latent", "tail effective sample size per parameter"),
-    "accept_rate": ("float32", "", "chains", "mean acceptance probability per chain"),
-    "divergences": ("int32", "", "chains", "divergent transitions per chain"),
-    "posterior_mean": ("float32", "adu", "detector", "posterior mean of the model observation"),
-    "posterior_std": ("float32", "adu", "detector", "posterior standard deviation of the model observation"),
-    "derived_map": ("float64", "", "derived", "flux [adu], hlr [arcsec], e1, e2 of the MAP intrinsic galaxy"),
-    "derived_draws": ("float32", "", "derived", "flux, hlr, e1, e2 of thinned posterior draws (draws, 4)"),
-    "derived_quantiles": ("float64", "", "derived", "quantiles 2.5, 16, 50, 84, 97.5% of flux, hlr, e1, e2 (4, 5)"),
-}
+           "posterior_log_prob", "sample_posterior", "thin_draws"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
 DERIVED_DRAWS = 256
 
 
-class FitWriter(CutoutWriter):
-    """Atomic, resumable writer of fit files (the mechanics of :class:`galgen.data.CutoutWriter`).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    n : int
-    shapes : dict
-        Per-galaxy shapes of the :data:`FIT_DATASETS` to create.
-    attrs : dict
-    fingerprint : str, optional
-    """
-
-    schema_name = FIT_SCHEMA
-    datasets = FIT_DATASETS
-    required = ("index", "z", "chi2", "status")
-
-
 def posterior_log_prob(model, observation, observed, cond=None, prior=None, chains: int = 1):
     """The log posterior of (z, log_scale) rows, galaxy-major with ``chains`` rows per galaxy.
 
+    ``log p(x | decode(z) * exp(s)) + log prior(z)``, the log flux scale ``s`` with a flat prior.
+
     Parameters
     ----------
-    model : GenerativeModel
+    model : galgen.models.LatentModel
     observation : galgen.physics.Observation
         Of the ``G`` galaxies.
     observed : torch.Tensor
         ``(G, S, S)``.
     cond : torch.Tensor, optional
+        ``(G, C)`` raw conditions.
     prior : str, optional
+        Deprecated: pass ``model.with_prior(name)``.
     chains : int, optional
 
     Returns
@@ -102,6 +62,10 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
         only, ``x`` holding just them (how :func:`~galgen.inference.hmc_sample`'s NUTS
         evaluates only the chains that are still moving).
     """
+    if prior is not None:
+        warnings.warn("the prior= argument is deprecated: pass model.with_prior(name)", DeprecationWarning,
+                      stacklevel=2)
+        model = model.with_prior(prior)
     G = len(observed)
     every = torch.arange(G * chains, device=observed.device)
     full = observation.select(every // chains) if chains > 1 else observation
@@ -115,8 +79,8 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
             obs = observation.select(gal)
         z, s = x[:, :d], x[:, d]
         c = None if cond is None else cond[gal]
-        intr = _decode(model, z, c).float() * s.exp()[:, None, None]
-        return obs.log_likelihood(intr, observed[gal]) + latent_log_prior(model, z, c, prior)
+        intr = model.decode(z, c).float() * s.exp()[:, None, None]
+        return obs.log_likelihood(intr, observed[gal]) + model.prior(c).log_prob(z)
 
     return log_prob
 
@@ -129,11 +93,11 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
 
     Parameters
     ----------
-    model : str, os.PathLike or GenerativeModel
-        See :func:`galgen.sample.resolve_model`; or ``"sersic"`` / ``"bulge-disk"``
-        (:data:`~galgen.models.parametric.PARAMETRIC_KINDS`): a parametric
+    model : str, os.PathLike or galgen.models.LatentModel
+        See :func:`galgen.runtime.resolve_model`: a pretrained name, run directory or
+        checkpoint, ``"sersic"`` / ``"bulge-disk"`` (a parametric
         :class:`~galgen.models.parametric.SersicModel` built for the file's stamp,
-        oversampling and pixel scale, the classical baseline.
+        oversampling and pixel scale, the classical baseline), or a model.
     data : str or os.PathLike
         Cutout file of observations.
     out : str or os.PathLike
@@ -145,13 +109,6 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         HMC warm-up iterations (default ``samples``).
     n_leapfrog : int, optional
         Leapfrog steps per HMC trajectory.
-    metric : {"diag", "dense"}, optional
-        HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense
-        for strongly correlated parameters (Sersic flux, radius and index).
-    sampler : {"hmc", "nuts"}, optional
-        Fixed-length HMC trajectories of ``n_leapfrog`` steps, or the No-U-Turn sampler.
-    max_depth : int, optional
-        NUTS: at most ``2**max_depth - 1`` leapfrog steps per draw.
     shard : galgen.sharding.Shard, optional
         Fit only this part of the file.
     device : str, optional
@@ -160,8 +117,16 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Random MAP restarts besides the encoder's guess.
     max_iter : int, optional
     seed : int, optional
-    prior : {"flow", "normal"}, optional
-        VAE latent prior.
+    prior : str, optional
+        One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``);
+        default its own.
+    metric : {"diag", "dense"}, optional
+        HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense
+        for strongly correlated parameters (Sersic flux, radius and index).
+    sampler : {"hmc", "nuts"}, optional
+        Fixed-length HMC trajectories of ``n_leapfrog`` steps, or the No-U-Turn sampler.
+    max_depth : int, optional
+        NUTS: at most ``2**max_depth - 1`` leapfrog steps per draw.
     overwrite : bool, optional
 
     Returns
@@ -169,25 +134,20 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     pathlib.Path
         ``out``.
     """
-    from ..train.data import TrainingData
-
     dev = resolve_device(device)
     data = Path(data)
-    with CutoutFile(data) as f:
-        n_all = len(f)
-        stamp, k = int(f.attrs["stamp_size"]), f.oversampling
-        data_fp = str(f.attrs.get("fingerprint", ""))
-        scale = float(f.attrs["pixel_scale"])
-    model = _model_for_data(model, stamp, k, scale, dev)
+    probe = ObservationLoader(data, [])
+    model = resolve_model(model, dev, data=(probe.stamp_size, probe.oversampling, probe.pixel_scale),
+                          prior=prior).eval()
     cfg = model.config
-    if stamp != cfg["stamp"] or k != cfg["oversampling"]:
-        raise GalgenInputError(f"{data}: stamp {stamp} / oversampling {k} differ from the model's "
-                               f"{cfg['stamp']} / {cfg['oversampling']}")
+    stamp, k = probe.stamp_size, probe.oversampling
+    probe.check_grid(cfg.get("stamp", stamp), cfg.get("oversampling", k))
+    n_all = probe.n_file
     rows = np.arange(n_all) if shard is None else np.arange(*shard.bounds(n_all))
     n = len(rows)
     warmup = samples if warmup is None else warmup
-    fp = json.dumps({"model": getattr(model, "checkpoint_path", repr(cfg)), "data": str(data.resolve()),
-                     "data_fingerprint": data_fp, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
+    fp = json.dumps({"model": model.checkpoint_path or repr(cfg), "data": str(data.resolve()),
+                     "data_fingerprint": probe.fingerprint, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
                      "samples": samples, "chains": chains, "warmup": warmup, "n_leapfrog": n_leapfrog,
                      "batch_size": batch_size, "restarts": restarts, "max_iter": max_iter, "seed": seed,
                      "prior": prior, **({"metric": metric} if metric != "diag" else {}),
@@ -196,7 +156,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
         return out
-    d = int(cfg["latent_dim"])
+    d = int(model.latent_dim)
     shapes = {"index": (), "z": (d,), "log_scale": (), "intrinsic": (stamp * k, stamp * k),
               "model": (stamp, stamp), "residual": (stamp, stamp), "normalized_residual": (stamp, stamp),
               "chi2": (), "dof": (), "status": (), "n_iter": (), "derived_map": (4,)}
@@ -205,97 +165,129 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                       accept_rate=(chains,), divergences=(chains,), posterior_mean=(stamp, stamp),
                       posterior_std=(stamp, stamp), derived_draws=(min(DERIVED_DRAWS, chains * samples), 4),
                       derived_quantiles=(4, len(QUANTILES)))
-    attrs = {"model": str(getattr(model, "checkpoint_path", cfg["kind"])), "data": str(data),
-             "model_kind": cfg["kind"], "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed,
-             "derived_names": json.dumps(DERIVED_NAMES), "derived_quantile_levels": json.dumps(QUANTILES)}
-    if hasattr(model, "param_names"):
-        attrs["param_names"] = json.dumps(list(model.param_names))
-    td = TrainingData(data, rows, model.conditions, in_memory=False, device=dev)
-    wall = []
+    kind = cfg.get("kind", type(model).__name__)
+    attrs = {"model": str(model.checkpoint_path or kind), "data": str(data),
+             "model_kind": kind, "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed,
+             "derived_names": json.dumps(DERIVED_NAMES), "derived_quantile_levels": json.dumps(QUANTILES),
+             "param_names": json.dumps(list(model.latent_names))}
+    loader = ObservationLoader(data, rows, model.conditions, device=dev)
     with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w:
-        for start in range(w.n_done, n, batch_size):
-            b = td.batch(torch.arange(start, min(start + batch_size, n)))
-            gen = generator(dev, seed, int(rows[start]))
+        for b in loader.iter_batches(batch_size, start=w.n_done):
+            gen = generator(dev, seed, int(b.index[0]))
             res = fit_map(model, b.observed, b.observation, cond=b.cond, restarts=restarts, max_iter=max_iter,
-                          prior=prior, generator=gen)
-            good = (~b.observation.noise.mask).sum((1, 2)).cpu() if b.observation.noise.mask is not None else None
-            status = res.status.clone()
-            if good is not None:
-                status[good == 0] = 3
-            block = {"index": rows[start:start + len(b)], "z": res.z.numpy(), "log_scale": res.log_scale.numpy(),
+                          generator=gen)
+            block = {"index": b.index.numpy(), "z": res.z.numpy(), "log_scale": res.log_scale.numpy(),
                      "intrinsic": res.intrinsic.numpy(), "model": res.model.numpy(),
                      "residual": res.residual.numpy(), "normalized_residual": res.normalized_residual.numpy(),
-                     "chi2": res.chi2.numpy(), "dof": res.dof.numpy(), "status": status.numpy(),
+                     "chi2": res.chi2.numpy(), "dof": res.dof.numpy(), "status": res.status.numpy(),
                      "n_iter": res.n_iter.numpy(),
                      "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
-                block.update(_posterior(model, b, res, samples, chains, warmup, prior, gen, n_leapfrog=n_leapfrog,
+                block.update(_posterior(model, b, res, samples, chains, warmup, gen, n_leapfrog=n_leapfrog,
                                         metric=metric, sampler=sampler, max_depth=max_depth))
             w.write(block)
-            wall.append(res.wall_time)
-        from astropy.table import Table
-
-        idx = w.read("index")
-        z = w.read("z")
-        chi2, dof, status = w.read("chi2"), w.read("dof"), w.read("status")
-        cat = Table({"index": idx, "chi2": chi2, "dof": dof,
-                     "chi2_dof": np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan),
-                     "status": status, "status_name": [STATUS.get(int(s), "no-good-pixels") for s in status],
-                     "log_scale": w.read("log_scale"),
-                     "z_map": z})
-        dmap = w.read("derived_map")
-        for j, name in enumerate(DERIVED_NAMES):
-            cat[f"{name}_map"] = dmap[:, j]
-        if hasattr(model, "physical"):  # parametric models: their physical parameters at the MAP
-            with torch.no_grad():
-                for name, value in model.physical(torch.as_tensor(z, dtype=torch.float32)).items():
-                    cat[f"param_{name}"] = value.cpu().numpy()
-        if samples:
-            dq = w.read("derived_quantiles")
-            for j, name in enumerate(DERIVED_NAMES):
-                for col, qi in (("lo95", 0), ("lo68", 1), ("median", 2), ("hi68", 3), ("hi95", 4)):
-                    cat[f"{name}_{col}"] = dq[:, j, qi]
-            cat["rhat_max"] = w.read("rhat").max(1)
-            cat["ess_bulk_min"] = w.read("ess_bulk").min(1)
-            cat["ess_tail_min"] = w.read("ess_tail").min(1)
-            cat["accept_rate"] = w.read("accept_rate").mean(1)
-            cat["divergences"] = w.read("divergences").sum(1)
-        from ..data.atomic import atomic_output
-
-        with atomic_output(catalog_path) as tmp:
-            cat.write(tmp, format="fits", overwrite=True)
-        w.finish(cat)
+        w.finish(_catalog(w, model, catalog_path, samples))
     return out
 
 
-def _hmc_from_map(model, observation, observed, cond, res, *, samples, chains, warmup, prior, generator,
-                  **sampler_kw):
-    """HMC chains of (z, log_scale) started about a batch's MAP (the posterior step of ``galgen fit``).
+def _catalog(w, model, catalog_path, samples):
+    """The FITS summary catalog of a finished fit file, written atomically; returned for the fit file too."""
+    from astropy.table import Table
 
-    ``sampler_kw`` (``n_leapfrog``, ``metric``, ``sampler``, ``max_depth``) go to :func:`hmc_sample`.
+    from ..data.atomic import atomic_output
+
+    z = w.read("z")
+    chi2, dof, status = w.read("chi2"), w.read("dof"), w.read("status")
+    cat = Table({"index": w.read("index"), "chi2": chi2, "dof": dof,
+                 "chi2_dof": np.where(dof > 0, chi2 / np.maximum(dof, 1), np.nan),
+                 "status": status.astype(np.int16), "status_name": [STATUS[int(s)] for s in status],
+                 "log_scale": w.read("log_scale"), "z_map": z})
+    dmap = w.read("derived_map")
+    for j, name in enumerate(DERIVED_NAMES):
+        cat[f"{name}_map"] = dmap[:, j]
+    with torch.no_grad():  # named physical parameters at the MAP (a parametric model's radius, index, ...)
+        for name, value in model.physical(torch.as_tensor(z, dtype=torch.float32)).items():
+            cat[f"param_{name}"] = value.cpu().numpy()
+    if samples:
+        dq = w.read("derived_quantiles")
+        for j, name in enumerate(DERIVED_NAMES):
+            for col, qi in (("lo95", 0), ("lo68", 1), ("median", 2), ("hi68", 3), ("hi95", 4)):
+                cat[f"{name}_{col}"] = dq[:, j, qi]
+        cat["rhat_max"] = w.read("rhat").max(1)
+        cat["ess_bulk_min"] = w.read("ess_bulk").min(1)
+        cat["ess_tail_min"] = w.read("ess_tail").min(1)
+        cat["accept_rate"] = w.read("accept_rate").mean(1)
+        cat["divergences"] = w.read("divergences").sum(1)
+    with atomic_output(catalog_path) as tmp:
+        cat.write(tmp, format="fits", overwrite=True)
+    return cat
+
+
+def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, cond=None, samples: int = 200,
+                     chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
+                     **sampler_options):
+    """Posterior samples of (z, log flux scale) of a batch of galaxies, with chains started about their MAP.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+        Any model of the latent-model contract, in eval mode.
+    observed : torch.Tensor
+        ``(B, S, S)``.
+    observation : galgen.physics.Observation
+        Of the ``B`` galaxies.
+    map_result : MAPResult
+        Of :func:`~galgen.inference.fit_map` on the same galaxies: each chain starts at
+        the MAP plus N(0, 0.01^2) jitter.
+    cond : torch.Tensor, optional
+        ``(B, C)`` raw conditions.
+    samples : int, optional
+        Draws per chain after warm-up.
+    chains : int, optional
+    warmup : int, optional
+        Warm-up iterations (step size and metric adaptation); default ``samples``.
+    generator : torch.Generator, optional
+    **sampler_options
+        :func:`~galgen.inference.hmc_sample` options: ``sampler`` (``"hmc"`` or
+        ``"nuts"``), ``n_leapfrog``, ``metric`` (``"diag"`` or ``"dense"``),
+        ``max_depth``.
+
+    Returns
+    -------
+    HMCResult
+        ``samples`` ``(B, chains, samples, latent_dim + 1)``: z, then the log flux scale.
     """
     dev = observation.psf.device
+    res = map_result
     x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
     init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
-    lp = posterior_log_prob(model, observation, observed, cond, prior, chains)
-    return hmc_sample(lp, init, n_samples=samples, n_warmup=warmup, generator=generator, **sampler_kw)
+    lp = posterior_log_prob(model, observation, observed, cond, chains=chains)
+    return hmc_sample(lp, init, n_samples=samples, n_warmup=samples if warmup is None else warmup,
+                      generator=generator, **sampler_options)
 
 
-def _model_for_data(model, stamp: int, oversampling: int, pixel_scale: float, device):
-    """``resolve_model``, or a parametric model built for a file's stamp, oversampling and pixel scale."""
-    return resolve_model(model, device, data=(stamp, oversampling, pixel_scale)).eval()
+def thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """Draws thinned evenly over all chains.
 
+    Parameters
+    ----------
+    samples : torch.Tensor
+        ``(G, C, N, k)`` chains.
+    n_draws : int
 
-def _thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
-    """``(G, C, N, k)`` chains -> ``(G, m, k)``: ``m = min(n_draws, C*N)`` draws evenly over all chains."""
+    Returns
+    -------
+    torch.Tensor
+        ``(G, m, k)`` with ``m = min(n_draws, C * N)``.
+    """
     draws = samples.reshape(samples.shape[0], -1, samples.shape[-1])
     pick = torch.linspace(0, draws.shape[1] - 1, min(n_draws, draws.shape[1])).round().long()
     return draws[:, pick]
 
 
-def _posterior(model, b, res, samples, chains, warmup, prior, gen, **sampler_kw):
-    h = _hmc_from_map(model, b.observation, b.observed, b.cond, res, samples=samples, chains=chains, warmup=warmup,
-                      prior=prior, generator=gen, **sampler_kw)
+def _posterior(model, b, res, samples, chains, warmup, gen, **sampler_kw):
+    h = sample_posterior(model, b.observed, b.observation, res, cond=b.cond, samples=samples, chains=chains,
+                         warmup=warmup, generator=gen, **sampler_kw)
     diag = summarize_chains(h.samples.cpu().numpy())
     derived, mean, std = posterior_images(model, b.observation, h.samples, b.cond)
     return {"samples": h.samples.cpu().numpy(), "rhat": diag["rhat"], "ess_bulk": diag["ess_bulk"],
@@ -311,7 +303,7 @@ def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_
 
     Parameters
     ----------
-    model : GenerativeModel or parametric model
+    model : galgen.models.LatentModel
     observation : galgen.physics.Observation
         Of the ``G`` galaxies.
     samples : torch.Tensor
@@ -330,7 +322,7 @@ def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_
         ``(G, S, S)`` posterior mean and standard deviation of the noise-free observation.
     """
     G = samples.shape[0]
-    sub = _thin_draws(samples, n_draws).to(observation.psf.device)
+    sub = thin_draws(samples, n_draws).to(observation.psf.device)
     derived, s1, s2 = [], 0.0, 0.0
     with torch.no_grad():
         for a in range(0, sub.shape[1], chunk):
@@ -338,7 +330,7 @@ def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_
             m = part.shape[1]
             flat = part.transpose(0, 1).reshape(m * G, -1)
             c = None if cond is None else cond.repeat(m, 1)
-            intr = _decode(model, flat[:, :-1], c).float() * flat[:, -1].exp()[:, None, None]
+            intr = model.decode(flat[:, :-1], c).float() * flat[:, -1].exp()[:, None, None]
             derived.append(derived_quantities(intr, observation.intrinsic_scale).view(m, G, -1).transpose(0, 1).cpu())
             obs = observation.select(torch.arange(G).repeat(m)) if m > 1 else observation
             img = obs.noiseless(intr).double()

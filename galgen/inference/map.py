@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import GalgenInputError
+from ..models.base import amortised_guess, sample_latents
 
-__all__ = ["MAPResult", "fit_map", "latent_log_prior", "STATUS"]
+__all__ = ["MAPResult", "fit_map", "latent_log_prior", "initial_log_scale", "STATUS"]
 
-#: Status codes of a fit: 0 converged, 1 stopped at ``max_iter``, 2 non-finite objective.
-STATUS = {0: "converged", 1: "max-iterations", 2: "diverged"}
+#: Status codes of a fit: 0 converged, 1 stopped at ``max_iter``, 2 non-finite objective,
+#: 3 no good pixels (every pixel of the stamp masked: nothing to fit).
+STATUS = {0: "converged", 1: "max-iterations", 2: "diverged", 3: "no-good-pixels"}
 
 
 @dataclass
@@ -80,64 +83,83 @@ class MAPResult:
 
 
 def latent_log_prior(model, z: torch.Tensor, cond=None, prior: str | None = None) -> torch.Tensor:
-    """Log prior density of latent codes under a model (nats per galaxy).
+    """Log prior density of latent codes under a model: ``model.prior(cond).log_prob(z)``.
 
     Parameters
     ----------
-    model : GenerativeModel or parametric model
-        A VAE uses its flow prior (or N(0, I)); a WGAN-GP draws z from N(0, I); a model
-        with ``log_prior(theta)`` (parametric) uses it; an auto-encoder has no prior (0).
+    model : galgen.models.LatentModel
     z : torch.Tensor
         ``(B, d)``.
     cond : torch.Tensor, optional
-    prior : {"flow", "normal"}, optional
-        VAE only.
+        ``(B, C)`` raw conditions.
+    prior : str, optional
+        Deprecated: one of the model's ``prior_choices`` (use ``model.with_prior(name)``).
 
     Returns
     -------
     torch.Tensor
-        ``(B,)``.
+        ``(B,)`` nats.
     """
-    if hasattr(model, "latent_log_prob"):
-        return model.latent_log_prob(z, cond, prior=prior)
-    if hasattr(model, "log_prior"):
-        return model.log_prior(z)
-    if getattr(model, "kind", None) == "wgan-gp":
-        return -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
-    return torch.zeros(len(z), dtype=z.dtype, device=z.device)
+    return _with_prior(model, prior).prior(cond).log_prob(z)
 
 
-def _decode(model, z, cond):
-    if hasattr(model, "generate"):
-        return model.generate(z, cond)
-    if getattr(model, "cond_dim", 0):
-        return model.decode(z, cond)
-    return model.decode(z)
+def _with_prior(model, prior):
+    if prior is None:
+        return model
+    warnings.warn("the prior= argument is deprecated: pass model.with_prior(name) (or resolve_model(..., prior=name))",
+                  DeprecationWarning, stacklevel=3)
+    return model.with_prior(prior)
 
 
-def _latent_dim(model) -> int:
-    for attr in ("latent_dim", "dim"):
-        if hasattr(model, attr):
-            return int(getattr(model, attr))
-    return int(model.config["latent_dim"])
+def initial_log_scale(model_images: torch.Tensor, observed: torch.Tensor, observation,
+                      trust: float = 10.0) -> torch.Tensor:
+    """Where :func:`fit_map` starts the log flux scale of each start: 0, unless the start's flux is far off.
+
+    ``A = sum(w d m) / sum(w m^2)`` over good pixels, with ``m`` the model image seen
+    through the observation, ``d`` the data and ``w`` the inverse variance, is the flux
+    scale that maximises the Gaussian likelihood for the start's shape. A model whose
+    first guess already has about the galaxy's flux (an encoder's, or a generator
+    trained on such galaxies) keeps its own flux (log scale 0); a start whose flux is
+    off by more than a factor ``trust`` either way (a parametric profile rendered at
+    unit flux) starts at ``log(A)``.
+
+    Parameters
+    ----------
+    model_images : torch.Tensor
+        ``(B, H, W)`` intrinsic images.
+    observed : torch.Tensor
+        ``(B, S, S)``.
+    observation : galgen.physics.Observation
+    trust : float, optional
+        Factor within which a start's own flux is kept.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)``: 0, or ``log(A)`` with ``A`` at least 1e-2 (0 where the model image is
+        blank).
+    """
+    m = observation.noiseless(model_images)
+    w = 1.0 / observation.noise.variance(m)
+    mask = observation.noise.mask
+    if mask is not None:
+        w = torch.where(mask, torch.zeros_like(w), w)
+    den = (w * m * m).sum((-2, -1))
+    amp = (w * observed * m).sum((-2, -1)) / den
+    log_amp = amp.clamp(min=1e-2).log()
+    rescale = (den > 0) & torch.isfinite(amp) & (log_amp.abs() > math.log(trust))
+    return torch.where(rescale, log_amp, torch.zeros_like(amp)).float()
 
 
-def _initial_codes(model, observed, cond, restarts, generator, prior):
-    B, d = len(observed), _latent_dim(model)
+def _initial_codes(model, observed, cond, restarts, generator):
+    B = len(observed)
     inits = []
-    if hasattr(model, "encode"):
-        with torch.no_grad():
-            enc = model.encode(observed, cond) if getattr(model, "cond_dim", 0) else model.encode(observed)
-        inits.append((enc[0] if isinstance(enc, tuple) else enc).float())
-    elif hasattr(model, "initial_guess"):
-        inits.append(model.initial_guess(observed))
+    guess = amortised_guess(model, observed, cond)
+    if guess is not None:
+        inits.append(guess)
     n_random = restarts + (0 if inits else 1)
     for _ in range(n_random):
-        if hasattr(model, "prior") and getattr(model.prior, "fitted", False) and prior != "normal":
-            c = model.condition_features(cond, B) if getattr(model, "cond_dim", 0) else None
-            inits.append(model.prior.sample(B, c, generator=generator).float())
-        else:
-            inits.append(torch.randn(B, d, generator=generator, device=observed.device))
+        inits.append(sample_latents(model.prior(cond), B, generator=generator).float())
     return torch.stack(inits)  # (R, B, d)
 
 
@@ -149,9 +171,10 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
 
     Parameters
     ----------
-    model : GenerativeModel or parametric model
-        Anything with ``decode(z[, cond])`` (VAE, AE), ``generate(z[, cond])``
-        (WGAN-GP) or a parametric model, in eval mode.
+    model : galgen.models.LatentModel
+        Any model of the latent-model contract (``latent_dim``, ``decode``, ``prior``,
+        ``encode``), in eval mode: the shipped AE, VAE, WGAN-GP and parametric models,
+        or a user's own.
     observed : torch.Tensor
         ``(B, S, S)`` data.
     observation : galgen.physics.Observation
@@ -159,8 +182,9 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     cond : torch.Tensor, optional
         Raw conditions of a conditional model.
     restarts : int, optional
-        Random starts drawn from the prior in addition to the encoder's guess; each
-        galaxy keeps its best solution.
+        Random starts drawn from ``model.prior(cond)`` in addition to the encoder's
+        guess (one random start when ``encode`` gives none); each galaxy keeps its best
+        solution.
     optimizer : {"adam", "lbfgs"}, optional
         Adam with per-galaxy convergence, or L-BFGS (strong Wolfe line search) on the
         summed, separable objective.
@@ -172,10 +196,10 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
         ``tol * (1 + |objective|)`` over ``patience`` iterations.
     patience : int, optional
     fit_flux : bool, optional
-        Also fit a per-galaxy log flux scale, starting from ``model.initial_log_scale(observed)``
-        where the model has it (parametric models render unit flux), else from 0.
-    prior : {"flow", "normal"}, optional
-        VAE latent prior.
+        Also fit a per-galaxy log flux scale, starting from the least-squares scale of
+        each start's image (:func:`initial_log_scale`; else it stays 0).
+    prior : str, optional
+        Deprecated: pass ``model.with_prior(name)``.
     generator : torch.Generator, optional
         Randomness of the restarts.
 
@@ -191,26 +215,28 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     t0 = time.perf_counter()
     if observed.ndim != 3:
         raise GalgenInputError(f"observed: expected (B, S, S), got {tuple(observed.shape)}")
-    stamp = getattr(model, "config", {}).get("stamp")
-    if stamp is not None and observed.shape[-1] != stamp:
-        raise GalgenInputError(f"observed: stamp {observed.shape[-1]} but the model was trained on {stamp}")
     if optimizer not in ("adam", "lbfgs"):
         raise GalgenInputError(f"optimizer: 'adam' or 'lbfgs', got {optimizer!r}")
-    for p in getattr(model, "parameters", lambda: [])():
+    model = _with_prior(model, prior)
+    for p in model.parameters():
         p.requires_grad_(False)
     B = len(observed)
-    inits = _initial_codes(model, observed, cond, restarts, generator, prior)
+    inits = _initial_codes(model, observed, cond, restarts, generator)
     R = inits.shape[0]
     z = inits.reshape(R * B, -1).clone().requires_grad_(True)
-    s0 = model.initial_log_scale(observed).float() if hasattr(model, "initial_log_scale") and fit_flux else None
-    s = (torch.zeros(R * B, device=observed.device) if s0 is None else s0.repeat(R)).requires_grad_(fit_flux)
     data = observed.repeat(R, 1, 1)
     obs = observation.select(torch.arange(B).repeat(R)) if R > 1 else observation
     c = None if cond is None else torch.as_tensor(cond).repeat(R, *([1] * (torch.as_tensor(cond).ndim - 1)))
+    if fit_flux:
+        with torch.no_grad():
+            s = initial_log_scale(model.decode(z, c).float(), data, obs)
+    else:
+        s = torch.zeros(R * B, device=observed.device)
+    s.requires_grad_(fit_flux)
 
     def objective():
-        intr = _decode(model, z, c).float() * s.exp()[:, None, None]
-        return obs.log_likelihood(intr, data) + latent_log_prior(model, z, c, prior)
+        intr = model.decode(z, c).float() * s.exp()[:, None, None]
+        return obs.log_likelihood(intr, data) + model.prior(c).log_prob(z)
 
     params = [z] + ([s] if fit_flux else [])
     n_iter = torch.full((R * B,), max_iter, dtype=torch.long)
@@ -262,17 +288,19 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
         best = lp_pick.argmax(0)
         pick = best * B + torch.arange(B, device=best.device)
         z_best, s_best = z.detach()[pick], s.detach()[pick]
-        intr = _decode(model, z_best, cond).float() * s_best.exp()[:, None, None]
+        intr = model.decode(z_best, cond).float() * s_best.exp()[:, None, None]
         noiseless = observation.noiseless(intr)
         resid = observed - noiseless
         var = observation.noise.variance(noiseless)
-        mask = getattr(observation.noise, "mask", None)
+        mask = observation.noise.mask
         good = torch.ones_like(resid, dtype=torch.bool) if mask is None else ~mask
         norm = torch.where(good, resid / var.sqrt(), torch.zeros_like(resid))
         chi2 = (norm**2).sum((1, 2))
         k = z_best.shape[1] + int(fit_flux)
         dof = good.sum((1, 2)) - k
+    status = status[pick.cpu()]
+    status[(good.sum((1, 2)) == 0).cpu()] = 3
     return MAPResult(z=z_best.cpu(), log_scale=s_best.cpu(), intrinsic=intr.cpu(), model=noiseless.cpu(),
                      residual=resid.cpu(), normalized_residual=norm.cpu(), chi2=chi2.cpu(), dof=dof.cpu(),
-                     log_posterior=lp.view(R, B).gather(0, best[None])[0].cpu(), status=status[pick.cpu()],
+                     log_posterior=lp.view(R, B).gather(0, best[None])[0].cpu(), status=status,
                      n_iter=n_iter[pick.cpu()], wall_time=time.perf_counter() - t0)

@@ -1,17 +1,21 @@
-"""Generative models of galaxy morphology: auto-encoder, VAE with a latent flow prior, WGAN-GP.
+"""Generative models of galaxy morphology: auto-encoder, VAE with a latent flow prior, WGAN-GP, Sersic.
 
-Every model is a :class:`GenerativeModel`: built from a JSON-serialisable config,
-trained one :class:`Batch` at a time by :class:`galgen.train.Trainer`, and it
-produces intrinsic (PSF-free) images that :class:`galgen.physics.Observation` observes.
+Every model that inference, sampling and evaluation use follows the latent-model
+contract (:class:`LatentModel`: ``latent_dim``, ``decode``, ``prior``, ``encode``).
+The trainable ones are :class:`GenerativeModel` s: built from a JSON-serialisable
+config, trained one :class:`Batch` at a time by :class:`galgen.train.Trainer`; all
+produce intrinsic (PSF-free) images that :class:`galgen.physics.Observation` observes.
 """
 
 from .autoencoder import AutoEncoder
-from .base import Batch, GenerativeModel, good_pixels, make_optimizer, no_sync
+from .base import (Batch, FlatPrior, GenerativeModel, LatentModel, StandardNormal, amortised_guess, good_pixels,
+                   make_optimizer, no_sync, sample_latents, standard_normal)
 from .networks import Decoder, Encoder, halvings
 from .registry import MODEL_KINDS, build_model, model_class
 from .prior import LatentFlowPrior
 from .vae import VAE
 from .wgan import WGANGP, Critic
 
-__all__ = ["AutoEncoder", "VAE", "LatentFlowPrior", "WGANGP", "Critic", "MODEL_KINDS", "build_model", "model_class", "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings",
-           "make_optimizer", "no_sync"]
+__all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "StandardNormal", "FlatPrior",
+           "AutoEncoder", "VAE", "LatentFlowPrior", "WGANGP", "Critic", "MODEL_KINDS", "build_model", "model_class",
+           "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "make_optimizer", "no_sync"]

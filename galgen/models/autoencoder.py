@@ -9,10 +9,9 @@ the reconstruction is an anomaly score, and the reconstruction a denoised image.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import GalgenInputError
-from .base import Batch, GenerativeModel, no_sync
+from .base import Batch, FlatPrior, GenerativeModel, no_sync
 from .networks import Decoder, Encoder
 
 __all__ = ["AutoEncoder"]
@@ -54,35 +53,57 @@ class AutoEncoder(GenerativeModel):
         self.config = dict(kind="ae", stamp=stamp, latent_dim=latent_dim, oversampling=oversampling, width=width,
                            input_scale=float(input_scale), flux_scale=float(flux_scale))
         self.input_scale = float(input_scale)
+        self.latent_dim = int(latent_dim)
         self.encoder = Encoder(stamp, latent_dim, width=width)
         self.decoder = Decoder(stamp * oversampling, latent_dim, width=width, flux_scale=flux_scale)
 
-    def encode(self, observed: torch.Tensor) -> torch.Tensor:
+    def encode(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
         """Latent codes of observed cutouts ``(B, S, S)``.
 
         Parameters
         ----------
         observed : torch.Tensor
+        cond : None
+            The auto-encoder is unconditional (values are an error).
 
         Returns
         -------
         torch.Tensor
             ``(B, latent_dim)``.
         """
+        self.condition_features(cond, len(observed))
         return self.encoder(torch.asinh(observed / self.input_scale))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """Intrinsic images ``(B, S*k, S*k)`` of latent codes.
 
         Parameters
         ----------
         z : torch.Tensor
+        cond : None
+            The auto-encoder is unconditional (values are an error).
 
         Returns
         -------
         torch.Tensor
         """
+        self.condition_features(cond, len(z))
         return self.decoder(z)
+
+    def prior(self, cond=None) -> FlatPrior:
+        """The auto-encoder has no prior: the improper flat one (MAP fits are maximum likelihood).
+
+        Parameters
+        ----------
+        cond : None
+            Unused.
+
+        Returns
+        -------
+        FlatPrior
+        """
+        w = self.decoder.project.weight
+        return FlatPrior(self.latent_dim, device=w.device, dtype=w.dtype)
 
     def forward(self, observed: torch.Tensor) -> torch.Tensor:
         """Reconstruct the intrinsic galaxy of observed cutouts.

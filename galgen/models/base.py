@@ -1,6 +1,23 @@
-"""What every galgen generative model provides to the trainer, the CLI and inference.
+"""What every galgen model provides to inference, sampling, evaluation and the trainer.
 
-A model is a :class:`torch.nn.Module` that knows nothing of files. It is built from a
+**The latent-model contract** (:class:`LatentModel`). Everything that inference,
+sampling and evaluation do with a model goes through four names:
+
+- ``latent_dim``: size of the latent code ``z``;
+- ``decode(z, cond=None)``: ``(B, latent_dim)`` -> ``(B, H, W)`` intrinsic (PSF-free),
+  non-negative images on the model's intrinsic grid;
+- ``prior(cond=None)``: a :class:`torch.distributions.Distribution` over ``z``, batched
+  over galaxies (:func:`standard_normal` for N(0, I); a zuko flow; a
+  :class:`~torch.distributions.TransformedDistribution` for a parametric model);
+- ``encode(observed, cond=None)``: an amortised first guess of ``z`` (a tensor, or a
+  distribution whose ``mean`` is the guess), or None for a model without one.
+
+A user's own module that implements these four (most simply by subclassing
+:class:`LatentModel`) is fitted, sampled and evaluated like the shipped ones.
+:func:`sample_latents` draws codes from any such prior with a
+:class:`torch.Generator`, so that a seed gives the same codes on every run.
+
+**Trainable models** (:class:`GenerativeModel`). A model is a :class:`torch.nn.Module` that knows nothing of files. It is built from a
 JSON-serialisable ``config`` (which a checkpoint stores and checks), and it trains one
 step at a time on a :class:`Batch`: observed cutouts with their own
 :class:`~galgen.physics.Observation` (PSF, variance, mask) and, optionally, catalog
@@ -11,15 +28,350 @@ optimisers (a GAN has two).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+import numbers
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.distributions import Distribution, Independent, Normal, TransformedDistribution
 
 from ..errors import GalgenInputError
+from ..physics import Batch
 
-__all__ = ["Batch", "GenerativeModel", "good_pixels", "make_optimizer", "no_sync"]
+__all__ = ["Batch", "LatentModel", "GenerativeModel", "StandardNormal", "FlatPrior", "standard_normal",
+           "sample_latents", "amortised_guess", "good_pixels", "make_optimizer", "no_sync"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class StandardNormal(Independent):
+    """N(0, I) over codes of size ``d``: ``Independent(Normal(0, 1), 1)`` with a closed-form density.
+
+    ``log_prob(z) = -|z|^2 / 2 - d log(2 pi) / 2``, evaluated in the dtype of ``z``
+    without argument validation (a diverging fit's non-finite codes give a non-finite
+    density rather than an exception).
+
+    Parameters
+    ----------
+    latent_dim : int
+    device, dtype : optional
+    """
+
+    def __init__(self, latent_dim: int, *, device=None, dtype=None):
+        loc = torch.zeros(int(latent_dim), device=device, dtype=dtype)
+        super().__init__(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log density in nats.
+
+        Parameters
+        ----------
+        value : torch.Tensor
+            ``(..., d)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(...)``.
+        """
+        d = value.shape[-1]
+        return -0.5 * (value**2).sum(-1) - 0.5 * d * _LOG_2PI
+
+
+def standard_normal(latent_dim: int, *, device=None, dtype=None) -> StandardNormal:
+    """The N(0, I) prior over latent codes: ``Independent(Normal(0, 1), 1)``.
+
+    Parameters
+    ----------
+    latent_dim : int
+        Size of ``z``.
+    device, dtype : optional
+        Of the distribution's parameters (and so of its draws).
+
+    Returns
+    -------
+    StandardNormal
+        An ``Independent(Normal(0, 1), 1)``: batch shape ``()``, event shape ``(latent_dim,)``.
+
+    Examples
+    --------
+    >>> p = standard_normal(3)
+    >>> p.log_prob(torch.zeros(2, 3)).shape
+    torch.Size([2])
+    """
+    return StandardNormal(latent_dim, device=device, dtype=dtype)
+
+
+class FlatPrior(StandardNormal):
+    """The improper flat prior of a model that has no prior (an auto-encoder).
+
+    ``log_prob`` is 0 everywhere, so that a MAP fit is a maximum-likelihood fit. An
+    improper density has no draws; :meth:`sample` and :func:`sample_latents` give
+    N(0, I) codes instead, which serve as random starting points of optimisers only.
+
+    Parameters
+    ----------
+    latent_dim : int
+    device, dtype : optional
+
+    Examples
+    --------
+    >>> FlatPrior(2).log_prob(torch.randn(4, 2))
+    tensor([0., 0., 0., 0.])
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Zero log density (nats) for every code.
+
+        Parameters
+        ----------
+        value : torch.Tensor
+            ``(..., latent_dim)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(...)`` zeros in the dtype of ``value``.
+        """
+        return torch.zeros(value.shape[:-1], dtype=value.dtype, device=value.device)
+
+
+def _standard_draws(dist: Distribution, shape: torch.Size, generator, temperature: float) -> torch.Tensor:
+    """Draws of ``shape`` from ``dist`` whose randomness is standard normal noise from ``generator``."""
+    from zuko.distributions import NormalizingFlow
+
+    if isinstance(dist, Independent):
+        return _standard_draws(dist.base_dist, shape, generator, temperature)
+    if isinstance(dist, Normal):
+        loc = dist.loc
+        gdev = generator.device if generator is not None else loc.device
+        eps = torch.randn(shape + dist.batch_shape, generator=generator, device=gdev, dtype=loc.dtype).to(loc.device)
+        return dist.loc + dist.scale * (temperature * eps)
+    if isinstance(dist, TransformedDistribution):
+        x = _standard_draws(dist.base_dist, shape, generator, temperature)
+        for t in dist.transforms:
+            x = t(x)
+        return x
+    if isinstance(dist, NormalizingFlow):
+        return dist.transform.inv(_standard_draws(dist.base, shape, generator, temperature))
+    if temperature != 1.0:
+        raise GalgenInputError(f"temperature: {type(dist).__name__} has no Gaussian base noise to scale")
+    seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
+    if seed is None:
+        return dist.sample(shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return dist.sample(shape)
+
+
+@torch.no_grad()
+def sample_latents(prior: Distribution, n: int, *, generator: torch.Generator | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Draw ``n`` latent codes from a prior, reproducibly.
+
+    :meth:`torch.distributions.Distribution.sample` takes no generator; this does. For
+    the distributions galgen's models return (normals, transformed normals, zuko flows)
+    the draws are made from standard normal noise drawn with ``generator`` (on the
+    generator's device, then moved) and mapped through the distribution's transforms;
+    any other distribution is sampled under the global random state re-seeded from
+    ``generator`` (and restored afterwards).
+
+    Parameters
+    ----------
+    prior : torch.distributions.Distribution
+        Event shape ``(d,)``; batch shape ``()`` (one distribution for all) or ``(n,)``
+        (one per galaxy, e.g. conditioned on each galaxy's catalog values).
+    n : int
+        Number of codes.
+    generator : torch.Generator, optional
+        Source of randomness (default: the global one).
+    temperature : float, optional
+        Scale of the Gaussian base noise (``< 1`` draws from the denser core).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, d)`` on the prior's device.
+
+    Examples
+    --------
+    >>> a = sample_latents(standard_normal(2), 3, generator=torch.Generator().manual_seed(0))
+    >>> b = sample_latents(standard_normal(2), 3, generator=torch.Generator().manual_seed(0))
+    >>> a.shape, torch.equal(a, b)
+    (torch.Size([3, 2]), True)
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise GalgenInputError(f"n: expected an integer >= 1, got {n!r}")
+    if not temperature > 0:
+        raise GalgenInputError(f"temperature: must be > 0, got {temperature!r}")
+    batch = tuple(prior.batch_shape)
+    if batch == ():
+        shape = torch.Size([n])
+    elif batch == (n,):
+        shape = torch.Size([])
+    else:
+        raise GalgenInputError(f"prior: batch shape {batch} cannot give {n} codes (expected () or ({n},))")
+    return _standard_draws(prior, shape, generator, float(temperature))
+
+
+@torch.no_grad()
+def amortised_guess(model, observed: torch.Tensor, cond=None) -> torch.Tensor | None:
+    """A model's amortised first guess of the latent codes of observed cutouts.
+
+    Parameters
+    ----------
+    model : LatentModel
+        Anything with the contract's ``encode``.
+    observed : torch.Tensor
+        ``(B, S, S)``.
+    cond : torch.Tensor, optional
+        ``(B, C)`` raw catalog values.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``(B, latent_dim)`` float32 codes (the mean of an approximate posterior), or
+        None when the model has no encoder.
+    """
+    guess = model.encode(observed, cond)
+    if guess is None:
+        return None
+    if isinstance(guess, Distribution):
+        guess = guess.mean
+    return guess.float()
+
+
+class LatentModel(nn.Module):
+    """Base class of the latent-model contract (see the module docstring).
+
+    Subclasses set ``latent_dim`` and implement :meth:`decode` and :meth:`prior`; those
+    with an amortised first guess also :meth:`encode`. Conditional models list their
+    catalog columns in ``conditions``.
+
+    Attributes
+    ----------
+    latent_dim : int
+        Size of ``z``.
+    config : dict
+        The model's options (``stamp``, ``oversampling``, ...); stages check data against it.
+    checkpoint_path : str or None
+        Where the model was loaded from.
+    conditions : tuple of str
+        Catalog columns ``cond`` holds, in order (empty: unconditional).
+    prior_choices : dict of str to str
+        Alternative priors :meth:`with_prior` accepts, name -> label (e.g. a VAE's
+        ``{"flow": "flow prior", "normal": "N(0,I)"}``); empty when the model has only
+        its own.
+    """
+
+    latent_dim: int
+    conditions: tuple = ()
+    prior_choices: dict = {}
+    #: The model's options (stamp, oversampling, kind, ...), JSON-serialisable; empty for a bare module.
+    config: dict = {}
+    #: The checkpoint the model was loaded from (set by the loaders), else None.
+    checkpoint_path = None
+
+    @property
+    def latent_names(self) -> list:
+        """Names of the latent coordinates, as fit files and calibration label them (``z0``, ``z1``, ...).
+
+        Returns
+        -------
+        list of str
+        """
+        return [f"z{i}" for i in range(self.latent_dim)]
+
+    def physical(self, z: torch.Tensor) -> dict:
+        """Named physical quantities of latent codes (e.g. a Sersic model's radius and index).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, latent_dim)``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``(B,)`` each; empty (the default) for a model whose codes have no physical meaning.
+        """
+        return {}
+
+    def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        """Intrinsic (PSF-free) images of latent codes.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, latent_dim)``.
+        cond : torch.Tensor, optional
+            ``(B, C)`` raw catalog values of ``conditions``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, H, W)`` non-negative images on the model's intrinsic grid.
+        """
+        raise NotImplementedError
+
+    def prior(self, cond=None) -> Distribution:
+        """The prior over latent codes.
+
+        Parameters
+        ----------
+        cond : torch.Tensor, optional
+            ``(B, C)`` raw catalog values: the prior of each galaxy.
+
+        Returns
+        -------
+        torch.distributions.Distribution
+            Event shape ``(latent_dim,)``; batch shape ``()`` or ``(B,)``.
+        """
+        raise NotImplementedError
+
+    def encode(self, observed: torch.Tensor, cond=None):
+        """An amortised first guess of the latent codes of observed cutouts.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)`` detector images.
+        cond : torch.Tensor, optional
+            ``(B, C)`` raw catalog values.
+
+        Returns
+        -------
+        torch.Tensor or torch.distributions.Distribution or None
+            ``(B, latent_dim)`` codes, an approximate posterior whose ``mean`` is the
+            guess, or None (the default) for a model without one.
+        """
+        return None
+
+    def with_prior(self, name: str) -> "LatentModel":
+        """The same model (sharing its weights) with another of its priors.
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`prior_choices`.
+
+        Returns
+        -------
+        LatentModel
+
+        Raises
+        ------
+        GalgenInputError
+            A name the model does not offer.
+        """
+        if name not in self.prior_choices:
+            offered = sorted(self.prior_choices) or "none but its own"
+            raise GalgenInputError(f"prior: a {type(self).__name__} offers {offered}, not {name!r}")
+        other = copy.copy(self)
+        other._prior_choice = name
+        return other
 
 
 def no_sync(params: Iterable[torch.nn.Parameter]) -> None:
@@ -82,33 +434,7 @@ def good_pixels(observed: torch.Tensor, observation) -> torch.Tensor:
     return (~mask).sum(dim=(-2, -1)).clamp(min=1).to(observed.dtype)
 
 
-@dataclass
-class Batch:
-    """A training batch: observations, their physics, optional conditions.
-
-    Parameters
-    ----------
-    observed : torch.Tensor
-        ``(B, S, S)`` observed cutouts (ADU).
-    observation : galgen.physics.Observation
-        Per-galaxy PSF, pixel scale, oversampling and noise (variance, mask).
-    cond : torch.Tensor, optional
-        ``(B, C)`` raw catalog values of the model's ``conditions`` (e.g. magnitude,
-        half-light radius in arcsec); the model normalises them.
-    index : torch.Tensor, optional
-        ``(B,)`` rows of the galaxies in their file.
-    """
-
-    observed: torch.Tensor
-    observation: object
-    cond: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.observed.shape[0]
-
-
-class GenerativeModel(nn.Module):
+class GenerativeModel(LatentModel):
     """Base class of galgen's models (auto-encoder, VAE, WGAN-GP).
 
     Subclasses set ``kind`` and build ``self.config`` (a JSON-serialisable dict with
@@ -128,6 +454,7 @@ class GenerativeModel(nn.Module):
     """
 
     kind: str = "base"
+    latent_dim: int = 0
 
     def __init__(self, conditions=()):
         super().__init__()

@@ -25,11 +25,15 @@ from __future__ import annotations
 import functools
 import math
 
+import warnings
+
 import numpy as np
 import torch
-from torch import nn
+from torch.distributions import TransformedDistribution
+from torch.distributions.transforms import AffineTransform
 
 from ..errors import GalgenInputError
+from .base import LatentModel, sample_latents, standard_normal
 
 __all__ = ["sersic_b", "render_sersic", "SersicModel", "PARAMETRIC_KINDS"]
 
@@ -323,12 +327,13 @@ def _shear(e1, e2, gmax=0.9):
     return f * e1, f * e2
 
 
-class SersicModel(nn.Module):
+class SersicModel(LatentModel):
     """A single Sersic or a bulge + disk galaxy, rendered at unit flux, for galgen's fitters.
 
-    Parameters are an unconstrained vector ``theta`` (``param_names``); the flux is the
-    fitters' separate log flux scale (``decode`` renders unit flux, and
-    :meth:`initial_log_scale` starts it at the observed total).
+    Parameters are an unconstrained vector ``theta`` (``param_names``), the model's
+    latent code; the flux is the fitters' separate log flux scale (``decode`` renders
+    unit flux). :meth:`encode` guesses ``theta`` from the light-weighted moments of a
+    stamp, and :meth:`prior` is a weakly informative Gaussian on ``theta``.
 
     ``sersic``: ``log_hlr`` (arcsec), ``t_n`` (n = 0.5 + 5.5 sigmoid(t_n), in
     [0.5, 6]), ``eta1``, ``eta2`` (shear ``g = 0.9 tanh|eta| eta/|eta|``), ``u_x``,
@@ -381,6 +386,19 @@ class SersicModel(nn.Module):
         self.config = {"kind": kind, "stamp": int(stamp), "oversampling": int(oversampling),
                        "pixel_scale": float(pixel_scale), "latent_dim": self.latent_dim,
                        "fit_centroid": self.fit_centroid, "pad": int(pad)}
+        loc, scale = self._prior_moments(torch.float32, "cpu")
+        self.register_buffer("prior_loc", loc, persistent=False)
+        self.register_buffer("prior_scale", scale, persistent=False)
+
+    @property
+    def latent_names(self) -> list:
+        """The parameter names, :attr:`param_names`.
+
+        Returns
+        -------
+        list of str
+        """
+        return list(self.param_names)
 
     def physical(self, theta: torch.Tensor) -> dict:
         """Physical parameters of unconstrained vectors.
@@ -410,13 +428,15 @@ class SersicModel(nn.Module):
         out["dx"], out["dy"] = (2 * torch.tanh(t[-2]), 2 * torch.tanh(t[-1])) if self.fit_centroid else (zero, zero)
         return out
 
-    def decode(self, theta: torch.Tensor) -> torch.Tensor:
+    def decode(self, theta: torch.Tensor, cond=None) -> torch.Tensor:
         """Unit-flux intrinsic images of parameter vectors.
 
         Parameters
         ----------
         theta : torch.Tensor
             ``(B, latent_dim)``.
+        cond : None
+            The model is unconditional (values are an error).
 
         Returns
         -------
@@ -426,6 +446,8 @@ class SersicModel(nn.Module):
             offset, so that :class:`~galgen.physics.Observation` with ``stamp=S`` crops it
             back to the galaxy at ``S//2``.
         """
+        if cond is not None:
+            raise GalgenInputError("cond: a parametric model is not conditioned on catalog quantities")
         c = self.config
         k, S = c["oversampling"], c["stamp"] + 2 * c["pad"]
         p = self.physical(theta)
@@ -438,11 +460,28 @@ class SersicModel(nn.Module):
         return (render_sersic(p["hlr_bulge"], four, p["g1_bulge"], p["g2_bulge"], flux=p["bt"], **kw)
                 + render_sersic(p["hlr_disk"], one, p["g1_disk"], p["g2_disk"], flux=1 - p["bt"], **kw))
 
-    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        """Weakly informative prior on the unconstrained parameters (nats, up to a constant).
+    def prior(self, cond=None) -> TransformedDistribution:
+        """Weakly informative prior on the unconstrained parameters.
 
         Log radii ~ N(log 0.8", 1); ``t_n``, ``t_bt`` ~ N(0, 1.5^2); shear parameters
-        ~ N(0, 1); centroid parameters ~ N(0, 1).
+        ~ N(0, 1); centroid parameters ~ N(0, 1): N(0, I) noise through an affine map.
+
+        Parameters
+        ----------
+        cond : None
+            Unused.
+
+        Returns
+        -------
+        torch.distributions.TransformedDistribution
+            ``theta = loc + scale * eps`` with ``eps ~`` :func:`~galgen.models.standard_normal`.
+        """
+        base = standard_normal(self.latent_dim, device=self.prior_loc.device, dtype=self.prior_loc.dtype)
+        return TransformedDistribution(base, [AffineTransform(self.prior_loc, self.prior_scale, event_dim=1)],
+                                       validate_args=False)
+
+    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
+        """Deprecated: ``model.prior().log_prob(theta)``.
 
         Parameters
         ----------
@@ -452,10 +491,11 @@ class SersicModel(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(B,)``.
+            ``(B,)`` nats.
         """
-        mu, sd = self._prior_moments(theta.dtype, theta.device)
-        return -0.5 * (((theta - mu) / sd) ** 2).sum(1) - torch.log(sd).sum()
+        warnings.warn("SersicModel.log_prior is deprecated; use model.prior().log_prob(theta)", DeprecationWarning,
+                      stacklevel=2)
+        return self.prior().log_prob(theta)
 
     def _prior_moments(self, dtype, device):
         sd = torch.ones(self.latent_dim, dtype=dtype, device=device)
@@ -468,23 +508,42 @@ class SersicModel(nn.Module):
         return mu, sd
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Parameter vectors drawn from :meth:`log_prior` (for simulation-based calibration).
+        """Deprecated: ``galgen.models.sample_latents(model.prior(), n, generator=generator)``.
 
         Parameters
         ----------
         n : int
         generator : torch.Generator, optional
         device : torch.device, optional
-            Default: the generator's device, else the CPU.
+            Default: the model's.
 
         Returns
         -------
         torch.Tensor
             ``(n, latent_dim)``.
         """
-        device = device if device is not None else (generator.device if generator is not None else "cpu")
-        mu, sd = self._prior_moments(torch.float32, device)
-        return mu + sd * torch.randn(n, self.latent_dim, generator=generator, device=device)
+        warnings.warn("SersicModel.sample_prior is deprecated; use galgen.models.sample_latents(model.prior(), n)",
+                      DeprecationWarning, stacklevel=2)
+        z = sample_latents(self.prior(), int(n), generator=generator)
+        return z if device is None else z.to(device)
+
+    def encode(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
+        """Starting parameters from the light-weighted moments of observed stamps.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)``.
+        cond : None
+            Unused.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, latent_dim)``: the size from the second moments within ``S/4`` of the
+            centre (``hlr ~ 1.18 sigma``), n = 1.5 (B/T = 0.3), round, centred.
+        """
+        return self.initial_guess(observed)
 
     def initial_guess(self, observed: torch.Tensor) -> torch.Tensor:
         """Starting parameters from the light-weighted moments of observed stamps.

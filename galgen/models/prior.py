@@ -17,12 +17,51 @@ import numbers
 
 import torch
 from torch import nn
+from torch.distributions.transforms import AffineTransform, ComposeTransform
+from zuko.distributions import NormalizingFlow
 
 from ..errors import GalgenInputError
 
 log = logging.getLogger("galgen.prior")
 
-__all__ = ["LatentFlowPrior"]
+__all__ = ["LatentFlowPrior", "FlowDistribution"]
+
+
+class FlowDistribution(NormalizingFlow):
+    """The density of a :class:`LatentFlowPrior` over codes ``z``, for one context: a zuko flow.
+
+    Its transform maps ``z`` to the base noise: the standardisation ``(z - z_mean) /
+    z_std``, then the flow. ``log_prob`` is :meth:`LatentFlowPrior.log_prob` (the flow's
+    density of the standardised code plus the standardisation's Jacobian);
+    ``rsample`` maps base noise through the inverse flow and back to the units of ``z``.
+
+    Parameters
+    ----------
+    prior : LatentFlowPrior
+    context : torch.Tensor, optional
+        ``(B, context)`` (batch shape ``(B,)``), or None for an unconditional prior.
+    """
+
+    def __init__(self, prior: "LatentFlowPrior", context: torch.Tensor | None = None):
+        flow = prior._dist(context)
+        standardise = AffineTransform(prior.z_mean, prior.z_std, event_dim=1).inv
+        super().__init__(ComposeTransform([standardise, flow.transform]), flow.base)
+        self._prior, self._context = prior, context
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of codes (differentiable in ``z``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` nats, in the dtype of ``z``.
+        """
+        return self._prior.log_prob(z, self._context)
 
 _KINDS = ("maf", "nsf")
 
@@ -132,6 +171,24 @@ class LatentFlowPrior(nn.Module):
 
     def _dist(self, context):
         return self.flow(context) if self.context else self.flow()
+
+    def distribution(self, context: torch.Tensor | None = None) -> FlowDistribution:
+        """The prior as a :class:`torch.distributions.Distribution` (a zuko flow) for a context.
+
+        Parameters
+        ----------
+        context : torch.Tensor, optional
+            ``(B, context)``: one distribution per row (batch shape ``(B,)``); required
+            by a conditional prior.
+
+        Returns
+        -------
+        FlowDistribution
+            Event shape ``(features,)``; draw from it reproducibly with
+            :func:`galgen.models.sample_latents`.
+        """
+        n = 1 if context is None or torch.as_tensor(context).ndim < 2 else len(context)
+        return FlowDistribution(self, self._context(context, n))
 
     # -- density and sampling -------------------------------------------------------------
     def log_prob(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,21 +15,56 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
+from torch.distributions import Independent, Normal
 
 from ..errors import GalgenInputError
-from .base import Batch, GenerativeModel, good_pixels, no_sync
+from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
 from .networks import Decoder, Encoder
 from .prior import LatentFlowPrior
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "GaussianPosterior"]
 
 #: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
 LOGVAR_RANGE = (-12.0, 6.0)
 _PRIOR_DEFAULTS = {"kind": "nsf", "transforms": 3, "hidden": [128, 128]}
-_LOG_2PI = math.log(2 * math.pi)
+_PRIOR_LABELS = {"flow": "flow prior", "normal": "N(0,I)"}
+
+
+class GaussianPosterior(Independent):
+    """The encoder's diagonal Gaussian q(z | x): ``Independent(Normal(mu, exp(logvar / 2)), 1)``.
+
+    :meth:`VAE.encode` returns it (its ``mean`` is the amortised guess of a fit). For
+    code written against galgen 0.1, where ``encode`` returned ``(mu, logvar)``, it
+    still unpacks and indexes as that pair, with a :class:`DeprecationWarning`; use
+    ``.mean`` and :attr:`logvar`, or :meth:`VAE.encoder_moments`.
+
+    Parameters
+    ----------
+    mu, logvar : torch.Tensor
+        ``(B, latent_dim)`` each.
+    """
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor):
+        super().__init__(Normal(mu, (0.5 * logvar).exp(), validate_args=False), 1, validate_args=False)
+        self.logvar = logvar
+
+    def _pair(self):
+        warnings.warn("VAE.encode now returns a distribution (q(z|x)); use .mean and .logvar, or "
+                      "VAE.encoder_moments(), instead of unpacking (mu, logvar)", DeprecationWarning, stacklevel=3)
+        return (self.mean, self.logvar)
+
+    def __iter__(self):
+        return iter(self._pair())
+
+    def __getitem__(self, i):
+        return self._pair()[i]
+
+    def __len__(self) -> int:
+        return 2
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -71,9 +106,9 @@ class VAE(GenerativeModel):
     config : dict
         ``kind`` and every constructor argument (JSON-serialisable; ``prior`` with all
         its options filled in).
-    prior : LatentFlowPrior
+    latent_flow : LatentFlowPrior
         The latent flow (context: the normalised conditions); unfitted until
-        :meth:`fit_prior`.
+        :meth:`fit_prior`. (Checkpoints of galgen 0.1 call it ``prior``; they load.)
 
     Notes
     -----
@@ -87,8 +122,7 @@ class VAE(GenerativeModel):
     >>> vae = VAE(32, latent_dim=4, width=8)
     >>> vae.sample(2, prior="normal", generator=torch.Generator().manual_seed(0)).shape
     torch.Size([2, 32, 32])
-    >>> mu, logvar = vae.encode(torch.zeros(3, 32, 32))
-    >>> mu.shape
+    >>> vae.encode(torch.zeros(3, 32, 32)).mean.shape
     torch.Size([3, 4])
     """
 
@@ -120,15 +154,35 @@ class VAE(GenerativeModel):
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(features + self.cond_dim, 2 * self.latent_dim))
         self.decoder = Decoder(int(stamp) * int(oversampling), self.latent_dim + self.cond_dim, width=int(width),
                                flux_scale=flux_scale)
-        self.prior = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
-        prior_config = {k: self.prior.config[k] for k in _PRIOR_DEFAULTS}
+        self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
+        self._prior_choice = None
+        self._register_load_state_dict_pre_hook(_rename_flow_keys)
+        prior_config = {k: self.latent_flow.config[k] for k in _PRIOR_DEFAULTS}
         self.config = dict(kind=self.kind, stamp=int(stamp), latent_dim=self.latent_dim,
                            oversampling=int(oversampling), width=int(width), input_scale=float(input_scale),
                            flux_scale=float(flux_scale), beta=float(beta), warmup_steps=int(warmup_steps),
                            conditions=list(self.conditions), prior=prior_config)
 
     # -- encoder / decoder ----------------------------------------------------------------
-    def encode(self, observed: torch.Tensor, cond=None):
+    def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
+        """The approximate posterior q(z | x[, c]) of observed cutouts.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)`` observed cutouts (ADU).
+        cond : torch.Tensor, optional
+            Raw conditions ``(B, C)`` or ``(C,)``; required by a conditional model.
+
+        Returns
+        -------
+        GaussianPosterior
+            Batch shape ``(B,)``, event shape ``(latent_dim,)``; its ``mean`` is the
+            amortised guess of a fit.
+        """
+        return GaussianPosterior(*self.encoder_moments(observed, cond))
+
+    def encoder_moments(self, observed: torch.Tensor, cond=None):
         """Posterior mean and log-variance of q(z | x[, c]).
 
         Parameters
@@ -190,7 +244,7 @@ class VAE(GenerativeModel):
         torch.Tensor
             ``(B, S*k, S*k)``.
         """
-        return self.decode(self.encode(observed, cond)[0], cond)
+        return self.decode(self.encoder_moments(observed, cond)[0], cond)
 
     def forward(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
         """Same as :meth:`reconstruct`.
@@ -249,7 +303,7 @@ class VAE(GenerativeModel):
             galaxy's unmasked pixels. The ELBO bounds a *density* of continuous data, so
             bits per pixel can be negative, and it depends on the flux unit.
         """
-        mu, logvar = self.encode(batch.observed, batch.cond)
+        mu, logvar = self.encoder_moments(batch.observed, batch.cond)
         mu, logvar = mu.float(), logvar.float()
         eps = _randn(mu.shape, generator, mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
@@ -348,7 +402,7 @@ class VAE(GenerativeModel):
             for b in batches:
                 if not isinstance(b, Batch):
                     raise GalgenInputError(f"batches: expected galgen.models.Batch items, got {type(b).__name__}")
-                mu, logvar = self.encode(b.observed, b.cond)
+                mu, logvar = self.encoder_moments(b.observed, b.cond)
                 mu, std = mu.float(), (0.5 * logvar.float()).exp()
                 for _ in range(samples_per_galaxy):
                     codes.append((mu + _randn(mu.shape, generator, mu.device, mu.dtype) * std).cpu())
@@ -399,45 +453,88 @@ class VAE(GenerativeModel):
         if codes.ndim != 2 or codes.shape[1] != self.latent_dim:
             raise GalgenInputError(f"latents: expected shape (N, {self.latent_dim}), got {tuple(codes.shape)}")
         ctx = self.condition_features(cond, len(codes))
-        return self.prior.fit(codes, ctx, **options)
+        return self.latent_flow.fit(codes, ctx, **options)
 
-    def _prior_name(self, prior) -> str:
-        fitted = bool(self.prior.fitted)
-        prior = prior or ("flow" if fitted else "normal")
-        if prior not in ("flow", "normal"):
-            raise GalgenInputError(f"prior: 'flow' or 'normal', got {prior!r}")
-        if prior == "flow" and not fitted:
+    @property
+    def prior_choices(self) -> dict:
+        """``{"flow": "flow prior", "normal": "N(0,I)"}``, or only ``normal`` before the flow is fitted.
+
+        Returns
+        -------
+        dict of str to str
+        """
+        names = ("flow", "normal") if bool(self.latent_flow.fitted) else ("normal",)
+        return {k: _PRIOR_LABELS[k] for k in names}
+
+    def with_prior(self, name: str) -> "VAE":
+        """The same VAE (sharing its weights) with its flow prior or N(0, I).
+
+        Parameters
+        ----------
+        name : {"flow", "normal"}
+
+        Returns
+        -------
+        VAE
+        """
+        if name == "flow" and not bool(self.latent_flow.fitted):
             raise GalgenInputError("prior: the flow prior is not fitted yet (train to the end, or call "
                                    "fit_prior); use prior='normal' for N(0, I)")
-        return prior
+        if name not in _PRIOR_LABELS:
+            raise GalgenInputError(f"prior: 'flow' or 'normal', got {name!r}")
+        return super().with_prior(name)
+
+    def prior(self, cond=None):
+        """The prior over latent codes: the fitted flow, else N(0, I) (see :meth:`with_prior`).
+
+        Parameters
+        ----------
+        cond : torch.Tensor, optional
+            Raw conditions ``(B, C)``: the flow's context, one prior per galaxy
+            (required by a conditional model's flow; unused by N(0, I)).
+
+        Returns
+        -------
+        torch.distributions.Distribution
+            A zuko flow (:meth:`LatentFlowPrior.distribution`) or
+            :func:`~galgen.models.standard_normal`.
+        """
+        name = self._prior_choice or ("flow" if bool(self.latent_flow.fitted) else "normal")
+        if name == "flow":
+            n = len(cond) if isinstance(cond, torch.Tensor) and cond.ndim == 2 else 1
+            return self.latent_flow.distribution(self.condition_features(cond, n))
+        w = self.decoder.project.weight
+        return standard_normal(self.latent_dim, device=w.device, dtype=w.dtype)
+
+    def _chosen(self, prior):
+        return self if prior is None else self.with_prior(prior)
 
     def latent_log_prob(self, z: torch.Tensor, cond=None, prior: str | None = None) -> torch.Tensor:
-        """Log prior density of latent codes (differentiable in ``z``).
+        """Deprecated: ``vae.prior(cond).log_prob(z)`` (or ``vae.with_prior(name).prior(cond)``).
 
         Parameters
         ----------
         z : torch.Tensor
             ``(B, latent_dim)``.
         cond : torch.Tensor, optional
-            Raw conditions ``(B, C)`` or ``(C,)``: the flow's context (unused by N(0, I)).
         prior : {"flow", "normal"}, optional
-            Default: the flow when fitted, else N(0, I).
 
         Returns
         -------
         torch.Tensor
             ``(B,)`` nats.
         """
+        warnings.warn("VAE.latent_log_prob is deprecated; use vae.prior(cond).log_prob(z)", DeprecationWarning,
+                      stacklevel=2)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise GalgenInputError(f"z: expected shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        if self._prior_name(prior) == "flow":
-            return self.prior.log_prob(z, self.condition_features(cond, len(z)))
-        return -0.5 * (z**2).sum(1) - 0.5 * self.latent_dim * _LOG_2PI
+        c = None if cond is None else torch.as_tensor(cond).expand(len(z), -1)
+        return self._chosen(prior).prior(c).log_prob(z)
 
     @torch.no_grad()
     def sample_latents(self, n: int, cond=None, generator: torch.Generator | None = None,
                        prior: str | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """Draw latent codes from the prior.
+        """Draw latent codes from the prior (same seed, same codes).
 
         Parameters
         ----------
@@ -446,7 +543,7 @@ class VAE(GenerativeModel):
         cond : torch.Tensor, optional
             Raw conditions ``(n, C)`` or ``(C,)``: the flow's context (unused by N(0, I)).
         generator : torch.Generator, optional
-            Source of randomness (same seed, same codes).
+            Source of randomness.
         prior : {"flow", "normal"}, optional
             Default: the flow when fitted, else N(0, I).
         temperature : float, optional
@@ -459,13 +556,8 @@ class VAE(GenerativeModel):
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise GalgenInputError(f"n: expected an integer >= 1, got {n!r}")
-        if not temperature > 0:
-            raise GalgenInputError(f"temperature: must be > 0, got {temperature!r}")
-        if self._prior_name(prior) == "flow":
-            c = self.condition_features(cond, n)
-            return self.prior.sample(n, c, generator=generator, temperature=temperature)
-        weight = self.decoder.project.weight
-        return temperature * _randn((n, self.latent_dim), generator, weight.device, weight.dtype)
+        c = None if cond is None or not self.cond_dim else torch.as_tensor(cond).expand(int(n), -1)
+        return sample_latents(self._chosen(prior).prior(c), int(n), generator=generator, temperature=temperature)
 
     @torch.no_grad()
     def sample(self, n: int, cond=None, generator: torch.Generator | None = None, prior: str | None = None,
@@ -493,3 +585,10 @@ class VAE(GenerativeModel):
         """
         z = self.sample_latents(n, cond, generator=generator, prior=prior, temperature=temperature)
         return self.decode(z, cond)
+
+
+def _rename_flow_keys(state_dict, prefix, *args):
+    """Load checkpoints of galgen 0.1, whose latent flow was the submodule ``prior``."""
+    old = prefix + "prior."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "latent_flow." + key[len(old):]] = state_dict.pop(key)

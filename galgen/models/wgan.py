@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
-from .base import Batch, GenerativeModel, make_optimizer, no_sync
+from .base import Batch, GenerativeModel, make_optimizer, no_sync, sample_latents, standard_normal
 from .networks import Decoder, Encoder
 
 __all__ = ["WGANGP", "Critic"]
@@ -191,16 +191,45 @@ class WGANGP(GenerativeModel):
             raise GalgenInputError(f"z: expected shape (n, {self.latent_dim}), got {shape}")
         return self._generate(z, self.condition_features(cond, z.shape[0]))
 
+    def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        """Intrinsic images of latent vectors (the latent-model contract's name for :meth:`generate`).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(n, latent_dim)``.
+        cond : torch.Tensor, optional
+            Raw conditioning values, ``(n, C)`` or ``(C,)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, S*k, S*k)`` non-negative intrinsic images.
+        """
+        return self.generate(z, cond)
+
+    def prior(self, cond=None):
+        """The generator's latent distribution, N(0, I) (whatever the conditions).
+
+        Parameters
+        ----------
+        cond : torch.Tensor, optional
+            Unused: the conditions enter the generator, not the latent distribution.
+
+        Returns
+        -------
+        galgen.models.StandardNormal
+        """
+        like = self.cond_mean  # a buffer: follows the model's device and dtype
+        return standard_normal(self.latent_dim, device=like.device, dtype=like.dtype)
+
     def _generate(self, z, feats):
         if feats is not None:
             z = torch.cat([z, feats.to(device=z.device, dtype=z.dtype)], dim=1)
         return self.generator(z)
 
     def _latent(self, n, generator=None):
-        like = self.cond_mean  # a buffer: follows the model's device and dtype
-        device = like.device if generator is None else generator.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device, dtype=like.dtype)
-        return z.to(like.device)
+        return sample_latents(self.prior(), n, generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, cond=None, generator: torch.Generator | None = None, **options) -> torch.Tensor:

@@ -8,12 +8,12 @@ from .convolve import convolve, pixelate, psf_transfer
 from .fft import good_fft_size
 from .galsim_interop import to_interpolated_image
 from .noise import CCDNoise, CorrelatedGaussianNoise, GaussianNoise
-from .observation import Observation
+from .observation import Batch, Observation
 from .psf import check_psf, gaussian_psf, moffat_psf, psf_from_galsim
 
 __all__ = [
     "convolve", "pixelate", "psf_transfer", "good_fft_size",
     "gaussian_psf", "moffat_psf", "psf_from_galsim", "check_psf",
     "GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise",
-    "Observation", "to_interpolated_image",
+    "Observation", "Batch", "to_interpolated_image",
 ]

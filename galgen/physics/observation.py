@@ -11,6 +11,7 @@ central ``stamp x stamp`` detector pixels are kept, with the centring convention
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,7 @@ from .convolve import _crop_kernel, _fft_shape, convolve, pixelate, psf_transfer
 from .noise import CCDNoise, GaussianNoise
 from .psf import check_psf
 
-__all__ = ["Observation"]
+__all__ = ["Observation", "Batch"]
 
 
 class Observation:
@@ -248,35 +249,38 @@ class Observation:
                            stamp=self.stamp, noise=noise)
 
     @classmethod
-    def from_cutouts(cls, path, index=slice(None), *, dtype=torch.float32, device=None) -> "Observation":
-        """The observation of galaxies of a cutout file: their PSFs, variance maps and masks.
+    def from_cutouts(cls, *args, **kwargs):
+        """Removed: the physics layer reads no files; use :func:`galgen.data.observation_from_cutouts`.
 
         Parameters
         ----------
-        path : str or os.PathLike
-            Cutout file.
-        index : int, slice or sequence of int, optional
-            Galaxies (default all).
-        dtype, device : optional
-            Of the tensors.
+        *args, **kwargs
+            Ignored.
 
-        Returns
-        -------
-        Observation
-            Per-galaxy PSFs and :class:`GaussianNoise` with the stored variance and mask.
+        Raises
+        ------
+        GalgenInputError
+            Always, naming the replacement.
         """
-        from ..data.cutouts import CutoutFile
+        raise GalgenInputError("Observation.from_cutouts moved to galgen.data.observation_from_cutouts(path, index, "
+                               "dtype=..., device=...) (or galgen.data.ObservationLoader for batches)")
 
-        with CutoutFile(path) as f:
-            psf = f.read("psf", index)
-            var = f.read("variance", index)
-            mask = f.read("mask", index)
-            scale, k, stamp = f.pixel_scale, f.oversampling, int(f.attrs["stamp_size"])
-        t = lambda a: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
-        psf_t = t(psf)
-        psf_t = psf_t / psf_t.sum(dim=(-2, -1), keepdim=True)  # float32 storage: renormalise
-        noise = GaussianNoise(t(var), torch.as_tensor(mask != 0, device=device))
-        return cls(psf_t, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
+    @classmethod
+    def from_survey(cls, *args, **kwargs):
+        """Removed: use :func:`galgen.simulate.survey_observation` (survey presets live in ``simulate``).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Ignored.
+
+        Raises
+        ------
+        GalgenInputError
+            Always, naming the replacement.
+        """
+        raise GalgenInputError("Observation.from_survey moved to galgen.simulate.survey_observation(survey, "
+                               "psf_fwhm=..., psf_size=..., stamp=..., oversampling=...)")
 
     @classmethod
     def from_batch(cls, batch: dict, *, pixel_scale: float, oversampling: int = 1) -> "Observation":
@@ -306,36 +310,31 @@ class Observation:
         return cls(psf, pixel_scale=pixel_scale, oversampling=oversampling, stamp=var.shape[-1],
                    noise=GaussianNoise(var, batch["mask"]))
 
-    @classmethod
-    def from_survey(cls, survey, *, psf_fwhm: float | None = None, psf_size: int = 33, stamp: int = 64,
-                    oversampling: int = 1, dtype=torch.float32, device=None) -> "Observation":
-        """A survey preset's observation with its median PSF and CCD noise.
 
-        Parameters
-        ----------
-        survey : str or Survey
-            Preset name, YAML file or :class:`galgen.simulate.Survey`.
-        psf_fwhm : float, optional
-            PSF FWHM in arcsec (default: the survey's median).
-        psf_size : int, optional
-            PSF grid size in intrinsic pixels.
-        stamp : int, optional
-            Detector stamp size.
-        oversampling : int, optional
-            Intrinsic pixels per detector pixel.
-        dtype, device : optional
-            Of the tensors.
+@dataclass
+class Batch:
+    """Observed cutouts with their physics and catalog values: what models and fitters consume.
 
-        Returns
-        -------
-        Observation
-            With the PSF drawn by GalSim and :class:`CCDNoise` (sky, gain, read noise).
-        """
-        from ..simulate.surveys import load_survey
-        from .psf import psf_from_galsim
+    Made by :class:`galgen.data.ObservationLoader` (and so by the training data), or by
+    hand from tensors.
 
-        sv = load_survey(survey)
-        profile = sv.psf.build(psf_fwhm or sv.psf.fwhm)
-        psf = psf_from_galsim(profile, psf_size, sv.pixel_scale / oversampling, dtype=dtype, device=device)
-        noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
-        return cls(psf, pixel_scale=sv.pixel_scale, oversampling=oversampling, stamp=stamp, noise=noise)
+    Parameters
+    ----------
+    observed : torch.Tensor
+        ``(B, S, S)`` observed cutouts (ADU).
+    observation : Observation
+        Per-galaxy PSF, pixel scale, oversampling and noise (variance, mask).
+    cond : torch.Tensor, optional
+        ``(B, C)`` raw catalog values of a model's ``conditions`` (e.g. magnitude,
+        half-light radius in arcsec); the model normalises them.
+    index : torch.Tensor, optional
+        ``(B,)`` rows of the galaxies in their file.
+    """
+
+    observed: torch.Tensor
+    observation: Observation
+    cond: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.observed.shape[0]

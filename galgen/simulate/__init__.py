@@ -10,7 +10,7 @@ from .population import (
 )
 from .render import describe_galaxy, draw_integrated, galaxy_profile, render_galaxy
 from .simulator import draw_truth, simulate
-from .surveys import PSFSpec, Survey, available_surveys, load_survey
+from .surveys import PSFSpec, Survey, available_surveys, load_survey, survey_observation
 
 __all__ = [
     "CATALOG_COLUMNS",
@@ -22,6 +22,7 @@ __all__ = [
     "PSFSpec",
     "Survey",
     "available_surveys",
+    "survey_observation",
     "load_survey",
     "describe_galaxy",
     "draw_integrated",

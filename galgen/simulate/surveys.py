@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import GalgenInputError
 
-__all__ = ["PSFSpec", "Survey", "load_survey", "available_surveys"]
+__all__ = ["PSFSpec", "Survey", "load_survey", "available_surveys", "survey_observation"]
 
 _PSF_MODELS = ("moffat", "kolmogorov", "gaussian", "airy")
 
@@ -287,3 +287,46 @@ def load_survey(survey) -> Survey:
     raise GalgenInputError(
         f"--survey: unknown survey {key!r}; presets are {sorted(presets)}, or give a YAML file"
     )
+
+
+def survey_observation(survey, *, psf_fwhm: float | None = None, psf_size: int = 33, stamp: int = 64,
+                       oversampling: int = 1, dtype=None, device=None):
+    """A survey preset's observation with its median PSF and CCD noise.
+
+    Parameters
+    ----------
+    survey : str or Survey
+        Preset name, YAML file or :class:`Survey`.
+    psf_fwhm : float, optional
+        PSF FWHM in arcsec (default: the survey's median).
+    psf_size : int, optional
+        PSF grid size in intrinsic pixels.
+    stamp : int, optional
+        Detector stamp size.
+    oversampling : int, optional
+        Intrinsic pixels per detector pixel.
+    dtype : torch.dtype, optional
+        Of the PSF (default float32).
+    device : optional
+        Of the PSF.
+
+    Returns
+    -------
+    galgen.physics.Observation
+        With the PSF drawn by GalSim (no pixel response, at the intrinsic scale) and
+        :class:`~galgen.physics.CCDNoise` (sky, gain, read noise).
+
+    Examples
+    --------
+    >>> obs = survey_observation("sdss", stamp=32)  # doctest: +SKIP
+    """
+    import torch
+
+    from ..physics import CCDNoise, Observation, psf_from_galsim
+
+    sv = load_survey(survey)
+    profile = sv.psf.build(psf_fwhm or sv.psf.fwhm)
+    psf = psf_from_galsim(profile, psf_size, sv.pixel_scale / oversampling, dtype=dtype or torch.float32,
+                          device=device)
+    noise = CCDNoise(sv.sky_level, sv.gain, sv.read_noise)
+    return Observation(psf, pixel_scale=sv.pixel_scale, oversampling=oversampling, stamp=stamp, noise=noise)

@@ -1,23 +1,22 @@
 """Training data: a cutout file split into training and validation galaxies, served in batches.
 
 Batches are drawn in an order fixed by the seed and the epoch, so a resumed run sees
-exactly the batches an uninterrupted one would. The data live in memory (read once,
-sequentially: fast even for gzip-compressed files) or are read lazily per galaxy through
-:class:`galgen.data.CutoutDataset` and a ``DataLoader`` with worker processes.
+exactly the batches an uninterrupted one would. Reading and decoding is the
+:class:`galgen.data.ObservationLoader`'s; the data live in memory (read once,
+sequentially: fast even for gzip-compressed files) or are read lazily per batch,
+ahead of time by ``num_workers`` worker processes (:meth:`TrainingData.prefetch`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.cutouts import REQUIRED_DATASETS, CutoutFile
+from ..data.loading import ObservationLoader, batch_from_rows
 from ..errors import GalgenInputError
 from ..runtime import derive_seed
-from ..models.base import Batch
 
 __all__ = ["TrainingData", "split_indices", "epoch_order"]
 
@@ -79,8 +78,12 @@ class _Meta:
     fingerprint: str
 
 
-class TrainingData:
-    """Galaxies of a cutout file, as :class:`galgen.models.Batch` objects.
+class TrainingData(ObservationLoader):
+    """The training (or validation) galaxies of a cutout file: an :class:`~galgen.data.ObservationLoader`.
+
+    What is about training only lives here: the statistics that set a model's scales,
+    and (with lazy reading) the worker processes that read batches ahead
+    (:meth:`prefetch`).
 
     Parameters
     ----------
@@ -93,109 +96,48 @@ class TrainingData:
     in_memory : bool, optional
         Read the rows once into memory (default) or lazily per batch.
     num_workers : int, optional
-        ``DataLoader`` workers for lazy reading.
+        Worker processes that read batches ahead in :meth:`prefetch` (lazy reading only).
     device : str or torch.device, optional
         Where batches go (in-memory data are moved there once).
     """
 
     def __init__(self, path, indices, conditions=(), in_memory: bool = True, num_workers: int = 0,
                  device="cpu"):
-        self.path = Path(path)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.conditions = tuple(conditions)
-        self.device = torch.device(device)
-        self.in_memory = bool(in_memory)
+        if isinstance(num_workers, bool) or int(num_workers) < 0:
+            raise GalgenInputError(f"num_workers: must be >= 0, got {num_workers!r}")
+        super().__init__(path, indices, conditions, in_memory=in_memory, device=device)
         self.num_workers = int(num_workers)
-        with CutoutFile(self.path) as f:
-            self.meta = _Meta(pixel_scale=f.pixel_scale, oversampling=f.oversampling,
-                              stamp=int(f.attrs["stamp_size"]), survey=str(f.attrs.get("survey", "")),
-                              fingerprint=str(f.attrs.get("fingerprint", "")))
-            cond = None
-            if self.conditions:
-                cat = f.catalog
-                missing = [c for c in self.conditions if c not in cat.colnames]
-                if missing:
-                    raise GalgenInputError(f"{self.path}: catalog has no column(s) {missing} "
-                                           f"to condition on (has {cat.colnames})")
-                cond = np.stack([np.asarray(cat[c], dtype=np.float32)[self.indices] for c in self.conditions], 1)
-            self.cond = None if cond is None else torch.from_numpy(cond)
-            if self.in_memory:
-                self.arrays = {}
-                for key in REQUIRED_DATASETS:
-                    a = f.read(key, self.indices if len(self.indices) != len(f) else slice(None))
-                    t = torch.from_numpy(a != 0) if key == "mask" else torch.from_numpy(np.ascontiguousarray(a))
-                    self.arrays[key] = t.to(self.device)
-                if self.cond is not None:
-                    self.cond = self.cond.to(self.device)
-        self._dataset = None
+        self.meta = _Meta(pixel_scale=self.pixel_scale, oversampling=self.oversampling, stamp=self.stamp_size,
+                          survey=self.survey, fingerprint=self.fingerprint)
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def prefetch(self, position_batches):
+        """Batches of the given positions, in order, read ahead by ``num_workers`` processes.
 
-    def _lazy(self):
-        if self._dataset is None:
-            from ..data.dataset import CutoutDataset
-
-            self._dataset = CutoutDataset(self.path, indices=self.indices)
-        return self._dataset
-
-    def rows(self, positions) -> dict:
-        """Arrays of the galaxies at ``positions`` (0-based, into ``indices``).
+        With in-memory data or no workers, the batches are made one by one as they are
+        asked for; with workers, each worker reads whole batches from the file (its own
+        HDF5 handle) while the caller trains on earlier ones. The batches are the same
+        either way.
 
         Parameters
         ----------
-        positions : torch.Tensor or sequence of int
-
-        Returns
-        -------
-        dict
-            ``observed``, ``psf``, ``variance``, ``mask``, ``index`` and ``cond`` tensors.
-        """
-        pos = torch.as_tensor(positions, dtype=torch.long)
-        if self.in_memory:
-            p = pos.to(self.device)
-            out = {k: v[p] for k, v in self.arrays.items()}
-        else:
-            ds = self._lazy()
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=[pos.tolist()], num_workers=0)
-            out = {k: v.to(self.device) for k, v in next(iter(loader)).items() if k != "index"}
-        out["index"] = torch.from_numpy(self.indices[pos.numpy()])
-        out["cond"] = None if self.cond is None else self.cond[pos.to(self.cond.device)].to(self.device)
-        return out
-
-    def batch(self, positions) -> Batch:
-        """A :class:`~galgen.models.Batch` of the galaxies at ``positions``.
-
-        Parameters
-        ----------
-        positions : torch.Tensor or sequence of int
-
-        Returns
-        -------
-        Batch
-        """
-        from ..physics import Observation
-
-        r = self.rows(positions)
-        obs = Observation.from_batch(r, pixel_scale=self.meta.pixel_scale, oversampling=self.meta.oversampling)
-        return Batch(observed=r["observed"], observation=obs, cond=r["cond"], index=r["index"])
-
-    def iter_batches(self, batch_size: int, positions=None):
-        """All (or the given) galaxies in order, in batches (for validation and encoding).
-
-        Parameters
-        ----------
-        batch_size : int
-        positions : torch.Tensor, optional
-            Subset of positions, default all.
+        position_batches : iterable of sequence of int
+            Positions of each batch (e.g. an epoch's order cut into batches).
 
         Yields
         ------
         Batch
         """
-        pos = torch.arange(len(self)) if positions is None else torch.as_tensor(positions)
-        for i in range(0, len(pos), batch_size):
-            yield self.batch(pos[i:i + batch_size])
+        if self.in_memory or self.num_workers == 0:
+            for positions in position_batches:
+                yield self.batch(positions)
+            return
+        reader = _BatchReader(self, [torch.as_tensor(p, dtype=torch.long) for p in position_batches])
+        loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=self.num_workers,
+                                             multiprocessing_context="spawn" if torch.cuda.is_initialized() else None)
+        for rows in loader:
+            rows = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in rows.items()}
+            rows["index"] = rows["index"].cpu()
+            yield batch_from_rows(rows, self.pixel_scale, self.oversampling)
 
     def statistics(self, max_galaxies: int = 2000) -> dict:
         """Scales the models start from: sky noise, typical peak, condition moments.
@@ -220,3 +162,18 @@ class TrainingData:
             out["cond_mean"] = c.mean(0).tolist()
             out["cond_std"] = c.std(0).clamp(min=1e-6).tolist()
         return out
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Whole batches of a lazy loader as dataset items, for ``DataLoader`` workers (CPU tensors)."""
+
+    def __init__(self, data: TrainingData, batches: list):
+        self.path, self.indices, self.conditions = data.path, data.indices, data.conditions
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict:
+        loader = ObservationLoader(self.path, self.indices, self.conditions)
+        return loader.rows(self.batches[k])
