@@ -105,7 +105,7 @@ def main():
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     with CutoutFile(args.data) as f:
-        model = resolve_model(args.model, dev, data=(int(f.attrs["stamp_size"]), f.oversampling,
+        model = resolve_model(args.model, dev, data=(f.stamp_size, f.oversampling,
                                                      float(f.attrs["pixel_scale"]))).eval()
         if len(f) < args.n:
             raise SystemExit(f"--n {args.n}: {args.data} has only {len(f)} galaxies to lend PSFs and noise")
