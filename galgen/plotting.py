@@ -128,20 +128,14 @@ def training_curves(run_dir, out, *, keys=None):
     pathlib.Path
         ``out``.
     """
-    import csv
     from pathlib import Path
+
+    from .train.logs import TRAIN_LOG, VAL_LOG, read_log
 
     plt = _pyplot()
     run_dir = Path(run_dir)
-
-    def read(name):
-        path = run_dir / name
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    train, val = read("train_log.csv"), read("val_log.csv")
+    train = read_log(run_dir / TRAIN_LOG, missing_ok=True)
+    val = read_log(run_dir / VAL_LOG, missing_ok=True)
     if not train:
         from .errors import GalgenInputError
 

@@ -14,7 +14,6 @@ figures measured on held-out galaxies by ``galgen evaluate``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from galgen.data.atomic import atomic_output
 from galgen.pretrained import PRETRAINED_DIR
 from galgen.train import load_checkpoint, load_model
+from galgen.train.logs import TRAIN_LOG, read_log
 
 
 def training_stages(path, ck) -> list:
@@ -31,8 +31,7 @@ def training_stages(path, ck) -> list:
     seen = set()
     while True:
         run = Path(path).parent
-        with open(run / "train_log.csv", newline="") as fh:
-            log = list(csv.DictReader(fh))
+        log = read_log(run / TRAIN_LOG)
         train = ck["config"]["train"]
         stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
                           "images_seen": int(ck["step"]) * int(train["batch_size"]),

@@ -1,4 +1,4 @@
-"""Data I/O: the HDF5 cutout format, FITS ingest and PyTorch datasets."""
+"""Data I/O: the atomic HDF5 writer, the cutout format, merging shards, FITS ingest and PyTorch datasets."""
 
 from .atomic import atomic_output
 from .cutouts import (
@@ -8,13 +8,14 @@ from .cutouts import (
     SCHEMA_VERSION,
     CutoutFile,
     CutoutWriter,
-    merge_cutouts,
-    output_is_current,
     read_cutouts,
 )
+from .merge import merge_cutouts
+from .store import HDF5Writer, output_is_current
 
 __all__ = [
     "atomic_output",
+    "HDF5Writer",
     "DATASETS",
     "REQUIRED_DATASETS",
     "SCHEMA_NAME",

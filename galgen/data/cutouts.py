@@ -24,14 +24,13 @@ Datasets, ``N`` galaxies, ``S = stamp_size``, ``k = oversampling``
 
 Every dataset carries ``unit`` and ``description`` attributes; image datasets carry the
 ``pixel_scale`` of their grid. Datasets are chunked along the galaxy axis and compressed
-(gzip + shuffle). Files are written under ``<name>.partial`` and renamed when complete.
+(gzip + shuffle). Files are written under ``<name>.partial`` and renamed when complete
+(:mod:`galgen.data.store`); :func:`galgen.data.merge_cutouts` (:mod:`galgen.data.merge`)
+concatenates the shards of a sharded run.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
 from pathlib import Path
 
 import h5py
@@ -39,6 +38,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import GalgenInputError, SchemaError
+from .store import HDF5Writer, output_is_current
 
 __all__ = [
     "SCHEMA_NAME",
@@ -48,8 +48,8 @@ __all__ = [
     "CutoutWriter",
     "CutoutFile",
     "read_cutouts",
-    "merge_cutouts",
-    "output_is_current",
+    "merge_cutouts",  # defined in galgen.data.merge, re-exported
+    "output_is_current",  # defined in galgen.data.store, re-exported
 ]
 
 SCHEMA_NAME = "galgen-cutouts"
@@ -69,16 +69,12 @@ REQUIRED_ATTRS = (
     "format", "schema_version", "complete", "survey", "pixel_scale", "oversampling",
     "stamp_size", "n_galaxies", "flux_unit", "seed", "source", "shard",
 )
-_PARTIAL = ".partial"
 
 
-def _chunks(n: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (max(1, min(n, 8)),) + tuple(shape)
-
-
-class CutoutWriter:
+class CutoutWriter(HDF5Writer):
     """Stream galaxies into a new cutout file, atomically and resumably.
 
+    The cutout format written with the mechanics of :class:`~galgen.data.store.HDF5Writer`.
     Rows are appended in order with :meth:`write`; :meth:`finish` stores the catalog and
     renames ``<path>.partial`` to ``path``. If the writer is closed before
     :meth:`finish` (an exception, a killed job), the partial file stays; a new writer
@@ -115,180 +111,12 @@ class CutoutWriter:
     2
     """
 
-    #: Format name, datasets and required datasets of the files this writer makes
-    #: (subclasses write other galgen formats with the same atomic, resumable mechanics).
+    #: Format name, version, datasets and required datasets of cutout files (the atomic,
+    #: resumable mechanics are :class:`~galgen.data.store.HDF5Writer`'s).
     schema_name = SCHEMA_NAME
+    schema_version = SCHEMA_VERSION
     datasets = DATASETS
     required = REQUIRED_DATASETS
-
-    def __init__(self, path, *, n: int, shapes: dict, attrs: dict, fingerprint: str = ""):
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + _PARTIAL)
-        self.n = int(n)
-        unknown = set(shapes) - set(self.datasets)
-        if unknown:
-            raise GalgenInputError(f"{self.path}: unknown dataset(s) {sorted(unknown)}")
-        missing = set(self.required) - set(shapes)
-        if missing:
-            raise GalgenInputError(f"{self.path}: required dataset(s) {sorted(missing)} missing")
-        self.shapes = {k: tuple(int(s) for s in v) for k, v in shapes.items()}
-        self.attrs = dict(attrs)
-        self.fingerprint = fingerprint
-        self._f = None
-
-    # -- context management -------------------------------------------------------------
-    def __enter__(self):
-        self.open()
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def open(self):
-        """Create the partial file, or reopen a matching one to resume it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
-            if self._resumable():
-                self._f = h5py.File(self.partial, "r+")
-                return self
-            self.partial.unlink()
-        f = h5py.File(self.partial, "w")
-        try:
-            for key, value in self.attrs.items():
-                f.attrs[key] = value
-            f.attrs["format"] = self.schema_name
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["complete"] = False
-            f.attrs["n_galaxies"] = self.n
-            f.attrs["n_done"] = 0
-            f.attrs["fingerprint"] = self.fingerprint
-            f.attrs["galgen_version"] = __version__
-            f.attrs["pixel_scale_unit"] = "arcsec/pixel"
-            k = int(self.attrs.get("oversampling", 1))
-            for key, shape in self.shapes.items():
-                dtype, unit, grid, description = self.datasets[key]
-                ds = f.create_dataset(
-                    key, shape=(self.n,) + shape, dtype=dtype, chunks=_chunks(self.n, shape),
-                    compression="gzip", compression_opts=4, shuffle=True,
-                )
-                ds.attrs["unit"] = unit
-                ds.attrs["description"] = description
-                if "pixel_scale" in self.attrs:
-                    scale = float(self.attrs["pixel_scale"]) / (k if grid == "intrinsic" else 1)
-                    ds.attrs["pixel_scale"] = scale
-                ds.attrs["grid"] = grid
-        except BaseException:
-            f.close()
-            raise
-        self._f = f
-        return self
-
-    def _resumable(self) -> bool:
-        try:
-            with h5py.File(self.partial, "r") as f:
-                return (
-                    f.attrs.get("fingerprint") == self.fingerprint
-                    and bool(self.fingerprint)
-                    and int(f.attrs.get("n_galaxies", -1)) == self.n
-                    and all(k in f and f[k].shape[1:] == s for k, s in self.shapes.items())
-                )
-        except (OSError, KeyError):  # a file cut off mid-write: start again
-            return False
-
-    @property
-    def n_done(self) -> int:
-        """Number of galaxies already written (rows ``[0, n_done)``)."""
-        return int(self._f.attrs["n_done"])
-
-    def write(self, arrays: dict) -> None:
-        """Append a block of galaxies after the last one written.
-
-        Parameters
-        ----------
-        arrays : dict of str to array_like
-            One array of shape ``(m,) + shapes[key]`` for every dataset of the file.
-        """
-        if self._f is None:
-            raise RuntimeError("CutoutWriter.write called on a closed writer")
-        if set(arrays) != set(self.shapes):
-            raise GalgenInputError(
-                f"{self.path}: write() needs datasets {sorted(self.shapes)}, got {sorted(arrays)}"
-            )
-        start = self.n_done
-        m = None
-        for key, arr in arrays.items():
-            arr = np.asarray(arr)
-            if arr.shape[1:] != self.shapes[key]:
-                raise GalgenInputError(
-                    f"{self.path}: dataset '{key}' expects per-galaxy shape {self.shapes[key]}, "
-                    f"got {arr.shape[1:]}"
-                )
-            if m is None:
-                m = arr.shape[0]
-            elif arr.shape[0] != m:
-                raise GalgenInputError(f"{self.path}: datasets of one write() differ in length")
-        if start + m > self.n:
-            raise GalgenInputError(f"{self.path}: more than n={self.n} galaxies written")
-        for key, arr in arrays.items():
-            self._f[key][start:start + m] = arr
-        self._f.attrs["n_done"] = start + m
-        self._f.flush()
-
-    def read(self, key: str, index=slice(None)) -> np.ndarray:
-        """Read back rows already written (e.g. to build the catalog before :meth:`finish`).
-
-        Parameters
-        ----------
-        key : str
-            Dataset name.
-        index : slice or int, optional
-            Rows (below :attr:`n_done`).
-
-        Returns
-        -------
-        numpy.ndarray
-        """
-        if self._f is None:
-            raise RuntimeError("CutoutWriter.read called on a closed writer")
-        return self._f[key][index]
-
-    def finish(self, catalog) -> Path:
-        """Store the catalog, mark the file complete and move it to its final name.
-
-        Parameters
-        ----------
-        catalog : astropy.table.Table
-            One row per galaxy, in dataset order.
-
-        Returns
-        -------
-        pathlib.Path
-            The final path.
-        """
-        if self.n_done != self.n:
-            raise RuntimeError(f"{self.path}: finish() after {self.n_done} of {self.n} galaxies")
-        if len(catalog) != self.n:
-            raise GalgenInputError(
-                f"{self.path}: catalog has {len(catalog)} rows for {self.n} galaxies"
-            )
-        if "catalog" in self._f:
-            del self._f["catalog"]
-        if "catalog.__table_column_meta__" in self._f:
-            del self._f["catalog.__table_column_meta__"]
-        catalog.write(self._f, path="catalog", serialize_meta=True)
-        self._f.attrs["complete"] = True
-        self._f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self._f.close()
-        self._f = None
-        os.replace(self.partial, self.path)
-        return self.path
-
-    def close(self) -> None:
-        """Close the partial file without finishing it (it can be resumed later)."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 class CutoutFile:
@@ -351,7 +179,7 @@ class CutoutFile:
         if missing:
             raise SchemaError(f"{p}: required dataset(s) {missing} missing")
         n = int(f.attrs["n_galaxies"])
-        s = int(f.attrs["stamp_size"])
+        s = self.stamp_size
         k = int(f.attrs["oversampling"])
         for key in self.keys:
             shape = f[key].shape
@@ -371,11 +199,6 @@ class CutoutFile:
         return [k for k in DATASETS if k in self._f]
 
     @property
-    def stamp_size(self) -> int:
-        """Detector stamp size in pixels (root attribute ``stamp_size``)."""
-        return int(self._f.attrs["stamp_size"])
-
-    @property
     def pixel_scale(self) -> float:
         """Detector pixel scale in arcsec/pixel."""
         return float(self._f.attrs["pixel_scale"])
@@ -384,6 +207,11 @@ class CutoutFile:
     def oversampling(self) -> int:
         """Intrinsic pixels per detector pixel along each axis."""
         return int(self._f.attrs["oversampling"])
+
+    @property
+    def stamp_size(self) -> int:
+        """Side of the detector stamps in pixels (``S``: observed images are ``S x S``)."""
+        return int(self._f.attrs["stamp_size"])
 
     def __len__(self) -> int:
         return int(self._f.attrs["n_galaxies"])
@@ -441,56 +269,6 @@ class CutoutFile:
         return f"CutoutFile({str(self.path)!r}, n={len(self)}, keys={self.keys})"
 
 
-def output_is_current(out, fingerprint: str, overwrite: bool = False, schema: str = SCHEMA_NAME) -> bool:
-    """Decide what a stage does with an existing output file (resumable stages).
-
-    Parameters
-    ----------
-    out : str or os.PathLike
-        The stage's output path.
-    fingerprint : str
-        JSON of the arguments of the job about to run.
-    overwrite : bool, optional
-        Whether an output made by another job may be replaced.
-    schema : str, optional
-        The output's ``format`` attribute: a cutout file (validated as
-        :class:`CutoutFile` does), or another galgen HDF5 file written by a
-        :class:`CutoutWriter` subclass (e.g. a fit file), of which the format, the
-        completion flag and the fingerprint are checked.
-
-    Returns
-    -------
-    bool
-        True if ``out`` is a complete file of this very job (nothing to do).
-        False if there is no output, or (with ``overwrite``) an output of another job; that
-        file stays until the new one replaces it atomically (a failed run loses nothing).
-
-    Raises
-    ------
-    GalgenInputError
-        If ``out`` exists, belongs to another job (or is not a cutout file), and
-        ``overwrite`` is False.
-    """
-    out = Path(out)
-    if not out.exists():
-        return False
-    try:
-        if schema == SCHEMA_NAME:
-            with CutoutFile(out) as f:
-                if f.attrs.get("fingerprint") == fingerprint:
-                    return True
-        else:
-            with h5py.File(out, "r") as f:
-                if (f.attrs.get("format") == schema and bool(f.attrs.get("complete", False))
-                        and f.attrs.get("fingerprint") == fingerprint):
-                    return True
-    except (GalgenInputError, OSError):  # SchemaError included: not a complete file of ours
-        pass
-    if not overwrite:
-        raise GalgenInputError(f"{out}: output exists (from another job); pass --overwrite to replace it")
-    return False
-
-
 def read_cutouts(path, keys=None, index=slice(None)):
     """Read a cutout file into memory.
 
@@ -518,109 +296,11 @@ def read_cutouts(path, keys=None, index=slice(None)):
         return arrays, catalog, f.attrs
 
 
-# attributes that differ between the shards of one job
-_MERGE_IGNORED_ATTRS = {"shard", "index_start", "index_stop", "fingerprint", "created", "n_galaxies",
-                        "n_done", "complete"}
+def __getattr__(name):
+    # merge_cutouts moved to galgen.data.merge (which imports this module); importing it
+    # lazily keeps ``from galgen.data.cutouts import merge_cutouts`` working.
+    if name == "merge_cutouts":
+        from .merge import merge_cutouts
 
-
-def merge_cutouts(paths, out, *, overwrite: bool = False) -> Path:
-    """Concatenate the shards of one sharded run into a single cutout file.
-
-    The result holds the same arrays and catalog rows, in the same order, as the
-    unsharded run would.
-
-    Parameters
-    ----------
-    paths : sequence of str or os.PathLike
-        Shard files (any order); together they must be shards ``0/N .. N-1/N`` of the
-        same job, each exactly once.
-    out : str or os.PathLike
-        Output file.
-    overwrite : bool, optional
-        Replace ``out`` if it exists.
-
-    Returns
-    -------
-    pathlib.Path
-        ``out``.
-
-    Raises
-    ------
-    GalgenInputError
-        If shards are missing, repeated or come from different jobs.
-    """
-    from astropy.table import vstack
-
-    from ..sharding import parse_shard
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise GalgenInputError(f"{out}: output exists; pass --overwrite to replace it")
-    if not paths:
-        raise GalgenInputError("merge: no input files given")
-    files = [CutoutFile(p) for p in paths]
-    try:
-        shards = [parse_shard(f.attrs["shard"], argument=f"{f.path}: attribute 'shard'") for f in files]
-        counts = {s.count for s in shards}
-        if len(counts) != 1:
-            raise GalgenInputError(f"merge: inputs are shards of different counts N: {sorted(counts)}")
-        count = counts.pop()
-        by_index = {}
-        for f, s in zip(files, shards):
-            if s.index in by_index:
-                raise GalgenInputError(
-                    f"merge: shard {s} given twice ({by_index[s.index].path} and {f.path})"
-                )
-            by_index[s.index] = f
-        missing = sorted(set(range(count)) - set(by_index))
-        if missing:
-            raise GalgenInputError(f"merge: shard(s) {missing} of {count} missing")
-        ordered = [by_index[k] for k in range(count)]
-        ref = ordered[0]
-        ref_attrs = {k: v for k, v in ref.attrs.items() if k not in _MERGE_IGNORED_ATTRS}
-        ref_fp = _job_fingerprint(ref.attrs.get("fingerprint", ""))
-        for f in ordered[1:]:
-            attrs = {k: v for k, v in f.attrs.items() if k not in _MERGE_IGNORED_ATTRS}
-            diff = sorted(k for k in set(attrs) | set(ref_attrs)
-                          if not _same(attrs.get(k), ref_attrs.get(k)))
-            if diff or _job_fingerprint(f.attrs.get("fingerprint", "")) != ref_fp:
-                raise GalgenInputError(
-                    f"merge: {f.path} and {ref.path} come from different jobs "
-                    f"(attributes differ: {diff or ['fingerprint']})"
-                )
-            if f.keys != ref.keys:
-                raise GalgenInputError(f"merge: {f.path} has datasets {f.keys}, {ref.path} has {ref.keys}")
-        n = sum(len(f) for f in ordered)
-        shapes = {k: ref.dataset(k).shape[1:] for k in ref.keys}
-        attrs = dict(ref_attrs, shard="0/1")
-        if "index_start" in ref.attrs:
-            attrs.update(index_start=ref.attrs["index_start"], index_stop=ordered[-1].attrs["index_stop"])
-        fingerprint = json.dumps(dict(ref_fp, shard="0/1"), sort_keys=True) if ref_fp else ""
-        with CutoutWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
-            for f in ordered:
-                for start in range(0, len(f), 1024):
-                    sl = slice(start, min(len(f), start + 1024))
-                    w.write({k: f.read(k, sl) for k in f.keys})
-            w.finish(vstack([f.catalog for f in ordered], metadata_conflicts="silent"))
-    finally:
-        for f in files:
-            f.close()
-    return out
-
-
-def _job_fingerprint(fp: str) -> dict:
-    """The fingerprint of a job without its shard (shards of one job share it)."""
-    if not fp:
-        return {}
-    try:
-        d = json.loads(fp)
-    except json.JSONDecodeError:
-        return {"raw": fp}
-    d.pop("shard", None)
-    return d
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.array_equal(np.asarray(a), np.asarray(b))
-    return a == b
+        return merge_cutouts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Differentiable physics layer: PSF convolution, pixel integration, noise and likelihood.
+"""Differentiable physics layer: PSF convolution, pixel integration, noise and likelihood,
+and pixel-integrated Sersic profiles.
 
 Pure tensor functions (device and dtype follow the inputs) plus :class:`Observation`,
 which bundles a PSF, the pixel scale, the oversampling and a noise model.
@@ -10,10 +11,11 @@ from .galsim_interop import to_interpolated_image
 from .noise import CCDNoise, CorrelatedGaussianNoise, GaussianNoise
 from .observation import Batch, Observation
 from .psf import check_psf, gaussian_psf, moffat_psf, psf_from_galsim
+from .sersic import render_sersic, sersic_b
 
 __all__ = [
     "convolve", "pixelate", "psf_transfer", "good_fft_size",
     "gaussian_psf", "moffat_psf", "psf_from_galsim", "check_psf",
     "GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise",
-    "Observation", "Batch", "to_interpolated_image",
+    "Observation", "Batch", "to_interpolated_image", "render_sersic", "sersic_b",
 ]

@@ -5,43 +5,38 @@ built in rather than recorded: the order of the batches depends only on (seed, e
 and the random numbers of step ``s`` on process ``r`` come from a generator re-seeded
 with (seed, s, r). A run resumed from a checkpoint therefore continues with the very
 batches and noise draws an uninterrupted run would use, and ends with identical weights
-on the CPU.
+on the CPU. :func:`galgen.train.train` builds a trainer from a YAML file and a cutout file.
 
-Outputs of a run directory::
+What a trainer writes into its run directory::
 
-    config.yaml        the resolved configuration (model and training)
     last.pt            checkpoint every ``checkpoint_every`` steps (atomic)
     best.pt            checkpoint with the lowest validation loss
     model.pt           the final model (weights, config, provenance, quality figures)
     train_log.csv      step, epoch, wall time and the model's metrics every ``log_every`` steps
-    val_log.csv        validation metrics every ``val_every`` steps
+    val_log.csv        validation metrics every ``val_every`` steps (:mod:`galgen.train.logs`)
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..config import build_dataclass, read_yaml
-from ..data.atomic import atomic_output
 from ..errors import GalgenInputError, TrainingDiverged
 from ..runtime import derive_seed, resolve_device
 from .checkpoints import load_checkpoint, save_checkpoint
-from .data import TrainingData, epoch_order, split_indices
-from .distributed import DistributedContext, init_distributed
+from .config import TrainConfig, plain_config
+from .data import TrainingData, epoch_order
+from .distributed import DistributedContext
+from .logs import TRAIN_LOG, VAL_LOG, CSVLog
 
-__all__ = ["TrainConfig", "RunConfig", "Trainer", "TrainingDiverged", "load_run_config", "train",
-           "resolve_device"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger("galgen.train")
 
@@ -50,221 +45,8 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "seed", "val_fraction", "optimizer", "lr
                     "lr_min", "init")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Options of the training loop.
-
-    Parameters
-    ----------
-    steps : int
-        Optimisation steps (global batches).
-    batch_size : int
-        Galaxies per global batch (split over data-parallel processes).
-    lr : float
-        (Peak) learning rate.
-    lr_schedule : {"constant", "cosine"}
-        ``cosine`` decays the learning rate from ``lr`` to ``lr_min`` over the run
-        (after the warm-up) along a half cosine (Loshchilov & Hutter 2017); the final
-        steps then refine the weights with small updates instead of jittering around a
-        minimum at the full rate. It depends on ``steps``, so a resumed cosine run must
-        keep them.
-    lr_warmup : int
-        Steps of linear warm-up from ``lr / lr_warmup`` to ``lr`` (0: none).
-    lr_min : float
-        Final learning rate of the cosine schedule.
-    init : str, optional
-        Checkpoint (``model.pt``, ``last.pt`` or a run directory) whose weights start the
-        run: fine-tuning, e.g. a longer or decayed continuation of a finished run. The
-        architecture must be the checkpoint's (training-only model options, such as the
-        VAE's ``beta`` and ``warmup_steps``, may differ); the optimiser and the step
-        count start afresh.
-    optimizer : dict
-        Extra optimiser options passed to the model's ``make_optimizers`` (e.g. betas).
-    seed : int
-        Seed of the weights, the batch order, the split and the noise draws.
-    val_fraction : float
-        Fraction of the galaxies held out for validation.
-    max_val : int
-        At most this many validation galaxies per evaluation.
-    log_every, val_every, checkpoint_every : int
-        Periods in steps.
-    device : str
-        ``auto`` (cuda, then mps, then cpu), ``cuda``, ``cuda:1``, ``mps`` or ``cpu``.
-    precision : str
-        ``auto`` (bf16 autocast on CUDA, float32 elsewhere), ``bf16`` or ``fp32``.
-    in_memory : bool
-        Hold the training set in memory (on the device) or read it lazily.
-    num_workers : int
-        ``DataLoader`` workers when not in memory.
-    prior_epochs : int
-        Epochs of the latent flow prior fit after training (VAE only).
-    prior_samples : int
-        Codes drawn from q(z|x) per galaxy for the flow fit (VAE only).
-    tensorboard : bool
-        Also write TensorBoard event files (needs the ``tensorboard`` package).
-    progress : bool, optional
-        Progress bar (default: when stderr is a terminal).
-    """
-
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    lr_warmup: int = 0
-    lr_min: float = 0.0
-    init: str | None = None
-    optimizer: dict = field(default_factory=dict)
-    seed: int = 0
-    val_fraction: float = 0.05
-    max_val: int = 2000
-    log_every: int = 50
-    val_every: int = 500
-    checkpoint_every: int = 500
-    device: str = "auto"
-    precision: str = "auto"
-    in_memory: bool = True
-    num_workers: int = 0
-    prior_epochs: int = 50
-    prior_samples: int = 4
-    tensorboard: bool = False
-    progress: bool | None = None
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of the optimisation step ``step`` (counted from 0).
-
-        Parameters
-        ----------
-        step : int
-
-        Returns
-        -------
-        float
-
-        Examples
-        --------
-        >>> c = TrainConfig(steps=100, lr=1e-3, lr_schedule="cosine", lr_warmup=10, lr_min=1e-5)
-        >>> c.lr_at(0), c.lr_at(9), round(c.lr_at(99), 8)
-        (0.0001, 0.001, 1e-05)
-        """
-        if step < self.lr_warmup:
-            return self.lr * (step + 1) / self.lr_warmup
-        if self.lr_schedule == "constant":
-            return self.lr
-        span = max(self.steps - 1 - self.lr_warmup, 1)
-        t = min((step - self.lr_warmup) / span, 1.0)
-        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
-
-    def check(self, where: str = "train") -> None:
-        """Raise :class:`GalgenInputError` for out-of-range values.
-
-        Parameters
-        ----------
-        where : str, optional
-            Prefix of the messages (file name and section).
-        """
-        for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "max_val"):
-            if getattr(self, key) < 1:
-                raise GalgenInputError(f"{where}.{key}: must be >= 1, got {getattr(self, key)!r}")
-        if not self.lr > 0:
-            raise GalgenInputError(f"{where}.lr: must be > 0, got {self.lr!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise GalgenInputError(f"{where}.lr_schedule: 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.lr_warmup < 0 or self.lr_warmup >= self.steps:
-            raise GalgenInputError(f"{where}.lr_warmup: must be in [0, steps={self.steps}), got {self.lr_warmup!r}")
-        if not 0 <= self.lr_min <= self.lr:
-            raise GalgenInputError(f"{where}.lr_min: must be in [0, lr={self.lr}], got {self.lr_min!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise GalgenInputError(f"{where}.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise GalgenInputError(f"{where}.precision: one of auto, bf16, fp32; got {self.precision!r}")
-        if self.num_workers < 0 or self.prior_epochs < 0 or self.prior_samples < 1:
-            raise GalgenInputError(f"{where}: num_workers, prior_epochs must be >= 0 and prior_samples >= 1")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A training run: the model's options and the loop's.
-
-    Parameters
-    ----------
-    model : dict
-        ``kind`` (``ae``, ``vae`` or ``wgan-gp``) and the model's constructor options;
-        ``stamp``, ``oversampling``, ``input_scale`` and ``flux_scale`` default to values
-        read from the training data.
-    train : TrainConfig
-        Loop options.
-    """
-
-    model: dict = field(default_factory=lambda: {"kind": "vae"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def load_run_config(path, overrides: dict | None = None) -> RunConfig:
-    """Read a training configuration YAML (``model:`` and ``train:`` sections).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        YAML file, read with ``yaml.safe_load``.
-    overrides : dict, optional
-        ``train`` options replacing the file's (e.g. from the command line).
-
-    Returns
-    -------
-    RunConfig
-
-    Raises
-    ------
-    GalgenInputError
-        Missing file, unknown keys, wrong types, unknown model kind.
-    """
-    data = read_yaml(path)
-    if overrides:
-        data = dict(data)
-        data["train"] = {**(data.get("train") or {}), **overrides}
-    cfg = build_dataclass(RunConfig, data, str(path))
-    from ..models.registry import MODEL_KINDS
-
-    kind = cfg.model.get("kind")
-    if kind not in MODEL_KINDS:
-        raise GalgenInputError(f"{path}: model.kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
-    cfg.train.check(f"{path}: train")
-    return cfg
-
-
-def _json(obj):
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return derive_seed(seed, int(step) * 101 + int(rank))
-
-
-class _CSVLog:
-    """Rows of metrics, kept in memory and written atomically with each checkpoint."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict] = []
-
-    def load(self, max_step: int) -> None:
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= max_step]
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def flush(self) -> None:
-        keys = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys, restval="")
-        w.writeheader()
-        w.writerows(self.rows)
-        with atomic_output(self.path) as tmp:
-            tmp.write_text(buf.getvalue())
 
 
 class Trainer:
@@ -293,7 +75,7 @@ class Trainer:
 
     Examples
     --------
-    See :func:`train`, which builds everything from a YAML file and a cutout file.
+    See :func:`galgen.train.train`, which builds everything from a YAML file and a cutout file.
     """
 
     def __init__(self, model, train_data: TrainingData, val_data, config: TrainConfig, out, *,
@@ -306,7 +88,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.out = Path(out)
         self.provenance = provenance or {}
-        self.run_config = _json(run_config or {"model": model.config, "train": asdict(config)})
+        self.run_config = plain_config(run_config or {"model": model.config, "train": asdict(config)})
         if config.batch_size % self.ctx.world_size:
             raise GalgenInputError(f"train.batch_size: {config.batch_size} is not divisible by the "
                                    f"{self.ctx.world_size} data-parallel processes")
@@ -318,8 +100,8 @@ class Trainer:
         self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.step = 0
         self.best_val = math.inf
-        self.train_log = _CSVLog(self.out / "train_log.csv")
-        self.val_log = _CSVLog(self.out / "val_log.csv")
+        self.train_log = CSVLog(self.out / TRAIN_LOG)
+        self.val_log = CSVLog(self.out / VAL_LOG)
         bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self._tb = None
@@ -591,97 +373,3 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
         return path
-
-
-def _provenance(data: TrainingData, train_idx, val_idx, seed: int) -> dict:
-    m = data.meta
-    return {"data": str(data.path.resolve()), "data_fingerprint": m.fingerprint, "survey": m.survey,
-            "pixel_scale": m.pixel_scale, "oversampling": m.oversampling, "stamp": m.stamp,
-            "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "split_seed": int(seed)}
-
-
-def train(config, data, out, *, resume: bool = False, overrides: dict | None = None) -> dict:
-    """Train a model from a YAML configuration on a cutout file (``galgen train``).
-
-    Under ``torchrun`` every process calls this; they split each batch and average
-    gradients (see :mod:`galgen.train.distributed`).
-
-    Parameters
-    ----------
-    config : str, os.PathLike or RunConfig
-        Training configuration (``model:`` and ``train:`` sections).
-    data : str or os.PathLike
-        Cutout file of training galaxies (a ``val_fraction`` of them is held out).
-    out : str or os.PathLike
-        Run directory.
-    resume : bool, optional
-        Continue from ``out/last.pt``; without it an existing ``last.pt`` is an error.
-    overrides : dict, optional
-        ``train`` options replacing the configuration's.
-
-    Returns
-    -------
-    dict
-        ``model`` (path of ``model.pt``), ``step``, ``best_val_loss``, ``val``.
-    """
-    from ..data.cutouts import CutoutFile
-    from ..models.registry import build_model
-
-    if isinstance(config, RunConfig):
-        cfg = config if not overrides else RunConfig(config.model, TrainConfig(**{**asdict(config.train),
-                                                                                 **overrides}))
-        cfg.train.check()
-    else:
-        cfg = load_run_config(config, overrides)
-    tc = cfg.train
-    out = Path(out)
-    if (out / "last.pt").exists() and not resume:
-        raise GalgenInputError(f"{out}: holds a training run (last.pt); pass --resume to continue it, "
-                               "or choose another --out")
-    if resume and not (out / "last.pt").exists():
-        raise GalgenInputError(f"{out}: nothing to resume (no last.pt)")
-    device = resolve_device(tc.device)
-    ctx = init_distributed(str(device))
-    if ctx.active and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    try:
-        with CutoutFile(data) as f:
-            n = len(f)
-        train_idx, val_idx = split_indices(n, tc.val_fraction, tc.seed)
-        conditions = tuple(cfg.model.get("conditions", ()) or ())
-        dev = device if tc.in_memory else "cpu"
-        train_data = TrainingData(data, train_idx, conditions, tc.in_memory, tc.num_workers, device=dev)
-        val_data = TrainingData(data, val_idx, conditions, tc.in_memory, 0, device=dev) if len(val_idx) else None
-        meta = train_data.meta
-        stats = train_data.statistics()
-        model_cfg = dict(cfg.model)
-        for key, value in (("stamp", meta.stamp), ("oversampling", meta.oversampling)):
-            if model_cfg.setdefault(key, value) != value:
-                raise GalgenInputError(f"model.{key}: {model_cfg[key]} does not match the data file's "
-                                       f"{key} {value} ({data})")
-        model_cfg.setdefault("input_scale", round(stats["noise_rms"], 6))
-        model_cfg.setdefault("flux_scale", round(max(stats["peak"], 1e-3) / meta.oversampling**2, 6))
-        torch.manual_seed(tc.seed)
-        model = build_model(model_cfg)
-        if conditions:
-            model.set_condition_stats(stats["cond_mean"], stats["cond_std"])
-        run_config = {"model": model.config, "train": asdict(tc)}
-        trainer = Trainer(model, train_data, val_data, tc, out, provenance=_provenance(train_data, train_idx,
-                                                                                          val_idx, tc.seed),
-                          run_config=run_config, context=ctx, device=device)
-        trainer.ctx.broadcast_module(trainer.model)
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            import yaml
-
-            with atomic_output(out / "config.yaml") as tmp:
-                tmp.write_text(yaml.safe_dump(_json(run_config), sort_keys=False))
-        if resume:
-            trainer.resume()
-        elif tc.init:
-            trainer.initialise(tc.init)
-        summary = trainer.fit()
-        summary["model"] = trainer.finish()
-        return summary
-    finally:
-        ctx.close()

@@ -1,6 +1,5 @@
 """The training loop: learning, exact resume, NaN stop, bad configs, bf16, torchrun data parallelism."""
 
-import csv
 import math
 import os
 import subprocess
@@ -14,6 +13,7 @@ import yaml
 from galgen.errors import GalgenInputError, TrainingDiverged
 from galgen.models import AutoEncoder
 from galgen.train import Trainer, load_checkpoint, load_model, load_run_config, train
+from galgen.train.logs import read_log
 
 BASE = {
     "model": {"kind": "ae", "latent_dim": 8, "width": 8},
@@ -29,11 +29,6 @@ def write_config(tmp_path, name="cfg.yaml", **train):
     return path
 
 
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def states_equal(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
@@ -42,12 +37,12 @@ def test_loss_decreases_and_outputs(sdss_tiny, tmp_path):
     cfg = write_config(tmp_path, steps=40, val_every=20, checkpoint_every=20)
     out = tmp_path / "run"
     summary = train(cfg, sdss_tiny, out)
-    log = rows(out / "train_log.csv")
+    log = read_log(out / "train_log.csv")
     assert [int(r["step"]) for r in log] == list(range(1, 41))
     first = sum(float(r["loss"]) for r in log[:5]) / 5
     last = sum(float(r["loss"]) for r in log[-5:]) / 5
     assert last < 0.5 * first
-    val = rows(out / "val_log.csv")
+    val = read_log(out / "val_log.csv")
     assert [int(r["step"]) for r in val] == [20, 40]
     assert float(val[1]["loss"]) < float(val[0]["loss"])
     for name in ("last.pt", "best.pt", "model.pt", "config.yaml"):
@@ -72,8 +67,8 @@ def test_resume_is_exact(sdss_tiny, tmp_path):
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 6
     assert states_equal(a["model"], b["model"])
-    assert [r["loss"] for r in rows(tmp_path / "straight" / "train_log.csv")] == \
-        [r["loss"] for r in rows(tmp_path / "resumed" / "train_log.csv")]
+    assert [r["loss"] for r in read_log(tmp_path / "straight" / "train_log.csv")] == \
+        [r["loss"] for r in read_log(tmp_path / "resumed" / "train_log.csv")]
     # a resume with another trajectory is refused
     with pytest.raises(GalgenInputError, match="lr"):
         train(write_config(tmp_path, "other.yaml", lr=1e-2), sdss_tiny, tmp_path / "resumed", resume=True)
@@ -83,7 +78,7 @@ def test_cosine_schedule_logs_decays_and_resumes_exactly(sdss_tiny, tmp_path):
     sched = dict(lr_schedule="cosine", lr_warmup=2, lr_min=1e-4)
     cfg = write_config(tmp_path, **sched)
     train(cfg, sdss_tiny, tmp_path / "straight")
-    lrs = [float(r["lr"]) for r in rows(tmp_path / "straight" / "train_log.csv")]
+    lrs = [float(r["lr"]) for r in read_log(tmp_path / "straight" / "train_log.csv")]
     # warm-up 1e-3, 2e-3, then a half cosine from 2e-3 to 1e-4 over the remaining 4 steps
     want = [1e-3, 2e-3] + [1e-4 + (2e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(4)]
     assert lrs == pytest.approx(want, rel=1e-5)
@@ -191,7 +186,7 @@ def test_missing_and_unsafe_inputs(sdss_tiny, tmp_path):
 def test_bf16_autocast_step_runs_on_cpu(sdss_tiny, tmp_path):
     out = tmp_path / "run"
     train(write_config(tmp_path, steps=2, precision="bf16", val_every=2, checkpoint_every=2), sdss_tiny, out)
-    log = rows(out / "train_log.csv")
+    log = read_log(out / "train_log.csv")
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in log)
 
 
