@@ -208,7 +208,8 @@ def model_probes(source: str, filename: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id == "hasattr":
-                out.append((node.lineno, node.col_offset, f"hasattr({ast.unparse(node.args[0]) if node.args else ''}, ...)"))
+                what = ast.unparse(node.args[0]) if node.args else ""
+                out.append((node.lineno, node.col_offset, f"hasattr({what}, ...)"))
             elif node.func.id == "getattr" and node.args and _is_modelish(node.args[0]):
                 out.append((node.lineno, node.col_offset, f"getattr({ast.unparse(node.args[0])}, ...)"))
         elif isinstance(node, ast.Compare):
