@@ -41,7 +41,65 @@ def _normal(shape, like, generator):
     return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
 
 
-class _IndependentNoise:
+def _describe(t):
+    """``float32[3, 8, 8]`` (``... cuda:0`` off the CPU), the value of a 0-d tensor, ``None``."""
+    if t is None:
+        return "None"
+    where = "" if t.device.type == "cpu" else f" {t.device}"
+    if t.ndim == 0 and t.device.type != "meta":
+        return f"{t.item():.6g}{where}"
+    return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]{where}"
+
+
+class _NoiseModel:
+    """Shared parts of every noise model: ``to`` and ``repr`` over its tensor attributes.
+
+    Subclasses list their tensor attributes in ``_tensors`` (in the order ``repr`` shows
+    them, with the name shown) and those that keep their dtype in ``_fixed_dtype``.
+    """
+
+    _tensors = ()  # (attribute, name in repr)
+    _fixed_dtype = ()  # floating tensors that keep their dtype in ``to``
+
+    def to(self, device=None, dtype=None):
+        """A copy with the tensors on another device and/or floating dtype.
+
+        Floating tensors take ``dtype`` (except parameters stored in float64 by
+        construction, which are cast to the images' dtype where they are used); boolean
+        masks keep theirs. The original is not changed.
+
+        Parameters
+        ----------
+        device : torch.device or str, optional
+            A ``torch.dtype`` given here (``noise.to(torch.float64)``) is taken as ``dtype``.
+        dtype : torch.dtype, optional
+
+        Returns
+        -------
+        same type as self
+
+        Examples
+        --------
+        >>> import torch
+        >>> GaussianNoise(torch.ones(2, 4, 4), torch.zeros(2, 4, 4)).to(torch.float64)
+        GaussianNoise(variance=float64[2, 4, 4], mask=bool[2, 4, 4])
+        """
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        new = copy.copy(self)
+        for name, _ in self._tensors:
+            t = getattr(self, name)
+            if t is not None:
+                keep = name in self._fixed_dtype or not t.is_floating_point()
+                setattr(new, name, t.to(device=device, dtype=None if keep else dtype))
+        return new
+
+    def __repr__(self):
+        args = ", ".join(f"{shown}={_describe(getattr(self, name))}" for name, shown in self._tensors)
+        return f"{type(self).__name__}({args})"
+
+
+class _IndependentNoise(_NoiseModel):
     """Shared parts of the noise models whose likelihood is an independent Gaussian per pixel.
 
     Subclasses define ``variance(model)`` and ``_draw(model, generator)`` (the noisy image).
@@ -143,6 +201,7 @@ class GaussianNoise(_IndependentNoise):
     """
 
     _per_galaxy = (("variance_map", 3),)
+    _tensors = (("variance_map", "variance"), ("mask", "mask"))
 
     def __init__(self, variance, mask=None):
         variance = torch.as_tensor(variance)
@@ -198,6 +257,8 @@ class CCDNoise(_IndependentNoise):
     """
 
     _per_galaxy = (("sky_level", 1), ("gain", 1), ("read_noise", 1))
+    _tensors = (("sky_level", "sky_level"), ("gain", "gain"), ("read_noise", "read_noise"), ("mask", "mask"))
+    _fixed_dtype = ("sky_level", "gain", "read_noise")  # float64, cast to the images' dtype in use
 
     def __init__(self, sky_level, gain, read_noise, mask=None):
         self.sky_level = torch.as_tensor(sky_level, dtype=torch.float64)
@@ -239,7 +300,7 @@ class CCDNoise(_IndependentNoise):
         return (electrons + read) / gain - sky
 
 
-class CorrelatedGaussianNoise:
+class CorrelatedGaussianNoise(_NoiseModel):
     """Stationary correlated Gaussian noise, with the likelihood evaluated in Fourier space.
 
     For noise whose covariance is stationary (e.g. the pixel correlations that
@@ -261,6 +322,8 @@ class CorrelatedGaussianNoise:
     approximates the covariance at the stamp edges; pad the residual when correlations
     are long compared with the stamp.
     """
+
+    _tensors = (("power_spectrum", "power_spectrum"),)
 
     def __init__(self, power_spectrum):
         p = torch.as_tensor(power_spectrum)

@@ -227,26 +227,32 @@ class Observation:
     def to(self, device=None, dtype=None) -> "Observation":
         """A copy with the PSF and noise tensors on another device / dtype.
 
+        The noise model is moved by its own ``to`` (floating tensors take ``dtype``,
+        masks keep theirs).
+
         Parameters
         ----------
         device : torch.device or str, optional
+            A ``torch.dtype`` given here (``obs.to(torch.float64)``) is taken as ``dtype``.
         dtype : torch.dtype, optional
 
         Returns
         -------
         Observation
         """
-        def mv(t):
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-
-        noise = self.noise
-        if isinstance(noise, GaussianNoise):
-            noise = GaussianNoise(mv(noise.variance_map), None if noise.mask is None else mv(noise.mask))
-        elif isinstance(noise, CCDNoise):
-            noise = CCDNoise(noise.sky_level, noise.gain, noise.read_noise,
-                             None if noise.mask is None else mv(noise.mask))
-        return Observation(mv(self.psf), pixel_scale=self.pixel_scale, oversampling=self.oversampling,
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
+        psf = self.psf.to(device=device, dtype=dtype)
+        noise = None if self.noise is None else self.noise.to(device=device, dtype=dtype)
+        return Observation(psf, pixel_scale=self.pixel_scale, oversampling=self.oversampling,
                            stamp=self.stamp, noise=noise)
+
+    def __repr__(self):
+        psf = f"{str(self.psf.dtype).removeprefix('torch.')}[{', '.join(map(str, self.psf.shape))}]"
+        if self.psf.device.type != "cpu":
+            psf += f" {self.psf.device}"
+        return (f"Observation(psf={psf}, pixel_scale={self.pixel_scale:g}, oversampling={self.oversampling}, "
+                f"stamp={self.stamp}, noise={self.noise!r})")
 
     @classmethod
     def from_cutouts(cls, *args, **kwargs):
