@@ -1,4 +1,4 @@
-"""Data I/O: the atomic HDF5 writer, the cutout format, merging shards, FITS ingest and PyTorch datasets."""
+"""Data I/O: the atomic HDF5 writer, the cutout and fit formats, the observation loader, merging, FITS ingest."""
 
 from .atomic import atomic_output
 from .cutouts import (
@@ -10,6 +10,7 @@ from .cutouts import (
     CutoutWriter,
     read_cutouts,
 )
+from .fitfile import FIT_DATASETS, FIT_SCHEMA, FIT_SCHEMA_VERSION, FitFile, FitWriter
 from .merge import merge_cutouts
 from .store import HDF5Writer, output_is_current
 
@@ -22,6 +23,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "CutoutFile",
     "CutoutWriter",
+    "FIT_SCHEMA",
+    "FIT_SCHEMA_VERSION",
+    "FIT_DATASETS",
+    "FitWriter",
+    "FitFile",
     "CutoutDataset",
     "ObservationLoader",
     "observation_from_cutouts",

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ..errors import GalgenInputError, SchemaError
-from .cutouts import CutoutWriter
+from .store import HDF5Writer
 
 __all__ = ["FIT_SCHEMA", "FIT_SCHEMA_VERSION", "FIT_DATASETS", "FitWriter", "FitFile"]
 
@@ -59,8 +59,8 @@ FIT_DATASETS = {
 }
 
 
-class FitWriter(CutoutWriter):
-    """Atomic, resumable writer of fit files (the mechanics of :class:`galgen.data.CutoutWriter`).
+class FitWriter(HDF5Writer):
+    """Atomic, resumable writer of fit files (the mechanics of :class:`galgen.data.store.HDF5Writer`).
 
     Parameters
     ----------

@@ -54,13 +54,44 @@ def _fft_length(n, p):
     return good_fft_size(max(n + p // 2, p))
 
 
-def _fft_shape(h, w, p, q):
+def fft_shape(h: int, w: int, p: int, q: int) -> tuple[int, int]:
+    """The FFT grid on which an ``(h, w)`` image and a centred ``(p, q)`` kernel convolve.
+
+    Parameters
+    ----------
+    h, w : int
+        Image shape.
+    p, q : int
+        Kernel shape.
+
+    Returns
+    -------
+    tuple of int
+        Fast FFT lengths (:func:`~galgen.physics.good_fft_size`) of at least
+        ``max(h + p//2, p)`` and ``max(w + q//2, q)``: enough that light wrapped around the
+        periodic grid never lands inside the image.
+    """
     return _fft_length(h, p), _fft_length(w, q)
 
 
-def _crop_kernel(psf, h, w):
-    """Drop PSF pixels farther than ``H-1`` (``W-1``) from its centre: no light from inside
-    the image can reach the image through them, so the result is unchanged, and faster."""
+def crop_kernel(psf: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Drop PSF pixels farther than ``h - 1`` (``w - 1``) from its centre.
+
+    No light from inside an ``(h, w)`` image can reach the image through them, so the
+    convolution is unchanged, and faster.
+
+    Parameters
+    ----------
+    psf : torch.Tensor
+        ``(..., P, Q)``, centre at ``(P//2, Q//2)``.
+    h, w : int
+        Image shape.
+
+    Returns
+    -------
+    torch.Tensor
+        The PSF, or a view of its central part.
+    """
     p, q = psf.shape[-2:]
     cy, cx = p // 2, q // 2
     y0, y1 = max(cy - (h - 1), 0), min(cy + h, p)
@@ -125,9 +156,9 @@ def convolve(images: torch.Tensor, psf: torch.Tensor, *, transfer: torch.Tensor 
         if not bool(torch.isfinite(psf).all()):
             raise GalgenInputError("psf: contains NaN or inf")
     h, w = images.shape[-2:]
-    psf = _crop_kernel(psf, h, w)
+    psf = crop_kernel(psf, h, w)
     p, q = psf.shape[-2:]
-    shape = _fft_shape(h, w, p, q)
+    shape = fft_shape(h, w, p, q)
     if transfer is None:
         transfer = psf_transfer(psf, shape)
     elif check and (transfer.shape[-2] != shape[0] or transfer.shape[-1] != shape[1] // 2 + 1):

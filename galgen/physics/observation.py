@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GalgenInputError
-from .convolve import _crop_kernel, _fft_shape, convolve, pixelate, psf_transfer
-from .noise import CCDNoise, GaussianNoise
+from .convolve import convolve, crop_kernel, fft_shape, pixelate, psf_transfer
+from .noise import GaussianNoise
 from .psf import check_psf
 
 __all__ = ["Observation", "Batch"]
@@ -151,8 +151,8 @@ class Observation:
             if key not in self._transfer:
                 self._transfer[key] = transfer[index]
             return psf[index], self._transfer[key]
-        psf = _crop_kernel(self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device), h, w)
-        shape = _fft_shape(h, w, *psf.shape[-2:])
+        psf = crop_kernel(self.psf.to(dtype=intrinsic.dtype, device=intrinsic.device), h, w)
+        shape = fft_shape(h, w, *psf.shape[-2:])
         if psf.requires_grad:
             return psf, psf_transfer(psf, shape)
         key = (shape, intrinsic.dtype, intrinsic.device)
