@@ -183,28 +183,22 @@ def fit_panel(fit_path, out, *, rows=None, n: int = 6):
     """
     from pathlib import Path
 
-    import h5py
-
+    from .data.fitfile import FitFile
+    from .data.loading import ObservationLoader
     from .errors import GalgenInputError
 
     plt = _pyplot()
-    with h5py.File(fit_path, "r") as f:
-        if f.attrs.get("format") != "galgen-fits":
-            raise GalgenInputError(f"{fit_path}: not a galgen fit file")
-        total = len(f["index"])
+    with FitFile(fit_path) as f:
+        total = len(f)
         rows = list(range(min(n, total))) if rows is None else [int(r) for r in rows]
         if not rows or min(rows) < 0 or max(rows) >= total:
             raise GalgenInputError(f"rows: must lie in [0, {total}) for {fit_path}, got {rows}")
-        sel = np.array(rows)
-        panels = {"model": f["model"][:][sel], "normalized_residual": f["normalized_residual"][:][sel],
-                  "intrinsic": f["intrinsic"][:][sel]}
-        if "posterior_std" in f:
-            panels["posterior_std"] = f["posterior_std"][:][sel]
-        chi2, dof, index = f["chi2"][:][sel], f["dof"][:][sel], f["index"][:][sel]
-        data_path, kind = f.attrs["data"], f.attrs.get("model_kind", "")
-    with CutoutFile(data_path) as c:
-        observed = np.stack([c.read("observed", slice(int(i), int(i) + 1))[0] for i in index])
-        var = np.stack([c.read("variance", slice(int(i), int(i) + 1))[0] for i in index])
+        keys = ["model", "normalized_residual", "intrinsic"] + (["posterior_std"] if f.has_samples else [])
+        panels = {k: f.read(k, rows) for k in keys}
+        chi2, dof, index = f.read("chi2", rows), f.read("dof", rows), f.read("index", rows)
+        data_path, kind = f.data_path, f.attrs.get("model_kind", "")
+    r = ObservationLoader(data_path, index).rows(np.arange(len(index)))
+    observed, var = r["observed"].numpy(), r["variance"].numpy()
     panels = {"observed": observed, **panels}
     labels = {"observed": "observed", "model": "MAP model", "normalized_residual": "(data-model)/sigma",
               "intrinsic": "intrinsic (MAP)", "posterior_std": "posterior std"}
@@ -318,19 +312,16 @@ def fit_corner(fit_path, out, *, row: int = 0, truths=None):
     pathlib.Path
         ``out``.
     """
-    import json
-
-    import h5py
-
+    from .data.fitfile import FitFile
     from .errors import GalgenInputError
 
-    with h5py.File(fit_path, "r") as f:
-        if "derived_draws" not in f:
+    with FitFile(fit_path) as f:
+        if not f.has_samples:
             raise GalgenInputError(f"{fit_path}: no posterior samples (run galgen fit with --samples)")
-        if not 0 <= row < len(f["index"]):
-            raise GalgenInputError(f"row: must lie in [0, {len(f['index'])}) for {fit_path}, got {row}")
-        draws = f["derived_draws"][row]
-        names = json.loads(f.attrs["derived_names"])
-        rhat, index = float(f["rhat"][row].max()), int(f["index"][row])
+        if not 0 <= row < len(f):
+            raise GalgenInputError(f"row: must lie in [0, {len(f)}) for {fit_path}, got {row}")
+        draws = f.read("derived_draws", row)
+        names = f.derived_names
+        rhat, index = float(f.read("rhat", row).max()), int(f.read("index", row))
     return corner_plot(draws, out, names=names, truths=truths,
                        title=f"galaxy #{index}: {len(draws)} posterior draws, max R-hat {rhat:.2f}")

@@ -107,7 +107,7 @@ def resolve_model(spec, device="cpu", *, data=None, prior: str | None = None):
         model = SersicModel(spec, stamp=stamp, oversampling=oversampling, pixel_scale=pixel_scale).to(device).eval()
     else:
         from .pretrained import available_pretrained, load_pretrained
-        from .train.checkpoints import load_model
+        from .checkpoints import load_model
 
         if isinstance(spec, str) and spec in available_pretrained() and not Path(spec).exists():
             model = load_pretrained(spec, device=device)

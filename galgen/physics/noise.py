@@ -60,6 +60,8 @@ class _NoiseModel:
 
     _tensors = ()  # (attribute, name in repr)
     _fixed_dtype = ()  # floating tensors that keep their dtype in ``to``
+    #: Boolean mask of excluded pixels (True = excluded), or None: every noise model has one.
+    mask = None
 
     def to(self, device=None, dtype=None):
         """A copy with the tensors on another device and/or floating dtype.
@@ -373,6 +375,21 @@ class CorrelatedGaussianNoise(_NoiseModel):
             raise GalgenInputError(f"data: image shape {tuple(like.shape[-2:])} does not match the power "
                                    f"spectrum {tuple(self.power_spectrum.shape)}")
         return self.power_spectrum.to(dtype=like.dtype, device=like.device)
+
+    def variance(self, model: torch.Tensor) -> torch.Tensor:
+        """Marginal per-pixel variance, ``C(0) = mean_k P_k``, on the dtype and device of ``model``.
+
+        Parameters
+        ----------
+        model : torch.Tensor
+            ``(..., H, W)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape as ``model`` (every pixel has the same variance).
+        """
+        return self._p(model).mean().expand(model.shape)
 
     def sample(self, model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``model`` plus correlated noise.

@@ -67,7 +67,7 @@ def load_pretrained(name: str, device="cpu"):
     >>> vae = galgen.load_pretrained("sdss-vae")  # doctest: +SKIP
     >>> images = vae.sample(16)  # intrinsic galaxies at SDSS's 0.396"/pixel  # doctest: +SKIP
     """
-    from ..train.checkpoints import load_model
+    from ..checkpoints import load_model
 
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.exists():

@@ -1,6 +1,6 @@
 """Training: the loop (devices, bf16, logs, validation, exact resume), data parallelism, checkpoints."""
 
-from .checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
+from ..checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint
 from .config import RunConfig, TrainConfig, load_run_config
 from .data import TrainingData, epoch_order, split_indices
 from .distributed import DistributedContext, average_gradients, init_distributed

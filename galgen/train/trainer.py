@@ -30,7 +30,7 @@ import torch
 
 from ..errors import GalgenInputError, TrainingDiverged
 from ..runtime import derive_seed, resolve_device
-from .checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig, plain_config
 from .data import TrainingData, epoch_order
 from .distributed import DistributedContext
@@ -96,6 +96,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise GalgenInputError(f"train.batch_size: {config.batch_size} is larger than the "
                                    f"{len(train_data)} training galaxies")
+        self._batches, self._batches_step = None, None  # the reader of the coming batches (prefetch)
         self.optimizers = model.make_optimizers(lr=config.lr, **config.optimizer)
         self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.step = 0
@@ -170,7 +171,7 @@ class Trainer:
         GalgenInputError
             No checkpoint there, or one of another model configuration.
         """
-        from .checkpoints import load_model
+        from ..checkpoints import load_model
 
         source = load_model(path)
         mine = self.model.config
@@ -201,6 +202,14 @@ class Trainer:
         per = B // self.ctx.world_size
         return batch[self.ctx.rank * per:(self.ctx.rank + 1) * per]
 
+    def _next_batch(self):
+        """The batch of ``self.step``: from the training data's read-ahead (``num_workers``) when in step."""
+        if self._batches is None or self._batches_step != self.step:
+            coming = (self._global_positions(s) for s in range(self.step, max(self.config.steps, self.step + 1)))
+            self._batches, self._batches_step = iter(self.train_data.prefetch(coming)), self.step
+        self._batches_step += 1
+        return next(self._batches)
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -221,7 +230,7 @@ class Trainer:
         """
         self.model.train()
         lr = self._set_lr(self.step)
-        batch = self.train_data.batch(self._global_positions(self.step))
+        batch = self._next_batch()
         torch.manual_seed(_step_seed(self.config.seed, self.step, self.ctx.rank))
         with self._autocast():
             metrics = self.model.training_step(batch, self.optimizers, self.step, sync=self.ctx.sync)

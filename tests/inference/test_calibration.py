@@ -6,13 +6,14 @@ import torch
 
 from galgen.errors import GalgenInputError
 from galgen.inference.calibration import coverage, rank_uniformity, simulation_based_calibration
+from galgen.models import LatentModel, sample_latents, standard_normal
 from galgen.physics import GaussianNoise, Observation, gaussian_psf
 
 
-class LinearGalaxy(torch.nn.Module):
-    """intrinsic = blob + z0 * (elongation pattern) + z1 * (size pattern), z ~ N(0, I)."""
+class LinearGalaxy(LatentModel):
+    """intrinsic = blob + z0 * (elongation pattern) + z1 * (size pattern), z ~ N(0, I): a user's own model."""
 
-    kind = "linear"
+    latent_dim = 2
 
     def __init__(self, size=16):
         super().__init__()
@@ -22,16 +23,12 @@ class LinearGalaxy(torch.nn.Module):
         self.register_buffer("basis", torch.stack([blob, 0.25 * blob * (x**2 - y**2) / 2.5**2,
                                                    0.15 * blob * (r2 - 2)]).reshape(3, -1))
         self.size = size
-        self.config = {"latent_dim": 2, "stamp": size}
 
-    def decode(self, z):
+    def decode(self, z, cond=None):
         return (self.basis[0] + z @ self.basis[1:]).view(-1, self.size, self.size)
 
-    def log_prior(self, z):
-        return -0.5 * (z**2).sum(1)
-
-    def sample_latents(self, n, generator=None, prior=None):
-        return torch.randn(n, 2, generator=generator, device=generator.device)
+    def prior(self, cond=None):
+        return standard_normal(2, device=self.basis.device)
 
 
 def test_sbc_of_a_linear_model_is_calibrated():
@@ -77,13 +74,13 @@ def test_sbc_of_the_sersic_model_draws_from_its_prior_at_given_fluxes():
                       noise=GaussianNoise(torch.full((B, 24, 24), 4.0)))
     log_scale = torch.log(torch.linspace(2e3, 2e4, B))
     res = simulation_based_calibration(model, obs, samples=60, chains=2, warmup=40, n_leapfrog=4, n_draws=99,
-                                       max_iter=60, log_scale=log_scale, seed=1)
+                                       max_iter=60, log_scale=log_scale, seed=1, latent_names=model.latent_names)
     assert res["names"] == ["flux", "hlr", "e1", "e2"] + model.param_names
     truth = torch.as_tensor(res["truth"])
     # true flux: the given total times the in-stamp fraction of the unit-flux render
     frac = torch.as_tensor(res["truth"][:, 0]) / log_scale.exp().double()
     assert torch.all((frac > 0.3) & (frac <= 1.0 + 1e-4))
-    assert torch.equal(truth[:, 4:].float(), model.sample_prior(B, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(truth[:, 4:].float(), sample_latents(model.prior(), B, generator=torch.Generator().manual_seed(1)))
     assert np.all((res["ranks"] >= 0) & (res["ranks"] <= 99))
     with pytest.raises(GalgenInputError, match="log_scale"):
         simulation_based_calibration(model, obs, samples=5, chains=1, warmup=5, n_draws=4, max_iter=2,
