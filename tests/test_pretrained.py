@@ -21,7 +21,7 @@ def test_pretrained_model_loads_and_samples(name, kind):
     b = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert a.shape == (3, 64, 64) and bool((a >= 0).all()) and torch.equal(a, b)
     if kind == "vae":
-        assert bool(model.prior.fitted)
+        assert bool(model.latent_flow.fitted)
 
 
 def test_unknown_pretrained_name():

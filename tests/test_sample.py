@@ -98,7 +98,7 @@ def test_interrupted_sampling_resumes_to_the_same_file(vae_run, tmp_path, monkey
     straight = sample_to_file(vae_run, tmp_path / "a.h5", n=20, seed=5, device="cpu", batch_size=8)
     model = resolve_model(vae_run)
     calls = {"n": 0}
-    original = type(model).sample
+    original = type(model).decode
 
     def failing(self, *a, **k):
         calls["n"] += 1
@@ -106,11 +106,11 @@ def test_interrupted_sampling_resumes_to_the_same_file(vae_run, tmp_path, monkey
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(type(model), "sample", failing)
+    monkeypatch.setattr(type(model), "decode", failing)
     with pytest.raises(KeyboardInterrupt):
         sample_to_file(vae_run, tmp_path / "b.h5", n=20, seed=5, device="cpu", batch_size=8)
     assert (tmp_path / "b.h5.partial").exists() and not (tmp_path / "b.h5").exists()
-    monkeypatch.setattr(type(model), "sample", original)
+    monkeypatch.setattr(type(model), "decode", original)
     resumed = sample_to_file(vae_run, tmp_path / "b.h5", n=20, seed=5, device="cpu", batch_size=8)
     with CutoutFile(straight) as a, CutoutFile(resumed) as b:
         for key in ("observed", "intrinsic", "psf"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GalgenInputError
-from ..models.base import amortised_guess, sample_latents
+from ..models.base import LatentModel, amortised_guess, sample_latents
 
 __all__ = ["MAPResult", "fit_map", "latent_log_prior", "initial_log_scale", "STATUS"]
 
@@ -215,6 +215,9 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     t0 = time.perf_counter()
     if observed.ndim != 3:
         raise GalgenInputError(f"observed: expected (B, S, S), got {tuple(observed.shape)}")
+    stamp = model.config.get("stamp") if isinstance(model, LatentModel) else None
+    if stamp is not None and observed.shape[-1] != stamp:
+        raise GalgenInputError(f"observed: stamp {observed.shape[-1]} but the model was made for {stamp}")
     if optimizer not in ("adam", "lbfgs"):
         raise GalgenInputError(f"optimizer: 'adam' or 'lbfgs', got {optimizer!r}")
     model = _with_prior(model, prior)

@@ -528,7 +528,8 @@ class VAE(GenerativeModel):
                       stacklevel=2)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise GalgenInputError(f"z: expected shape (B, {self.latent_dim}), got {tuple(z.shape)}")
-        c = None if cond is None else torch.as_tensor(cond).expand(len(z), -1)
+        c = None if cond is None else torch.as_tensor(cond)
+        c = c if c is None or c.ndim != 1 else c.expand(len(z), -1)
         return self._chosen(prior).prior(c).log_prob(z)
 
     @torch.no_grad()
@@ -556,7 +557,8 @@ class VAE(GenerativeModel):
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise GalgenInputError(f"n: expected an integer >= 1, got {n!r}")
-        c = None if cond is None or not self.cond_dim else torch.as_tensor(cond).expand(int(n), -1)
+        c = None if cond is None or not self.cond_dim else torch.as_tensor(cond)
+        c = c if c is None or c.ndim != 1 else c.expand(int(n), -1)
         return sample_latents(self._chosen(prior).prior(c), int(n), generator=generator, temperature=temperature)
 
     @torch.no_grad()

@@ -4,6 +4,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
+from galgen.data import observation_from_cutouts
+from galgen.models import sample_latents
 from astropy.table import Table
 
 from galgen.cli import main
@@ -150,12 +153,12 @@ def test_posterior_log_prob_of_selected_rows(sdss_tiny):
     from galgen.models.parametric import SersicModel
     from galgen.physics import Observation
 
-    obs = Observation.from_cutouts(sdss_tiny, range(5))
+    obs = observation_from_cutouts(sdss_tiny, range(5))
     model = SersicModel(stamp=32, oversampling=obs.oversampling, pixel_scale=obs.pixel_scale)
     with h5py.File(sdss_tiny) as f:
         observed = torch.as_tensor(f["observed"][:5])
     chains = 3
-    x = model.sample_prior(5 * chains, generator=torch.Generator().manual_seed(0))
+    x = sample_latents(model.prior(), 5 * chains, generator=torch.Generator().manual_seed(0))
     x = torch.cat([x, model.initial_log_scale(observed).repeat_interleave(chains)[:, None]], 1)
     lp = posterior_log_prob(model, obs, observed, chains=chains)
     full = lp(x)

@@ -43,7 +43,7 @@ def test_elbo_terms_match_closed_forms():
     t = vae.elbo(batch, generator=torch.Generator().manual_seed(1))
     assert set(t) == {"nll", "kl", "elbo", "bits_per_pixel"} and all(v.shape == (4,) for v in t.values())
     with torch.no_grad():
-        mu, logvar = vae.encode(batch.observed)
+        mu, logvar = vae.encoder_moments(batch.observed)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     kl = torch.distributions.kl_divergence(q, p).sum(1)
@@ -134,7 +134,7 @@ def test_aggregate_posterior_draws_from_each_q():
     batches = [toy_batch(2, seed=0), toy_batch(2, seed=1)]
     codes, cond = vae.aggregate_posterior(batches, samples_per_galaxy=400, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2 * 2 * 400, 3) and cond is None
-    mu, logvar = vae.encode(batches[0].observed)
+    mu, logvar = vae.encoder_moments(batches[0].observed)
     draws = codes[:800].view(400, 2, 3)  # batch 0: samples x galaxies x latents
     assert torch.allclose(draws.mean(0), mu.detach(), atol=0.1)
     assert torch.allclose(draws.std(0), (0.5 * logvar.detach()).exp(), rtol=0.15)
@@ -156,17 +156,17 @@ def test_fit_prior_from_batches_then_sample_from_the_flow():
     with pytest.raises(GalgenInputError, match="not fitted"):
         vae.sample(2, prior="flow")
     with pytest.raises(GalgenInputError, match="not fitted"):
-        vae.latent_log_prob(torch.zeros(1, 2), prior="flow")
+        vae.with_prior("flow")
     batches = [toy_batch(4, seed=s) for s in range(3)]
     hist = vae.fit_prior(batches, samples_per_galaxy=20, epochs=3, generator=torch.Generator().manual_seed(0))
-    assert hist["epochs"] == 3 and bool(vae.prior.fitted)
+    assert hist["epochs"] == 3 and bool(vae.latent_flow.fitted)
     img = vae.sample(3, generator=torch.Generator().manual_seed(4))  # default is now the flow
     assert img.shape == (3, 32, 32) and bool((img >= 0).all())
     assert torch.equal(img, vae.sample(3, generator=torch.Generator().manual_seed(4), prior="flow"))
     assert not torch.equal(img, vae.sample(3, generator=torch.Generator().manual_seed(4), prior="normal"))
     z = torch.randn(5, 2)
-    assert torch.allclose(vae.latent_log_prob(z), vae.prior.log_prob(z))
-    normal = vae.latent_log_prob(z, prior="normal")
+    assert torch.allclose(vae.prior().log_prob(z), vae.latent_flow.log_prob(z))
+    normal = vae.with_prior("normal").prior().log_prob(z)
     assert torch.allclose(normal, torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1))
     with pytest.raises(GalgenInputError, match="'flow' or 'normal'"):
         vae.sample(2, prior="uniform")
@@ -185,7 +185,7 @@ def test_conditioning_checkpoint_and_config_roundtrip(tmp_path):
         vae.sample(2, cond=torch.zeros(3, 1), prior="normal")
     with pytest.raises(GalgenInputError, match="cond"):
         vae.encode(torch.zeros(2, 32, 32))
-    mu, _ = vae.encode(torch.zeros(2, 32, 32), torch.tensor([[16.0], [18.0]]))
+    mu, _ = vae.encoder_moments(torch.zeros(2, 32, 32), torch.tensor([[16.0], [18.0]]))
     assert not torch.allclose(mu[0], mu[1])  # the encoder sees the conditions
     normal = vae.sample(2, cond=torch.tensor([16.0]), prior="normal", generator=torch.Generator().manual_seed(0))
     other = vae.sample(2, cond=torch.tensor([18.0]), prior="normal", generator=torch.Generator().manual_seed(0))
@@ -195,18 +195,18 @@ def test_conditioning_checkpoint_and_config_roundtrip(tmp_path):
     vae.fit_prior(codes, mags, epochs=2)
     img = vae.sample(3, cond=torch.tensor([17.5]), generator=torch.Generator().manual_seed(0))
     assert img.shape == (3, 32, 32) and bool((img >= 0).all())
-    assert vae.latent_log_prob(codes[:5], mags[:5]).shape == (5,)
+    assert vae.prior(mags[:5]).log_prob(codes[:5]).shape == (5,)
     path = save_checkpoint(tmp_path / "vae.pt", model_state=vae.state_dict(), config=vae.config)
     ck = load_checkpoint(path)
     clone = VAE.from_config(ck["config"])
-    assert clone.config == vae.config and not bool(clone.prior.fitted)
+    assert clone.config == vae.config and not bool(clone.latent_flow.fitted)
     clone.load_state_dict(ck["model"])  # strict: same architecture, flow included
-    assert bool(clone.prior.fitted) and clone.conditions == ("mag",)
+    assert bool(clone.latent_flow.fitted) and clone.conditions == ("mag",)
     assert torch.equal(clone.cond_mean, torch.tensor([17.0]))
-    for key, value in vae.prior.state_dict().items():
-        assert torch.equal(clone.prior.state_dict()[key], value), key
+    for key, value in vae.latent_flow.state_dict().items():
+        assert torch.equal(clone.latent_flow.state_dict()[key], value), key
     assert torch.equal(clone.sample(3, cond=torch.tensor([17.5]), generator=torch.Generator().manual_seed(0)), img)
-    assert torch.allclose(clone.latent_log_prob(codes[:5], mags[:5]), vae.latent_log_prob(codes[:5], mags[:5]))
+    assert torch.allclose(clone.prior(mags[:5]).log_prob(codes[:5]), vae.prior(mags[:5]).log_prob(codes[:5]))
 
 
 def test_bad_options():

@@ -193,6 +193,8 @@ def test_bad_input_is_named(make, message):
 
 
 def test_observation_from_cutouts_reproduces_the_simulation(tmp_path):
+    from galgen.data import observation_from_cutouts
+
     """The simulator's intrinsic images, observed by galgen, give its noiseless images."""
     from galgen.simulate import simulate
 
@@ -200,7 +202,7 @@ def test_observation_from_cutouts_reproduces_the_simulation(tmp_path):
     from galgen.data import read_cutouts
 
     arrays, cat, _ = read_cutouts(path)
-    obs = Observation.from_cutouts(path, dtype=torch.float64)
+    obs = observation_from_cutouts(path, dtype=torch.float64)
     assert obs.oversampling == 3 and obs.stamp == 64 and obs.psf.shape == (6, 95, 95)
     model = obs.noiseless(torch.tensor(arrays["intrinsic"], dtype=torch.float64)).numpy()
     fits = np.asarray(cat["fits_stamp"])
@@ -220,10 +222,12 @@ def test_observation_from_cutouts_reproduces_the_simulation(tmp_path):
 
 
 def test_observation_from_survey():
+    from galgen.simulate import survey_observation
+
     from galgen.simulate import load_survey
 
     sv = load_survey("lsst")
-    obs = Observation.from_survey("lsst", psf_size=41, stamp=32, oversampling=2, dtype=torch.float64)
+    obs = survey_observation("lsst", psf_size=41, stamp=32, oversampling=2, dtype=torch.float64)
     assert obs.pixel_scale == sv.pixel_scale and obs.intrinsic_scale == pytest.approx(0.1)
     ref = psf_from_galsim(galsim.Kolmogorov(fwhm=0.7), 41, 0.1, dtype=torch.float64)
     assert torch.allclose(obs.psf, ref)
@@ -261,3 +265,10 @@ def test_select_indexes_per_galaxy_psfs_and_noise_and_shares_the_psf_transforms(
         obs.select([3])
     with pytest.raises(GalgenInputError, match="index: expected 1-d"):
         obs.select([[0]])
+
+
+def test_physics_reads_no_files_and_points_to_the_new_homes():
+    with pytest.raises(GalgenInputError, match="observation_from_cutouts"):
+        Observation.from_cutouts("x.h5")
+    with pytest.raises(GalgenInputError, match="survey_observation"):
+        Observation.from_survey("sdss")
