@@ -67,12 +67,12 @@ suppress_warnings = ["myst.header"]
 #: Modules whose public classes and functions ``api.rst`` must list.
 API_MODULES = (
     "galgen.simulate", "galgen.data", "galgen.data.store", "galgen.data.cutouts", "galgen.data.merge",
-    "galgen.data.ingest", "galgen.physics", "galgen.physics.sersic", "galgen.models",
+    "galgen.data.ingest", "galgen.data.loading", "galgen.data.fitfile", "galgen.physics", "galgen.physics.sersic", "galgen.models",
     "galgen.train", "galgen.train.config", "galgen.train.logs", "galgen.train.trainer", "galgen.train.run",
     "galgen.inference.map", "galgen.inference.hmc", "galgen.inference.diagnostics",
     "galgen.inference.fit", "galgen.inference.derived", "galgen.inference.calibration",
     "galgen.models.parametric", "galgen.evaluation", "galgen.pipeline", "galgen.plotting", "galgen.sharding",
-    "galgen.errors", "galgen.cli",
+    "galgen.errors", "galgen.cli", "galgen.runtime", "galgen.checkpoints",
 )
 
 #: Width of the rendered ``--help`` texts (argparse wraps to the terminal otherwise).
