@@ -34,7 +34,7 @@ def self_generated(n=12, seed=0):
 
 def test_map_explains_data_drawn_from_the_model():
     vae, obs, data, z_true = self_generated()
-    res = fit_map(vae, data, obs, prior="normal", restarts=2, lr=0.05, max_iter=400,
+    res = fit_map(vae.with_prior("normal"), data, obs, restarts=2, lr=0.05, max_iter=400,
                   generator=torch.Generator().manual_seed(3))
     red = res.reduced_chi2.numpy()
     assert 0.85 < np.median(red) < 1.15, red
@@ -50,7 +50,7 @@ def test_bad_pixels_flag_one_galaxy_without_losing_the_batch():
     vae, obs, data, _ = self_generated(n=4)
     data = data.clone()
     data[1, 5, 5] = float("nan")
-    res = fit_map(vae, data, obs, prior="normal", max_iter=150)
+    res = fit_map(vae.with_prior("normal"), data, obs, max_iter=150)
     assert int(res.status[1]) == 2
     assert bool(torch.isfinite(res.chi2[[0, 2, 3]]).all())
     with pytest.raises(GalgenInputError, match="stamp"):
