@@ -12,11 +12,12 @@ from .cutouts import (
 )
 from .fitfile import FIT_DATASETS, FIT_SCHEMA, FIT_SCHEMA_VERSION, FitFile, FitWriter
 from .merge import merge_cutouts
-from .store import HDF5Writer, output_is_current
+from .store import HDF5File, HDF5Writer, output_is_current
 
 __all__ = [
     "atomic_output",
     "HDF5Writer",
+    "HDF5File",
     "DATASETS",
     "REQUIRED_DATASETS",
     "SCHEMA_NAME",

@@ -31,14 +31,13 @@ concatenates the shards of a sharded run.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .._version import __version__
 from ..errors import GalgenInputError, SchemaError
-from .store import HDF5Writer, output_is_current
+from .store import HDF5File, HDF5Writer, output_is_current
 
 __all__ = [
     "SCHEMA_NAME",
@@ -119,7 +118,7 @@ class CutoutWriter(HDF5Writer):
     required = REQUIRED_DATASETS
 
 
-class CutoutFile:
+class CutoutFile(HDF5File):
     """Read-only access to a galgen cutout file, validated on opening.
 
     Parameters
@@ -139,20 +138,6 @@ class CutoutFile:
     --------
     ``with CutoutFile("sdss_train.h5") as f: obs = f.read("observed", slice(0, 16))``
     """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise GalgenInputError(f"{self.path}: no such file")
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise GalgenInputError(f"{self.path}: not a readable HDF5 file ({exc})") from None
-        try:
-            self._validate()
-        except BaseException:
-            self._f.close()
-            raise
 
     def _validate(self):
         f, p = self._f, self.path
@@ -188,11 +173,6 @@ class CutoutFile:
                 raise SchemaError(f"{p}: dataset '{key}' has shape {shape}, expected ({n}, *{want})")
 
     # -- access ---------------------------------------------------------------------------
-    @property
-    def attrs(self) -> dict:
-        """Root attributes as a plain dict (numpy scalars converted to Python)."""
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._f.attrs.items()}
-
     @property
     def keys(self) -> list[str]:
         """Image datasets present in the file, in schema order."""
@@ -253,17 +233,6 @@ class CutoutFile:
         from astropy.table import Table
 
         return Table.read(self._f, path="catalog")
-
-    def close(self) -> None:
-        """Close the underlying HDF5 file."""
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def __repr__(self) -> str:
         return f"CutoutFile({str(self.path)!r}, n={len(self)}, keys={self.keys})"

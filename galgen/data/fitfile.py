@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..errors import GalgenInputError, SchemaError
-from .store import HDF5Writer
+from .store import HDF5File, HDF5Writer
 
 __all__ = ["FIT_SCHEMA", "FIT_SCHEMA_VERSION", "FIT_DATASETS", "FitWriter", "FitFile"]
 
@@ -78,7 +77,7 @@ class FitWriter(HDF5Writer):
     required = ("index", "z", "chi2", "status")
 
 
-class FitFile:
+class FitFile(HDF5File):
     """Read-only access to a complete galgen fit file, validated on opening.
 
     Parameters
@@ -97,31 +96,15 @@ class FitFile:
     ``with FitFile("fits.h5") as f: chi2 = f.read("chi2"); panels = f.read("model", [0, 3])``
     """
 
-    def __init__(self, path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise GalgenInputError(f"{self.path}: no such file")
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise GalgenInputError(f"{self.path}: not a readable HDF5 file ({exc})") from None
-        try:
-            fmt, version = self._f.attrs.get("format"), self._f.attrs.get("schema_version")
-            if fmt != FIT_SCHEMA:
-                raise SchemaError(f"{self.path}: not a galgen fit file (format {fmt!r}, expected {FIT_SCHEMA!r})")
-            if version is None or int(version) != FIT_SCHEMA_VERSION:
-                raise SchemaError(f"{self.path}: fit schema version {version!r}; this galgen reads "
-                                  f"version {FIT_SCHEMA_VERSION}")
-            if not bool(self._f.attrs.get("complete", False)):
-                raise SchemaError(f"{self.path}: the fit file is incomplete (the job that wrote it was interrupted)")
-        except BaseException:
-            self._f.close()
-            raise
-
-    @property
-    def attrs(self) -> dict:
-        """Root attributes as a plain dict (numpy scalars converted to Python)."""
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._f.attrs.items()}
+    def _validate(self):
+        fmt, version = self._f.attrs.get("format"), self._f.attrs.get("schema_version")
+        if fmt != FIT_SCHEMA:
+            raise SchemaError(f"{self.path}: not a galgen fit file (format {fmt!r}, expected {FIT_SCHEMA!r})")
+        if version is None or int(version) != FIT_SCHEMA_VERSION:
+            raise SchemaError(f"{self.path}: fit schema version {version!r}; this galgen reads "
+                              f"version {FIT_SCHEMA_VERSION}")
+        if not bool(self._f.attrs.get("complete", False)):
+            raise SchemaError(f"{self.path}: the fit file is incomplete (the job that wrote it was interrupted)")
 
     @property
     def keys(self) -> list[str]:
@@ -174,17 +157,6 @@ class FitFile:
         out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
         out[order] = np.stack([ds[int(r)] for r in rows[order]]) if len(rows) else out[order]
         return out
-
-    def close(self) -> None:
-        """Close the underlying HDF5 file."""
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def __repr__(self) -> str:
         return f"FitFile({str(self.path)!r}, n={len(self)}, samples={self.has_samples})"

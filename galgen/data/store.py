@@ -23,7 +23,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import GalgenInputError
 
-__all__ = ["HDF5Writer", "output_is_current"]
+__all__ = ["HDF5Writer", "HDF5File", "output_is_current"]
 
 _PARTIAL = ".partial"
 
@@ -259,6 +259,57 @@ class HDF5Writer:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class HDF5File:
+    """Read-only access to a galgen HDF5 file, validated on opening: the base of each format's reader.
+
+    Subclasses implement :meth:`_validate` (format name, version, completion, datasets),
+    which raises :class:`~galgen.errors.SchemaError` for a file that is not theirs; the
+    file is closed again when it does.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Raises
+    ------
+    GalgenInputError
+        If the file does not exist or is not HDF5.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise GalgenInputError(f"{self.path}: no such file")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise GalgenInputError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        try:
+            self._validate()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def attrs(self) -> dict:
+        """Root attributes as a plain dict (numpy scalars converted to Python)."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._f.attrs.items()}
+
+    def close(self) -> None:
+        """Close the underlying HDF5 file."""
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def output_is_current(out, fingerprint: str, overwrite: bool = False, schema: str | None = None) -> bool:

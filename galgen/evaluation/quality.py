@@ -282,9 +282,10 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
 
             out.mkdir(parents=True, exist_ok=True)
             training_curves(run_dir, out / f"training_{name}.png")
-        rec = _reconstruction_scores(model, _holdout(data, n, device, model.conditions), batch_size)
+        held_out = _holdout(data, n, device, model.conditions)
+        rec = _reconstruction_scores(model, held_out, batch_size)
         if rec is not None:  # models with an encoder (AE, VAE) reconstruct observations
-            report["reconstruction"][name] = _reconstruction_summary(rec, _holdout(data, n, device))
+            report["reconstruction"][name] = _reconstruction_summary(rec, held_out)
         variants = [(f" ({label})", model.with_prior(choice)) for choice, label in model.prior_choices.items()]
         for suffix, variant in variants or [("", model)]:
             label = name + suffix

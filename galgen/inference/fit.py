@@ -68,6 +68,7 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
         model = model.with_prior(prior)
     G = len(observed)
     every = torch.arange(G * chains, device=observed.device)
+    shared = model.prior(None) if cond is None else None  # without conditions one prior serves every call
     full = observation.select(every // chains) if chains > 1 else observation
 
     def log_prob(x, rows=None):
@@ -80,7 +81,8 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
         z, s = x[:, :d], x[:, d]
         c = None if cond is None else cond[gal]
         intr = model.decode(z, c).float() * s.exp()[:, None, None]
-        return obs.log_likelihood(intr, observed[gal]) + model.prior(c).log_prob(z)
+        prior = shared if c is None else model.prior(c)
+        return obs.log_likelihood(intr, observed[gal]) + prior.log_prob(z)
 
     return log_prob
 

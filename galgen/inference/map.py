@@ -158,8 +158,9 @@ def _initial_codes(model, observed, cond, restarts, generator):
     if guess is not None:
         inits.append(guess)
     n_random = restarts + (0 if inits else 1)
+    prior = model.prior(cond) if n_random else None
     for _ in range(n_random):
-        inits.append(sample_latents(model.prior(cond), B, generator=generator).float())
+        inits.append(sample_latents(prior, B, generator=generator).float())
     return torch.stack(inits)  # (R, B, d)
 
 
@@ -237,9 +238,11 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
         s = torch.zeros(R * B, device=observed.device)
     s.requires_grad_(fit_flux)
 
+    prior_c = model.prior(c)  # the conditions are fixed: one distribution serves every iteration
+
     def objective():
         intr = model.decode(z, c).float() * s.exp()[:, None, None]
-        return obs.log_likelihood(intr, data) + model.prior(c).log_prob(z)
+        return obs.log_likelihood(intr, data) + prior_c.log_prob(z)
 
     params = [z] + ([s] if fit_flux else [])
     n_iter = torch.full((R * B,), max_iter, dtype=torch.long)

@@ -170,10 +170,12 @@ class _BatchReader(torch.utils.data.Dataset):
     def __init__(self, data: TrainingData, batches: list):
         self.path, self.indices, self.conditions = data.path, data.indices, data.conditions
         self.batches = batches
+        self._loader = None  # made in each worker process on its first batch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, k: int) -> dict:
-        loader = ObservationLoader(self.path, self.indices, self.conditions)
-        return loader.rows(self.batches[k])
+        if self._loader is None:
+            self._loader = ObservationLoader(self.path, self.indices, self.conditions)
+        return self._loader.rows(self.batches[k])
