@@ -166,6 +166,26 @@ class _IndependentNoise(_NoiseModel):
         """
         return _masked_sum((data - model) ** 2 / self.variance(model), self.mask)
 
+    def whiten(self, x: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """``x / sqrt(variance(model))``, 0 on masked pixels: residuals (or model
+        derivatives) in units of the noise, so that ``|whiten(data - model)|^2`` is
+        :meth:`chi2` and ``J_w^T J_w`` of whitened Jacobian columns is the Gauss-Newton
+        (Fisher) matrix.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(..., H, W)`` images, broadcastable against ``model``.
+        model : torch.Tensor
+            Noise-free images whose variance whitens ``x``.
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        w = x / self.variance(model).sqrt()
+        return w if self.mask is None else w.masked_fill(self.mask, 0.0)
+
     def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
         """Gaussian log-likelihood ``log p(data | model)`` per image (nats).
 
@@ -422,6 +442,22 @@ class CorrelatedGaussianNoise(_NoiseModel):
         n = p.numel()
         rk = torch.fft.fft2(data - model)
         return (rk.abs() ** 2 / p).sum(dim=(-2, -1)) / n
+
+    def whiten(self, x: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """``C^-1/2 x`` on the periodic grid: ``|whiten(data - model)|^2`` is :meth:`chi2`.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(..., H, W)`` images.
+        model : torch.Tensor
+            Unused (the covariance does not depend on the model).
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return torch.fft.ifft2(torch.fft.fft2(x) / self._p(x).sqrt()).real
 
     def log_prob(self, data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
         """Exact Gaussian log-likelihood on the periodic grid, per image (nats).

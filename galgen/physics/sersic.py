@@ -40,26 +40,47 @@ class _RegularizedGammaP(torch.autograd.Function):
 
     torch differentiates ``gammainc`` only in ``x``; the derivative in ``a`` is the
     forward difference with step 1e-7 (float64: within 1e-7 of the exact one), one more
-    evaluation where a central difference would take two.
+    evaluation where a central difference would take two. Reverse and forward mode (the
+    Jacobians of :func:`galgen.inference.fit_map`'s Levenberg-Marquardt) share the partials.
     """
 
     @staticmethod
-    def forward(ctx, a, x):
-        p = torch.special.gammainc(a, x)
-        ctx.save_for_backward(a, x, p)
-        return p
+    def forward(a, x):
+        return torch.special.gammainc(a, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, x = inputs
+        ctx.save_for_backward(a, x, output)
+        ctx.save_for_forward(a, x, output)
+
+    @staticmethod
+    def _partials(a, x, p, need_a, need_x):
+        da = dx = None
+        if need_a:
+            h = 1e-7
+            da = (torch.special.gammainc(a + h, x) - p) / h
+        if need_x:
+            xs = x.clamp(min=1e-300)
+            dx = torch.where(x > 0, torch.exp((a - 1) * xs.log() - xs - torch.lgamma(a)), torch.zeros_like(x))
+        return da, dx
 
     @staticmethod
     def backward(ctx, grad):
         a, x, p = ctx.saved_tensors
-        ga = gx = None
-        if ctx.needs_input_grad[0]:
-            h = 1e-7
-            ga = grad * (torch.special.gammainc(a + h, x) - p) / h
-        if ctx.needs_input_grad[1]:
-            xs = x.clamp(min=1e-300)
-            gx = grad * torch.where(x > 0, torch.exp((a - 1) * xs.log() - xs - torch.lgamma(a)), torch.zeros_like(x))
-        return ga, gx
+        da, dx = _RegularizedGammaP._partials(a, x, p, *ctx.needs_input_grad[:2])
+        return None if da is None else grad * da, None if dx is None else grad * dx
+
+    @staticmethod
+    def jvp(ctx, ta, tx):
+        a, x, p = ctx.saved_tensors
+        da, dx = _RegularizedGammaP._partials(a, x, p, ta is not None, tx is not None)
+        out = torch.zeros_like(p)
+        if ta is not None:
+            out = out + da * ta
+        if tx is not None:
+            out = out + dx * tx
+        return out
 
 
 def sersic_b(n):
