@@ -126,6 +126,7 @@ def _cmd_fit(args):
     out = format_shard_path(args.out, shard) if shard else args.out
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
                    n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
+                   posterior=args.posterior, optimizer=args.optimizer,
                    shard=shard, device=args.device,
                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
                    prior=args.prior, overwrite=args.overwrite))
@@ -272,12 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-leapfrog", type=_positive_int, default=16, help="leapfrog steps per HMC trajectory [16]")
     p.add_argument("--metric", choices=("diag", "dense"), default="diag",
                    help="HMC mass matrix: per-chain diagonal, or dense per galaxy for correlated parameters [diag]")
-    p.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc",
-                   help="fixed-length HMC trajectories of --n-leapfrog steps, or the No-U-Turn sampler [hmc]")
+    p.add_argument("--posterior", choices=("is", "laplace", "nuts", "hmc"), default="is",
+                   help="posterior method with --samples: importance sampling from the Laplace approximation "
+                        "with PSIS diagnostics and NUTS where they fail, the Laplace approximation itself, "
+                        "NUTS, or HMC of --n-leapfrog steps [is]")
+    p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
+                   help="deprecated: --posterior hmc|nuts")
+    p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",
+                   help="MAP optimiser: the model's own (Levenberg-Marquardt for sersic/bulge-disk, Adam for "
+                        "deep decoders), or one of them [auto]")
     p.add_argument("--max-depth", type=_positive_int, default=8,
                    help="NUTS: at most 2^depth - 1 leapfrog steps per draw [8]")
-    p.add_argument("--restarts", type=int, default=1, help="random MAP restarts besides the encoder's [1]")
-    p.add_argument("--max-iter", type=_positive_int, default=500, help="MAP iterations at most [500]")
+    p.add_argument("--restarts", type=int, default=0, help="random MAP restarts besides the encoder's [0]")
+    p.add_argument("--max-iter", type=_positive_int, default=None,
+                   help="MAP iterations at most [100 for lm, 500 for adam/lbfgs]")
     p.add_argument("--prior", choices=("flow", "normal"), default=None, help="VAE latent prior [flow if fitted]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--shard", default=None, help="k/N: fit only part k (0-based) of N; 'slurm' reads the array")

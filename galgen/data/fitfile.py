@@ -55,6 +55,9 @@ FIT_DATASETS = {
     "derived_map": ("float64", "", "derived", "flux [adu], hlr [arcsec], e1, e2 of the MAP intrinsic galaxy"),
     "derived_draws": ("float32", "", "derived", "flux, hlr, e1, e2 of thinned posterior draws (draws, 4)"),
     "derived_quantiles": ("float64", "", "derived", "quantiles 2.5, 16, 50, 84, 97.5% of flux, hlr, e1, e2 (4, 5)"),
+    "posterior_method": ("int8", "", "scalar", "posterior method: 0 hmc, 1 nuts, 2 importance sampling, 3 laplace"),
+    "pareto_k": ("float32", "", "scalar", "PSIS Pareto k of the importance weights (NaN: no importance sampling)"),
+    "is_ess": ("float32", "", "scalar", "effective sample size of the importance weights (NaN: none)"),
 }
 
 

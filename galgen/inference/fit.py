@@ -13,7 +13,9 @@ it.
 from __future__ import annotations
 
 import json
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +24,16 @@ import torch
 from ..data.cutouts import output_is_current
 from ..data.fitfile import FIT_DATASETS, FIT_SCHEMA, FitWriter
 from ..data.loading import ObservationLoader
+from ..errors import GalgenInputError
 from ..runtime import generator, resolve_device, resolve_model
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
+from .importance import K_HAT_THRESHOLD, importance_sample, laplace_approximation
 from .map import STATUS, fit_map
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
-           "posterior_log_prob", "sample_posterior", "thin_draws"]
+           "posterior_log_prob", "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
@@ -88,9 +92,10 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
 
 
 def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int | None = None,
-             n_leapfrog: int = 16, shard=None, device="auto", batch_size: int = 256, restarts: int = 1,
-             max_iter: int = 500, seed: int = 0, prior: str | None = None, metric: str = "diag",
-             sampler: str = "hmc", max_depth: int = 8, overwrite: bool = False) -> Path:
+             n_leapfrog: int = 16, shard=None, device="auto", batch_size: int = 256, restarts: int = 0,
+             max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
+             sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
+             posterior: str = "is") -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -118,6 +123,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     restarts : int, optional
         Random MAP restarts besides the encoder's guess.
     max_iter : int, optional
+        MAP iterations at most (default: the optimiser's, see :func:`~galgen.inference.fit_map`).
     seed : int, optional
     prior : str, optional
         One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``);
@@ -126,10 +132,16 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense
         for strongly correlated parameters (Sersic flux, radius and index).
     sampler : {"hmc", "nuts"}, optional
-        Fixed-length HMC trajectories of ``n_leapfrog`` steps, or the No-U-Turn sampler.
+        Deprecated spelling of ``posterior`` (overrides it where given).
     max_depth : int, optional
         NUTS: at most ``2**max_depth - 1`` leapfrog steps per draw.
     overwrite : bool, optional
+    optimizer : {"auto", "lm", "adam", "lbfgs"}, optional
+        MAP optimiser (:func:`~galgen.inference.fit_map`; ``auto``: the model's own).
+    posterior : {"is", "laplace", "nuts", "hmc"}, optional
+        Posterior method of :func:`sample_posterior` (used with ``samples > 0``):
+        importance sampling with PSIS and NUTS fallback (default), the Laplace
+        approximation, NUTS, or fixed-length HMC.
 
     Returns
     -------
@@ -148,12 +160,18 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     rows = np.arange(n_all) if shard is None else np.arange(*shard.bounds(n_all))
     n = len(rows)
     warmup = samples if warmup is None else warmup
+    if sampler is not None:
+        warnings.warn("sampler= is deprecated: pass posterior=", DeprecationWarning, stacklevel=2)
+        posterior = sampler
+    if posterior not in POSTERIOR_METHODS:
+        raise GalgenInputError(f"posterior: one of {POSTERIOR_METHODS}, got {posterior!r}")
     fp = json.dumps({"model": model.checkpoint_path or repr(cfg), "data": str(data.resolve()),
                      "data_fingerprint": probe.fingerprint, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
                      "samples": samples, "chains": chains, "warmup": warmup, "n_leapfrog": n_leapfrog,
                      "batch_size": batch_size, "restarts": restarts, "max_iter": max_iter, "seed": seed,
                      "prior": prior, **({"metric": metric} if metric != "diag" else {}),
-                     **({"sampler": sampler, "max_depth": max_depth} if sampler != "hmc" else {})}, sort_keys=True)
+                     "posterior": posterior, "optimizer": optimizer,
+                     **({"max_depth": max_depth} if posterior in ("nuts", "is") else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
@@ -166,7 +184,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         shapes.update(samples=(chains, samples, d + 1), rhat=(d + 1,), ess_bulk=(d + 1,), ess_tail=(d + 1,),
                       accept_rate=(chains,), divergences=(chains,), posterior_mean=(stamp, stamp),
                       posterior_std=(stamp, stamp), derived_draws=(min(DERIVED_DRAWS, chains * samples), 4),
-                      derived_quantiles=(4, len(QUANTILES)))
+                      derived_quantiles=(4, len(QUANTILES)), posterior_method=(), pareto_k=(), is_ess=())
     kind = cfg.get("kind", type(model).__name__)
     attrs = {"model": str(model.checkpoint_path or kind), "data": str(data),
              "model_kind": kind, "stamp_size": stamp, "oversampling": k, "survey": "", "seed": seed,
@@ -177,7 +195,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         for b in loader.iter_batches(batch_size, start=w.n_done):
             gen = generator(dev, seed, int(b.index[0]))
             res = fit_map(model, b.observed, b.observation, cond=b.cond, restarts=restarts, max_iter=max_iter,
-                          generator=gen)
+                          optimizer=optimizer, generator=gen)
             block = {"index": b.index.numpy(), "z": res.z.numpy(), "log_scale": res.log_scale.numpy(),
                      "intrinsic": res.intrinsic.numpy(), "model": res.model.numpy(),
                      "residual": res.residual.numpy(), "normalized_residual": res.normalized_residual.numpy(),
@@ -185,8 +203,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "n_iter": res.n_iter.numpy(),
                      "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
-                block.update(_posterior(model, b, res, samples, chains, warmup, gen, n_leapfrog=n_leapfrog,
-                                        metric=metric, sampler=sampler, max_depth=max_depth))
+                block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
+                                        n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth))
             w.write(block)
         w.finish(_catalog(w, model, catalog_path, samples))
     return out
@@ -220,15 +238,49 @@ def _catalog(w, model, catalog_path, samples):
         cat["ess_tail_min"] = w.read("ess_tail").min(1)
         cat["accept_rate"] = w.read("accept_rate").mean(1)
         cat["divergences"] = w.read("divergences").sum(1)
+        cat["posterior_method"] = [POSTERIOR_METHODS[int(m)] for m in w.read("posterior_method")]
+        cat["pareto_k"] = w.read("pareto_k")
+        cat["is_ess"] = w.read("is_ess")
     with atomic_output(catalog_path) as tmp:
         cat.write(tmp, format="fits", overwrite=True)
     return cat
 
 
+#: Posterior methods of :func:`sample_posterior` and ``galgen fit --posterior``, by their
+#: code in fit files (``posterior_method``).
+POSTERIOR_METHODS = ("hmc", "nuts", "is", "laplace")
+
+
+@dataclass
+class PosteriorResult:
+    """Posterior draws of a batch of galaxies from :func:`sample_posterior`, whatever the method.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        ``(B, chains, n, d + 1)`` draws of ``(z, log_scale)``.
+    method : torch.Tensor
+        ``(B,)`` index into :data:`POSTERIOR_METHODS` of the method that drew each
+        galaxy's samples (``is`` galaxies whose diagnostics failed are redrawn by NUTS).
+    accept_rate, divergences : torch.Tensor
+        ``(B, chains)`` of the MCMC galaxies (NaN and 0 for importance-sampled ones).
+    pareto_k, is_ess : torch.Tensor
+        ``(B,)`` PSIS tail shape and effective sample size of the importance weights
+        (NaN where no importance sampling ran).
+    """
+
+    samples: torch.Tensor
+    method: torch.Tensor
+    accept_rate: torch.Tensor
+    divergences: torch.Tensor
+    pareto_k: torch.Tensor
+    is_ess: torch.Tensor
+
+
 def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, cond=None, samples: int = 200,
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
-                     **sampler_options):
-    """Posterior samples of (z, log flux scale) of a batch of galaxies, with chains started about their MAP.
+                     method: str | None = None, draws: int | None = None, **sampler_options):
+    """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
     ----------
@@ -239,33 +291,81 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     observation : galgen.physics.Observation
         Of the ``B`` galaxies.
     map_result : MAPResult
-        Of :func:`~galgen.inference.fit_map` on the same galaxies: each chain starts at
-        the MAP plus N(0, 0.01^2) jitter.
+        Of :func:`~galgen.inference.fit_map` on the same galaxies: MCMC chains start at
+        the MAP plus N(0, 0.01^2) jitter; importance sampling centres its proposal there.
     cond : torch.Tensor, optional
         ``(B, C)`` raw conditions.
     samples : int, optional
-        Draws per chain after warm-up.
+        Draws per chain (after warm-up).
     chains : int, optional
     warmup : int, optional
-        Warm-up iterations (step size and metric adaptation); default ``samples``.
+        MCMC warm-up iterations (step size and metric adaptation); default ``samples``.
     generator : torch.Generator, optional
+    method : {"is", "laplace", "nuts", "hmc"}, optional
+        ``is`` (the default): importance sampling from a Student-t about the Laplace
+        approximation with PSIS (:func:`~galgen.inference.importance.importance_sample`),
+        galaxies whose Pareto k exceeds
+        :data:`~galgen.inference.importance.K_HAT_THRESHOLD` redrawn by NUTS;
+        ``laplace``: draws of the Laplace approximation itself (no weights; the k
+        diagnostic still computed); ``nuts`` / ``hmc``: batched MCMC
+        (:func:`~galgen.inference.hmc_sample`). Default: ``sampler_options["sampler"]``
+        where given (the older spelling), else ``is``.
+    draws : int, optional
+        Proposals per galaxy of ``is`` / ``laplace`` (default ``max(1024, 4 * chains *
+        samples)``).
     **sampler_options
-        :func:`~galgen.inference.hmc_sample` options: ``sampler`` (``"hmc"`` or
-        ``"nuts"``), ``n_leapfrog``, ``metric`` (``"diag"`` or ``"dense"``),
-        ``max_depth``.
+        :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
+        (``"diag"`` or ``"dense"``), ``max_depth``.
 
     Returns
     -------
-    HMCResult
-        ``samples`` ``(B, chains, samples, latent_dim + 1)``: z, then the log flux scale.
+    PosteriorResult
     """
+    method = sampler_options.pop("sampler", None) if method is None else method
+    method = "is" if method is None else method
+    sampler_options.pop("sampler", None)
+    if method not in POSTERIOR_METHODS:
+        raise GalgenInputError(f"method: one of {POSTERIOR_METHODS}, got {method!r}")
+    dev = observation.psf.device
+    B, k = len(observed), map_result.z.shape[1] + 1
+    nan = torch.full((B,), math.nan)
+    if method in ("hmc", "nuts"):
+        h = _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, method,
+                  sampler_options)
+        return PosteriorResult(samples=h.samples.cpu(), method=torch.full((B,), POSTERIOR_METHODS.index(method)),
+                               accept_rate=h.accept_rate.cpu(), divergences=h.divergences.cpu(), pareto_k=nan,
+                               is_ess=nan.clone())
+    n_prop = max(1024, 4 * chains * samples) if draws is None else int(draws)
+    chunk = 64
+    mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
+    lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
+    r = importance_sample(lp, mean, tril, draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains,
+                          generator=generator, chunk=chunk, weighted=method == "is",
+                          df=7 if method == "is" else None)
+    out = PosteriorResult(samples=r.samples, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
+                          accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
+                                                                                                 dtype=torch.long),
+                          pareto_k=r.pareto_k, is_ess=r.ess)
+    poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
+    if method == "is" and len(poor):  # the proposal does not cover these posteriors: MCMC instead
+        c = None if cond is None else cond[poor.to(cond.device)]
+        h = _mcmc(model, observed[poor.to(dev)], observation.select(poor.to(dev)), map_result.select(poor), c,
+                  samples, chains, warmup, generator, "nuts", sampler_options)
+        out.samples[poor] = h.samples.cpu()
+        out.method[poor] = POSTERIOR_METHODS.index("nuts")
+        out.accept_rate[poor] = h.accept_rate.cpu().float()
+        out.divergences[poor] = h.divergences.cpu().long()
+    return out
+
+
+def _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, sampler, options):
     dev = observation.psf.device
     res = map_result
     x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
     init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
     lp = posterior_log_prob(model, observation, observed, cond, chains=chains)
     return hmc_sample(lp, init, n_samples=samples, n_warmup=samples if warmup is None else warmup,
-                      generator=generator, **sampler_options)
+                      generator=generator, sampler=sampler, **options)
 
 
 def thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
@@ -287,16 +387,18 @@ def thin_draws(samples: torch.Tensor, n_draws: int) -> torch.Tensor:
     return draws[:, pick]
 
 
-def _posterior(model, b, res, samples, chains, warmup, gen, **sampler_kw):
+def _posterior(model, b, res, samples, chains, warmup, gen, **options):
     h = sample_posterior(model, b.observed, b.observation, res, cond=b.cond, samples=samples, chains=chains,
-                         warmup=warmup, generator=gen, **sampler_kw)
+                         warmup=warmup, generator=gen, **options)
     diag = summarize_chains(h.samples.cpu().numpy())
     derived, mean, std = posterior_images(model, b.observation, h.samples, b.cond)
     return {"samples": h.samples.cpu().numpy(), "rhat": diag["rhat"], "ess_bulk": diag["ess_bulk"],
             "ess_tail": diag["ess_tail"], "accept_rate": h.accept_rate.cpu().numpy(),
             "divergences": h.divergences.cpu().numpy().astype(np.int32),
             "posterior_mean": mean.cpu().numpy(), "posterior_std": std.cpu().numpy(),
-            "derived_draws": derived.numpy(), "derived_quantiles": credible_intervals(derived.numpy())}
+            "derived_draws": derived.numpy(), "derived_quantiles": credible_intervals(derived.numpy()),
+            "posterior_method": h.method.numpy().astype(np.int8), "pareto_k": h.pareto_k.numpy(),
+            "is_ess": h.is_ess.numpy()}
 
 
 def posterior_images(model, observation, samples: torch.Tensor, cond=None, *, n_draws: int = DERIVED_DRAWS,

@@ -27,8 +27,8 @@ from .lm import levenberg_marquardt
 
 __all__ = ["MAPResult", "fit_map", "latent_log_prior", "initial_log_scale", "STATUS", "OPTIMIZERS"]
 
-#: The optimisers of :func:`fit_map`: Levenberg-Marquardt (the default: a handful of
-#: second-order steps per galaxy), Adam, and L-BFGS.
+#: The optimisers of :func:`fit_map`: Levenberg-Marquardt (a handful of second-order
+#: steps per galaxy), Adam, and L-BFGS (``"auto"`` picks the model's ``map_optimizer``).
 OPTIMIZERS = ("lm", "adam", "lbfgs")
 
 #: Per-optimiser defaults of ``max_iter`` and ``tol``.
@@ -89,6 +89,21 @@ class MAPResult:
     def reduced_chi2(self) -> torch.Tensor:
         """``chi2 / dof`` per galaxy."""
         return self.chi2 / self.dof.clamp(min=1)
+
+    def select(self, index) -> "MAPResult":
+        """The results of galaxies ``index`` (same wall time).
+
+        Parameters
+        ----------
+        index : sequence of int or torch.Tensor
+
+        Returns
+        -------
+        MAPResult
+        """
+        index = torch.as_tensor(index, dtype=torch.long)
+        return MAPResult(**{f: getattr(self, f)[index] for f in self.__dataclass_fields__ if f != "wall_time"},
+                         wall_time=self.wall_time)
 
 
 def latent_log_prior(model, z: torch.Tensor, cond=None, prior: str | None = None) -> torch.Tensor:
@@ -174,7 +189,7 @@ def _initial_codes(model, observed, cond, restarts, generator):
 
 
 def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: int = 0,
-            optimizer: str = "lm", lr: float = 0.05, max_iter: int | None = None, tol: float | None = None,
+            optimizer: str = "auto", lr: float = 0.05, max_iter: int | None = None, tol: float | None = None,
             patience: int = 10, fit_flux: bool = True, prior: str | None = None,
             generator: torch.Generator | None = None) -> MAPResult:
     """MAP latent codes (and flux scales) of a batch of observed galaxies.
@@ -195,8 +210,10 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
         Random starts drawn from ``model.prior(cond)`` in addition to the encoder's
         guess (one random start when ``encode`` gives none); each galaxy keeps its best
         solution.
-    optimizer : {"lm", "adam", "lbfgs"}, optional
-        Levenberg-Marquardt (:func:`galgen.inference.lm.levenberg_marquardt`: Gauss-Newton
+    optimizer : {"auto", "lm", "adam", "lbfgs"}, optional
+        ``auto``: the model's :attr:`~galgen.models.LatentModel.map_optimizer` (``lm`` for
+        the parametric models, ``adam`` for deep decoders and models without a
+        preference). Levenberg-Marquardt (:func:`galgen.inference.lm.levenberg_marquardt`: Gauss-Newton
         steps with per-galaxy damping, forward-mode Jacobians, converged galaxies leaving
         the batch; typically 5-20 steps), Adam with per-galaxy convergence, or L-BFGS
         (strong Wolfe line search) on the summed, separable objective.
@@ -233,6 +250,8 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     stamp = model.config.get("stamp") if isinstance(model, LatentModel) else None
     if stamp is not None and observed.shape[-1] != stamp:
         raise GalgenInputError(f"observed: stamp {observed.shape[-1]} but the model was made for {stamp}")
+    if optimizer == "auto":
+        optimizer = model.map_optimizer if isinstance(model, LatentModel) else "adam"
     if optimizer not in OPTIMIZERS:
         raise GalgenInputError(f"optimizer: one of {OPTIMIZERS}, got {optimizer!r}")
     max_iter = _DEFAULTS[optimizer]["max_iter"] if max_iter is None else int(max_iter)
@@ -255,45 +274,53 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     s.requires_grad_(fit_flux)
 
     prior_c = model.prior(c)  # the conditions are fixed: one distribution serves every iteration
+    every = torch.arange(R * B, device=observed.device)
+    prior_of = (lambda rows: prior_c) if c is None else (lambda rows: model.prior(c[rows]))
 
-    def objective():
-        intr = model.decode(z, c).float() * s.exp()[:, None, None]
-        return obs.log_likelihood(intr, data) + prior_c.log_prob(z)
+    def objective(rows=None):
+        if rows is None or len(rows) == R * B:
+            intr = model.decode(z, c).float() * s.exp()[:, None, None]
+            return obs.log_likelihood(intr, data) + prior_c.log_prob(z)
+        zr = z[rows]
+        intr = model.decode(zr, None if c is None else c[rows]).float() * s[rows].exp()[:, None, None]
+        return obs.select(rows).log_likelihood(intr, data[rows]) + prior_of(rows).log_prob(zr)
 
     params = [z] + ([s] if fit_flux else [])
     n_iter = torch.full((R * B,), max_iter, dtype=torch.long)
     status = torch.ones(R * B, dtype=torch.long)
     if optimizer == "lm":
         with torch.no_grad():
-            zf, sf, _, status, n_iter = levenberg_marquardt(
-                model, z.detach(), s.detach(), data, obs, c,
-                (lambda rows: prior_c) if c is None else (lambda rows: model.prior(c[rows])),
-                fit_flux=fit_flux, max_iter=max_iter, tol=tol)
+            zf, sf, _, status, n_iter = levenberg_marquardt(model, z.detach(), s.detach(), data, obs, c, prior_of,
+                                                            fit_flux=fit_flux, max_iter=max_iter, tol=tol)
             z.copy_(zf)
             s.copy_(sf)
         status, n_iter = status.cpu(), n_iter.cpu()
-    elif optimizer == "adam":
+    elif optimizer == "adam":  # only the galaxies still moving are computed
         opt = torch.optim.Adam(params, lr=lr)
         active = torch.ones(R * B, dtype=torch.bool, device=observed.device)
+        lp_all = torch.zeros(R * B, device=observed.device)
         history = []
         for it in range(max_iter):
+            rows = every[active]
             opt.zero_grad()
-            lp = objective()
-            bad = ~torch.isfinite(lp)
-            (-lp[~bad].sum()).backward()
+            lp_rows = objective(rows)
+            bad_rows = ~torch.isfinite(lp_rows)
+            (-lp_rows[~bad_rows].sum()).backward()
             frozen = [p.detach().clone() for p in params]
             opt.step()
             with torch.no_grad():  # converged or diverged galaxies stop moving
                 for p, f in zip(params, frozen):
                     p[~active] = f[~active]
-            history.append(lp.detach())
-            newly_bad = bad & active
-            status[newly_bad.cpu()] = 2
-            n_iter[newly_bad.cpu()] = it + 1
+            lp_all[rows] = lp_rows.detach()
+            history.append(lp_all.clone())
+            bad = torch.zeros_like(active)
+            bad[rows] = bad_rows
+            status[bad.cpu()] = 2
+            n_iter[bad.cpu()] = it + 1
             active &= ~bad
             if len(history) > patience:
                 old = history[-patience - 1]
-                done = active & ((lp.detach() - old).abs() < tol * (1 + lp.detach().abs()))
+                done = active & ((lp_all - old).abs() < tol * (1 + lp_all.abs()))
                 status[done.cpu()] = 0
                 n_iter[done.cpu()] = it + 1
                 active &= ~done

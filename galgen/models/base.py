@@ -264,11 +264,19 @@ class LatentModel(nn.Module):
         Alternative priors :meth:`with_prior` accepts, name -> label (e.g. a VAE's
         ``{"flow": "flow prior", "normal": "N(0,I)"}``); empty when the model has only
         its own.
+    map_optimizer : str
+        The optimiser :func:`galgen.inference.fit_map` uses by default: ``"adam"``
+        (first order: one decoder gradient per step, the cheaper choice for deep decoders
+        whose forward-mode Jacobian costs ``latent_dim`` passes) or ``"lm"``
+        (Levenberg-Marquardt: a handful of second-order steps, the faster choice for
+        models with few parameters and a cheap Jacobian).
     """
 
     latent_dim: int
     conditions: tuple = ()
     prior_choices: dict = {}
+    #: The optimiser fit_map uses by default for this model (measured: see docs/benchmarks.md).
+    map_optimizer: str = "adam"
     #: The model's options (stamp, oversampling, kind, ...), JSON-serialisable; empty for a bare module.
     config: dict = {}
     #: The checkpoint the model was loaded from (set by the loaders), else None.

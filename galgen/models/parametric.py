@@ -89,6 +89,8 @@ class SersicModel(LatentModel):
 
     conditions = ()
     cond_dim = 0
+    #: Levenberg-Marquardt: 7-15 parameters, 5-15 Gauss-Newton steps (8x Adam's speed, docs/benchmarks.md).
+    map_optimizer = "lm"
 
     def __init__(self, kind: str = "sersic", *, stamp: int, oversampling: int = 1, pixel_scale: float,
                  fit_centroid: bool = True, pad: int = 0):
