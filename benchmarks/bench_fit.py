@@ -1,30 +1,34 @@
 #!/usr/bin/env python
-"""Benchmark: Sersic fits of many galaxies, galgen (batched, torch) vs GalSim + scipy (one by one).
+"""Benchmark: Sersic fits of many galaxies, galgen (batched, torch) vs AstroPhot and GalSim + scipy.
 
 The same ``--n`` GalSim Sersic galaxies (n in [0.7, 4], hlr in [0.6", 2.5"], |g| < 0.4,
 sub-pixel offsets), observed through per-galaxy Moffat PSFs at the SDSS pixel scale with
 Gaussian noise (peak S/N ~ 30-100), are fitted by
 
 * **galgen**: :class:`galgen.models.parametric.SersicModel` through the physics layer,
-  all galaxies in one batch, MAP by :func:`galgen.inference.fit_map` (Adam); then, with
-  ``--hmc``, batched HMC or NUTS (``--sampler``, :func:`galgen.inference.hmc_sample`)
-  from the MAP, reported as
-  effective samples per second (the smallest bulk ESS over a galaxy's parameters, summed
-  over galaxies, over the sampler's wall time);
+  all galaxies in one batch, MAP by :func:`galgen.inference.fit_map` (default: its
+  Levenberg-Marquardt; ``--compare-adam`` also times Adam); then, with ``--posterior
+  is,nuts,...``, :func:`galgen.inference.sample_posterior` from the MAP, reported as
+  effective draws per second (importance sampling: the PSIS-smoothed weights' ESS; MCMC:
+  the smallest bulk ESS over a galaxy's parameters);
+* **AstroPhot** (``astrophot_peer.py``, where ``astrophot`` is installed): its
+  Levenberg-Marquardt one galaxy after another, and its batched LM;
 * **GalSim + scipy**: what a GalSim user writes: ``scipy.optimize.least_squares``
   (trust-region reflective, 2-point Jacobian) over flux, hlr, n, g1, g2, dx, dy, with the
   model drawn by ``galsim.Convolve(Sersic(...).shear(...).shift(...), Moffat).drawImage``
   at the detector scale, one galaxy after another, for up to ``--budget`` seconds.
 
-Both rates (galaxies per second) and their ratio are printed with the accuracy of each
+Every rate (galaxies per second) is printed with its ratio to galgen's and its accuracy
 (median |hlr/true - 1|, |n - true|, |g - true| and the median chi2/dof), so that speed is
 not bought with wrong answers.
 
 With ``--vae`` (64x64 stamps) the same galaxies are also MAP-fitted with the pretrained
-``sdss-vae`` (a 16-d latent through the same physics layer), timed and scored by chi2/dof.
+``sdss-vae`` (a 16-d latent through the same physics layer) with the defaults of before
+and after this release, and with Levenberg-Marquardt.
 
-    python benchmarks/bench_fit.py [--n 256] [--stamp 48] [--threads 2] [--device cpu|cuda] [--hmc]
-                                   [--sampler hmc|nuts] [--metric diag|dense] [--vae] [--json out.json]
+    python benchmarks/bench_fit.py [--n 256] [--stamp 48] [--threads 2] [--device cpu|cuda]
+                                   [--compare-adam] [--posterior is,nuts] [--astrophot LM,BatchLM]
+                                   [--vae] [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,8 +82,7 @@ def observation(fwhm, stamp, sigma, device):
     return Observation(psf, pixel_scale=SCALE, stamp=stamp, noise=noise).to(device)
 
 
-def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimizer="adam", sampler="hmc",
-                 metric="diag"):
+def bench_galgen(t, data, sigma, device, max_iter, posteriors, samples, chains, optimizer="auto", metric="diag"):
     from galgen.inference import fit_map, sample_posterior, summarize_chains
     from galgen.models.parametric import SersicModel
 
@@ -87,53 +90,73 @@ def bench_galgen(t, data, sigma, device, max_iter, hmc, samples, chains, optimiz
     obs = observation(t["fwhm"], stamp, sigma, device)
     x = torch.from_numpy(data).to(device)
     model = SersicModel("sersic", stamp=stamp, pixel_scale=SCALE)
-    fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5)  # warm-up
+    fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5, optimizer=optimizer)
     _sync(device)
     t0 = time.perf_counter()
-    res = fit_map(model, x, obs, max_iter=max_iter, optimizer=optimizer, **({"lr": 0.05, "tol": 1e-6, "patience": 20}
-                                                                           if optimizer == "adam" else {}))
+    kw = {"lr": 0.05, "tol": 1e-6, "patience": 20} if optimizer == "adam" else {}
+    res = fit_map(model, x, obs, max_iter=max_iter, optimizer=optimizer, **kw)
     _sync(device)
     wall = time.perf_counter() - t0
     p = {k: v.cpu().numpy() for k, v in model.physical(res.z).items()}
     out = {"optimizer": optimizer, "galaxies_per_s": n / wall, "wall_s": wall, "iterations_max": int(res.n_iter.max()),
+           "iterations_median": float(res.n_iter.float().median()), "log_posterior": res.log_posterior.tolist(),
            **accuracy(t, p["hlr"], p["n"], p["g1"], p["g2"], res.reduced_chi2.cpu().numpy())}
-    if hmc:
+    for method in posteriors:  # galgen fit's posterior step about the MAP
         gen = torch.Generator(device=device).manual_seed(0)
-        t0 = time.perf_counter()  # galgen fit's posterior step: HMC about the MAP
+        t0 = time.perf_counter()
         h = sample_posterior(model, x, obs, res, samples=samples, chains=chains, warmup=samples, n_leapfrog=16,
-                             generator=gen, sampler=sampler, metric=metric)
+                             generator=gen, method=method, metric=metric)
         _sync(device)
         hwall = time.perf_counter() - t0
-        diag = summarize_chains(h.samples.cpu().numpy())
-        ess = diag["ess_bulk"].min(1)
-        out.update({"hmc_wall_s": hwall, "hmc_samples": samples, "hmc_chains": chains,
-                    "hmc_min_ess_median": float(np.median(ess)),
-                    "hmc_rhat_max_median": float(np.median(diag["rhat"].max(1))),
-                    "hmc_ess_per_s": float(ess.sum() / hwall),
-                    "hmc_ess_per_s_per_galaxy": float(np.median(ess) / hwall),
-                    "hmc_accept": float(h.accept_rate.mean()), "hmc_sampler": sampler, "hmc_metric": metric,
-                    "hmc_steps_per_draw_mean": float(h.n_steps.mean())})
+        if method in ("is", "laplace"):
+            ess = h.is_ess.numpy().astype(float)  # importance sampling: the weights' effective sample size
+            ess[h.method.numpy() == 1] = np.nan  # redrawn by NUTS: counted below
+            extra = {"pareto_k_median": float(np.nanmedian(h.pareto_k.numpy())),
+                     "frac_pareto_k_ok": float(np.mean(h.pareto_k.numpy() <= 0.7)),
+                     "frac_nuts_fallback": float(np.mean(h.method.numpy() == 1))}
+            diag = summarize_chains(h.samples.cpu().numpy())
+            ess = np.where(np.isnan(ess), diag["ess_bulk"].min(1), ess)
+        else:
+            diag = summarize_chains(h.samples.cpu().numpy())
+            ess = diag["ess_bulk"].min(1)
+            extra = {"rhat_max_median": float(np.median(diag["rhat"].max(1))),
+                     "accept": float(np.nanmean(h.accept_rate.numpy()))}
+        out[f"posterior_{method}"] = {"wall_s": hwall, "samples": samples, "chains": chains,
+                                      "min_ess_median": float(np.median(ess)),
+                                      "ess_per_s": float(ess.sum() / hwall),
+                                      "ess_per_s_per_galaxy": float(np.median(ess) / hwall), **extra}
     return out
 
 
-def bench_vae(data, sigma, t, device, max_iter, name="sdss-vae"):
-    """MAP fits of the same galaxies with a pretrained deep prior (64x64 stamps)."""
+def bench_vae(data, sigma, t, device, name="sdss-vae"):
+    """MAP fits of the same galaxies with a pretrained deep prior (64x64 stamps): the defaults of
+    ``galgen fit`` before this release (Adam over the whole batch until its slowest galaxy
+    stops, one random restart) against today's (Adam on the galaxies still moving, no restart,
+    batches of 64 on a CPU) and Levenberg-Marquardt."""
     import galgen
     from galgen.inference import fit_map
 
     n, stamp = data.shape[0], data.shape[1]
     model = galgen.load_pretrained(name, device=device)
-    obs = observation(t["fwhm"], stamp, sigma, device)
     x = torch.from_numpy(data).to(device)
     fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    res = fit_map(model, x, obs, max_iter=max_iter)
-    _sync(device)
-    wall = time.perf_counter() - t0
-    red = res.reduced_chi2.cpu().numpy()
-    return {"model": name, "latent_dim": int(model.config["latent_dim"]), "galaxies_per_s": n / wall,
-            "wall_s": wall, "chi2_dof_median": float(np.median(red)), "frac_chi2_dof_lt_1.1": float(np.mean(red < 1.1))}
+    out = {"model": name, "latent_dim": int(model.config["latent_dim"])}
+    for label, kw, batch in (("default", {}, 64), ("lm", {"optimizer": "lm"}, 64),
+                             ("adam_restart1_batch256", {"optimizer": "adam", "restarts": 1}, 256)):
+        _sync(device)
+        t0 = time.perf_counter()
+        red, lp = [], []
+        for a in range(0, n, batch):
+            sl = slice(a, a + batch)
+            res = fit_map(model, x[sl], observation(t["fwhm"][sl], stamp, sigma, device), **kw)
+            red.append(res.reduced_chi2.cpu().numpy())
+            lp.append(res.log_posterior.cpu().numpy())
+        _sync(device)
+        wall = time.perf_counter() - t0
+        red = np.concatenate(red)
+        out[label] = {"galaxies_per_s": n / wall, "wall_s": wall, "chi2_dof_median": float(np.median(red)),
+                      "frac_chi2_dof_lt_1.1": float(np.mean(red < 1.1)), "log_posterior": np.concatenate(lp).tolist()}
+    return out
 
 
 def _sync(device):
@@ -180,12 +203,15 @@ def main(argv=None):
     ap.add_argument("--stamp", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-iter", type=int, default=400, help="galgen MAP iterations at most [400]")
-    ap.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam", help="galgen MAP optimizer [adam]")
-    ap.add_argument("--hmc", action="store_true", help="also time batched HMC from the MAP")
-    ap.add_argument("--samples", type=int, default=200, help="HMC draws (and warm-up) per chain [200]")
+    ap.add_argument("--max-iter", type=int, default=None, help="galgen MAP iterations at most [the optimizer's]")
+    ap.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",
+                    help="galgen MAP optimizer [auto: lm for Sersic]")
+    ap.add_argument("--compare-adam", action="store_true", help="also time galgen's Adam on the same galaxies")
+    ap.add_argument("--posterior", default="", help="comma-separated posterior methods to time: is,laplace,nuts,hmc")
+    ap.add_argument("--samples", type=int, default=200, help="posterior draws (and MCMC warm-up) per chain [200]")
     ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--sampler", choices=("hmc", "nuts"), default="hmc", help="posterior sampler [hmc: 16 steps]")
+    ap.add_argument("--astrophot", default="LM,BatchLM",
+                    help="AstroPhot fitters to time where astrophot is installed ('' for none) [LM,BatchLM]")
     ap.add_argument("--metric", choices=("diag", "dense"), default="diag", help="HMC/NUTS mass matrix [diag]")
     ap.add_argument("--vae", action="store_true",
                     help="also time MAP fits with the pretrained sdss-vae (needs --stamp 64)")
@@ -194,26 +220,47 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t, data, sigma = make_galaxies(args.n, args.stamp)
-    g = bench_galgen(t, data, sigma, args.device, args.max_iter, args.hmc, args.samples, args.chains,
-                     args.optimizer, args.sampler, args.metric)
-    v = bench_vae(data, sigma, t, args.device, args.max_iter) if args.vae else None
-    s = bench_galsim_scipy(t, data, sigma, args.budget)
+    posteriors = [m for m in args.posterior.split(",") if m]
+    g = bench_galgen(t, data, sigma, args.device, args.max_iter, posteriors, args.samples, args.chains,
+                     args.optimizer, args.metric)
+    rows = [(f"galgen MAP ({g['optimizer']}, batched)", g)]
     result = {"machine": machine_info(), "device": args.device, "torch_threads": args.threads, "n": args.n,
-              "stamp": args.stamp, "galgen": g, "galsim_scipy": s, "vae": v,
-              "ratio": g["galaxies_per_s"] / s["galaxies_per_s"]}
+              "stamp": args.stamp, "galgen": g}
+    if args.compare_adam:
+        result["galgen_adam"] = bench_galgen(t, data, sigma, args.device, None, [], 0, 0, "adam", args.metric)
+        rows.append(("galgen MAP (adam, batched)", result["galgen_adam"]))
+    for method in [m for m in args.astrophot.split(",") if m]:
+        try:
+            from astrophot_peer import bench_astrophot
+        except ImportError as e:
+            print(f"AstroPhot not available ({e}); pip install astrophot to compare")
+            break
+        r = bench_astrophot(t, data, sigma, SCALE, BETA, budget=args.budget, method=method)
+        result[f"astrophot_{method}"] = r
+        if "galaxies_per_s" in r:
+            rows.append((f"AstroPhot {method}", r))
+    s = bench_galsim_scipy(t, data, sigma, args.budget)
+    result["galsim_scipy"] = s
+    rows.append(("GalSim + scipy least_squares", s))
+    v = bench_vae(data, sigma, t, args.device) if args.vae else None
+    result["vae"] = v
+    result["ratio"] = g["galaxies_per_s"] / s["galaxies_per_s"]
     keys = ("hlr_rel_err_median", "n_abs_err_median", "g_abs_err_median", "chi2_dof_median")
-    for name, r in ((f"galgen MAP ({args.optimizer}, batched)", g), ("GalSim + scipy least_squares", s)):
-        print(f"{name:30s} {r['galaxies_per_s']:9.2f} galaxies/s  " + "  ".join(f"{k}={r[k]:.3g}" for k in keys))
-    print(f"ratio galgen / GalSim+scipy: {result['ratio']:.1f}x")
+    for name, r in rows:
+        print(f"{name:32s} {r['galaxies_per_s']:9.2f} galaxies/s  ({g['galaxies_per_s'] / r['galaxies_per_s']:6.1f}x "
+              f"slower than galgen)  " + "  ".join(f"{k}={r[k]:.3g}" for k in keys))
     if v:
-        print(f"galgen MAP with {v['model']} ({v['latent_dim']}-d latent): {v['galaxies_per_s']:.2f} galaxies/s, "
-              f"median chi2/dof {v['chi2_dof_median']:.3f}, fraction < 1.1: {v['frac_chi2_dof_lt_1.1']:.2f}")
-    if args.hmc:
-        print(f"galgen {args.sampler.upper()} ({args.metric}, {g['hmc_steps_per_draw_mean']:.1f} leapfrog steps per "
-              f"draw): {g['hmc_ess_per_s']:.1f} effective samples/s (min over parameters, summed over "
-              f"galaxies; {g['hmc_ess_per_s_per_galaxy']:.3f} per galaxy), "
-              f"median min-ESS {g['hmc_min_ess_median']:.0f}, "
-              f"median max R-hat {g['hmc_rhat_max_median']:.3f}")
+        for label in ("default", "lm", "adam_restart1_batch256"):
+            r = v[label]
+            print(f"galgen MAP with {v['model']} [{label}]: {r['galaxies_per_s']:.2f} galaxies/s, median chi2/dof "
+                  f"{r['chi2_dof_median']:.3f}, fraction < 1.1: {r['frac_chi2_dof_lt_1.1']:.2f}")
+    for method in posteriors:
+        r = g[f"posterior_{method}"]
+        print(f"galgen posterior [{method}]: {r['wall_s']:.1f} s, median min-ESS {r['min_ess_median']:.0f}, "
+              f"{r['ess_per_s_per_galaxy']:.2f} effective draws/s per galaxy ({r['ess_per_s']:.1f}/s summed), "
+              + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k not in ("wall_s", "samples", "chains",
+                                                                          "min_ess_median", "ess_per_s",
+                                                                          "ess_per_s_per_galaxy")))
     return finish(result, args.json)
 
 

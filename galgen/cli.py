@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--shard", default=None, help="k/N: fit only part k (0-based) of N; 'slurm' reads the array")
     p.add_argument("--device", default="auto", help="device [auto]")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="galaxies per batch [64 on a CPU, 512 on a GPU]")
     _add_common(p, "fit file (HDF5); the catalog is written with suffix .fits; {k}/{N} are shard numbers")
     p.set_defaults(func=_cmd_fit)
 

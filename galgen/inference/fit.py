@@ -92,7 +92,7 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
 
 
 def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int | None = None,
-             n_leapfrog: int = 16, shard=None, device="auto", batch_size: int = 256, restarts: int = 0,
+             n_leapfrog: int = 16, shard=None, device="auto", batch_size: int | None = None, restarts: int = 0,
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
              posterior: str = "is") -> Path:
@@ -120,6 +120,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Fit only this part of the file.
     device : str, optional
     batch_size : int, optional
+        Galaxies per batch; default 64 on a CPU (a deep decoder is 2.5x faster per image
+        at batches of 32-128 than at 256 there: docs/benchmarks.md), 512 on a GPU.
     restarts : int, optional
         Random MAP restarts besides the encoder's guess.
     max_iter : int, optional
@@ -160,6 +162,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     rows = np.arange(n_all) if shard is None else np.arange(*shard.bounds(n_all))
     n = len(rows)
     warmup = samples if warmup is None else warmup
+    batch_size = (64 if dev.type == "cpu" else 512) if batch_size is None else int(batch_size)
     if sampler is not None:
         warnings.warn("sampler= is deprecated: pass posterior=", DeprecationWarning, stacklevel=2)
         posterior = sampler
@@ -327,7 +330,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     if method not in POSTERIOR_METHODS:
         raise GalgenInputError(f"method: one of {POSTERIOR_METHODS}, got {method!r}")
     dev = observation.psf.device
-    B, k = len(observed), map_result.z.shape[1] + 1
+    B = len(observed)
     nan = torch.full((B,), math.nan)
     if method in ("hmc", "nuts"):
         h = _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, method,

@@ -134,11 +134,16 @@ def laplace_approximation(model, observed, observation, map_result, cond=None):
     z, s = map_result.z.to(dev), map_result.log_scale.to(dev)
     with torch.no_grad():
         _, _, h = _derivatives(model, observation, observed, z, s, cond, model.prior(cond), True)
+    return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
+
+
+def _cholesky_of_inverse(h):
+    """Cholesky factor of ``h^-1`` for symmetric ``h``, eigenvalues floored at 1e-8 of the largest."""
     h = 0.5 * (h + h.transpose(1, 2))
     evals, evecs = torch.linalg.eigh(h)
     evals = evals.clamp(min=1e-8 * evals[:, -1:].clamp(min=1e-300))
     cov = (evecs / evals[:, None, :]) @ evecs.transpose(1, 2)
-    return torch.cat([z, s[:, None]], 1), torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2)))
+    return torch.linalg.cholesky(0.5 * (cov + cov.transpose(1, 2)))
 
 
 @dataclass
@@ -184,24 +189,43 @@ def _student_t(mean, scale_tril, n, df, generator):
     return x, logq
 
 
+def _weighted_moments(x, lw):
+    """Mean and Cholesky factor of the covariance of draws ``(B, n, k)`` under normalised log weights ``(B, n)``."""
+    w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)
+    mean = (w[..., None] * x).sum(1)
+    dx = x - mean[:, None]
+    cov = torch.einsum("bn,bni,bnj->bij", w, dx, dx)
+    k = x.shape[-1]
+    jitter = 1e-9 * torch.diagonal(cov, dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(k, dtype=x.dtype,
+                                                                                          device=x.device)
+    chol, info = torch.linalg.cholesky_ex(cov + jitter)
+    return mean, chol, info == 0
+
+
 def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples: int = 200, chains: int = 1,
                       df: int | None = 7, generator: torch.Generator | None = None, chunk: int = 64,
-                      weighted: bool = True) -> ImportanceResult:
+                      weighted: bool = True, adapt: int = 2, max_batch: int = 64) -> ImportanceResult:
     """Importance-sample many posteriors at once from Student-t (or Gaussian) proposals, with PSIS.
+
+    Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
+    ``adapt`` times) from a t matched to the weighted mean and covariance of their
+    previous draws (adaptive importance sampling); a galaxy keeps the round with the
+    smaller k.
 
     Parameters
     ----------
     log_prob : callable
-        ``log_prob(x)``: ``(B * m, d + 1)`` galaxy-major rows (``m`` draws of each
-        galaxy in turn, as :func:`galgen.inference.posterior_log_prob` with
-        ``chains=m`` evaluates) ``-> (B * m,)`` unnormalised log posterior; it is called
-        with ``m = chunk``.
+        ``log_prob(x, rows=None)``: ``(B * m, d + 1)`` galaxy-major rows (``m``
+        draws of each galaxy in turn, as :func:`galgen.inference.posterior_log_prob`
+        with ``chains=m`` evaluates) ``-> (B * m,)`` unnormalised log posterior, or,
+        with ``rows`` (indices into those ``B * m`` rows), of the rows of ``x`` only;
+        it is called with ``m = chunk``.
     mean : torch.Tensor
         ``(B, k)`` proposal location (the MAP).
     scale_tril : torch.Tensor
         ``(B, k, k)`` proposal scale (the Laplace covariance's Cholesky factor).
     draws : int, optional
-        Proposals per galaxy (a multiple of ``chunk``).
+        Proposals per galaxy (rounded up to a multiple of ``chunk``).
     samples : int, optional
         Resampled draws per chain returned.
     chains : int, optional
@@ -213,24 +237,57 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         Proposals per galaxy evaluated at once.
     weighted : bool, optional
         Resample by the PSIS weights; ``False`` returns the proposals themselves (the
-        Laplace approximation) with the same diagnostics.
+        Laplace approximation) with the same diagnostics, and does not adapt.
+    adapt : int, optional
+        Rounds of moment-matched proposals for galaxies whose k is too large.
+    max_batch : int, optional
+        Rows per call of ``log_prob`` (a deep decoder is fastest per image at batches of
+        32-128 on a CPU; raise it on a GPU).
 
     Returns
     -------
     ImportanceResult
     """
     B, k = mean.shape
-    xs, lws = [], []
-    for _ in range(max(1, draws // chunk)):
-        x, logq = _student_t(mean, scale_tril, chunk, df, generator)
-        with torch.no_grad():
-            lp = log_prob(x.reshape(B * chunk, k).float()).double().view(B, chunk)
-        xs.append(x)
-        lws.append(torch.where(torch.isfinite(lp), lp - logq, torch.full_like(lp, -math.inf)))
-    x = torch.cat(xs, 1)
-    lw = torch.cat(lws, 1).cpu().numpy()
-    finite = np.isfinite(lw)
-    lw_s, k_hat = psis(np.where(finite, lw, np.nanmin(np.where(finite, lw, np.nan), 1, keepdims=True) - 50))
+    rounds = max(1, -(-int(draws) // chunk))
+    offsets = torch.arange(chunk, device=mean.device)
+
+    def run(idx, loc, tril):
+        xs, lws = [], []
+        rows = (idx[:, None] * chunk + offsets).reshape(-1)
+        for _ in range(rounds):
+            x, logq = _student_t(loc, tril, chunk, df, generator)
+            with torch.no_grad():  # in batches of at most max_batch rows (CPU caches favour ~64 images)
+                flat = x.reshape(len(idx) * chunk, k).float()
+                if len(flat) <= max_batch and len(idx) == B:
+                    lp = log_prob(flat)
+                else:
+                    lp = torch.cat([log_prob(flat[a:a + max_batch], rows[a:a + max_batch])
+                                    for a in range(0, len(flat), max_batch)])
+                lp = lp.double().view(len(idx), chunk)
+            xs.append(x)
+            lws.append(torch.where(torch.isfinite(lp), lp - logq, torch.full_like(lp, -math.inf)))
+        lw = torch.cat(lws, 1).cpu().numpy()
+        finite = np.isfinite(lw)
+        floor = np.nanmin(np.where(finite, lw, np.nan), 1, keepdims=True) - 50
+        lw_s, k_hat = psis(np.where(finite, lw, floor))
+        return torch.cat(xs, 1), lw_s, k_hat
+
+    every = torch.arange(B, device=mean.device)
+    x, lw_s, k_hat = run(every, mean, scale_tril)
+    for _ in range(adapt if weighted else 0):
+        redo = np.flatnonzero(~(k_hat <= K_HAT_THRESHOLD))
+        if not len(redo):
+            break
+        sel = torch.as_tensor(redo, device=mean.device)
+        loc, tril, ok = _weighted_moments(x[sel], lw_s[redo])
+        sel, redo = sel[ok], redo[ok.cpu().numpy()]
+        if not len(redo):
+            break
+        x2, lw2, k2 = run(sel, loc[ok], tril[ok])
+        better = k2 < k_hat[redo]
+        x[sel[torch.as_tensor(better, device=x.device)]] = x2[torch.as_tensor(better, device=x.device)]
+        lw_s[redo[better]], k_hat[redo[better]] = lw2[better], k2[better]
     w = np.exp(lw_s)
     ess = 1.0 / (w * w).sum(1)
     n_out = chains * samples

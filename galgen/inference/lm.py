@@ -115,9 +115,10 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
     max_iter : int, optional
         Steps tried (accepted or not) per galaxy at most.
     tol : float, optional
-        A galaxy has converged when an accepted step raised its log posterior by less
-        than ``tol * (1 + |log posterior|)``, or when its damping exceeds 1e10 (no
-        step of any length improves it: an optimum to float precision).
+        A galaxy has converged when the undamped Gauss-Newton step would raise its log
+        posterior by less than ``tol * (1 + |log posterior|)`` (half the Newton
+        decrement ``g^T H^-1 g``), or when its damping exceeds 1e10 (no step of any
+        length improves it: an optimum to float precision).
     damping : float, optional
         Starting ``lambda``.
 
@@ -156,7 +157,6 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
     refresh(every)
     active = torch.isfinite(lp) & torch.isfinite(grad).all(1) & torch.isfinite(fisher).flatten(1).all(1)
     status[~active] = 2
-    eye = torch.eye(k, dtype=torch.float64, device=dev)
     for _ in range(max_iter):
         idx = every[active]
         if not len(idx):
@@ -165,6 +165,17 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
         h, g, la = fisher[idx], grad[idx], lam[idx]
         diag = torch.diagonal(h, dim1=1, dim2=2)
         floor = 1e-9 * diag.amax(1, keepdim=True) + 1e-12
+        # converged: the undamped Gauss-Newton step would gain less than the tolerance
+        chol0, info0 = torch.linalg.cholesky_ex(h + torch.diag_embed(floor.expand_as(diag)))
+        newton = 0.5 * (g[:, None, :] @ torch.cholesky_solve(g[:, :, None], chol0))[:, 0, 0]
+        settled = (info0 == 0) & (newton < tol * (1 + lp[idx].abs()))
+        status[idx[settled]] = 0
+        active[idx[settled]] = False
+        n_iter[idx[settled]] -= 1
+        keep = ~settled
+        idx, h, g, la, diag, floor = idx[keep], h[keep], g[keep], la[keep], diag[keep], floor[keep]
+        if not len(idx):
+            break
         a = h + la[:, None, None] * torch.diag_embed(diag.clamp(min=0) + floor)
         chol, info = torch.linalg.cholesky_ex(a)
         ok = info == 0
@@ -184,7 +195,7 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
         shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
         lam[idx] = torch.where(accept, la * shrink, la * nu[idx])
         nu[idx] = torch.where(accept, torch.full_like(la, 2.0), nu[idx] * 2)
-        done = (accept & (gain < tol * (1 + lp[idx].abs()))) | (lam[idx] > 1e10)
+        done = lam[idx] > 1e10  # no step of any length improves it: an optimum to float precision
         moved = idx[accept]
         z[moved], s[moved] = z_new[accept], s_new[accept]
         lp[moved] = lp_new[accept]

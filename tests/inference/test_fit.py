@@ -119,7 +119,7 @@ def test_cli_posterior_with_a_dense_metric(sdss_tiny, tmp_path):
     out = tmp_path / "dense.h5"
     assert main(["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "0/16",
                  "--samples", "10", "--chains", "2", "--warmup", "40", "--n-leapfrog", "3", "--metric", "dense",
-                 "--restarts", "0", "--max-iter", "60", "--device", "cpu"]) == 0
+                 "--posterior", "hmc", "--restarts", "0", "--max-iter", "60", "--device", "cpu"]) == 0
     with h5py.File(out) as f:
         assert f["samples"].shape == (4, 2, 10, 7)
         assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["rhat"][:]))
@@ -127,16 +127,17 @@ def test_cli_posterior_with_a_dense_metric(sdss_tiny, tmp_path):
 
 
 def test_cli_posterior_with_nuts(sdss_tiny, tmp_path):
-    """``galgen fit --sampler nuts``: chains, diagnostics and the sampler in the fingerprint; a rerun is a no-op."""
+    """``galgen fit --posterior nuts``: chains, diagnostics and the method in the fingerprint; a rerun is a no-op."""
     out = tmp_path / "nuts.h5"
     argv = ["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "0/16",
-            "--samples", "10", "--chains", "2", "--warmup", "30", "--sampler", "nuts", "--max-depth", "4",
+            "--samples", "10", "--chains", "2", "--warmup", "30", "--posterior", "nuts", "--max-depth", "4",
             "--metric", "dense", "--restarts", "0", "--max-iter", "60", "--device", "cpu"]
     assert main(argv) == 0
     with h5py.File(out) as f:
         assert f["samples"].shape == (4, 2, 10, 7)
         assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["rhat"][:]))
-        assert '"sampler": "nuts"' in f.attrs["fingerprint"] and '"max_depth": 4' in f.attrs["fingerprint"]
+        assert '"posterior": "nuts"' in f.attrs["fingerprint"] and '"max_depth": 4' in f.attrs["fingerprint"]
+        assert (f["posterior_method"][:] == 1).all()
         before = f["samples"][:]
     mtime = out.stat().st_mtime_ns
     assert main(argv) == 0
@@ -144,7 +145,28 @@ def test_cli_posterior_with_nuts(sdss_tiny, tmp_path):
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["samples"][:], before)
     with pytest.raises(SystemExit):
-        main(argv[:-2] + ["--sampler", "gibbs"])
+        main(argv[:-2] + ["--posterior", "gibbs"])
+
+
+def test_cli_importance_sampled_posteriors(sdss_tiny, tmp_path):
+    """``galgen fit --samples`` (importance sampling by default): draws, PSIS diagnostics and catalog columns."""
+    from astropy.table import Table
+
+    out = tmp_path / "is.h5"
+    assert main(["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "0/8",
+                 "--samples", "50", "--chains", "2", "--device", "cpu"]) == 0
+    with h5py.File(out) as f:
+        n = len(f["index"])
+        assert f["samples"].shape == (n, 2, 50, 7)
+        method, k = f["posterior_method"][:], f["pareto_k"][:]
+        assert set(method) <= {1, 2}  # importance sampling, or NUTS where its diagnostics failed
+        assert np.all((k <= 0.7) | (method == 1))
+        ess = f["is_ess"][:]
+        assert np.all(ess[method == 2] > 100)  # 1024 proposals per galaxy
+        lo, hi = f["derived_quantiles"][:, 1, 1], f["derived_quantiles"][:, 1, 3]  # hlr 16-84%
+        assert np.all(hi > lo)
+    cat = Table.read(out.with_suffix(".fits"))
+    assert {"pareto_k", "is_ess", "posterior_method"} <= set(cat.colnames)
 
 
 def test_posterior_log_prob_of_selected_rows(sdss_tiny):
