@@ -64,15 +64,13 @@ def _sersic(target):
     return model
 
 
-def _physical(model, scale):
+def _physical(model):
     """GalSim-convention (hlr [arcsec, circularised], n, g1, g2) from a (possibly batched) model.
 
     Parameters
     ----------
     model : astrophot.Model
         Fitted Sersic model; parameter values may carry a leading batch dimension.
-    scale : float
-        Pixel scale in arcsec (unused: Re is already in arcsec; kept for clarity of the API).
 
     Returns
     -------
@@ -135,7 +133,7 @@ def bench_astrophot(t, data, sigma, scale, beta, budget=120.0, method="LM", psf_
             model = _sersic(targets([i])[0])
             res = ap.fit.LM(model, verbose=0).fit()
             chi2 = float(np.sum((data[i] - model().data.detach().cpu().numpy()) ** 2)) / sigma**2 / dof
-            return (*(float(a[0]) for a in _physical(model, scale)), chi2, len(res.loss_history) - 1)
+            return (*(float(a[0]) for a in _physical(model)), chi2, len(res.loss_history) - 1)
 
         fit_one(0)  # untimed warm-up
         rows, failures, t0 = [], 0, time.perf_counter()
@@ -159,15 +157,16 @@ def bench_astrophot(t, data, sigma, scale, beta, budget=120.0, method="LM", psf_
             res = ap.fit.BatchLM(model, batch, batch.window, verbose=0, **kw).fit(update_uncertainty=False)
             m = ap.backend.to_numpy(res.forward(res.current_state)).reshape(len(idx), S, S)
             chi2 = np.sum((data[idx] - m) ** 2, axis=(1, 2)) / sigma**2 / dof
-            return (*_physical(model, scale), chi2, np.full(len(idx), len(res.loss_history) - 1))
+            return (*_physical(model), chi2, np.full(len(idx), len(res.loss_history) - 1))
 
         fit_batch([0, 1], max_iter=3)  # untimed warm-up
-        failures, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
         try:
             hlr, n, g1, g2, chi2, iters = fit_batch(list(range(n_gal)))
         except Exception as e:  # noqa: BLE001
             return {"method": method, "unavailable": f"BatchLM failed: {type(e).__name__}: {e}"}
         wall = time.perf_counter() - t0
+        failures = int(np.sum(~np.isfinite(chi2)))
 
     k = len(hlr)
     med = lambda a: float(np.nanmedian(a))
