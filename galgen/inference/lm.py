@@ -31,15 +31,34 @@ def _model_images(model, obs, z, s, cond):
     return obs.noiseless(model.decode(z, cond).float()) * s.exp()[:, None, None]
 
 
-def _jacobian(model, obs, z, cond):
-    """``O(decode(z))`` and its derivatives ``(d, n, S, S)`` in each latent dimension (forward mode)."""
-    cols = []
-    primal = None
+def _jacobian(model, obs, z, cond, max_rows=384):
+    """``O(decode(z))`` and its derivatives ``(d, n, S, S)`` in each latent dimension (forward mode).
+
+    The tangents are batched with :func:`torch.func.vmap` (the primal is computed once),
+    ``max_rows // n`` tangents at a time; a model whose operations ``vmap`` does not
+    support is differentiated one tangent after another.
+    """
+    n, d = z.shape
+
+    def f(x):
+        return obs.noiseless(model.decode(x, cond).float())
+
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    step = max(1, max_rows // max(n, 1))
+    try:
+        primal, cols = None, []
+        for a in range(0, d, step):
+            tangents = eye[a:a + step, None, :].expand(-1, n, d)
+            p, t = torch.func.vmap(lambda v: torch.func.jvp(f, (z,), (v,)), out_dims=(None, 0))(tangents)
+            primal = p if primal is None else primal
+            cols.append(t)
+        return primal, torch.cat(cols)
+    except RuntimeError:  # an operation without a batching rule: one forward-mode pass per tangent
+        pass
+    cols, primal = [], None
     with fwAD.dual_level():
-        for j in range(z.shape[1]):
-            tangent = torch.zeros_like(z)
-            tangent[:, j] = 1.0
-            out = fwAD.unpack_dual(obs.noiseless(model.decode(fwAD.make_dual(z, tangent), cond).float()))
+        for j in range(d):
+            out = fwAD.unpack_dual(f(fwAD.make_dual(z, eye[j].expand(n, d))))
             primal = out.primal if primal is None else primal
             cols.append(out.tangent if out.tangent is not None else torch.zeros_like(out.primal))
     return primal, torch.stack(cols)

@@ -44,6 +44,8 @@ class _RegularizedGammaP(torch.autograd.Function):
     Jacobians of :func:`galgen.inference.fit_map`'s Levenberg-Marquardt) share the partials.
     """
 
+    generate_vmap_rule = True  # torch.func.vmap over tangents (batched forward-mode Jacobians)
+
     @staticmethod
     def forward(a, x):
         return torch.special.gammainc(a, x)
