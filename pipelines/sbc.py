@@ -6,7 +6,7 @@
 
 For ``--n`` galaxies, draws a latent code from the model's prior, observes the decoded
 galaxy through the PSF and noise of a held-out galaxy of ``--data``, samples the
-posterior with galgen's MAP + HMC (the code of ``galgen fit``) and ranks the true flux,
+posterior with galgen's MAP + HMC, NUTS or importance sampling (the code of ``galgen fit``) and ranks the true flux,
 half-light radius, e1, e2 and latent coordinates among 199 posterior draws
 (:func:`galgen.inference.calibration.simulation_based_calibration`). Writes
 ``<out>/sbc.json`` (coverage of 68% and 95% intervals with standard errors, rank
@@ -90,7 +90,11 @@ def main():
     ap.add_argument("--n-leapfrog", type=int, default=16)
     ap.add_argument("--prior", choices=["flow", "normal"], default=None)
     ap.add_argument("--metric", choices=["diag", "dense"], default="diag", help="HMC mass matrix [diag]")
-    ap.add_argument("--sampler", choices=["hmc", "nuts"], default="hmc", help="fixed-length HMC or NUTS [hmc]")
+    ap.add_argument("--sampler", choices=["hmc", "nuts", "is", "laplace"], default="hmc",
+                    help="posterior method: fixed-length HMC, NUTS, importance sampling, Laplace [hmc]")
+    ap.add_argument("--draws", type=int, default=None, help="importance sampling: proposals per galaxy")
+    ap.add_argument("--no-fallback", action="store_true",
+                    help="importance sampling: keep galaxies whose Pareto k is too large (no NUTS)")
     ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,6 +121,8 @@ def main():
                                                "n_leapfrog", "prior", "metric", "seed")}
     if args.sampler != "hmc":  # (settings of earlier HMC runs stay valid for their batches)
         settings.update(sampler=args.sampler, max_depth=args.max_depth)
+    if args.sampler == "is":
+        settings.update(draws=args.draws, fallback=not args.no_fallback)
     parts = []
     starts = list(range(0, args.n, args.batch_size))
     lo, hi = shard.bounds(len(starts))
@@ -139,7 +145,8 @@ def main():
         r = simulation_based_calibration(model, obs, samples=args.samples, chains=args.chains, warmup=args.warmup,
                                          n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, log_scale=log_scale,
                                          metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
-                                         seed=derive_seed(args.seed, start), latent_names=model.latent_names)
+                                         seed=derive_seed(args.seed, start), latent_names=model.latent_names,
+                                         draws=args.draws, fallback=None if args.no_fallback else "nuts")
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:
@@ -164,6 +171,8 @@ def main():
     rhat = np.concatenate([p["rhat_max"] for p in parts])
     ess = np.concatenate([p["ess_bulk_min"] for p in parts])
     div = np.concatenate([p["divergences"] for p in parts])
+    k_hat = np.concatenate([p.get("pareto_k", np.full(len(p["ranks"]), np.nan)) for p in parts])
+    is_ess = np.concatenate([p.get("is_ess", np.full(len(p["ranks"]), np.nan)) for p in parts])
     report = {
         "n": int(len(ranks)), "settings": settings, "names": names,
         "coverage": {f"{lev:.2f}": {"fraction": dict(zip(names, map(float, frac))), "nominal": nominal,
@@ -172,6 +181,8 @@ def main():
         "coverage_by_true_hlr_arcsec": by_size,
         "rhat_max_median": float(np.median(rhat)), "frac_rhat_below_1.05": float((rhat < 1.05).mean()),
         "ess_bulk_min_median": float(np.median(ess)), "divergent_fraction": float((div > 0).mean()),
+        **({"pareto_k_median": float(np.nanmedian(k_hat)), "frac_pareto_k_ok": float(np.mean(k_hat <= 0.7)),
+            "is_ess_median": float(np.nanmedian(is_ess))} if np.isfinite(k_hat).any() else {}),
         "wall_s": float(sum(float(p["wall_s"]) for p in parts)),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}",
         "date": time.strftime("%Y-%m-%d"),

@@ -37,7 +37,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
                                  warmup: int | None = None, n_leapfrog: int = 16, n_draws: int = 199,
                                  prior: str | None = None, max_iter: int = 300, log_scale=None,
                                  metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
-                                 seed: int = 0, latent_names=None) -> dict:
+                                 seed: int = 0, latent_names=None, draws: int | None = None,
+                                 fallback: str | None = "nuts") -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -69,13 +70,17 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         a location parameter is, up to the non-Gaussianity of its likelihood.
     metric : {"diag", "dense"}, optional
         HMC mass matrix, as in :func:`galgen.inference.fit_file`.
-    sampler : {"hmc", "nuts"}, optional
+    sampler : {"hmc", "nuts", "is", "laplace"}, optional
+        The posterior method of :func:`~galgen.inference.sample_posterior`.
     max_depth : int, optional
         As in :func:`galgen.inference.fit_file`.
     seed : int, optional
     latent_names : sequence of str, optional
         Names of the latent coordinates in ``names`` (default ``z0``, ``z1``, ...;
         e.g. ``model.latent_names``).
+    draws, fallback : optional
+        Importance sampling's proposals per galaxy and fallback, as in
+        :func:`~galgen.inference.sample_posterior`.
 
     Returns
     -------
@@ -106,7 +111,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
         _, observed = observation.observe(intr, generator=gen)
     res = fit_map(model, observed, observation, max_iter=max_iter, generator=gen)
     h = sample_posterior(model, observed, observation, res, samples=samples, chains=chains, warmup=warmup,
-                         generator=gen, n_leapfrog=n_leapfrog, metric=metric, sampler=sampler, max_depth=max_depth)
+                         generator=gen, n_leapfrog=n_leapfrog, metric=metric, method=sampler, max_depth=max_depth,
+                         draws=draws, fallback=fallback)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
     draws = torch.cat([derived.double(), thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()
@@ -116,7 +122,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     latent_names = list(latent_names) if latent_names is not None else [f"z{i}" for i in range(d)]
     return {"names": list(DERIVED_NAMES) + latent_names, "truth": truth, "ranks": ranks,
             "draws": draws, "rhat_max": diag["rhat"].max(1), "ess_bulk_min": diag["ess_bulk"].min(1),
-            "divergences": h.divergences.sum(1).cpu().numpy(), "wall_s": time.perf_counter() - t0}
+            "divergences": h.divergences.sum(1).cpu().numpy(), "pareto_k": h.pareto_k.numpy(),
+            "is_ess": h.is_ess.numpy(), "posterior_method": h.method.numpy(), "wall_s": time.perf_counter() - t0}
 
 
 def coverage(ranks, n_draws: int, levels=(0.68, 0.95)) -> dict:

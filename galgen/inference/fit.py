@@ -282,7 +282,8 @@ class PosteriorResult:
 
 def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, cond=None, samples: int = 200,
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
-                     method: str | None = None, draws: int | None = None, **sampler_options):
+                     method: str | None = None, draws: int | None = None, fallback: str | None = "nuts",
+                     **sampler_options):
     """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
@@ -316,6 +317,10 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     draws : int, optional
         Proposals per galaxy of ``is`` / ``laplace`` (default ``max(1024, 4 * chains *
         samples)``).
+    fallback : {"nuts", None}, optional
+        What redraws an ``is`` galaxy whose Pareto k stays above the threshold: NUTS,
+        or nothing (its weighted draws are kept, flagged by ``pareto_k``; for
+        calibration studies that measure the importance sampler itself).
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -329,6 +334,8 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     sampler_options.pop("sampler", None)
     if method not in POSTERIOR_METHODS:
         raise GalgenInputError(f"method: one of {POSTERIOR_METHODS}, got {method!r}")
+    if fallback not in ("nuts", None):
+        raise GalgenInputError(f"fallback: 'nuts' or None, got {fallback!r}")
     dev = observation.psf.device
     B = len(observed)
     nan = torch.full((B,), math.nan)
@@ -350,7 +357,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                                                                                                  dtype=torch.long),
                           pareto_k=r.pareto_k, is_ess=r.ess)
     poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
-    if method == "is" and len(poor):  # the proposal does not cover these posteriors: MCMC instead
+    if method == "is" and fallback == "nuts" and len(poor):  # the proposal misses these posteriors: MCMC
         c = None if cond is None else cond[poor.to(cond.device)]
         h = _mcmc(model, observed[poor.to(dev)], observation.select(poor.to(dev)), map_result.select(poor), c,
                   samples, chains, warmup, generator, "nuts", sampler_options)

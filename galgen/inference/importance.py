@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .lm import _derivatives
+from .lm import _derivatives, levenberg_marquardt
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD"]
 
@@ -109,8 +109,12 @@ def psis(log_weights):
     return lw.reshape(shape), k_hat.reshape(shape[:-1])
 
 
-def laplace_approximation(model, observed, observation, map_result, cond=None):
-    """The Laplace (Gauss-Newton) approximation of each galaxy's posterior of ``(z, s)`` about its MAP.
+def laplace_approximation(model, observed, observation, map_result, cond=None, refine: int = 20):
+    """The Laplace (Gauss-Newton) approximation of each galaxy's posterior of ``(z, s)`` about its mode.
+
+    The mode is the MAP polished by up to ``refine`` Levenberg-Marquardt steps (a
+    first-order fit that stopped on a loose tolerance, as Adam does for deep decoders,
+    leaves a mode whose Laplace approximation misses the posterior).
 
     Parameters
     ----------
@@ -120,11 +124,13 @@ def laplace_approximation(model, observed, observation, map_result, cond=None):
     observation : galgen.physics.Observation
     map_result : galgen.inference.MAPResult
     cond : torch.Tensor, optional
+    refine : int, optional
+        Levenberg-Marquardt steps at most from the MAP (0: the MAP as it is).
 
     Returns
     -------
     mean : torch.Tensor
-        ``(B, d + 1)``: the MAP ``(z, log_scale)``.
+        ``(B, d + 1)``: the mode ``(z, log_scale)``.
     scale_tril : torch.Tensor
         ``(B, d + 1, d + 1)`` Cholesky factor of the covariance ``H^-1`` (float64), ``H``
         the Fisher matrix of the likelihood minus the Hessian of the log prior (its
@@ -133,13 +139,22 @@ def laplace_approximation(model, observed, observation, map_result, cond=None):
     dev = observed.device
     z, s = map_result.z.to(dev), map_result.log_scale.to(dev)
     with torch.no_grad():
-        _, _, h = _derivatives(model, observation, observed, z, s, cond, model.prior(cond), True)
+        if refine:
+            prior = model.prior(cond)
+            z, s, _, _, _, h = levenberg_marquardt(
+                model, z, s, observed, observation, cond,
+                (lambda rows: prior) if cond is None else (lambda rows: model.prior(cond[rows])),
+                max_iter=int(refine), return_fisher=True)
+        else:
+            _, _, h = _derivatives(model, observation, observed, z, s, cond, model.prior(cond), True)
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
 
 
 def _cholesky_of_inverse(h):
     """Cholesky factor of ``h^-1`` for symmetric ``h``, eigenvalues floored at 1e-8 of the largest."""
     h = 0.5 * (h + h.transpose(1, 2))
+    bad = ~torch.isfinite(h).all(2).all(1)  # a diverged fit: unit covariance (its k will say so)
+    h = torch.where(bad[:, None, None], torch.eye(h.shape[-1], dtype=h.dtype, device=h.device), h)
     evals, evecs = torch.linalg.eigh(h)
     evals = evals.clamp(min=1e-8 * evals[:, -1:].clamp(min=1e-300))
     cov = (evecs / evals[:, None, :]) @ evecs.transpose(1, 2)

@@ -111,7 +111,7 @@ def _log_posterior(model, obs, data, z, s, cond, prior):
 
 
 def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_flux=True, max_iter=100,
-                        tol=1e-6, damping=1e-3):
+                        tol=1e-6, damping=1e-3, return_fisher=False):
     """Maximise the log posterior of every row by Levenberg-Marquardt (the engine of ``fit_map(optimizer="lm")``).
 
     Parameters
@@ -140,6 +140,8 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
         length improves it: an optimum to float precision).
     damping : float, optional
         Starting ``lambda``.
+    return_fisher : bool, optional
+        Also return the ``(N, k, k)`` Gauss-Newton matrix (float64) at each row's optimum.
 
     Returns
     -------
@@ -151,6 +153,8 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
         ``(N,)`` 0 converged, 1 ``max_iter`` reached, 2 non-finite start.
     n_iter : torch.Tensor
         ``(N,)`` steps tried.
+    fisher : torch.Tensor
+        With ``return_fisher``: the Gauss-Newton matrix, ``(N, k, k)``.
     """
     N, d = z.shape
     dev = z.device
@@ -223,4 +227,4 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
         again = idx[accept & ~done]
         if len(again):
             refresh(again)
-    return z, s, lp, status, n_iter
+    return (z, s, lp, status, n_iter, fisher) if return_fisher else (z, s, lp, status, n_iter)
