@@ -91,3 +91,36 @@ def test_importance_sampled_sersic_posteriors_agree_with_nuts():
     assert z.abs().max() < 0.25, z  # NUTS: >= 300 effective draws, MC error ~0.06 sd
     ratio = sa.std(1) / sb.std(1)
     assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
+
+
+def test_sample_posterior_refuses_unknown_methods_and_fallbacks():
+    from galgen.errors import GalgenInputError
+    from galgen.inference import fit_map, sample_posterior
+    from test_lm import _sersic_batch
+
+    model, data, obs = _sersic_batch(1)
+    res = fit_map(model, data, obs)
+    with pytest.raises(GalgenInputError, match="method"):
+        sample_posterior(model, data, obs, res, method="gibbs")
+    with pytest.raises(GalgenInputError, match="fallback"):
+        sample_posterior(model, data, obs, res, method="is", fallback="hmc")
+
+
+def test_laplace_draws_follow_the_gauss_newton_covariance():
+    """``method="laplace"``: unweighted Gaussian draws whose covariance is the inverse Gauss-Newton matrix."""
+    from galgen.inference import fit_map, sample_posterior
+    from galgen.inference.importance import laplace_approximation
+    from test_lm import _sersic_batch
+
+    model, data, obs = _sersic_batch(2, seed=6)
+    res = fit_map(model, data, obs)
+    mean, tril = laplace_approximation(model, data, obs, res)
+    r = sample_posterior(model, data, obs, res, method="laplace", samples=2000, chains=1, draws=2048,
+                         generator=torch.Generator().manual_seed(0))
+    assert (r.method == 3).all() and torch.isfinite(r.pareto_k).all()
+    draws = r.samples[:, 0].double()
+    cov = tril @ tril.transpose(1, 2)
+    sd = torch.diagonal(cov, dim1=1, dim2=2).sqrt()
+    assert ((draws.mean(1) - mean) / sd).abs().max() < 0.15
+    emp_sd = draws.std(1)
+    assert ((emp_sd / sd) - 1).abs().max() < 0.1

@@ -109,3 +109,21 @@ def test_unknown_optimizer_is_refused():
     model, data, obs = _sersic_batch(1)
     with pytest.raises(GalgenInputError, match="optimizer"):
         fit_map(model, data, obs, optimizer="newton")
+
+
+def test_map_result_select_keeps_rows_together():
+    model, data, obs = _sersic_batch(3, seed=2)
+    res = fit_map(model, data, obs)
+    sub = res.select([2, 0])
+    assert torch.equal(sub.z, res.z[[2, 0]]) and torch.equal(sub.chi2, res.chi2[[2, 0]])
+    assert torch.equal(sub.residual[1], res.residual[0]) and sub.wall_time == res.wall_time
+
+
+def test_auto_optimizer_follows_the_model():
+    from galgen.models import LatentModel
+
+    model, data, obs = _sersic_batch(2, seed=4)
+    assert model.map_optimizer == "lm" and LatentModel.map_optimizer == "adam"
+    auto = fit_map(model, data, obs)
+    lm = fit_map(model, data, obs, optimizer="lm")
+    assert torch.equal(auto.z, lm.z) and auto.n_iter.max() < 30
