@@ -47,7 +47,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import galgen
     from galgen.inference import posterior_log_prob
-    from galgen.inference.lm import _derivatives, _jacobian, _log_posterior
+    from galgen.inference.lm import _jacobian, _log_posterior, gauss_newton
     from galgen.models.parametric import SersicModel
 
     stamp = 64 if args.vae else 48
@@ -86,7 +86,7 @@ def main(argv=None):
     parts["Adam iteration (value + gradient)"] = _timed(adam_step)
     parts["LM: Jacobian (forward mode, d passes)"] = _timed(lambda: _jacobian(model, obs, z, None), 2)
     parts["LM: derivatives (Jacobian + gradient + Gauss-Newton + prior Hessian)"] = _timed(
-        lambda: _derivatives(model, obs, x, z, s, None, prior, True), 2)
+        lambda: gauss_newton(model, obs, x, z, s, None, prior, True), 2)
     parts["LM: trial evaluation"] = _timed(lambda: _log_posterior(model, obs, x, z, s, None, prior))
     parts["posterior draw, HMC (one leapfrog = one gradient)"] = parts["Adam iteration (value + gradient)"]
     with torch.no_grad():
@@ -98,7 +98,7 @@ def main(argv=None):
 
     tables = {}
     for name, fn in (("adam_iteration", adam_step),
-                     ("lm_derivatives", lambda: _derivatives(model, obs, x, z, s, None, prior, True))):
+                     ("lm_derivatives", lambda: gauss_newton(model, obs, x, z, s, None, prior, True))):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .lm import _derivatives, levenberg_marquardt
+from .lm import gauss_newton, levenberg_marquardt
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD"]
 
@@ -146,7 +146,7 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
                 (lambda rows: prior) if cond is None else (lambda rows: model.prior(cond[rows])),
                 max_iter=int(refine), return_fisher=True)
         else:
-            _, _, h = _derivatives(model, observation, observed, z, s, cond, model.prior(cond), True)
+            _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
 
 

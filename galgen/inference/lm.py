@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["levenberg_marquardt"]
+__all__ = ["levenberg_marquardt", "gauss_newton"]
 
 
 def _model_images(model, obs, z, s, cond):
@@ -83,8 +83,39 @@ def _prior_terms(prior, z, need_hessian=True):
     return lp.detach(), g.detach(), hess.detach()
 
 
-def _derivatives(model, obs, data, z, s, cond, prior, fit_flux):
-    """Log posterior, its gradient and the Gauss-Newton matrix of rows, in (z, s)."""
+def gauss_newton(model, obs, data, z, s, cond, prior, fit_flux=True):
+    """Log posterior, its exact gradient and its Gauss-Newton matrix at rows ``(z, s)``.
+
+    The matrix is ``J_w^T J_w - Hessian(log p(z))``: the Fisher matrix of the likelihood,
+    from the model image's forward-mode derivatives in noise units
+    (``obs.noise.whiten``), plus the prior's exact Hessian (double backward).
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    obs : galgen.physics.Observation
+        Of the rows.
+    data : torch.Tensor
+        ``(n, S, S)``.
+    z : torch.Tensor
+        ``(n, d)`` latent codes.
+    s : torch.Tensor
+        ``(n,)`` log flux scales.
+    cond : torch.Tensor or None
+    prior : torch.distributions.Distribution
+        The latent prior of the rows.
+    fit_flux : bool, optional
+        Include the log flux scale as the last coordinate.
+
+    Returns
+    -------
+    log_posterior : torch.Tensor
+        ``(n,)`` float64.
+    grad : torch.Tensor
+        ``(n, k)`` float64, ``k = d + fit_flux``.
+    fisher : torch.Tensor
+        ``(n, k, k)`` float64.
+    """
     base, jac = _jacobian(model, obs, z, cond)
     scale = s.exp()[:, None, None]
     m = base * scale
@@ -174,7 +205,7 @@ def levenberg_marquardt(model, z, s, data, observation, cond, prior_of, *, fit_f
 
     def refresh(idx):
         obs, x, c, prior = rows_of(idx)
-        lp[idx], grad[idx], fisher[idx] = _derivatives(model, obs, x, z[idx], s[idx], c, prior, fit_flux)
+        lp[idx], grad[idx], fisher[idx] = gauss_newton(model, obs, x, z[idx], s[idx], c, prior, fit_flux)
 
     every = torch.arange(N, device=dev)
     refresh(every)
