@@ -90,7 +90,8 @@ def test_forward_mode_derivatives_of_the_sersic_renderer_match_reverse_mode():
 
 
 @pytest.mark.parametrize("noise", [
-    GaussianNoise(torch.full((2, 8, 8), 4.0), mask=torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.2),
+    GaussianNoise(torch.full((2, 8, 8), 4.0),
+                  mask=torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.2),
     CCDNoise(sky_level=50.0, gain=2.0, read_noise=3.0),
     CorrelatedGaussianNoise.from_correlation(torch.tensor([[0.0, 0.2, 0.0], [0.2, 1.0, 0.2], [0.0, 0.2, 0.0]]),
                                              (8, 8)),
