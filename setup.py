@@ -50,6 +50,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "arviz>=0.17"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "myst-parser>=2"],
+        # the peer of benchmarks/bench_fit.py: the PyTorch galaxy fitter many users pick today
+        "bench": ["astrophot>=0.18"],
     },
     entry_points={"console_scripts": ["galgen = galgen.cli:main"]},
     classifiers=[
