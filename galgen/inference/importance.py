@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .lm import gauss_newton, levenberg_marquardt
+from .lm import gauss_newton, levenberg_marquardt, rows_prior
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD"]
 
@@ -140,11 +140,9 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
     z, s = map_result.z.to(dev), map_result.log_scale.to(dev)
     with torch.no_grad():
         if refine:
-            prior = model.prior(cond)
-            z, s, _, _, _, h = levenberg_marquardt(
-                model, z, s, observed, observation, cond,
-                (lambda rows: prior) if cond is None else (lambda rows: model.prior(cond[rows])),
-                max_iter=int(refine), return_fisher=True)
+            z, s, _, _, _, h = levenberg_marquardt(model, z, s, observed, observation, cond,
+                                                   rows_prior(model, cond), max_iter=int(refine),
+                                                   return_fisher=True)
         else:
             _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)

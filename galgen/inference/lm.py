@@ -23,7 +23,28 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["levenberg_marquardt", "gauss_newton"]
+__all__ = ["levenberg_marquardt", "gauss_newton", "rows_prior"]
+
+
+def rows_prior(model, cond, prior=None):
+    """``prior_of(rows)``: the latent prior of some rows of a batch (one shared prior without conditions).
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    cond : torch.Tensor or None
+        ``(N, C)`` conditions of the whole batch.
+    prior : torch.distributions.Distribution, optional
+        ``model.prior(cond)`` where the caller has it already.
+
+    Returns
+    -------
+    callable
+    """
+    if cond is None:
+        shared = model.prior(None) if prior is None else prior
+        return lambda rows: shared
+    return lambda rows: model.prior(cond[rows])
 
 
 def _model_images(model, obs, z, s, cond):

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import GalgenInputError
 from ..models.base import LatentModel, amortised_guess, sample_latents
-from .lm import levenberg_marquardt
+from .lm import levenberg_marquardt, rows_prior
 
 __all__ = ["MAPResult", "fit_map", "latent_log_prior", "initial_log_scale", "STATUS", "OPTIMIZERS"]
 
@@ -275,7 +275,7 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
 
     prior_c = model.prior(c)  # the conditions are fixed: one distribution serves every iteration
     every = torch.arange(R * B, device=observed.device)
-    prior_of = (lambda rows: prior_c) if c is None else (lambda rows: model.prior(c[rows]))
+    prior_of = rows_prior(model, c, prior_c)
 
     def objective(rows=None):
         if rows is None or len(rows) == R * B:
