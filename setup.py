@@ -46,9 +46,12 @@ setup(
         "tqdm>=4.60",
         "zuko>=1.1",
         "matplotlib>=3.7",
+        # the classifier two-sample test of galgen evaluate (gradient boosting on the statistics)
+        "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "arviz>=0.17"],
+        # statmorph: the reference implementation the morphology statistics are validated against
+        "test": ["pytest>=7", "hypothesis>=6", "arviz>=0.17", "statmorph>=0.5"],
         "docs": ["sphinx>=7", "numpydoc>=1.6", "myst-parser>=2"],
         # the peer of benchmarks/bench_fit.py: the PyTorch galaxy fitter many users pick today
         "bench": ["astrophot>=0.18"],

@@ -7,10 +7,18 @@ import numpy as np
 from .data.atomic import atomic_output
 from .data.cutouts import CutoutFile
 
-__all__ = ["asinh_stretch", "cutout_grid", "training_curves", "fit_panel", "corner_plot", "fit_corner"]
+__all__ = ["pyplot", "save_figure", "asinh_stretch", "cutout_grid", "training_curves", "fit_panel", "corner_plot",
+           "fit_corner"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend (imported lazily).
+
+    Returns
+    -------
+    module
+        ``matplotlib.pyplot``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,14 +27,26 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out):
-    """Write a figure as PNG atomically and close it."""
+def save_figure(fig, out):
+    """Write a figure as PNG atomically (110 dpi) and close it.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    out : str or os.PathLike
+        PNG file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
     from pathlib import Path
 
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     fig.clf()
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(out)
 
 
@@ -80,7 +100,7 @@ def cutout_grid(path, out, *, n: int = 8, keys=None, title: str | None = None):
     pathlib.Path
         ``out``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     with CutoutFile(path) as f:
         keys = [k for k in (keys or ("observed", "noiseless", "intrinsic", "psf")) if k in f.keys]
         n = min(n, len(f))
@@ -107,7 +127,7 @@ def cutout_grid(path, out, *, n: int = 8, keys=None, title: str | None = None):
     fig.suptitle(title or f"{a['survey']}: {a['pixel_scale']}\"/pix, stamp {a['stamp_size']}, "
                  f"oversampling {a['oversampling']}", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def training_curves(run_dir, out, *, keys=None):
@@ -132,7 +152,7 @@ def training_curves(run_dir, out, *, keys=None):
 
     from .train.logs import TRAIN_LOG, VAL_LOG, read_log
 
-    plt = _pyplot()
+    plt = pyplot()
     run_dir = Path(run_dir)
     train = read_log(run_dir / TRAIN_LOG, missing_ok=True)
     val = read_log(run_dir / VAL_LOG, missing_ok=True)
@@ -156,7 +176,7 @@ def training_curves(run_dir, out, *, keys=None):
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def fit_panel(fit_path, out, *, rows=None, n: int = 6):
@@ -187,7 +207,7 @@ def fit_panel(fit_path, out, *, rows=None, n: int = 6):
     from .data.loading import ObservationLoader
     from .errors import GalgenInputError
 
-    plt = _pyplot()
+    plt = pyplot()
     with FitFile(fit_path) as f:
         total = len(f)
         rows = list(range(min(n, total))) if rows is None else [int(r) for r in rows]
@@ -220,7 +240,7 @@ def fit_panel(fit_path, out, *, rows=None, n: int = 6):
                 ax.set_title(f"#{int(index[c])} chi2/dof={chi2[c] / max(dof[c], 1):.2f}", fontsize=7)
     fig.suptitle(f"{kind} fits of {Path(str(data_path)).name}", fontsize=8)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def corner_plot(draws, out, *, names=None, truths=None, bins: int = 30, title: str | None = None):
@@ -255,7 +275,7 @@ def corner_plot(draws, out, *, names=None, truths=None, bins: int = 30, title: s
         raise GalgenInputError(f"names/truths: need {d} entries, one per column of draws")
     if not np.isfinite(x).all():
         raise GalgenInputError("draws: contain NaN or inf")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(d, d, figsize=(1.9 * d + 0.5, 1.9 * d + 0.5), squeeze=False)
     lims = [(lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
             for lo, hi in zip(np.percentile(x, 0.5, 0), np.percentile(x, 99.5, 0))]
@@ -290,7 +310,7 @@ def corner_plot(draws, out, *, names=None, truths=None, bins: int = 30, title: s
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def fit_corner(fit_path, out, *, row: int = 0, truths=None):

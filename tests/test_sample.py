@@ -77,12 +77,13 @@ def test_anomaly_scores_and_evaluate(vae_run, sdss_tiny, tmp_path):
     assert np.allclose(np.sort(rec["chi2_pixel"]), np.sort(t["anomaly"]), rtol=1e-4)
     # the simulator's own noiseless images explain the data to chi2/pixel ~ 1
     assert 0.9 < rec["truth_median"] < 1.1
-    report = evaluate_models([vae_run], sdss_tiny, tmp_path / "q", n=32, n_grid=4)
+    report = evaluate_models([vae_run], sdss_tiny, tmp_path / "q", n=32, n_grid=4, baseline=None,
+                             image_c2st=False)
     saved = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert saved["n"] == 32 and len(saved["reconstruction"]) == 1
     assert {k.split(" ", 1)[1] for k in saved["generation"]} == {"(flow prior)", "(N(0,I))"}
     for g in saved["generation"].values():
-        assert 0 <= g["flux"]["ks"] <= 1
+        assert 0 <= g["statistics"]["flux"]["ks"] <= 1
     assert (tmp_path / "q" / "samples.png").stat().st_size > 1000
     assert (tmp_path / "q" / "histograms.png").stat().st_size > 1000
     assert report["reconstruction"] == saved["reconstruction"]

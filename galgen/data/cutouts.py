@@ -179,6 +179,11 @@ class CutoutFile(HDF5File):
         return [k for k in DATASETS if k in self._f]
 
     @property
+    def attrs(self) -> dict:
+        """The file's root attributes (survey, pixel scale, zero point, seed, ...) as a dict."""
+        return dict(self._f.attrs)
+
+    @property
     def pixel_scale(self) -> float:
         """Detector pixel scale in arcsec/pixel."""
         return float(self._f.attrs["pixel_scale"])

@@ -28,6 +28,7 @@ from ..data.loading import ObservationLoader
 from ..errors import GalgenInputError
 from ..models.base import amortised_guess, good_pixels, sample_latents
 from ..runtime import generator, resolve_device, resolve_model
+from .statistics import morphology_statistics
 
 __all__ = ["reconstruction_chi2", "generated_observations", "morphology_statistics", "evaluate_models"]
 
@@ -99,7 +100,8 @@ def _reconstruction_summary(chi2: np.ndarray, loader: ObservationLoader) -> dict
     return res
 
 
-def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu") -> dict:
+def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu",
+                           latents=None) -> dict:
     """Draw ``n`` galaxies and observe them through the PSFs and noise of held-out galaxies.
 
     Galaxy ``i`` gets the PSF of held-out galaxy ``i`` and CCD noise with the survey's
@@ -118,6 +120,10 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     seed : int, optional
     batch_size : int, optional
     device : str or torch.device, optional
+    latents : tuple of torch.Tensor, optional
+        ``(z, log_scale)`` of shapes ``(n, d)`` and ``(n,)``: render these galaxies
+        (``decode(z) * exp(log_scale)``, e.g. parametric fits of other real galaxies)
+        instead of drawing ``z`` from the prior.
 
     Returns
     -------
@@ -134,6 +140,8 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     for col in ("sky_level", "gain", "read_noise"):
         if col not in cat.colnames:
             raise GalgenInputError(f"{data}: catalog needs '{col}' to observe generated galaxies like real ones")
+    if latents is not None and len(latents[0]) < len(loader):
+        raise GalgenInputError(f"latents: {len(latents[0])} galaxies for {len(loader)} observations")
     noise = CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
     gen = generator(device, seed)
     out = {"intrinsic": [], "noiseless": [], "observed": []}
@@ -141,162 +149,231 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         o = batch.observation
         obs = Observation(o.psf, pixel_scale=o.pixel_scale, oversampling=o.oversampling, stamp=o.stamp, noise=noise)
         with torch.no_grad():
-            z = sample_latents(model.prior(batch.cond), len(batch), generator=gen)
-            intr = model.decode(z, batch.cond).float()
+            if latents is None:
+                intr = model.decode(sample_latents(model.prior(batch.cond), len(batch), generator=gen),
+                                    batch.cond).float()
+            else:
+                rows = batch.index.to(latents[0].device)
+                z, s = latents[0][rows].to(device), latents[1][rows].to(device)
+                intr = model.decode(z, batch.cond).float() * s.exp().float()[:, None, None]
         noiseless, observed = obs.observe(intr, generator=gen)
         for key, v in (("intrinsic", intr), ("noiseless", noiseless), ("observed", observed)):
             out[key].append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def morphology_statistics(images, pixel_scale: float) -> dict:
-    """Flux, HSM size and ellipticity of a stack of (noise-free) images.
+def parametric_fits(kind, data, rows, *, batch_size: int = 64, device="cpu", seed: int = 0):
+    """MAP fits of a parametric model to real galaxies: the population a baseline redraws.
+
+    This is the classical alternative to a deep generative model, as GalSim's
+    ``COSMOSCatalog(use_real=False)`` draws parametric fits of real galaxies: fit a
+    Sersic (or bulge + disk) profile to each galaxy of a real set, then render the fitted
+    parameters into new observations.
 
     Parameters
     ----------
-    images : numpy.ndarray
-        ``(N, S, S)``.
-    pixel_scale : float
-        Arcsec per pixel.
+    kind : {"sersic", "bulge-disk"}
+    data : str or os.PathLike
+        Cutout file.
+    rows : array_like of int
+        Galaxies fitted (disjoint from those the baseline is compared with).
+    batch_size : int, optional
+    device : str or torch.device, optional
+    seed : int, optional
 
     Returns
     -------
-    dict of numpy.ndarray
-        ``flux`` (sum, ADU), ``sigma`` (arcsec), ``e1``, ``e2``, ``e`` (modulus), ``ok``.
+    model : galgen.models.parametric.SersicModel
+        Built for the file's grid.
+    z : torch.Tensor
+        ``(len(rows), d)`` fitted parameters.
+    log_scale : torch.Tensor
+        ``(len(rows),)`` fitted log fluxes.
     """
-    from .morphology import hsm_moments
+    from ..inference import fit_map
 
-    mom = hsm_moments(images, pixel_scale)
-    return {"flux": images.sum((1, 2)), "sigma": mom["sigma"], "e1": mom["e1"], "e2": mom["e2"],
-            "e": np.hypot(mom["e1"], mom["e2"]), "ok": mom["ok"]}
-
-
-def _compare(real: dict, gen: dict) -> dict:
-    from scipy.stats import ks_2samp
-
-    out = {"hsm_ok_fraction": float(np.mean(gen["ok"]))}
-    for q in ("flux", "sigma", "e1", "e2", "e"):
-        a, b = real[q][np.isfinite(real[q])], gen[q][np.isfinite(gen[q])]
-        if len(a) > 1 and len(b) > 1:
-            out[q] = {"median": float(np.median(b)), "real_median": float(np.median(a)),
-                      "ks": float(ks_2samp(a, b).statistic)}
-    return out
+    device = resolve_device(device)
+    loader = ObservationLoader(data, np.asarray(rows), (), device=device)
+    model = resolve_model(kind, device, data=(loader.stamp_size, loader.oversampling, loader.pixel_scale))
+    zs, ss = [], []
+    for b in loader.iter_batches(batch_size):
+        res = fit_map(model, b.observed, b.observation, generator=generator(device, seed, int(b.index[0])))
+        zs.append(res.z)
+        ss.append(res.log_scale)
+    return model, torch.cat(zs), torch.cat(ss)
 
 
-def _grid(panels: dict, variance, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..plotting import asinh_stretch
-
-    names = list(panels)
-    n = min(len(v) for v in panels.values())
-    fig, axes = plt.subplots(len(names), n, figsize=(1.5 * n, 1.6 * len(names) + 0.3), squeeze=False)
-    for r, name in enumerate(names):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(asinh_stretch(panels[name][c], float(np.sqrt(np.median(variance[c])))), cmap="gray",
-                      origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(name, fontsize=8)
-    fig.suptitle("observed through the same PSFs and noise (asinh stretch)", fontsize=9)
-    fig.tight_layout()
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+def _model_name(spec, model, i) -> str:
+    return spec if isinstance(spec, str) and not Path(str(spec)).exists() else f"{model.kind}-{i}"
 
 
-def _histograms(stats: dict, out):
-    import matplotlib
+def _noise_sigma(variance: np.ndarray) -> np.ndarray:
+    """Per-stamp sky-noise sigma: the median variance's square root."""
+    return np.sqrt(np.median(variance.reshape(len(variance), -1), 1))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    qs = [("flux", "log10 flux (ADU)", lambda x: np.log10(np.clip(x, 1e-3, None))),
-          ("sigma", "HSM size sigma (arcsec)", lambda x: x), ("e1", "e1", lambda x: x), ("e2", "e2", lambda x: x)]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for ax, (q, label, f) in zip(axes, qs):
-        vals = {k: f(v[q][np.isfinite(v[q])]) for k, v in stats.items()}
-        allv = np.concatenate(list(vals.values()))
-        lo, hi = np.percentile(allv, [0.5, 99.5]) if len(allv) else (0, 1)
-        bins = np.linspace(lo, hi, 40)
-        for k, v in vals.items():
-            ax.hist(v, bins=bins, histtype="step", density=True, label=k, lw=1.8 if k == "real" else 1.2)
-        ax.set_xlabel(label)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_output(out) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+def _targets(gen: dict, c2st: dict, names) -> dict:
+    """The targets: normalised W1 <= 2x the real-vs-real floor on every statistic, C2ST <= 0.60."""
+    per = gen["statistics"]
+    w1_ok = {q: bool(per[q]["w1"] is not None and per[q]["w1_floor"] is not None
+                     and per[q]["w1"] <= 2 * per[q]["w1_floor"]) for q in names if q in per}
+    return {"w1_within_2x_floor": w1_ok, "w1_all_within_2x_floor": bool(all(w1_ok.values())),
+            "missed": sorted(q for q, ok in w1_ok.items() if not ok),
+            "c2st_at_most_0.60": bool(c2st["accuracy"] <= 0.60)}
 
 
 def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: int = 0, batch_size: int = 256,
-                    device="cpu") -> dict:
-    """Reconstruction and generation quality of models on a held-out cutout file.
+                    device="cpu", baseline: str | None = "sersic", image_c2st: bool = True) -> dict:
+    """The quality report of generative models on held-out galaxies (``galgen evaluate``).
+
+    Every model (each prior choice of a VAE separately) draws ``n`` galaxies, observed
+    through the PSFs and noise of the first ``n`` held-out galaxies. The morphology
+    statistics of :func:`~galgen.evaluation.statistics.morphology_statistics` are
+    measured on the noise-free observed images of both (the noisy ones where the file
+    holds no ``noiseless``), and compared by
+    :func:`~galgen.evaluation.distances.compare_statistics` (KS and normalised W1, each
+    beside the same distance between two halves of the real set: the floor), by a
+    classifier two-sample test on the statistics (and on the observed stamps with a small
+    CNN), and in bins of magnitude and size. Models with an encoder also reconstruct the
+    held-out galaxies (chi-square per pixel and residual maps). A parametric baseline
+    (Sersic fits of *other* real galaxies of the file, rows ``n .. 2n``, rendered through
+    the same PSFs and noise) is evaluated the same way: what a user gets without deep
+    learning.
 
     Parameters
     ----------
     models : sequence
         Models, run directories, checkpoint files or pretrained names (see
-        :func:`galgen.sample.resolve_model`).
+        :func:`galgen.runtime.resolve_model`); may be empty with a ``baseline``.
     data : str or os.PathLike
         Held-out cutout file (simulated: with ``noiseless`` images).
     out : str or os.PathLike
-        Directory for ``quality.json``, ``samples.png``, ``histograms.png`` and, for
-        models loaded from a run directory, ``training_<name>.png`` (logged metrics).
+        Report directory: ``report.md``, ``report.html``, ``quality.json`` and the
+        figures (``samples.png``, ``histograms.png``, ``planes.png``,
+        ``power_spectra.png``, ``reconstruction_<model>.png``, ``training_<model>.png``
+        for models loaded from a run directory).
     n : int, optional
         Galaxies evaluated.
     n_grid : int, optional
-        Galaxies per row of the image grid.
+        Galaxies per row of the image grids.
     seed : int, optional
     batch_size : int, optional
     device : str or torch.device, optional
+    baseline : {"sersic", "bulge-disk", None}, optional
+        The parametric baseline (skipped, with a note in the report, where the file has
+        fewer than ``2 n`` galaxies).
+    image_c2st : bool, optional
+        Also run the CNN classifier test on the observed stamps.
 
     Returns
     -------
     dict
-        ``reconstruction`` (per reconstructing model: median chi2/pixel, ...),
-        ``generation`` (per generator: medians and KS distances of flux, size,
-        ellipticity against the real galaxies), ``n``, ``data``.
+        What ``quality.json`` holds: ``generation`` (per set: per statistic KS, W1, their
+        floors and medians), ``c2st`` and ``c2st_images`` (per set), ``binned`` (per
+        set: by magnitude and by size), ``reconstruction`` (per reconstructing model),
+        ``targets`` (per set), ``timing``, ``n``, ``data``, ``measured_on``.
     """
+    import time
+
+    from . import figures
+    from .distances import binned_comparison, c2st_images, c2st_statistics, compare_statistics
+    from .page import write_report
+    from .statistics import STATISTICS, power_spectrum
+
     device = resolve_device(device)
     out = Path(out)
+    t_start = time.perf_counter()
     with CutoutFile(data) as f:
-        n = min(n, len(f))
+        n_file = len(f)
+        n = min(n, n_file)
         scale = f.pixel_scale
-        real_noiseless = f.read("noiseless" if "noiseless" in f.keys else "observed", slice(0, n))
-        real_observed = f.read("observed", slice(0, n_grid))
-        variance = f.read("variance", slice(0, n_grid))
-    report = {"data": str(data), "n": n, "reconstruction": {}, "generation": {}}
-    stats = {"real": morphology_statistics(real_noiseless.astype(np.float64), scale)}
-    panels = {"real": real_observed}
+        on = "noiseless" if "noiseless" in f.keys else "observed"
+        real_images = f.read(on, slice(0, n)).astype(np.float64)
+        real_observed = f.read("observed", slice(0, n))
+        noise = _noise_sigma(f.read("variance", slice(0, n)))
+        real_mask = f.read("mask", slice(0, n)).astype(bool) if "mask" in f.keys else None
+        zero_point = f.attrs.get("zero_point")
+    timing = {}
+    t0 = time.perf_counter()
+    stats = {"real": morphology_statistics(real_images, scale, mask=real_mask)}
+    timing["statistics_real_s"] = time.perf_counter() - t0
+    k, p_real = power_spectrum(real_images, scale)
+    spectra = {"real": p_real}
+    report = {"data": str(data), "n": n, "measured_on": on, "statistics": list(STATISTICS),
+              "reconstruction": {}, "generation": {}, "c2st": {}, "c2st_images": {}, "binned": {}, "targets": {},
+              "kinds": {}, "notes": []}
+    panels = {"real": real_observed[:n_grid]}
+    sets = []  # (label, model, latents)
+    out.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(models):
         model = resolve_model(spec, device)
-        name = spec if isinstance(spec, str) and not Path(str(spec)).exists() else f"{model.kind}-{i}"
+        name = _model_name(spec, model, i)
         run_dir = Path(model.checkpoint_path or "").parent
         if (run_dir / "train_log.csv").exists():
             from ..plotting import training_curves
 
-            out.mkdir(parents=True, exist_ok=True)
             training_curves(run_dir, out / f"training_{name}.png")
         held_out = _holdout(data, n, device, model.conditions)
         rec = _reconstruction_scores(model, held_out, batch_size)
         if rec is not None:  # models with an encoder (AE, VAE) reconstruct observations
             report["reconstruction"][name] = _reconstruction_summary(rec, held_out)
+            _reconstruction_figure(model, held_out, n_grid, noise, out / f"reconstruction_{name}.png", name)
         variants = [(f" ({label})", model.with_prior(choice)) for choice, label in model.prior_choices.items()]
-        for suffix, variant in variants or [("", model)]:
-            label = name + suffix
-            g = generated_observations(variant, data, n=n, seed=seed, batch_size=batch_size, device=device)
-            st = morphology_statistics(g["noiseless"].astype(np.float64), scale)
-            stats[label] = st
-            report["generation"][label] = _compare(stats["real"], st)
-            panels[label] = g["observed"][:n_grid]
-    out.mkdir(parents=True, exist_ok=True)
-    _grid(panels, variance, out / "samples.png")
-    _histograms(stats, out / "histograms.png")
+        sets += [(name + suffix, variant, None) for suffix, variant in variants or [("", model)]]
+    if baseline is not None:
+        if n_file >= 2 * n:
+            t0 = time.perf_counter()
+            pm, z, s = parametric_fits(baseline, data, np.arange(n, 2 * n), device=device, seed=seed)
+            timing[f"{baseline}_fits_s"] = time.perf_counter() - t0
+            sets.append((f"{baseline} fits (baseline)", pm, (z, s)))
+        else:
+            report["notes"].append(f"no {baseline} baseline: it fits galaxies {n}..{2 * n} of the file, which has "
+                                   f"{n_file}")
+    for label, model, latents in sets:
+        t0 = time.perf_counter()
+        g = generated_observations(model, data, n=n, seed=seed, batch_size=batch_size, device=device,
+                                   latents=latents)
+        st = morphology_statistics(g[on].astype(np.float64), scale, mask=real_mask)
+        stats[label] = st
+        spectra[label] = power_spectrum(g[on].astype(np.float64), scale)[1]
+        report["kinds"][label] = model.kind
+        report["generation"][label] = compare_statistics(stats["real"], st, seed=seed)
+        report["c2st"][label] = c2st_statistics(stats["real"], st, seed=seed)
+        if image_c2st:
+            report["c2st_images"][label] = c2st_images(real_observed, g["observed"], noise=(noise, noise),
+                                                       seed=seed, device=device)
+        report["binned"][label] = {by: binned_comparison(stats["real"], st, by=by) for by in ("flux", "r50")}
+        report["targets"][label] = _targets(report["generation"][label], report["c2st"][label], STATISTICS)
+        panels[label] = g["observed"][:n_grid]
+        timing[f"{label}_s"] = time.perf_counter() - t0
+    figures.sample_grid(panels, noise[:n_grid], out / "samples.png")
+    figures.statistic_histograms(stats, STATISTICS, out / "histograms.png")
+    figures.statistic_planes(stats, out / "planes.png", zero_point=zero_point)
+    figures.power_spectra(k, spectra, out / "power_spectra.png")
+    timing["total_s"] = time.perf_counter() - t_start
+    report["timing"] = timing
+    report["power_spectrum"] = {"k": k.tolist(), **{name: np.nanmedian(p, 0).tolist() for name, p in spectra.items()}}
     with atomic_output(out / "quality.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+        tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    write_report(report, out)
     return report
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+@torch.no_grad()
+def _reconstruction_figure(model, loader, n_grid, noise, out, name):
+    from .figures import reconstruction_grid
+
+    batch = next(iter(loader.iter_batches(n_grid)))
+    guess = amortised_guess(model, batch.observed, batch.cond)
+    rec = batch.observation.noiseless(model.decode(guess, batch.cond).float())
+    res = batch.observation.noise.whiten(batch.observed - rec, rec)
+    reconstruction_grid(batch.observed.cpu().numpy(), rec.cpu().numpy(), res.cpu().numpy(), noise[:n_grid], out,
+                        title=f"{name}: reconstructions of held-out galaxies")

@@ -1,0 +1,80 @@
+"""The quality report of galgen evaluate: the parametric baseline, the pages, several sets in one table."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from galgen.cli import main
+from galgen.data import CutoutFile
+from galgen.evaluation import STATISTICS, evaluate_models
+from galgen.evaluation.page import report_blocks
+from galgen.evaluation.quality import parametric_fits
+
+
+@pytest.fixture(scope="module")
+def baseline_report(sdss_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    report = evaluate_models([], sdss_tiny, out, n=32, n_grid=4, seed=1, image_c2st=True)
+    return out, report
+
+
+def test_baseline_report_writes_every_file(baseline_report):
+    out, report = baseline_report
+    label = "sersic fits (baseline)"
+    assert list(report["generation"]) == [label] and report["kinds"][label] == "sersic"
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved["generation"][label]["summary"]["w1_mean"] == pytest.approx(
+        report["generation"][label]["summary"]["w1_mean"])
+    for png in ("samples.png", "histograms.png", "planes.png", "power_spectra.png"):
+        assert (out / png).stat().st_size > 5000, png
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for f in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):  # every figure the page shows exists
+        assert (out / f).exists(), f
+    assert page.count("<img") == md.count("![") and "<table>" in page
+    for q in STATISTICS:
+        assert f"| {q} |" in md
+    per = report["generation"][label]["statistics"]
+    assert set(per) == set(STATISTICS)
+    for q in STATISTICS:  # distances and their floors are defined and bounded
+        assert 0 <= per[q]["ks"] <= 1 and 0 <= per[q]["ks_floor"] <= 1 and per[q]["w1_floor"] > 0
+    c = report["c2st"][label]
+    assert 0 <= c["accuracy"] <= 1 and c["se"] > 0
+    assert 0 <= report["c2st_images"][label]["accuracy"] <= 1
+    assert {b["by"] for b in report["binned"][label].values()} == {"flux", "r50"}
+    t = report["targets"][label]
+    assert set(t["w1_within_2x_floor"]) == set(STATISTICS)
+    assert t["missed"] == sorted(q for q, ok in t["w1_within_2x_floor"].items() if not ok)
+
+
+def test_sersic_baseline_redraws_the_fitted_population(baseline_report, sdss_tiny):
+    """Fits of galaxies 32..63, re-rendered, have the fluxes and sizes of galaxies 0..31 (same population)."""
+    _, report = baseline_report
+    per = report["generation"]["sersic fits (baseline)"]["statistics"]
+    for q in ("flux", "sigma", "r50"):
+        assert per[q]["median_gen"] == pytest.approx(per[q]["median_real"], rel=0.35), q
+    # and the fits recover the total fluxes of the bulge+disk galaxies they were fitted to (a single Sersic
+    # extrapolated beyond a 12.7" stamp overshoots a little: within 15% in the median, 35% each)
+    model, z, log_scale = parametric_fits("sersic", sdss_tiny, np.arange(32, 40))
+    with CutoutFile(sdss_tiny) as f:
+        truth = np.asarray(f.catalog["flux"][32:40], dtype=np.float64)
+    ratio = np.exp(log_scale.numpy()) / truth
+    assert model.kind == "sersic" and z.shape[0] == 8
+    assert abs(np.median(ratio) - 1) < 0.15 and np.all(np.abs(ratio - 1) < 0.35)
+
+
+def test_summary_table_puts_every_set_side_by_side(baseline_report):
+    _, report = baseline_report
+    twin = json.loads(json.dumps(report))
+    for key in ("generation", "c2st", "c2st_images", "binned", "targets", "kinds"):
+        twin[key]["copy"] = twin[key]["sersic fits (baseline)"]
+    tables = [b for b in report_blocks(twin) if b[0] == "table"]
+    header = tables[0][1]
+    assert any(h.startswith("copy") for h in header) and any(h.startswith("sersic") for h in header)
+    assert len(tables[1][2]) == 2  # one targets row per set
+
+
+def test_evaluate_cli_needs_a_model_or_a_baseline(sdss_tiny, tmp_path, capsys):
+    assert main(["evaluate", "--data", str(sdss_tiny), "--out", str(tmp_path / "r"), "--baseline", "none"]) == 2
+    assert "--model" in capsys.readouterr().err
