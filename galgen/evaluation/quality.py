@@ -17,6 +17,7 @@ Two questions, answered with the physics of the data:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from ..errors import GalgenInputError
 from ..models.base import amortised_guess, good_pixels, sample_latents
 from ..runtime import generator, resolve_device, resolve_model
 from .statistics import morphology_statistics
+
+log = logging.getLogger("galgen.evaluate")
 
 __all__ = ["reconstruction_chi2", "generated_observations", "morphology_statistics", "evaluate_models"]
 
@@ -248,10 +251,11 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     data : str or os.PathLike
         Held-out cutout file (simulated: with ``noiseless`` images).
     out : str or os.PathLike
-        Report directory: ``report.md``, ``report.html``, ``quality.json`` and the
-        figures (``samples.png``, ``histograms.png``, ``planes.png``,
-        ``power_spectra.png``, ``reconstruction_<model>.png``, ``training_<model>.png``
-        for models loaded from a run directory).
+        Report directory: ``report.md``, ``report.html``, ``quality.json``,
+        ``statistics.h5`` (every galaxy's statistics, a group per set) and the figures
+        (``samples.png``, ``histograms.png``, ``planes.png``, ``power_spectra.png``,
+        ``reconstruction_<model>.png``, ``training_<model>.png`` for models loaded from a
+        run directory).
     n : int, optional
         Galaxies evaluated.
     n_grid : int, optional
@@ -269,7 +273,9 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     -------
     dict
         What ``quality.json`` holds: ``generation`` (per set: per statistic KS, W1, their
-        floors and medians), ``c2st`` and ``c2st_images`` (per set), ``binned`` (per
+        floors and medians), ``c2st`` and ``c2st_images`` (per set, with the real-vs-real
+        ``floor``; ``c2st_images_floor`` is the CNN test of one half of the real stamps
+        against the other, at half the sample size), ``binned`` (per
         set: by magnitude and by size), ``reconstruction`` (per reconstructing model),
         ``targets`` (per set), ``timing``, ``n``, ``data``, ``measured_on``.
     """
@@ -297,6 +303,7 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     t0 = time.perf_counter()
     stats = {"real": morphology_statistics(real_images, scale, mask=real_mask)}
     timing["statistics_real_s"] = time.perf_counter() - t0
+    log.info("statistics of %d real galaxies: %.0f s", n, timing["statistics_real_s"])
     k, p_real = power_spectrum(real_images, scale)
     spectra = {"real": p_real}
     report = {"data": str(data), "n": n, "measured_on": on, "statistics": list(STATISTICS),
@@ -325,10 +332,18 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
             t0 = time.perf_counter()
             pm, z, s = parametric_fits(baseline, data, np.arange(n, 2 * n), device=device, seed=seed)
             timing[f"{baseline}_fits_s"] = time.perf_counter() - t0
+            log.info("%s baseline: %d fits in %.0f s", baseline, n, timing[f"{baseline}_fits_s"])
             sets.append((f"{baseline} fits (baseline)", pm, (z, s)))
         else:
             report["notes"].append(f"no {baseline} baseline: it fits galaxies {n}..{2 * n} of the file, which has "
                                    f"{n_file}")
+    if image_c2st and sets:  # the CNN's floor: one half of the real stamps against the other
+        t0 = time.perf_counter()
+        perm = np.random.default_rng(seed).permutation(n)
+        a, b = perm[:n // 2], perm[n // 2:2 * (n // 2)]
+        report["c2st_images_floor"] = c2st_images(real_observed[a], real_observed[b], noise=(noise[a], noise[b]),
+                                                  seed=seed, device=device)
+        timing["c2st_images_floor_s"] = time.perf_counter() - t0
     for label, model, latents in sets:
         t0 = time.perf_counter()
         g = generated_observations(model, data, n=n, seed=seed, batch_size=batch_size, device=device,
@@ -342,10 +357,14 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         if image_c2st:
             report["c2st_images"][label] = c2st_images(real_observed, g["observed"], noise=(noise, noise),
                                                        seed=seed, device=device)
+            report["c2st_images"][label]["floor"] = report["c2st_images_floor"]["accuracy"]
         report["binned"][label] = {by: binned_comparison(stats["real"], st, by=by) for by in ("flux", "r50")}
         report["targets"][label] = _targets(report["generation"][label], report["c2st"][label], STATISTICS)
         panels[label] = g["observed"][:n_grid]
         timing[f"{label}_s"] = time.perf_counter() - t0
+        summary = report["generation"][label]["summary"]
+        log.info("%s: mean W1 %s (floor %s), C2ST %.3f; %.0f s", label, summary["w1_mean"],
+                 summary["w1_floor_mean"], report["c2st"][label]["accuracy"], timing[f"{label}_s"])
     figures.sample_grid(panels, noise[:n_grid], out / "samples.png")
     figures.statistic_histograms(stats, STATISTICS, out / "histograms.png")
     figures.statistic_planes(stats, out / "planes.png", zero_point=zero_point)
@@ -353,10 +372,23 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing
     report["power_spectrum"] = {"k": k.tolist(), **{name: np.nanmedian(p, 0).tolist() for name, p in spectra.items()}}
+    _write_statistics(stats, out / "statistics.h5")
     with atomic_output(out / "quality.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=_json_default))
     write_report(report, out)
     return report
+
+
+def _write_statistics(stats: dict, path: Path) -> None:
+    """Per-galaxy statistics of every set, one HDF5 group per set (``real`` and the generated ones)."""
+    import h5py
+
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for label, st in stats.items():
+                g = f.create_group(label.replace("/", "|"))
+                for name, v in st.items():
+                    g.create_dataset(name, data=np.asarray(v))
 
 
 def _json_default(x):

@@ -3,6 +3,7 @@
 import json
 import re
 
+import h5py
 import numpy as np
 import pytest
 
@@ -42,6 +43,11 @@ def test_baseline_report_writes_every_file(baseline_report):
     c = report["c2st"][label]
     assert 0 <= c["accuracy"] <= 1 and c["se"] > 0
     assert 0 <= report["c2st_images"][label]["accuracy"] <= 1
+    assert report["c2st_images"][label]["floor"] == report["c2st_images_floor"]["accuracy"]
+    with h5py.File(out / "statistics.h5") as f:  # every galaxy's statistics, real and generated
+        assert set(f) == {"real", label} and f["real/gini"].shape == (32,)
+        for key, which in (("real", "median_real"), (label, "median_gen")):
+            assert np.nanmedian(f[f"{key}/r50"][:]) == pytest.approx(report["generation"][label]["statistics"]["r50"][which])
     assert {b["by"] for b in report["binned"][label].values()} == {"flux", "r50"}
     t = report["targets"][label]
     assert set(t["w1_within_2x_floor"]) == set(STATISTICS)
