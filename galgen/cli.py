@@ -48,9 +48,9 @@ def _cmd_simulate(args):
 
 
 def _cmd_merge(args):
-    from .data import merge_cutouts
+    from .data import merge_shards
 
-    print(merge_cutouts(args.inputs, args.out, overwrite=args.overwrite))
+    print(merge_shards(args.inputs, args.out, overwrite=args.overwrite))
 
 
 def _cmd_ingest(args):
@@ -173,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "output HDF5 file; {k} and {N} are replaced by the shard numbers")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("merge", help="join the shards of one run into one cutout file",
-                       description="Concatenate shards 0/N..N-1/N of one job (galgen.data.merge_cutouts).")
-    p.add_argument("inputs", nargs="+", help="shard files")
-    _add_common(p, "merged HDF5 file")
+    p = sub.add_parser("merge", help="join the shards of one run into one cutout or fit file",
+                       description="Concatenate the shards of one 'galgen simulate --shard' or 'galgen fit --shard' "
+                                   "job into the file the unsharded run writes (galgen.data.merge_shards; the kind "
+                                   "of file is read from the inputs).")
+    p.add_argument("inputs", nargs="+", help="shard files of one job, in any order")
+    _add_common(p, "merged HDF5 file; for fit files the FITS catalog is written beside it with suffix .fits")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("ingest", help="convert FITS cutouts to a cutout file",

@@ -11,7 +11,7 @@ from .cutouts import (
     read_cutouts,
 )
 from .fitfile import FIT_DATASETS, FIT_SCHEMA, FIT_SCHEMA_VERSION, FitFile, FitWriter
-from .merge import merge_cutouts
+from .merge import merge_cutouts, merge_fits, merge_shards
 from .store import HDF5File, HDF5Writer, output_is_current
 
 __all__ = [
@@ -32,7 +32,9 @@ __all__ = [
     "CutoutDataset",
     "ObservationLoader",
     "observation_from_cutouts",
+    "merge_shards",
     "merge_cutouts",
+    "merge_fits",
     "output_is_current",
     "read_cutouts",
 ]

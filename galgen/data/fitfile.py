@@ -12,6 +12,8 @@ Root attributes: ``format``, ``schema_version``, ``complete``, ``n_galaxies``,
 ``data`` (the cutout file fitted), ``stamp_size``, ``oversampling``, ``seed``,
 ``derived_names``, ``derived_quantile_levels`` (JSON) and, for parametric models,
 ``param_names`` (JSON). A FITS catalog of summary columns is written beside it.
+The fit files of a sharded fit (``galgen fit --shard k/N``) are joined into the
+unsharded fit's file by :func:`galgen.data.merge_fits` (``galgen merge``).
 """
 
 from __future__ import annotations
@@ -125,12 +127,44 @@ class FitFile(HDF5File):
         return json.loads(self._f.attrs["derived_names"])
 
     @property
+    def catalog(self):
+        """The summary catalog stored in the file (the table of the FITS catalog beside it).
+
+        Returns
+        -------
+        astropy.table.Table
+            One row per galaxy, in file order.
+        """
+        from astropy.table import Table
+
+        if "catalog" not in self._f:
+            raise GalgenInputError(f"{self.path}: no catalog in the fit file")
+        return Table.read(self._f, path="catalog")
+
+    @property
     def data_path(self) -> Path:
         """The cutout file that was fitted."""
         return Path(str(self._f.attrs["data"]))
 
     def __len__(self) -> int:
         return int(self._f["index"].shape[0])
+
+    def dataset(self, key: str):
+        """The h5py dataset ``key``, lazy (nothing is read into memory).
+
+        Parameters
+        ----------
+        key : str
+            A dataset of :data:`FIT_DATASETS` present in the file.
+
+        Returns
+        -------
+        h5py.Dataset
+            Open while the file is.
+        """
+        if key not in self._f or key not in FIT_DATASETS:
+            raise GalgenInputError(f"{self.path}: no dataset {key!r} (has {self.keys})")
+        return self._f[key]
 
     def read(self, key: str, rows=None) -> np.ndarray:
         """Read a dataset, all rows or the given ones (only those are read from disk).
