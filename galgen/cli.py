@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an AE, VAE or WGAN-GP on a cutout file",
                        description="Train a generative model (galgen.train.train). The YAML has a 'model:' section "
-                                   "(kind: ae, vae or wgan-gp, and its options) and a 'train:' section (steps, "
+                                   "(kind: ae, vae, gan or wgan-gp, and its options) and a 'train:' section (steps, "
                                    "batch_size, lr, device, precision, ...). Under torchrun, processes split each "
                                    "batch and average gradients (NCCL on GPUs, gloo on CPUs).")
     p.add_argument("--config", required=True, help="training YAML, e.g. pipelines/configs/vae_sdss.yaml")

@@ -140,8 +140,9 @@ def training_curves(run_dir, out, *, keys=None):
     out : str or os.PathLike
         PNG file (written atomically).
     keys : sequence of str, optional
-        Metrics to plot, one panel each; default: ``loss`` plus ``elbo`` and ``kl`` (VAE)
-        or ``wasserstein`` and ``gradient_penalty`` (WGAN-GP), when logged.
+        Metrics to plot, one panel each; default: ``loss`` plus ``elbo`` and ``kl`` (VAE),
+        ``wasserstein`` and ``gradient_penalty`` (WGAN-GP), ``generator_loss`` (GANs) and
+        the validation KS distances ``ks_flux``, ``ks_sigma``, ``ks_e`` (GANs), when logged.
 
     Returns
     -------
@@ -160,8 +161,9 @@ def training_curves(run_dir, out, *, keys=None):
         from .errors import GalgenInputError
 
         raise GalgenInputError(f"{run_dir}: no train_log.csv (not a training run directory)")
-    present = set(train[0]) | {k for r in train for k, v in r.items() if v}
-    keys = list(keys or [k for k in ("loss", "elbo", "kl", "wasserstein", "gradient_penalty") if k in present])
+    present = {k for rows in (train, val) for r in rows for k, v in r.items() if v}
+    keys = list(keys or [k for k in ("loss", "elbo", "kl", "wasserstein", "gradient_penalty", "generator_loss",
+                                     "ks_flux", "ks_sigma", "ks_e") if k in present])
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(int(r["step"]), float(r[k])) for r in train if r.get(k)]

@@ -1,4 +1,4 @@
-"""Generative models of galaxy morphology: auto-encoder, VAE with a latent flow prior, WGAN-GP, Sersic.
+"""Generative models of galaxy morphology: auto-encoder, VAE with a latent flow prior, WGAN-GP and GAN, Sersic.
 
 Every model that inference, sampling and evaluation use follows the latent-model
 contract (:class:`LatentModel`: ``latent_dim``, ``decode``, ``prior``, ``encode``).
@@ -15,7 +15,9 @@ from .registry import MODEL_KINDS, build_model, model_class
 from .prior import LatentFlowPrior
 from .vae import VAE
 from .wgan import WGANGP, Critic
+from .adversarial import AdversarialModel
+from .gan import GAN, FluxShapeGenerator, SNCritic
 
 __all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "StandardNormal", "FlatPrior",
-           "AutoEncoder", "VAE", "LatentFlowPrior", "WGANGP", "Critic", "MODEL_KINDS", "build_model", "model_class",
+           "AutoEncoder", "VAE", "LatentFlowPrior", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
            "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "make_optimizer", "no_sync"]

@@ -189,11 +189,27 @@ class Decoder(nn.Module):
         torch.Tensor
             ``(B, size, size)``, non-negative.
         """
+        x = self.logits(z)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            log_amp = self.log_flux_scale + self.amplitude(z.float())[:, :, None]
+            return nn.functional.softplus(x) * log_amp.exp()
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The output layer before the positivity map and the amplitude (float32).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, in_features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, size, size)`` float32.
+        """
         h = self.project(z).view(-1, self.seed_channels, self.seed, self.seed)
         feats = self.body(h)
         # The output layer runs in float32 even under bf16 autocast: a bf16 image has ~0.4%
         # relative precision, tens of noise sigmas in the core of a bright galaxy.
         with torch.autocast(device_type=feats.device.type, enabled=False):
-            x = self.out(feats.float())[:, 0]
-            log_amp = self.log_flux_scale + self.amplitude(z.float())[:, :, None]
-            return nn.functional.softplus(x) * log_amp.exp()
+            return self.out(feats.float())[:, 0]

@@ -1,4 +1,4 @@
-"""Model kinds by name: ``ae``, ``vae``, ``wgan-gp``, as they appear in configs and checkpoints."""
+"""Model kinds by name: ``ae``, ``vae``, ``wgan-gp``, ``gan``, as they appear in configs and checkpoints."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ MODEL_KINDS = {
     "ae": "autoencoder:AutoEncoder",
     "vae": "vae:VAE",
     "wgan-gp": "wgan:WGANGP",
+    "gan": "gan:GAN",
 }
 
 

@@ -32,13 +32,11 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
-from .base import Batch, GenerativeModel, make_optimizer, no_sync, sample_latents, standard_normal
+from .adversarial import AdversarialModel, _masked  # noqa: F401  (_masked: the module's former home)
+from .base import Batch, make_optimizer, no_sync
 from .networks import Decoder, Encoder
 
 __all__ = ["WGANGP", "Critic"]
-
-_VALIDATION_SEED = 20170331  # fixed seed of the validation fakes (Gulrajani et al., arXiv date)
-
 
 class Critic(nn.Module):
     """Convolutional critic of detector images with an optional projection head for conditions.
@@ -98,7 +96,7 @@ class Critic(nn.Module):
         return score
 
 
-class WGANGP(GenerativeModel):
+class WGANGP(AdversarialModel):
     """WGAN-GP whose generator makes intrinsic galaxies and whose critic sees them observed.
 
     Parameters
@@ -169,187 +167,7 @@ class WGANGP(GenerativeModel):
         self.critic = Critic(self.stamp, width=int(width), features=min(8 * int(width), 256),
                              cond_dim=self.cond_dim)
 
-    # -- generator -----------------------------------------------------------------------
-
-    def generate(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        """Intrinsic images of latent vectors.
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(n, latent_dim)``.
-        cond : torch.Tensor, optional
-            Raw conditioning values, ``(n, C)`` or ``(C,)`` (required for a conditioned model).
-
-        Returns
-        -------
-        torch.Tensor
-            ``(n, S*k, S*k)`` non-negative intrinsic images.
-        """
-        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise GalgenInputError(f"z: expected shape (n, {self.latent_dim}), got {shape}")
-        return self._generate(z, self.condition_features(cond, z.shape[0]))
-
-    def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
-        """Intrinsic images of latent vectors (the latent-model contract's name for :meth:`generate`).
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(n, latent_dim)``.
-        cond : torch.Tensor, optional
-            Raw conditioning values, ``(n, C)`` or ``(C,)``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(n, S*k, S*k)`` non-negative intrinsic images.
-        """
-        return self.generate(z, cond)
-
-    def prior(self, cond=None):
-        """The generator's latent distribution, N(0, I) (whatever the conditions).
-
-        Parameters
-        ----------
-        cond : torch.Tensor, optional
-            Unused: the conditions enter the generator, not the latent distribution.
-
-        Returns
-        -------
-        galgen.models.StandardNormal
-        """
-        like = self.cond_mean  # a buffer: follows the model's device and dtype
-        return standard_normal(self.latent_dim, device=like.device, dtype=like.dtype)
-
-    def _generate(self, z, feats):
-        if feats is not None:
-            z = torch.cat([z, feats.to(device=z.device, dtype=z.dtype)], dim=1)
-        return self.generator(z)
-
-    def _latent(self, n, generator=None):
-        return sample_latents(self.prior(), n, generator=generator)
-
-    @torch.no_grad()
-    def sample(self, n: int, cond=None, generator: torch.Generator | None = None, **options) -> torch.Tensor:
-        """Draw intrinsic (PSF-free) galaxy images, ``z ~ N(0, I)``.
-
-        Parameters
-        ----------
-        n : int
-            Number of galaxies.
-        cond : torch.Tensor, optional
-            Raw conditioning values, ``(n, C)`` or ``(C,)``.
-        generator : torch.Generator, optional
-            Source of the latent vectors (same seed, same galaxies).
-        **options
-            None accepted.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(n, S*k, S*k)`` non-negative intrinsic images.
-        """
-        if options:
-            raise GalgenInputError(f"options: a {self.kind} model takes no sampling options, got {sorted(options)}")
-        if int(n) < 1:
-            raise GalgenInputError(f"n: must be >= 1, got {n!r}")
-        feats = self.condition_features(cond, int(n))
-        return self._generate(self._latent(int(n), generator), feats)
-
-    def observe_fakes(self, observation, n: int | None = None, cond=None,
-                      generator: torch.Generator | None = None):
-        """Generate galaxies and observe them like a batch (PSF, pixel integration, noise).
-
-        Differentiable with respect to the generator: the noisy image is the noiseless
-        one plus a noise draw that enters as a constant (reparameterised), so the
-        critic's gradients reach the generator through the physics layer.
-
-        Parameters
-        ----------
-        observation : galgen.physics.Observation
-            PSFs and noise; with per-galaxy PSFs or variance maps, galaxy ``i`` is
-            observed like galaxy ``i`` of the batch.
-        n : int, optional
-            Number of galaxies; default the observation's batch size.
-        cond : torch.Tensor, optional
-            Raw conditioning values, ``(n, C)`` or ``(C,)``.
-        generator : torch.Generator, optional
-            Randomness of the latent vectors and of the noise (on the model's device).
-
-        Returns
-        -------
-        intrinsic : torch.Tensor
-            ``(n, S*k, S*k)`` generated images.
-        observed : torch.Tensor
-            ``(n, S, S)`` noisy detector images (float32, or the PSF's dtype if wider).
-        """
-        n = self._batch_size(observation) if n is None else int(n)
-        if n < 1:
-            raise GalgenInputError(f"n: must be >= 1, got {n!r}")
-        return self._observe_fakes(observation, self.condition_features(cond, n), n, generator)
-
-    def _observe_fakes(self, observation, feats, n, generator=None):
-        intrinsic = self._generate(self._latent(n, generator), feats)
-        dtype = torch.promote_types(torch.float32, observation.psf.dtype)
-        _, noisy = observation.observe(intrinsic.to(dtype), generator=generator)
-        return intrinsic, noisy
-
-    @staticmethod
-    def _batch_size(observation):
-        psf = getattr(observation, "psf", None)
-        noise = getattr(observation, "noise", None)
-        if psf is not None and psf.ndim == 3:
-            return psf.shape[0]
-        var = getattr(noise, "variance_map", None)
-        if var is not None and var.ndim == 3:
-            return var.shape[0]
-        raise GalgenInputError("n: the observation's PSF and noise are shared; give the number of galaxies")
-
-    # -- critic --------------------------------------------------------------------------
-
-    def critic_input(self, observed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Detector images as the critic sees them: ``asinh(x / input_scale)``, excluded pixels 0.
-
-        Parameters
-        ----------
-        observed : torch.Tensor
-            ``(B, S, S)`` detector images (ADU).
-        mask : torch.Tensor, optional
-            ``(B, S, S)`` or ``(S, S)`` boolean, True = pixel excluded.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, S, S)``, on the model's dtype.
-        """
-        if not isinstance(observed, torch.Tensor) or observed.ndim != 3 or observed.shape[-1] != self.stamp \
-                or observed.shape[-2] != self.stamp:
-            shape = tuple(observed.shape) if isinstance(observed, torch.Tensor) else type(observed).__name__
-            raise GalgenInputError(f"observed: expected shape (B, {self.stamp}, {self.stamp}), got {shape}")
-        x = _masked(observed, mask).to(self.cond_mean.dtype)  # the model's dtype (a buffer)
-        return torch.asinh(x / self.input_scale)
-
-    def critic_score(self, observed: torch.Tensor, cond=None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The critic's score of detector images (higher = more like the data).
-
-        Parameters
-        ----------
-        observed : torch.Tensor
-            ``(B, S, S)`` detector images (ADU).
-        cond : torch.Tensor, optional
-            Raw conditioning values, ``(B, C)`` or ``(C,)``.
-        mask : torch.Tensor, optional
-            ``(B, S, S)`` or ``(S, S)`` boolean, True = pixel excluded (set to 0).
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B,)`` float32 scores.
-        """
-        u = self.critic_input(observed, mask)
-        return self.critic(u, self.condition_features(cond, u.shape[0])).float()
+    # -- critic ----------------------------------------------------------------------------
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, cond=None, mask=None,
                          generator: torch.Generator | None = None) -> torch.Tensor:
@@ -459,7 +277,7 @@ class WGANGP(GenerativeModel):
 
         # critic update: fakes made without gradient, observed like the batch's galaxies
         with torch.no_grad():
-            _, fake = self._observe_fakes(obs, feats, n)
+            _, fake = self._observe_fakes(obs, feats, n, raw=True)
             u_real, u_fake = self.critic_input(batch.observed, mask), self.critic_input(fake, mask)
         opt_c.zero_grad(set_to_none=True)
         scores = self.critic(torch.cat([u_real, u_fake]), both).float()
@@ -478,7 +296,7 @@ class WGANGP(GenerativeModel):
             for p in critic_params:
                 p.requires_grad_(False)
             try:
-                _, fake = self._observe_fakes(obs, feats, n)
+                _, fake = self._observe_fakes(obs, feats, n, raw=True)
                 g_loss = -self.critic(self.critic_input(fake, mask), feats).float().mean()
                 g_loss.backward()
             finally:
@@ -493,11 +311,8 @@ class WGANGP(GenerativeModel):
     def validation_step(self, batch: Batch) -> dict:
         """Per-galaxy critic scores of held-out galaxies and of fakes observed like them.
 
-        The fakes (one per galaxy, with its PSF, noise and conditions) come from a
-        private random generator seeded from the batch's ``index`` (or a constant), so
-        an unshuffled validation set sees the same latent vectors and noise every epoch
-        and the figures are comparable across epochs; the global random state and the
-        parameters are left untouched.
+        The fakes are :meth:`validation_fakes` (the same latent vectors and noise at every
+        validation of an unshuffled set, so the figures are comparable across epochs).
 
         Parameters
         ----------
@@ -505,39 +320,21 @@ class WGANGP(GenerativeModel):
 
         Returns
         -------
-        dict of str to torch.Tensor
+        dict
             Each ``(B,)``: ``critic_real``, ``critic_fake``, ``wasserstein``
             (``critic_real - critic_fake``; its mean is the Wasserstein estimate) and
-            ``loss``, equal to ``wasserstein``: for a GAN the validation loss is the
-            critic's Wasserstein estimate on held-out data.
+            ``loss``, equal to ``wasserstein``: for a WGAN the validation loss is the
+            critic's Wasserstein estimate on held-out data. ``distributions``: the
+            per-galaxy statistics of :meth:`validation_distributions`, which the trainer
+            turns into KS distances.
         """
         n = len(batch)
-        obs = batch.observation
         feats = self.condition_features(batch.cond, n)
-        mask = getattr(obs.noise, "mask", None)
-        gen = torch.Generator(device=batch.observed.device)
-        gen.manual_seed(_validation_seed(batch.index))
-        _, fake = self._observe_fakes(obs, feats, n, generator=gen)
+        mask = getattr(batch.observation.noise, "mask", None)
+        _, fake = self.validation_fakes(batch)
         u = torch.cat([self.critic_input(batch.observed, mask), self.critic_input(fake, mask)])
         scores = self.critic(u, None if feats is None else torch.cat([feats, feats])).float()
         d_real, d_fake = scores[:n], scores[n:]
         w = d_real - d_fake
-        return {"loss": w, "wasserstein": w, "critic_real": d_real, "critic_fake": d_fake}
-
-
-def _masked(x, mask):
-    """Zero excluded pixels, so that neither real nor fake images carry information there."""
-    if mask is None:
-        return x
-    mask = torch.as_tensor(mask, device=x.device)
-    mask = mask if mask.dtype == torch.bool else mask != 0
-    return torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
-
-
-def _validation_seed(index) -> int:
-    """A seed determined by the batch's galaxy indices (a constant without them)."""
-    seed = _VALIDATION_SEED
-    if index is not None:
-        for i in torch.as_tensor(index).reshape(-1).tolist():
-            seed = (seed * 1000003 + int(i) + 1) % (2**61 - 1)
-    return seed
+        return {"loss": w, "wasserstein": w, "critic_real": d_real, "critic_fake": d_fake,
+                "distributions": self.validation_distributions(batch, fake)}

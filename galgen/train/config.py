@@ -71,6 +71,9 @@ class TrainConfig:
         Also write TensorBoard event files (needs the ``tensorboard`` package).
     progress : bool, optional
         Progress bar (default: when stderr is a terminal).
+    val_images : bool
+        At every validation, write ``val_samples/step_<step>.png`` (held-out galaxies and
+        generated ones observed like them; GANs only).
     """
 
     steps: int = 1000
@@ -95,6 +98,7 @@ class TrainConfig:
     prior_samples: int = 4
     tensorboard: bool = False
     progress: bool | None = None
+    val_images: bool = True
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimisation step ``step`` (counted from 0).

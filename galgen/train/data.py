@@ -151,12 +151,18 @@ class TrainingData(ObservationLoader):
         -------
         dict
             ``noise_rms`` (median of the per-pixel rms, ADU), ``peak`` (median brightest
-            detector pixel, ADU), ``cond_mean`` and ``cond_std`` (lists).
+            detector pixel, ADU), ``log_flux`` (median and half the 16-84% range of the
+            natural log of the stamps' total flux), ``cond_mean`` and ``cond_std`` (lists).
         """
         n = min(len(self), max_galaxies)
         r = self.rows(torch.arange(n))
-        out = {"noise_rms": float(r["variance"].float().median().sqrt()),
-               "peak": float(r["observed"].flatten(1).amax(1).median())}
+        obs = r["observed"].float().flatten(1)
+        peak = obs.amax(1)
+        # ln of the total flux (clipped at the peak: a noisy sum can be negative)
+        log_flux = torch.maximum(obs.sum(1), peak.clamp_min(1e-6)).log()
+        q16, q50, q84 = torch.quantile(log_flux, torch.tensor([0.16, 0.5, 0.84])).tolist()
+        out = {"noise_rms": float(r["variance"].float().median().sqrt()), "peak": float(peak.median()),
+               "log_flux": [q50, max((q84 - q16) / 2, 1e-3)]}
         if self.cond is not None:
             c = self.cond.float().cpu()
             out["cond_mean"] = c.mean(0).tolist()

@@ -8,6 +8,7 @@ directory beside the outputs of :class:`~galgen.train.Trainer`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
         ``model`` (path of ``model.pt``), ``step``, ``best_val_loss``, ``val``.
     """
     from ..data.cutouts import CutoutFile
-    from ..models.registry import build_model
+    from ..models.registry import build_model, model_class
 
     if isinstance(config, RunConfig):
         cfg = config if not overrides else RunConfig(config.model, TrainConfig(**{**asdict(config.train),
@@ -92,6 +93,8 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
                                        f"{key} {value} ({data})")
         model_cfg.setdefault("input_scale", round(stats["noise_rms"], 6))
         model_cfg.setdefault("flux_scale", round(max(stats["peak"], 1e-3) / meta.oversampling**2, 6))
+        if "log_flux" in inspect.signature(model_class(model_cfg.get("kind", "")).__init__).parameters:
+            model_cfg.setdefault("log_flux", [round(v, 6) for v in stats["log_flux"]])
         torch.manual_seed(tc.seed)
         model = build_model(model_cfg)
         if conditions:

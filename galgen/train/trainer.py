@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import GalgenInputError, TrainingDiverged
@@ -260,12 +261,16 @@ class Trainer:
         self.model.eval()
         n = min(len(self.val_data), self.config.max_val)
         share = torch.arange(n)[self.ctx.rank::self.ctx.world_size]
-        sums, count = {}, 0
+        sums, count, dists = {}, 0, {}
         gen_state = torch.get_rng_state()
         torch.manual_seed(_step_seed(self.config.seed, -1, self.ctx.rank))
         for batch in self.val_data.iter_batches(self.config.batch_size, share):
             with self._autocast():
-                out = self.model.validation_step(batch)
+                out = dict(self.model.validation_step(batch))
+            for name, (real, fake) in (out.pop("distributions", None) or {}).items():
+                have = dists.setdefault(name, ([], []))
+                have[0].append(np.asarray(real, dtype=np.float64).ravel())
+                have[1].append(np.asarray(fake, dtype=np.float64).ravel())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().sum()
             count += len(batch)
@@ -274,7 +279,63 @@ class Trainer:
         vec = torch.stack([torch.as_tensor(sums[k], device=self.device) for k in keys]
                           + [torch.tensor(float(count), device=self.device)])
         vec = self.ctx.all_reduce_sum(vec)
-        return {k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)}
+        result = {k: float(vec[i] / vec[-1]) for i, k in enumerate(keys)}
+        result.update(self._distribution_distances(dists))
+        if "loss" not in result and "ks_mean" in result:
+            result["loss"] = result["ks_mean"]
+        return result
+
+    @torch.no_grad()
+    def validation_grid(self, step: int):
+        """Write ``val_samples/step_<step>.png``: held-out galaxies and fakes observed like them.
+
+        Only for models with ``validation_panels`` (the GANs); the first validation
+        galaxies, with the same latent vectors and noise every time.
+
+        Parameters
+        ----------
+        step : int
+
+        Returns
+        -------
+        pathlib.Path or None
+            The PNG, or None when the model or the data give nothing to show.
+        """
+        if not hasattr(self.model, "validation_panels") or self.val_data is None or not len(self.val_data):
+            return None
+        from ..evaluation.figures import sample_grid
+
+        self.model.eval()
+        batch = next(iter(self.val_data.iter_batches(8, torch.arange(min(8, len(self.val_data))))))
+        with self._autocast():
+            panels, noise = self.model.validation_panels(batch)
+        return sample_grid(panels, noise, self.out / "val_samples" / f"step_{step:06d}.png",
+                           title=f"step {step}: held-out galaxies and generated ones observed like them")
+
+    def _distribution_distances(self, dists: dict) -> dict:
+        """``ks_<name>`` of the real-vs-generated statistics gathered over all processes.
+
+        Where the model's validation gives no per-galaxy loss (a GAN has no likelihood),
+        ``loss`` is the mean of these KS distances, so ``best.pt`` keeps the model whose
+        generated population matches the held-out one best.
+        """
+        from ..evaluation.distances import ks_distance
+
+        out = {}
+        for name in sorted(dists):
+            real, fake = (np.concatenate(parts) for parts in dists[name])
+            if self.ctx.active:
+                gathered = [None] * self.ctx.world_size
+                torch.distributed.all_gather_object(gathered, (real, fake))
+                real = np.concatenate([g[0] for g in gathered])
+                fake = np.concatenate([g[1] for g in gathered])
+            ks = ks_distance(real, fake)
+            if math.isfinite(ks):
+                out[f"ks_{name}"] = ks
+        ks_values = [v for k, v in out.items() if k.startswith("ks_")]
+        if ks_values:
+            out.setdefault("ks_mean", float(np.mean(ks_values)))
+        return out
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -336,6 +397,8 @@ class Trainer:
                     if main:
                         log.info("step %d validation: %s", s,
                                  "  ".join(f"{k} {v:.5g}" for k, v in sorted(last_val.items())))
+                    if main and cfg.val_images:
+                        self.validation_grid(s)
                     if last_val["loss"] < self.best_val:
                         self.best_val = last_val["loss"]
                         if main:

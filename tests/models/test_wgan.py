@@ -289,6 +289,10 @@ def test_validation_is_per_galaxy_reproducible_and_changes_nothing():
     rng = torch.get_rng_state()
     v1 = gan.validation_step(batch)
     v2 = gan.validation_step(batch)
+    dists = v1.pop("distributions")
+    v2.pop("distributions")
+    assert set(dists) == {"flux", "sigma", "e"}
+    assert all(len(real) == len(fake) == 5 for real, fake in dists.values())
     assert set(v1) == {"loss", "wasserstein", "critic_real", "critic_fake"}
     assert all(t.shape == (5,) for t in v1.values())
     assert torch.equal(v1["loss"], v1["wasserstein"])

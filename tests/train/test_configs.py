@@ -20,4 +20,4 @@ def test_shipped_config_builds_its_model(path):
 
 def test_there_are_configs_for_each_kind():
     kinds = {load_run_config(p).model["kind"] for p in CONFIGS}
-    assert kinds == {"ae", "vae", "wgan-gp"}
+    assert kinds == {"ae", "vae", "wgan-gp", "gan"}

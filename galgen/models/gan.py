@@ -1,0 +1,546 @@
+"""A GAN recipe that learns galaxies on a CPU: non-saturating (or hinge) loss, spectral-norm critic.
+
+WGAN-GP (:class:`galgen.models.WGANGP`) is slow by design: five critic updates per
+generator update, a double backward every step, and published 64x64 runs of 200k
+generator iterations. The recipe here follows what converges in far fewer steps on
+galaxy images seen through a PSF and noise (the AmbientGAN-style set-up of Lanusse et
+al. 2021, ``deep_galaxy_models``; SNGAN, Miyato et al. 2018; StyleGAN2's lazy R1 and
+generator averaging, Karras et al. 2020):
+
+- **loss**: the non-saturating GAN loss (critic ``softplus(-D(real)) + softplus(D(fake))``,
+  generator ``softplus(-D(fake))``) or the hinge loss, one critic update per generator
+  update;
+- **critic**: a DCGAN-like convolutional network with spectral normalisation on every
+  layer (Lipschitz control without a gradient penalty) and a projection head for the
+  conditions, looking at ``asinh(x / input_scale)`` detector images as the WGAN-GP's;
+- **generator head**: flux and shape separated, ``image = F * softmax(logits)`` over the
+  intrinsic pixels, with ``log F = mu + sd * h(z, c)`` from a small network ``h`` and the
+  data's log-flux mean ``mu`` and spread ``sd``; the logits start from a centred
+  Gaussian (``-r^2 / 2 s0^2``). A convolutional body cannot easily make one galaxy 1,000
+  times brighter than another (three decades of flux in a magnitude-limited sample),
+  and a softmax cannot make a pedestal: the shape is a distribution over pixels;
+- **EMA** of the generator's weights (``ema``, with the usual warm-up
+  ``min(ema, (1 + t) / (10 + t))``), which is what :meth:`GAN.sample`,
+  :meth:`GAN.decode` and validation use;
+- optional **lazy R1** penalty ``r1_gamma / 2 * E ||grad D(real)||^2``, applied every
+  ``r1_every`` steps with its weight multiplied by ``r1_every``.
+
+As for every galgen GAN, the critic never sees an intrinsic image: each generated
+galaxy is observed with the PSF, pixels and noise of a real galaxy of the batch, so
+the generator learns PSF-free galaxies from observations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _sn
+
+from ..errors import GalgenInputError
+from .adversarial import AdversarialModel
+from .base import Batch, make_optimizer, no_sync
+from .networks import Decoder, halvings
+
+__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "GAN_LOSSES"]
+
+#: Loss names the :class:`GAN` accepts.
+GAN_LOSSES = ("non-saturating", "hinge")
+
+
+class FluxShapeGenerator(nn.Module):
+    """Generator whose output is a total flux times a shape: ``F * softmax(logits)``.
+
+    The shape logits come from a convolutional :class:`Decoder` body plus a fixed
+    centred Gaussian ``-r^2 / (2 s0^2)`` (centre at pixel ``(size//2, size//2)``, the
+    package's convention), so an untrained generator draws round blobs of the typical
+    size rather than noise spread over the stamp. The log flux is
+    ``log_flux_mean + log_flux_std * h(z)`` with ``h`` a two-layer network; the image
+    sums to ``F`` exactly (the flux falling outside the intrinsic grid is zero).
+
+    Parameters
+    ----------
+    size : int
+        Intrinsic grid size (stamp x oversampling).
+    in_features : int
+        Latent (plus conditioning) dimension.
+    width : int, optional
+        Channels of the decoder's finest level.
+    max_width : int, optional
+        Channel cap.
+    log_flux : tuple of float, optional
+        ``(mean, std)`` of the natural log of the total flux (image units) that the
+        flux head starts from (the data's values: :meth:`galgen.train.TrainingData.statistics`).
+    template_sigma : float, optional
+        ``s0`` in intrinsic pixels; default ``size / 16``.
+
+    Examples
+    --------
+    >>> g = FluxShapeGenerator(32, in_features=8, width=8, log_flux=(math.log(500.0), 1.0))
+    >>> img = g(torch.zeros(2, 8))
+    >>> img.shape, bool((img >= 0).all())
+    (torch.Size([2, 32, 32]), True)
+    """
+
+    def __init__(self, size: int, in_features: int, width: int = 32, max_width: int = 256,
+                 log_flux=(0.0, 1.0), template_sigma: float | None = None):
+        super().__init__()
+        mean, std = (float(v) for v in log_flux)
+        if not (math.isfinite(mean) and std > 0):
+            raise GalgenInputError(f"log_flux: needs a finite mean and a positive std, got {log_flux!r}")
+        self.size = int(size)
+        self.shape = Decoder(self.size, in_features, width=width, max_width=max_width, learn_flux_scale=False)
+        self.flux = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
+        self.scale = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
+        s0 = float(template_sigma) if template_sigma is not None else self.size / 16.0
+        r = torch.arange(self.size, dtype=torch.float32) - self.size // 2
+        self.register_buffer("r2", (r[:, None] ** 2 + r[None, :] ** 2) / (2 * s0**2), persistent=False)
+        self.register_buffer("log_flux_mean", torch.tensor(mean))
+        self.register_buffer("log_flux_std", torch.tensor(std))
+
+    def log_flux(self, z: torch.Tensor) -> torch.Tensor:
+        """Natural log of the total flux of each generated galaxy.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, in_features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` float32.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.log_flux_mean + self.log_flux_std * self.flux(z.float())[:, 0]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Intrinsic images.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, in_features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, size, size)`` float32, non-negative, each summing to its flux.
+        """
+        logits = self.shape.logits(z)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            inv_s2 = torch.exp(-2 * self.scale(z.float()))[:, :, None]  # (s0 / s)^2
+            logits = (logits - self.r2 * inv_s2).flatten(1)
+            shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
+            return shape * self.log_flux(z).exp()[:, None, None]
+
+
+def _lrelu():
+    return nn.LeakyReLU(0.1)
+
+
+def _group_std(f: torch.Tensor, group: int) -> torch.Tensor:
+    """Minibatch standard deviation (Karras et al. 2018): one feature map per group of images.
+
+    The batch is cut into consecutive groups of ``group`` images (the largest divisor of
+    the batch size not above ``group``); every image receives the mean over channels and
+    pixels of the standard deviation across its group, as a constant extra channel. A
+    generator whose samples all look alike (mode collapse) is then told apart from the
+    data by the critic.
+    """
+    b = f.shape[0]
+    g = max(d for d in range(1, min(group, b) + 1) if b % d == 0)
+    if g < 2:
+        return torch.zeros_like(f[:, :1])
+    y = f.float().view(g, b // g, *f.shape[1:])
+    std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (b // g,)
+    return std.repeat(g)[:, None, None, None].expand(b, 1, *f.shape[2:]).to(f.dtype)
+
+
+class SNCritic(nn.Module):
+    """Spectrally normalised convolutional critic with a projection head for conditions.
+
+    Per halving level a 3x3 convolution and a 4x4 stride-2 convolution, LeakyReLU(0.1),
+    no normalisation layer; channels double per level from ``width`` up to
+    ``max_width``; then a 3x3 convolution, a linear layer to ``features`` and the score
+    ``w . h + b + (E c) . h`` (Miyato & Koyama 2018). Every weight is spectrally
+    normalised (one power iteration per training forward pass) when ``spectral_norm``.
+
+    Parameters
+    ----------
+    stamp : int
+        Detector stamp size.
+    width : int, optional
+        Channels of the first level.
+    features : int, optional
+        Size of the feature vector ``h``.
+    cond_dim : int, optional
+        Number of conditioning quantities (0: unconditional).
+    spectral_norm : bool, optional
+        Spectral normalisation of every layer.
+    max_width : int, optional
+        Channel cap.
+
+    Examples
+    --------
+    >>> critic = SNCritic(32, width=8, features=16, cond_dim=1)
+    >>> critic(torch.zeros(3, 32, 32), torch.zeros(3, 1)).shape
+    torch.Size([3])
+    """
+
+    def __init__(self, stamp: int, width: int = 32, features: int = 128, cond_dim: int = 0,
+                 spectral_norm: bool = True, max_width: int = 256, minibatch_std: int = 4):
+        super().__init__()
+        sn = _sn if spectral_norm else (lambda m: m)
+        n, seed = halvings(stamp)
+        self.stamp, self.cond_dim = int(stamp), int(cond_dim)
+        layers, c = [], 1
+        for i in range(n):
+            cout = min(width * 2**i, max_width)
+            layers += [sn(nn.Conv2d(c, cout, 3, padding=1)), _lrelu(),
+                       sn(nn.Conv2d(cout, cout, 4, stride=2, padding=1)), _lrelu()]
+            c = cout
+        self.features = nn.Sequential(*layers)
+        self.minibatch_std = int(minibatch_std)
+        extra = 1 if self.minibatch_std > 1 else 0
+        self.final = nn.Sequential(sn(nn.Conv2d(c + extra, c, 3, padding=1)), _lrelu())
+        self.head = sn(nn.Linear(c * seed * seed, features))
+        self.out = sn(nn.Linear(features, 1))
+        self.embed = sn(nn.Linear(self.cond_dim, features, bias=False)) if self.cond_dim else None
+
+    def forward(self, u: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Score critic inputs.
+
+        Parameters
+        ----------
+        u : torch.Tensor
+            ``(B, S, S)`` critic inputs (stretched detector images).
+        cond : torch.Tensor, optional
+            ``(B, cond_dim)`` standardised conditions (required when ``cond_dim > 0``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` scores.
+        """
+        if u.ndim != 3 or u.shape[-1] != self.stamp or u.shape[-2] != self.stamp:
+            raise GalgenInputError(f"u: expected (B, {self.stamp}, {self.stamp}), got {tuple(u.shape)}")
+        f = self.features(u[:, None])
+        if self.minibatch_std > 1:
+            f = torch.cat([f, _group_std(f, self.minibatch_std)], dim=1)
+        h = nn.functional.leaky_relu(self.head(self.final(f).flatten(1)), 0.1)
+        score = self.out(h)[:, 0]
+        if self.embed is not None:
+            if cond is None:
+                raise GalgenInputError("cond: this critic needs conditions")
+            score = score + (self.embed(cond.to(h.dtype)) * h).sum(dim=1)
+        return score
+
+
+class GAN(AdversarialModel):
+    """GAN with a non-saturating or hinge loss and a spectral-norm critic, seen through the physics layer.
+
+    Parameters
+    ----------
+    stamp : int
+        Detector stamp size of the observations.
+    latent_dim : int, optional
+        Size of the latent vector ``z ~ N(0, I)``.
+    oversampling : int, optional
+        Intrinsic pixels per detector pixel of the generated images.
+    width : int, optional
+        Base channel count of the generator body and of the critic.
+    input_scale : float, optional
+        Detector images enter the critic as ``asinh(x / input_scale)`` (about the sky rms).
+    flux_scale : float, optional
+        Typical peak (image units per intrinsic pixel); with ``head="softplus"`` the
+        decoder's initial scale; with ``head="flux-shape"`` and no ``log_flux``, sets the
+        initial log flux as a Gaussian of ``stamp * oversampling / 16`` pixels rms.
+    log_flux : sequence of float, optional
+        ``(mean, std)`` of ln(total flux) of the data (the trainer fills it in from the
+        training set).
+    loss : {"non-saturating", "hinge"}, optional
+    spectral_norm : bool, optional
+        Spectral normalisation of the critic.
+    head : {"flux-shape", "softplus"}, optional
+        Generator output: ``F * softmax(logits)`` (:class:`FluxShapeGenerator`) or the
+        VAE's softplus decoder (:class:`Decoder`).
+    ema : float, optional
+        Decay of the generator's weight average (0: none; sampling uses the generator).
+    r1_gamma : float, optional
+        Weight of the R1 penalty on real images (0: none).
+    r1_every : int, optional
+        Lazy regularisation period of R1.
+    n_critic : int, optional
+        Critic updates per generator update.
+    conditions : sequence of str, optional
+        Catalog columns generator and critic are conditioned on.
+
+    Examples
+    --------
+    >>> gan = GAN(32, latent_dim=8, width=8, log_flux=(6.0, 1.0))
+    >>> gan.sample(2, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 32, 32])
+    """
+
+    kind = "gan"
+
+    def __init__(self, stamp: int, latent_dim: int = 64, oversampling: int = 1, width: int = 32,
+                 input_scale: float = 1.0, flux_scale: float = 1.0, log_flux=None, loss: str = "non-saturating",
+                 spectral_norm: bool = True, head: str = "flux-shape", ema: float = 0.999, r1_gamma: float = 0.0,
+                 r1_every: int = 16, n_critic: int = 1, conditions=()):
+        super().__init__(conditions)
+        for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
+                                ("oversampling", oversampling, int(oversampling) >= 1),
+                                ("width", width, int(width) >= 1),
+                                ("input_scale", input_scale, float(input_scale) > 0),
+                                ("flux_scale", flux_scale, float(flux_scale) > 0),
+                                ("ema", ema, 0.0 <= float(ema) < 1.0),
+                                ("r1_gamma", r1_gamma, float(r1_gamma) >= 0),
+                                ("r1_every", r1_every, int(r1_every) >= 1),
+                                ("n_critic", n_critic, int(n_critic) >= 1)):
+            if not ok:
+                raise GalgenInputError(f"{name}: out of range, got {value!r}")
+        if loss not in GAN_LOSSES:
+            raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
+        if head not in ("flux-shape", "softplus"):
+            raise GalgenInputError(f"head: must be 'flux-shape' or 'softplus', got {head!r}")
+        size = int(stamp) * int(oversampling)
+        if log_flux is None:
+            log_flux = (math.log(float(flux_scale) * 2 * math.pi * (size / 16.0) ** 2), 1.0)
+        if len(log_flux) != 2:
+            raise GalgenInputError(f"log_flux: expected (mean, std), got {log_flux!r}")
+        log_flux = [float(v) for v in log_flux]
+        self.config = dict(kind=self.kind, stamp=int(stamp), latent_dim=int(latent_dim),
+                           oversampling=int(oversampling), width=int(width), input_scale=float(input_scale),
+                           flux_scale=float(flux_scale), log_flux=log_flux, loss=loss,
+                           spectral_norm=bool(spectral_norm), head=head, ema=float(ema), r1_gamma=float(r1_gamma),
+                           r1_every=int(r1_every), n_critic=int(n_critic), conditions=list(self.conditions))
+        self.stamp, self.latent_dim, self.oversampling = int(stamp), int(latent_dim), int(oversampling)
+        self.input_scale, self.loss, self.ema = float(input_scale), loss, float(ema)
+        self.r1_gamma, self.r1_every, self.n_critic = float(r1_gamma), int(r1_every), int(n_critic)
+        nin = self.latent_dim + self.cond_dim
+        if head == "flux-shape":
+            self.generator = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux)
+        else:
+            self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
+        self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
+                               cond_dim=self.cond_dim, spectral_norm=bool(spectral_norm))
+        self.generator_ema = None
+        if self.ema > 0:
+            self.generator_ema = copy.deepcopy(self.generator)
+            for p in self.generator_ema.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The weight-averaged generator when ``ema > 0`` (what sampling and validation use)."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    @torch.no_grad()
+    def update_ema(self, t: int) -> float:
+        """Move the averaged generator towards the trained one.
+
+        ``avg <- beta * avg + (1 - beta) * current`` with ``beta = min(ema, (1 + t) / (10 + t))``
+        (so early averages do not remember the random initialisation).
+
+        Parameters
+        ----------
+        t : int
+            Number of generator updates so far (0-based).
+
+        Returns
+        -------
+        float
+            The ``beta`` used (0 without an average).
+        """
+        if self.generator_ema is None:
+            return 0.0
+        beta = min(self.ema, (1.0 + t) / (10.0 + t))
+        for avg, cur in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            avg.lerp_(cur.detach(), 1.0 - beta)
+        for avg, cur in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            avg.copy_(cur)
+        return beta
+
+    # -- losses ------------------------------------------------------------------------------
+
+    def critic_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        """The critic's loss on the scores of real and fake images.
+
+        Parameters
+        ----------
+        d_real, d_fake : torch.Tensor
+            ``(B,)`` scores.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar: ``mean softplus(-d_real) + mean softplus(d_fake)`` (non-saturating;
+            the binary cross-entropy of a logistic discriminator) or
+            ``mean relu(1 - d_real) + mean relu(1 + d_fake)`` (hinge).
+        """
+        if self.loss == "hinge":
+            return torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
+        return nn.functional.softplus(-d_real).mean() + nn.functional.softplus(d_fake).mean()
+
+    def generator_loss(self, d_fake: torch.Tensor) -> torch.Tensor:
+        """The generator's loss on the critic's scores of its observed fakes.
+
+        Parameters
+        ----------
+        d_fake : torch.Tensor
+            ``(B,)`` scores.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar: ``mean softplus(-d_fake)`` (non-saturating) or ``-mean d_fake`` (hinge).
+        """
+        if self.loss == "hinge":
+            return -d_fake.mean()
+        return nn.functional.softplus(-d_fake).mean()
+
+    def r1_penalty(self, u_real: torch.Tensor, feats=None) -> torch.Tensor:
+        """``E ||grad_u D(u)||^2`` at real critic inputs (Mescheder et al. 2018), differentiable.
+
+        Parameters
+        ----------
+        u_real : torch.Tensor
+            ``(B, S, S)`` critic inputs of real images.
+        feats : torch.Tensor, optional
+            Standardised conditions.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar, float32.
+        """
+        u = u_real.detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = self.critic(u, feats)
+            (grad,) = torch.autograd.grad(score.float().sum(), u, create_graph=True)
+        return grad.float().square().flatten(1).sum(dim=1).mean()
+
+    # -- training ----------------------------------------------------------------------------
+
+    def make_optimizers(self, lr: float = 1e-4, betas=(0.5, 0.999), **options) -> dict:
+        """Adam optimisers of the critic and of the generator.
+
+        Parameters
+        ----------
+        lr : float, optional
+            Learning rate of both (1e-4 as in the SN galaxy GAN of Lanusse et al.).
+        betas : tuple of float, optional
+            Adam betas (the DCGAN value ``(0.5, 0.999)``).
+        **options
+            ``name`` (``adam`` or ``adamw``) and options of the optimiser.
+
+        Returns
+        -------
+        dict
+            ``{"critic": ..., "generator": ...}``.
+        """
+        betas = tuple(float(b) for b in betas)
+        name = options.pop("name", "adam")
+        if name == "sgd":
+            raise GalgenInputError("optimizer.name: the GAN trains with Adam (or AdamW), not SGD")
+        return {"critic": make_optimizer(self.critic.parameters(), lr, name, betas=betas, **options),
+                "generator": make_optimizer(self.generator.parameters(), lr, name, betas=betas, **options)}
+
+    def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
+        """One critic update and, every ``n_critic`` steps, one generator update and EMA step.
+
+        The critic minimises :meth:`critic_loss` on the batch's galaxies and on fakes made
+        without gradient and observed with the batch's PSFs, noise and conditions, plus
+        ``r1_gamma / 2 * r1_every * R1`` when ``step % r1_every == 0``; the generator
+        then minimises :meth:`generator_loss` on fresh fakes through the physics layer,
+        the critic's weights frozen, and the weight average follows.
+
+        Parameters
+        ----------
+        batch : Batch
+        optimizers : dict
+            ``{"critic": ..., "generator": ...}`` from :meth:`make_optimizers`.
+        step : int
+            Global step (0-based).
+        sync : callable, optional
+            Gradient synchronisation (data parallel).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Detached scalars: ``loss`` (the critic's), ``d_real``, ``d_fake`` (mean
+            scores), ``r1`` on R1 steps, ``generator_loss`` on generator steps.
+        """
+        opt_c, opt_g = optimizers["critic"], optimizers["generator"]
+        torch.clear_autocast_cache()
+        n = len(batch)
+        obs = batch.observation
+        feats = self.condition_features(batch.cond, n)
+        both = None if feats is None else torch.cat([feats, feats])
+        mask = getattr(obs.noise, "mask", None)
+
+        with torch.no_grad():
+            _, fake = self._observe_fakes(obs, feats, n, raw=True)
+            u_real, u_fake = self.critic_input(batch.observed, mask), self.critic_input(fake, mask)
+        opt_c.zero_grad(set_to_none=True)
+        scores = self.critic(torch.cat([u_real, u_fake]), both).float()
+        d_real, d_fake = scores[:n], scores[n:]
+        loss = self.critic_loss(d_real, d_fake)
+        metrics = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if self.r1_gamma > 0 and int(step) % self.r1_every == 0:
+            r1 = self.r1_penalty(u_real, feats)
+            loss = loss + 0.5 * self.r1_gamma * self.r1_every * r1
+            metrics["r1"] = r1.detach()
+        loss.backward()
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        sync(critic_params)
+        opt_c.step()
+        metrics["loss"] = loss.detach()
+
+        if (int(step) + 1) % self.n_critic == 0:
+            opt_g.zero_grad(set_to_none=True)
+            for p in critic_params:
+                p.requires_grad_(False)
+            try:
+                _, fake = self._observe_fakes(obs, feats, n, raw=True)
+                g_loss = self.generator_loss(self.critic(self.critic_input(fake, mask), feats).float())
+                g_loss.backward()
+            finally:
+                for p in critic_params:
+                    p.requires_grad_(True)
+            sync([p for p in self.generator.parameters() if p.requires_grad])
+            opt_g.step()
+            self.update_ema(int(step) // self.n_critic)
+            metrics["generator_loss"] = g_loss.detach()
+        return metrics
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> dict:
+        """Critic scores of held-out galaxies and of fakes observed like them, and their statistics.
+
+        The fakes are :meth:`validation_fakes` (from the averaged generator, the same
+        latent vectors and noise every time). There is no likelihood: the returned dict
+        has no ``loss``, and the trainer uses the mean of the KS distances of
+        :meth:`validation_distributions` (flux, HSM size, ``|e|``) instead.
+
+        Parameters
+        ----------
+        batch : Batch
+
+        Returns
+        -------
+        dict
+            ``critic_real``, ``critic_fake`` (each ``(B,)``) and ``distributions``.
+        """
+        n = len(batch)
+        feats = self.condition_features(batch.cond, n)
+        mask = getattr(batch.observation.noise, "mask", None)
+        _, fake = self.validation_fakes(batch)
+        u = torch.cat([self.critic_input(batch.observed, mask), self.critic_input(fake, mask)])
+        scores = self.critic(u, None if feats is None else torch.cat([feats, feats])).float()
+        return {"critic_real": scores[:n], "critic_fake": scores[n:],
+                "distributions": self.validation_distributions(batch, fake)}

@@ -1,0 +1,297 @@
+"""The GAN recipe: non-saturating/hinge loss, spectral-norm critic, flux/size/shape head, EMA, lazy R1."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from galgen.errors import GalgenInputError
+from galgen.evaluation.distances import ks_distance
+from galgen.evaluation.morphology import hsm_moments
+from galgen.models import GAN, Batch, FluxShapeGenerator, SNCritic
+from galgen.physics import GaussianNoise, Observation, gaussian_psf
+
+S = 16
+SKY = 5.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run much faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _observation(n, g=None, fwhm=None):
+    g = g or torch.Generator().manual_seed(0)
+    fwhm = 1.5 + torch.rand(n, generator=g) if fwhm is None else fwhm
+    return Observation(gaussian_psf(fwhm, 11, 1.0), pixel_scale=1.0, stamp=S,
+                       noise=GaussianNoise(torch.full((n, S, S), SKY**2)))
+
+
+def _blobs(n, g):
+    """Round Gaussian galaxies: sigma ~ U(1, 2.5) px, flux log-uniform in [1000, 10000] ADU."""
+    sig = 1.0 + 1.5 * torch.rand(n, generator=g)
+    flux = torch.exp(math.log(1000.0) + math.log(10.0) * torch.rand(n, generator=g))
+    r = torch.arange(S) - S // 2
+    img = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sig[:, None, None] ** 2))
+    return flux[:, None, None] * img / img.sum((1, 2), keepdim=True)
+
+
+def _small(**kw):
+    opts = dict(latent_dim=4, width=8, input_scale=SKY, flux_scale=20.0)
+    return GAN(S, **{**opts, **kw})
+
+
+# -- generator head ---------------------------------------------------------------------------
+
+
+def test_flux_shape_head_sums_to_its_flux_and_starts_centred():
+    torch.manual_seed(0)
+    g = FluxShapeGenerator(32, in_features=6, width=8, log_flux=(math.log(1000.0), 0.5))
+    z = torch.randn(50, 6)
+    img = g(z)
+    assert bool((img >= 0).all())
+    assert torch.allclose(img.sum((1, 2)), g.log_flux(z).exp(), rtol=1e-5)
+    # an untrained head: fluxes around e^mean with the given spread in log
+    logf = g.log_flux(torch.randn(2000, 6)).detach()
+    assert abs(float(logf.median()) - math.log(1000.0)) < 0.5
+    # centred on pixel (16, 16), the package convention
+    r = torch.arange(32.0)
+    cx = (img.sum(1) * r).sum(1) / img.sum((1, 2))
+    cy = (img.sum(2) * r).sum(1) / img.sum((1, 2))
+    assert (cx - 16).abs().max() < 1.0 and (cy - 16).abs().max() < 1.0
+    with pytest.raises(GalgenInputError, match="log_flux"):
+        FluxShapeGenerator(32, 6, log_flux=(1.0, 0.0))
+
+
+# -- spectral norm ----------------------------------------------------------------------------
+
+
+def _effective_weights(critic):
+    for m in critic.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            yield m.weight.detach().flatten(1)
+
+
+def test_spectral_norm_holds_every_layer_at_unit_norm():
+    torch.manual_seed(1)
+    critic = SNCritic(S, width=8, features=16, cond_dim=1)
+    critic.train()
+    with torch.no_grad():
+        for _ in range(30):  # power iterations run on training forward passes
+            critic(torch.randn(4, S, S), torch.randn(4, 1))
+    sigmas = [float(torch.linalg.matrix_norm(w, ord=2)) for w in _effective_weights(critic)]
+    assert len(sigmas) >= 8
+    assert all(abs(s - 1) < 0.02 for s in sigmas), sigmas
+    plain = SNCritic(S, width=8, features=16, cond_dim=1, spectral_norm=False)
+    assert max(float(torch.linalg.matrix_norm(w, ord=2)) for w in _effective_weights(plain)) > 1.1
+    # the whole critic is then Lipschitz-bounded: |D(u) - D(v)| <= |u - v| (LeakyReLU slopes <= 1;
+    # the minibatch-std channel is constant here, each image forming its own group)
+    critic.eval()
+    u, v = torch.randn(1, S, S), torch.randn(1, S, S)
+    c = torch.zeros(1, 1)
+    with torch.no_grad():
+        assert abs(float(critic(u, c) - critic(v, c))) <= float((u - v).norm())
+
+
+def test_minibatch_std_lets_the_critic_see_a_collapsed_batch():
+    torch.manual_seed(2)
+    critic = SNCritic(S, width=8, features=16, minibatch_std=4).eval()
+    varied = torch.randn(8, S, S)
+    same = varied[:1].expand(8, S, S).contiguous()
+    # the first image's score depends on the other images of its group
+    assert not torch.allclose(critic(varied)[:1], critic(same)[:1])
+    alone = SNCritic(S, width=8, features=16, minibatch_std=0).eval()
+    assert torch.allclose(alone(varied)[:1], alone(same)[:1])
+
+
+# -- losses, R1, EMA --------------------------------------------------------------------------
+
+
+def test_losses_are_the_textbook_ones():
+    d_real, d_fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    ns = _small(loss="non-saturating")
+    sp = nn.functional.softplus
+    assert torch.isclose(ns.critic_loss(d_real, d_fake), sp(-d_real).mean() + sp(d_fake).mean())
+    # the non-saturating critic loss is the binary cross-entropy of a logistic discriminator
+    bce = nn.functional.binary_cross_entropy_with_logits
+    expect = bce(d_real, torch.ones(2)) + bce(d_fake, torch.zeros(2))
+    assert torch.isclose(ns.critic_loss(d_real, d_fake), expect)
+    assert torch.isclose(ns.generator_loss(d_fake), bce(d_fake, torch.ones(2)))
+    hinge = _small(loss="hinge")
+    assert torch.isclose(hinge.critic_loss(d_real, d_fake), torch.tensor((0 + 2) / 2 + (1.5 + 0) / 2))
+    assert torch.isclose(hinge.generator_loss(d_fake), torch.tensor(1.25))
+    with pytest.raises(GalgenInputError, match="loss"):
+        _small(loss="wasserstein")
+
+
+class LinearCritic(nn.Module):
+    """D(u) = w . u: its input gradient is w everywhere."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, u, cond=None):
+        return u.flatten(1) @ self.w.flatten()
+
+
+def test_r1_is_the_squared_input_gradient_and_is_lazy():
+    torch.manual_seed(3)
+    gan = _small(r1_gamma=0.5, r1_every=3, ema=0.0)
+    w = torch.randn(S, S)
+    gan.critic = LinearCritic(w.clone())
+    u = torch.randn(5, S, S)
+    r1 = gan.r1_penalty(u)
+    assert torch.isclose(r1, w.square().sum())
+    r1.backward()  # differentiable in the critic's weights: d|w|^2/dw = 2w
+    assert torch.allclose(gan.critic.w.grad, 2 * w)
+    gan.critic.w.grad = None
+    obs = _observation(4)
+    batch = Batch(torch.randn(4, S, S) * SKY, obs)
+    opts = gan.make_optimizers(lr=0.0)  # lr 0: the metrics of consecutive steps share the weights
+    steps = {s: gan.training_step(batch, opts, s) for s in range(4)}
+    assert [("r1" in m) for m in steps.values()] == [True, False, False, True]
+    m = steps[0]
+    base = m["loss"] - 0.5 * 0.5 * 3 * m["r1"]
+    sp = nn.functional.softplus
+    assert torch.isclose(base, sp(-m["d_real"]) * 0 + base)  # finite
+    assert torch.isclose(m["r1"], w.square().sum())
+
+
+def test_ema_follows_the_generator_with_warm_up_and_is_what_sampling_uses():
+    torch.manual_seed(4)
+    gan = _small(ema=0.9)
+    avg0 = [p.detach().clone() for p in gan.generator_ema.parameters()]
+    with torch.no_grad():
+        for p in gan.generator.parameters():
+            p.add_(1.0)
+    cur = [p.detach().clone() for p in gan.generator.parameters()]
+    beta = gan.update_ema(0)
+    assert beta == pytest.approx(0.1)  # min(0.9, 1/10)
+    for a0, c, a in zip(avg0, cur, gan.generator_ema.parameters()):
+        assert torch.allclose(a, 0.1 * a0 + 0.9 * c)
+    assert gan.update_ema(1000) == pytest.approx(0.9)
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+    # sampling and decoding use the average, training the raw generator
+    z = torch.randn(3, 4)
+    assert torch.equal(gan.decode(z), gan.generator_ema(z))
+    assert not torch.allclose(gan.decode(z), gan.generator(z))
+    opts = gan.make_optimizers(lr=1e-3)
+    before = [p.detach().clone() for p in gan.generator_ema.parameters()]
+    gan.training_step(Batch(torch.randn(4, S, S) * SKY, _observation(4)), opts, 0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, gan.generator_ema.parameters()))
+    # the optimisers do not own the average
+    owned = {id(p) for o in opts.values() for g in o.param_groups for p in g["params"]}
+    assert not owned & {id(p) for p in gan.generator_ema.parameters()}
+    assert GAN(S, latent_dim=4, width=8, ema=0.0).generator_ema is None
+
+
+# -- training step, validation, config ---------------------------------------------------------
+
+
+def test_training_step_updates_critic_then_generator_through_the_physics_layer():
+    torch.manual_seed(5)
+    gan = _small(n_critic=2)
+    opts = gan.make_optimizers(lr=1e-3)
+    batch = Batch(torch.randn(4, S, S) * SKY, _observation(4))
+    c0 = [p.detach().clone() for p in gan.critic.parameters()]
+    g0 = [p.detach().clone() for p in gan.generator.parameters()]
+    m = gan.training_step(batch, opts, 0)
+    assert "generator_loss" not in m
+    assert any(not torch.equal(a, b) for a, b in zip(c0, gan.critic.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g0, gan.generator.parameters()))
+    m = gan.training_step(batch, opts, 1)
+    assert "generator_loss" in m and all(torch.isfinite(v) for v in m.values())
+    assert any(not torch.equal(a, b) for a, b in zip(g0, gan.generator.parameters()))
+    assert all(p.requires_grad for p in gan.critic.parameters())
+
+
+def test_validation_is_reproducible_and_reports_distributions():
+    torch.manual_seed(6)
+    gan = _small().eval()  # as the trainer validates: no power iteration in the critic
+    obs = _observation(6)
+    batch = Batch(obs.observe(_blobs(6, torch.Generator().manual_seed(1)))[1], obs, index=torch.arange(6))
+    rng = torch.get_rng_state()
+    v1, v2 = gan.validation_step(batch), gan.validation_step(batch)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert "loss" not in v1  # no likelihood: the trainer uses the KS distances
+    assert torch.equal(v1["critic_fake"], v2["critic_fake"])
+    d = v1["distributions"]
+    assert set(d) == {"flux", "sigma", "e"}
+    real_flux = batch.observed.sum((1, 2)).double().numpy()
+    assert np.allclose(d["flux"][0], real_flux)
+    mom = hsm_moments(batch.observed.double().numpy(), 1.0)
+    assert np.allclose(d["sigma"][0], mom["sigma"], equal_nan=True)
+
+
+def test_from_config_roundtrip_and_bad_options():
+    torch.manual_seed(7)
+    gan = GAN(S, latent_dim=4, width=8, oversampling=2, input_scale=3.0, log_flux=[6.0, 0.7], loss="hinge",
+              r1_gamma=0.2, conditions=("mag",))
+    gan.set_condition_stats([21.0], [1.5])
+    config = json.loads(json.dumps(gan.config))
+    assert config["kind"] == "gan"
+    clone = GAN.from_config(config)
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    cond = torch.tensor([20.0])
+    assert torch.equal(clone.sample(2, cond, generator=torch.Generator().manual_seed(1)),
+                       gan.sample(2, cond, generator=torch.Generator().manual_seed(1)))
+    for bad in ({"ema": 1.0}, {"r1_every": 0}, {"head": "tanh"}, {"width": 0}):
+        with pytest.raises(GalgenInputError, match=next(iter(bad))):
+            GAN(S, **bad)
+    softplus = GAN(S, latent_dim=4, width=8, head="softplus")
+    assert softplus.sample(2).shape == (2, S, S)
+
+
+# -- learning -----------------------------------------------------------------------------
+
+
+def _distances(gan, n=300):
+    """KS of intrinsic flux and of the HSM size as observed (PSF and noise), generated vs true."""
+    obs = _observation(n, torch.Generator().manual_seed(99))
+    real = _blobs(n, torch.Generator().manual_seed(98))
+    fake = gan.sample(n, generator=torch.Generator().manual_seed(97))
+    seen_real = obs.observe(real, generator=torch.Generator().manual_seed(5))[1]
+    seen_fake = obs.observe(fake, generator=torch.Generator().manual_seed(5))[1]
+    size_real = hsm_moments(seen_real.double().numpy(), 1.0)["sigma"]
+    size_fake = hsm_moments(seen_fake.double().numpy(), 1.0)["sigma"]
+    return ks_distance(real.sum((1, 2)), fake.sum((1, 2))), ks_distance(size_real, size_fake)
+
+
+@pytest.mark.slow
+def test_a_tiny_gan_learns_sizes_and_fluxes_through_psfs_and_noise():
+    """Data: round Gaussian galaxies (sigma 1-2.5 px, flux 1000-10000 ADU log-uniform) seen
+    through Gaussian PSFs of random width (FWHM 1.5-2.5 px) with sky noise 5 ADU. The
+    generator only ever sees them through the critic, observed with the batch's PSFs and
+    noise. Untrained, its fluxes and sizes are off (KS ~1 and ~0.6); after 800 steps of
+    batch 32 (about 80 s on one core) both the intrinsic flux and the observed size
+    distributions match, KS < 0.2.
+
+    The critic here is the R1-regularised one without spectral norm (tuning runs, sizes
+    measured on noisy observations, seeds 0 and 2: size KS 0.15 and 0.16 after 800 steps,
+    0.12 and 0.13 after 700). This small spectrally normalised critic stays at the
+    non-saturating loss's chance level (2 ln 2) while the generated sizes are still 20%
+    too small: size KS 0.21-0.43 after 800 steps over seeds 0-2, with or without a
+    learning-rate decay. With fluxes of 300-3000 ADU the largest, faintest blobs sink into
+    the noise and the size KS stalls at 0.3-0.4 for either critic."""
+    torch.manual_seed(0)
+    gan = _small(ema=0.99, r1_gamma=1.0, r1_every=4, spectral_norm=False)
+    ks0 = _distances(gan)
+    assert max(ks0) > 0.5, ks0  # the check can fail: an untrained generator does
+    opts = gan.make_optimizers(lr=1e-3, betas=(0.5, 0.99))
+    g = torch.Generator().manual_seed(0)  # the tuning runs' data stream of seed 0
+    for step in range(800):
+        real = _blobs(32, g)
+        obs = _observation(32, g)
+        _, noisy = obs.observe(real, generator=g)
+        gan.training_step(Batch(noisy, obs), opts, step)
+    ks_flux, ks_size = _distances(gan)
+    assert ks_flux < 0.2 and ks_size < 0.2, (ks0, ks_flux, ks_size)
