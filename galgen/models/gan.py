@@ -53,10 +53,12 @@ GAN_LOSSES = ("non-saturating", "hinge")
 class FluxShapeGenerator(nn.Module):
     """Generator whose output is a total flux times a shape: ``F * softmax(logits)``.
 
-    The shape logits come from a convolutional :class:`Decoder` body plus a fixed
-    centred Gaussian ``-r^2 / (2 s0^2)`` (centre at pixel ``(size//2, size//2)``, the
-    package's convention), so an untrained generator draws round blobs of the typical
-    size rather than noise spread over the stamp. The log flux is
+    The shape logits come from a convolutional :class:`Decoder` body minus
+    :meth:`template`, a centred elliptical Gaussian whose size and ellipticity come from a
+    small network of ``z`` (centre at pixel ``(size//2, size//2)``, the package's
+    convention): an untrained generator draws blobs of about the typical size rather
+    than noise spread over the stamp, and sizes spanning a decade and ellipticities are
+    three scalars rather than a task for the convolutions. The log flux is
     ``log_flux_mean + log_flux_std * h(z)`` with ``h`` a two-layer network; the image
     sums to ``F`` exactly (the flux falling outside the intrinsic grid is zero).
 
@@ -93,10 +95,12 @@ class FluxShapeGenerator(nn.Module):
         self.size = int(size)
         self.shape = Decoder(self.size, in_features, width=width, max_width=max_width, learn_flux_scale=False)
         self.flux = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
-        self.scale = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
+        self.moments = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 3))
         s0 = float(template_sigma) if template_sigma is not None else self.size / 16.0
-        r = torch.arange(self.size, dtype=torch.float32) - self.size // 2
-        self.register_buffer("r2", (r[:, None] ** 2 + r[None, :] ** 2) / (2 * s0**2), persistent=False)
+        r = (torch.arange(self.size, dtype=torch.float32) - self.size // 2) / s0
+        y, x = torch.meshgrid(r, r, indexing="ij")
+        # the three quadratic forms the template combines: x^2 + y^2, x^2 - y^2, 2xy (in units of s0)
+        self.register_buffer("quadratics", torch.stack([x**2 + y**2, x**2 - y**2, 2 * x * y]), persistent=False)
         self.register_buffer("log_flux_mean", torch.tensor(mean))
         self.register_buffer("log_flux_std", torch.tensor(std))
 
@@ -116,6 +120,35 @@ class FluxShapeGenerator(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return self.log_flux_mean + self.log_flux_std * self.flux(z.float())[:, 0]
 
+    def template(self, z: torch.Tensor) -> torch.Tensor:
+        """``-log`` of each galaxy's elliptical Gaussian seed, ``(x^T M x) / 2``, up to a constant.
+
+        ``M = S(g)^T S(g) / s^2``, with ``S(g) = [[1 - g1, -g2], [-g2, 1 + g1]] / sqrt(1 - |g|^2)``
+        the unit-determinant shear matrix (GalSim's convention), the size
+        ``s = s0 exp(h_0)`` and the reduced shear ``g = 0.9 h / sqrt(1 + |h|^2)``,
+        ``h = (h_1, h_2)``, all from the moments network ``h(z)``.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, in_features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, size, size)`` float32.
+        """
+        h = self.moments(z.float())
+        g = 0.9 * h[:, 1:] / torch.sqrt(1 + h[:, 1:].square().sum(1, keepdim=True))
+        g1, g2 = g[:, 0], g[:, 1]
+        gg = g1 * g1 + g2 * g2
+        # S^T S = [[(1-g1)^2 + g2^2, -2 g2], [-2 g2, (1+g1)^2 + g2^2]] / (1 - |g|^2)
+        c_r2 = (1 + gg) / (1 - gg)          # coefficient of x^2 + y^2
+        c_diff = -2 * g1 / (1 - gg)         # coefficient of x^2 - y^2
+        c_xy = -2 * g2 / (1 - gg)           # coefficient of 2xy
+        coef = torch.stack([c_r2, c_diff, c_xy], dim=1) * torch.exp(-2 * h[:, :1]) / 2
+        return torch.einsum("bk,kyx->byx", coef, self.quadratics)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Intrinsic images.
 
@@ -131,8 +164,7 @@ class FluxShapeGenerator(nn.Module):
         """
         logits = self.shape.logits(z)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            inv_s2 = torch.exp(-2 * self.scale(z.float()))[:, :, None]  # (s0 / s)^2
-            logits = (logits - self.r2 * inv_s2).flatten(1)
+            logits = (logits - self.template(z)).flatten(1)
             shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
             return shape * self.log_flux(z).exp()[:, None, None]
 

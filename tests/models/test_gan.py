@@ -71,6 +71,27 @@ def test_flux_shape_head_sums_to_its_flux_and_starts_centred():
         FluxShapeGenerator(32, 6, log_flux=(1.0, 0.0))
 
 
+def test_the_template_is_galsims_sheared_gaussian():
+    """With the body's output switched off, the head draws GalSim's Gaussian(sigma=s).shear(g1, g2)."""
+    import galsim
+
+    g = FluxShapeGenerator(64, in_features=4, width=8, log_flux=(8.0, 0.5))
+    h = torch.tensor([0.3, 0.5, -0.2])
+    with torch.no_grad():
+        g.moments[2].weight.zero_()
+        g.moments[2].bias.copy_(h)
+        g.shape.out.weight.zero_()
+        g.flux[2].weight.zero_()
+        g.flux[2].bias.zero_()
+        img = g(torch.zeros(1, 4))[0].double().numpy()
+    shear = 0.9 * h[1:].numpy() / np.sqrt(1 + float((h[1:] ** 2).sum()))
+    ref = galsim.Gaussian(sigma=(64 / 16) * math.exp(0.3)).shear(g1=shear[0], g2=shear[1]).drawImage(
+        nx=64, ny=64, scale=1.0, method="sb", use_true_center=False).array
+    ref = ref / ref.sum() * img.sum()
+    assert np.abs(img - ref).max() < 1e-5 * img.max()
+    assert img.sum() == pytest.approx(math.exp(8.0), rel=1e-5)  # flux head at its mean (output 0)
+
+
 # -- spectral norm ----------------------------------------------------------------------------
 
 
