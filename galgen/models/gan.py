@@ -94,6 +94,12 @@ class FluxShapeGenerator(nn.Module):
             raise GalgenInputError(f"log_flux: needs a finite mean and a positive std, got {log_flux!r}")
         self.size = int(size)
         self.shape = Decoder(self.size, in_features, width=width, max_width=max_width, learn_flux_scale=False)
+        # The body starts switched off (zero output layer, as a zero-initialised residual
+        # branch): training begins from the parametric galaxy (flux, size, ellipticity)
+        # and the body adds morphology as the critic asks for it. With a random output
+        # layer, the first 500 steps drew satellite blobs around every galaxy.
+        nn.init.zeros_(self.shape.out.weight)
+        nn.init.zeros_(self.shape.out.bias)
         self.flux = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
         self.moments = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 3))
         s0 = float(template_sigma) if template_sigma is not None else self.size / 16.0
