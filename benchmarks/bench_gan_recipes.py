@@ -12,12 +12,13 @@ Two parts, on the same machine and in the same run:
    same CPU time.
 2. **What trained models have learnt**: for each ``--model`` (a checkpoint, run
    directory or pretrained name), the KS distances of total flux, HSM size and ``|e|``
-   between held-out galaxies and generated ones observed with their PSFs and noise, on
-   the validation split that training used (``val_fraction`` and ``seed`` of the
-   config), measured by the trainer's own validation code.
+   between held-out galaxies and generated ones observed with their PSFs and noise
+   (the models' own validation code), the mean ``|e|`` and HSM size of both and the
+   ratio of the 10-90% ranges of log flux: on the validation split that training used
+   (``--val-fraction``, ``--seed``) or on the first ``--n`` galaxies of ``--held-out``.
 
     python benchmarks/bench_gan_recipes.py --data sdss_train_50k.h5 \\
-        --model sdss-wgan --model runs/sdss-gan/step_3500.pt [--json out.json]
+        --model sdss-wgan --model runs/sdss-gan/step_3500.pt [--held-out holdout.h5 --n 5000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,29 +56,50 @@ def step_cost(config_path, batch, stats, steps):
     return (time.perf_counter() - t) / steps, cfg["kind"]
 
 
-def validation_distances(model_ref, data, max_val):
-    """KS of flux, HSM size and |e| on the validation split, by the trainer's validation."""
+def held_out_statistics(model_ref, data, indices):
+    """Flux, HSM size and |e| of held-out galaxies and of fakes observed like them.
+
+    The model's own validation code (``validation_fakes``, ``validation_distributions``):
+    one fake per galaxy from the averaged generator, with that galaxy's PSF and noise,
+    latent vectors and noise seeded by the galaxies' indices.
+    """
     from galgen.checkpoints import load_model
-    from galgen.data.cutouts import CutoutFile
     from galgen.pretrained import available_pretrained, load_pretrained
-    from galgen.train import Trainer
-    from galgen.train.config import TrainConfig
-    from galgen.train.data import TrainingData, split_indices
+    from galgen.train.data import TrainingData
 
     model = load_pretrained(model_ref) if model_ref in available_pretrained() else load_model(model_ref)
-    train_cfg = (getattr(model, "run_config", None) or {}).get("train", {})
-    val_fraction, seed = train_cfg.get("val_fraction", 0.02), train_cfg.get("seed", 0)
-    with CutoutFile(data) as f:
-        n = len(f)
-    _, val_idx = split_indices(n, val_fraction, seed)
-    val = TrainingData(data, val_idx[:max_val])
-    cfg = TrainConfig(steps=1, batch_size=64, max_val=max_val, device="cpu", seed=seed)
-    trainer = Trainer(model, val, val, cfg, out=Path("/nonexistent"))
+    model.eval()
+    val = TrainingData(data, indices)
+    real, fake = {}, {}
     t = time.perf_counter()
-    out = trainer.validate()
-    return {"model": str(model_ref), "kind": model.kind, "n_val": len(val),
-            **{k: out[k] for k in ("ks_flux", "ks_sigma", "ks_e", "ks_mean") if k in out},
-            "validate_s": time.perf_counter() - t}
+    with torch.no_grad():
+        for batch in val.iter_batches(64, torch.arange(len(val))):
+            _, observed = model.validation_fakes(batch)
+            for name, (a, b) in model.validation_distributions(batch, observed).items():
+                real.setdefault(name, []).append(a)
+                fake.setdefault(name, []).append(b)
+    real = {k: np.concatenate(v) for k, v in real.items()}
+    fake = {k: np.concatenate(v) for k, v in fake.items()}
+    return model, real, fake, time.perf_counter() - t
+
+
+def summarise(model_ref, kind, real, fake, seconds):
+    """KS distances and the issue's population figures (mean |e|, mean size, log-flux range)."""
+    from galgen.evaluation.distances import ks_distance
+
+    def spread(x):
+        lx = np.log10(x[np.isfinite(x) & (x > 0)])
+        return float(np.percentile(lx, 90) - np.percentile(lx, 10))
+
+    out = {"model": str(model_ref), "kind": kind, "n": int(len(real["flux"])), "seconds": seconds}
+    for name in ("flux", "sigma", "e"):
+        out[f"ks_{name}"] = ks_distance(real[name], fake[name])
+    out["mean_e_real"], out["mean_e_fake"] = float(np.nanmean(real["e"])), float(np.nanmean(fake["e"]))
+    out["mean_sigma_ratio"] = float(np.nanmean(fake["sigma"]) / np.nanmean(real["sigma"]))
+    out["log_flux_10_90_ratio"] = spread(fake["flux"]) / spread(real["flux"])
+    out["hsm_failed_fake"] = float(np.mean(~np.isfinite(fake["sigma"])))
+    out["hsm_failed_real"] = float(np.mean(~np.isfinite(real["sigma"])))
+    return out
 
 
 def main():
@@ -85,7 +107,11 @@ def main():
     ap.add_argument("--data", required=True, help="the training file (its validation split is used)")
     ap.add_argument("--model", action="append", default=[], help="checkpoint, run directory or pretrained name")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per recipe")
-    ap.add_argument("--max-val", type=int, default=1000)
+    ap.add_argument("--held-out", default=None, help="file of held-out galaxies (default: the validation "
+                    "split of --data, as in training)")
+    ap.add_argument("--n", type=int, default=1000, help="held-out galaxies used")
+    ap.add_argument("--val-fraction", type=float, default=0.02, help="the training runs' val_fraction")
+    ap.add_argument("--seed", type=int, default=0, help="the training runs' seed (their split)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from galgen.train.data import TrainingData
@@ -100,10 +126,24 @@ def main():
         print(f"{kind:8s} {sec * 1000:7.0f} ms/step  {64 / sec:6.1f} images/s")
     ratio = costs["wgan-gp"] / costs["gan"]
     print(f"one WGAN-GP step costs {ratio:.2f} GAN steps")
-    rows = [validation_distances(m, args.data, args.max_val) for m in args.model]
+    rows = []
+    for m in args.model:
+        if args.held_out:
+            indices, path = np.arange(args.n), args.held_out
+        else:  # the validation split of the model's training run
+            from galgen.data.cutouts import CutoutFile
+            from galgen.train.data import split_indices
+
+            with CutoutFile(args.data) as f:
+                n_file = len(f)
+            indices, path = split_indices(n_file, args.val_fraction, args.seed)[1][:args.n], args.data
+        model, real, fake, sec = held_out_statistics(m, path, indices)
+        rows.append(summarise(m, model.kind, real, fake, sec))
     for r in rows:
-        print(f"{r['model']}: " + "  ".join(f"{k} {r[k]:.3f}" for k in ("ks_flux", "ks_sigma", "ks_e", "ks_mean")
-                                            if k in r))
+        print(f"{r['model']} ({r['n']} galaxies): KS flux {r['ks_flux']:.3f}  size {r['ks_sigma']:.3f}  "
+              f"|e| {r['ks_e']:.3f}; mean |e| {r['mean_e_fake']:.3f} vs {r['mean_e_real']:.3f}; "
+              f"mean size ratio {r['mean_sigma_ratio']:.3f}; log-flux 10-90% range ratio "
+              f"{r['log_flux_10_90_ratio']:.3f}")
     info = machine_info()
     info.update(threads=torch.get_num_threads())
     print(json.dumps(info))

@@ -7,8 +7,9 @@
 Copies the run's final checkpoint (weights, config, provenance; no optimiser state) to
 ``galgen/pretrained/<name>.pt`` after checking that it loads safely, and writes
 ``galgen/pretrained/<name>.json``: the training configuration, how to regenerate the
-training data, the machine it was trained on, the training length and the quality
-figures measured on held-out galaxies by ``galgen evaluate``.
+training data, the machine it was trained on, the training length, the quality
+figures measured on held-out galaxies by ``galgen evaluate`` and, for GANs, the
+population figures of ``benchmarks/bench_gan_recipes.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def main():
     ap.add_argument("--quality-key", default=None, help="name of this model inside quality.json")
     ap.add_argument("--simulate", required=True, help="the galgen simulate command that made the training data")
     ap.add_argument("--machine", default=None, help="where it was trained (default: this machine)")
+    ap.add_argument("--diagnostics", default=None,
+                    help="JSON of benchmarks/bench_gan_recipes.py: the GAN population figures (KS of flux, "
+                         "size, |e| on held-out galaxies) and the cost per step, stored in the card")
+    ap.add_argument("--note", default=None, help="free text for the card (e.g. how the run may be continued)")
     args = ap.parse_args()
     run = Path(args.run)
     src = run / "model.pt"
@@ -76,6 +81,10 @@ def main():
         card["quality"] = {"data": q["data"], "n": q["n"],
                            "reconstruction": q["reconstruction"].get(key),
                            "generation": {k: v for k, v in q["generation"].items() if k.startswith(key)}}
+    if args.diagnostics:
+        card["diagnostics"] = json.loads(Path(args.diagnostics).read_text())
+    if args.note:
+        card["note"] = args.note
     PRETRAINED_DIR.mkdir(exist_ok=True)
     with atomic_output(PRETRAINED_DIR / f"{args.name}.pt") as tmp:
         shutil.copyfile(src, tmp)
