@@ -51,3 +51,22 @@ def test_fit_panel_and_corner_from_a_fit_file(sersic_fit, tmp_path):
         fit_panel(sersic_fit, tmp_path / "x.png", rows=[64])
     with pytest.raises(GalgenInputError, match="row"):
         fit_corner(sersic_fit, tmp_path / "x.png", row=-1)
+
+
+def test_training_curves_show_the_gan_distances(tmp_path):
+    """A GAN run's curves: critic and generator losses, and the validation KS distances
+    (logged only in val_log.csv) each get a panel; a VAE-like run gets only its own keys."""
+    from galgen.plotting import training_curves
+    from galgen.train.logs import TRAIN_LOG, VAL_LOG, CSVLog
+
+    train, val = CSVLog(tmp_path / TRAIN_LOG), CSVLog(tmp_path / VAL_LOG)
+    for s in range(1, 11):
+        train.add({"step": s, "loss": 1.3, "generator_loss": 0.7, "d_real": 0.1})
+    for s in (5, 10):
+        val.add({"step": s, "ks_flux": 0.3 / s, "ks_sigma": 0.2, "ks_e": 0.1, "ks_mean": 0.2, "loss": 0.2})
+    train.flush()
+    val.flush()
+    out = training_curves(tmp_path, tmp_path / "curves.png")
+    assert _png_shape(out)[1] == 5 * 4 * 110  # loss, generator_loss, ks_flux, ks_sigma, ks_e
+    out = training_curves(tmp_path, tmp_path / "two.png", keys=["loss", "ks_flux"])
+    assert _png_shape(out)[1] == 2 * 4 * 110
