@@ -24,7 +24,7 @@ def available_pretrained() -> list[str]:
     Returns
     -------
     list of str
-        E.g. ``["sdss-vae", "sdss-wgan"]``.
+        E.g. ``["sdss-gan", "sdss-vae"]``.
     """
     return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
 
