@@ -13,7 +13,7 @@ Two parts, on the same machine and in the same run:
 2. **What trained models have learnt**: for each ``--model`` (a checkpoint, run
    directory or pretrained name), the KS distances of total flux, HSM size and ``|e|``
    between held-out galaxies and generated ones observed with their PSFs and noise
-   (the models' own validation code), the mean ``|e|`` and HSM size of both and the
+   (what the trainer's validation measures), the mean ``|e|`` and HSM size of both and the
    ratio of the 10-90% ranges of log flux: on the validation split that training used
    (``--val-fraction``, ``--seed``) or on the first ``--n`` galaxies of ``--held-out``.
 
@@ -59,11 +59,12 @@ def step_cost(config_path, batch, stats, steps):
 def held_out_statistics(model_ref, data, indices):
     """Flux, HSM size and |e| of held-out galaxies and of fakes observed like them.
 
-    The model's own validation code (``validation_fakes``, ``validation_distributions``):
+    What the trainer's validation measures (``validation_fakes``, ``observed_statistics``):
     one fake per galaxy from the averaged generator, with that galaxy's PSF and noise,
     latent vectors and noise seeded by the galaxies' indices.
     """
     from galgen.checkpoints import load_model
+    from galgen.evaluation import observed_statistics
     from galgen.pretrained import available_pretrained, load_pretrained
     from galgen.train.data import TrainingData
 
@@ -75,9 +76,10 @@ def held_out_statistics(model_ref, data, indices):
     with torch.no_grad():
         for batch in val.iter_batches(64, torch.arange(len(val))):
             _, observed = model.validation_fakes(batch)
-            for name, (a, b) in model.validation_distributions(batch, observed).items():
-                real.setdefault(name, []).append(a)
-                fake.setdefault(name, []).append(b)
+            mask = getattr(batch.observation.noise, "mask", None)
+            for store, images in ((real, batch.observed), (fake, observed)):
+                for name, v in observed_statistics(images, mask).items():
+                    store.setdefault(name, []).append(v)
     real = {k: np.concatenate(v) for k, v in real.items()}
     fake = {k: np.concatenate(v) for k, v in fake.items()}
     return model, real, fake, time.perf_counter() - t

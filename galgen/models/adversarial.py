@@ -5,11 +5,12 @@ critic (discriminator) never sees them directly: each generated image is observe
 the PSF, pixel scale and noise of a real galaxy of the batch (``Observation.observe``:
 PSF convolution, pixel integration, crop, a noisy draw), and the critic compares these
 fake detector images with the real ones, stretched as ``asinh(x / input_scale)``. This
-module holds that common part (:class:`AdversarialModel`) and the validation
-diagnostics every GAN reports: the Kolmogorov-Smirnov distances between the flux, HSM
-size and ellipticity of generated and real *observed* galaxies of a fixed held-out set
-(:meth:`AdversarialModel.validation_distributions`), which tell within minutes whether
-a run is learning, and a grid of real and generated stamps for every validation.
+module holds that common part (:class:`AdversarialModel`) and what every GAN's
+validation returns: fakes observed like a fixed held-out set (the same ones every
+time), from which the trainer measures the Kolmogorov-Smirnov distances between the
+flux, HSM size and ellipticity of generated and real *observed* galaxies
+(:func:`galgen.evaluation.observed_statistics`), which tell within minutes whether a
+run is learning, and a grid of real and generated stamps for every validation.
 The losses live in the subclasses: :class:`galgen.models.WGANGP` (Wasserstein with
 gradient penalty) and :class:`galgen.models.GAN` (non-saturating or hinge loss,
 spectral-norm critic, flux/shape generator head, EMA, lazy R1).
@@ -24,12 +25,9 @@ from torch import nn
 from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, sample_latents, standard_normal
 
-__all__ = ["AdversarialModel", "VALIDATION_STATISTICS"]
+__all__ = ["AdversarialModel"]
 
 _VALIDATION_SEED = 20170331  # fixed seed of the validation fakes (Gulrajani et al., arXiv date)
-
-#: Statistics of observed galaxies whose real-vs-generated KS distance every validation logs.
-VALIDATION_STATISTICS = ("flux", "sigma", "e")
 
 
 class AdversarialModel(GenerativeModel):
@@ -268,40 +266,6 @@ class AdversarialModel(GenerativeModel):
         gen = torch.Generator(device=batch.observed.device)
         gen.manual_seed(_validation_seed(batch.index))
         return self._observe_fakes(batch.observation, feats, n, generator=gen)
-
-    def validation_distributions(self, batch: Batch, fake: torch.Tensor) -> dict:
-        """Per-galaxy statistics of real and fake observed galaxies, for distribution distances.
-
-        Measured the same way on both, on the detector images as observed (noise
-        included): ``flux``, the sum over unmasked pixels; ``sigma`` and ``e``, the HSM
-        adaptive-moment size (pixels) and ``|e|`` (:func:`galgen.evaluation.morphology.hsm_moments`,
-        NaN where the moments fail). The trainer turns each pair into ``ks_<name>``.
-
-        Parameters
-        ----------
-        batch : Batch
-            Real galaxies.
-        fake : torch.Tensor
-            ``(B, S, S)`` fakes observed like them.
-
-        Returns
-        -------
-        dict of str to (numpy.ndarray, numpy.ndarray)
-            ``name -> (real, fake)`` for the names of :data:`VALIDATION_STATISTICS`.
-        """
-        from ..evaluation.morphology import hsm_moments
-
-        mask = getattr(batch.observation.noise, "mask", None)
-        good = None if mask is None else ~torch.as_tensor(mask, device=fake.device).bool().expand_as(fake)
-        out = {}
-        stats = []
-        for images in (batch.observed, fake):
-            x = _masked(images, mask).detach().double().cpu()
-            mom = hsm_moments(x.numpy(), 1.0, weight=None if good is None else good.cpu().numpy())
-            stats.append({"flux": x.sum((1, 2)).numpy(), "sigma": mom["sigma"], "e": np.hypot(mom["e1"], mom["e2"])})
-        for name in VALIDATION_STATISTICS:
-            out[name] = (stats[0][name], stats[1][name])
-        return out
 
     def validation_panels(self, batch: Batch, n: int = 8) -> tuple[dict, np.ndarray]:
         """Stamps for the validation sample grid: real, and fakes observed like them.

@@ -563,7 +563,8 @@ class GAN(AdversarialModel):
         The fakes are :meth:`validation_fakes` (from the averaged generator, the same
         latent vectors and noise every time). There is no likelihood: the returned dict
         has no ``loss``, and the trainer uses the mean of the KS distances of
-        :meth:`validation_distributions` (flux, HSM size, ``|e|``) instead.
+        :func:`galgen.evaluation.observed_statistics` (flux, HSM size, ``|e|``) of the
+        real and the fake stamps instead.
 
         Parameters
         ----------
@@ -572,7 +573,8 @@ class GAN(AdversarialModel):
         Returns
         -------
         dict
-            ``critic_real``, ``critic_fake`` (each ``(B,)``) and ``distributions``.
+            ``critic_real``, ``critic_fake`` (each ``(B,)``) and ``observed_fakes``
+            (``(B, S, S)``, the fakes as observed).
         """
         n = len(batch)
         feats = self.condition_features(batch.cond, n)
@@ -581,4 +583,4 @@ class GAN(AdversarialModel):
         u = torch.cat([self.critic_input(batch.observed, mask), self.critic_input(fake, mask)])
         scores = self.critic(u, None if feats is None else torch.cat([feats, feats])).float()
         return {"critic_real": scores[:n], "critic_fake": scores[n:],
-                "distributions": self.validation_distributions(batch, fake)}
+                "observed_fakes": fake}

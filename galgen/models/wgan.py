@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
-from .adversarial import AdversarialModel, _masked  # noqa: F401  (_masked: the module's former home)
+from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
 from .networks import Decoder, Encoder
 
@@ -324,9 +324,9 @@ class WGANGP(AdversarialModel):
             Each ``(B,)``: ``critic_real``, ``critic_fake``, ``wasserstein``
             (``critic_real - critic_fake``; its mean is the Wasserstein estimate) and
             ``loss``, equal to ``wasserstein``: for a WGAN the validation loss is the
-            critic's Wasserstein estimate on held-out data. ``distributions``: the
-            per-galaxy statistics of :meth:`validation_distributions`, which the trainer
-            turns into KS distances.
+            critic's Wasserstein estimate on held-out data. ``observed_fakes``: the
+            ``(B, S, S)`` fakes as observed, whose flux, size and ``|e|`` the trainer
+            compares with the real ones' (KS distances).
         """
         n = len(batch)
         feats = self.condition_features(batch.cond, n)
@@ -337,4 +337,4 @@ class WGANGP(AdversarialModel):
         d_real, d_fake = scores[:n], scores[n:]
         w = d_real - d_fake
         return {"loss": w, "wasserstein": w, "critic_real": d_real, "critic_fake": d_fake,
-                "distributions": self.validation_distributions(batch, fake)}
+                "observed_fakes": fake}

@@ -261,16 +261,22 @@ class Trainer:
         self.model.eval()
         n = min(len(self.val_data), self.config.max_val)
         share = torch.arange(n)[self.ctx.rank::self.ctx.world_size]
+        from ..evaluation.morphology import OBSERVED_STATISTICS, observed_statistics
+
         sums, count, dists = {}, 0, {}
         gen_state = torch.get_rng_state()
         torch.manual_seed(_step_seed(self.config.seed, -1, self.ctx.rank))
         for batch in self.val_data.iter_batches(self.config.batch_size, share):
             with self._autocast():
                 out = dict(self.model.validation_step(batch))
-            for name, (real, fake) in (out.pop("distributions", None) or {}).items():
-                have = dists.setdefault(name, ([], []))
-                have[0].append(np.asarray(real, dtype=np.float64).ravel())
-                have[1].append(np.asarray(fake, dtype=np.float64).ravel())
+            fakes = out.pop("observed_fakes", None)
+            if fakes is not None:  # a GAN: compare the populations, not per-galaxy losses
+                mask = getattr(batch.observation.noise, "mask", None)
+                real, fake = observed_statistics(batch.observed, mask), observed_statistics(fakes, mask)
+                for name in OBSERVED_STATISTICS:
+                    have = dists.setdefault(name, ([], []))
+                    have[0].append(real[name])
+                    have[1].append(fake[name])
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().sum()
             count += len(batch)

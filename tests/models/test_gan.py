@@ -11,7 +11,7 @@ from torch import nn
 
 from galgen.errors import GalgenInputError
 from galgen.evaluation.distances import ks_distance
-from galgen.evaluation.morphology import hsm_moments
+from galgen.evaluation.morphology import hsm_moments, observed_statistics
 from galgen.models import GAN, Batch, FluxShapeGenerator, SNCritic
 from galgen.physics import GaussianNoise, Observation, gaussian_psf
 
@@ -235,7 +235,7 @@ def test_training_step_updates_critic_then_generator_through_the_physics_layer()
     assert all(p.requires_grad for p in gan.critic.parameters())
 
 
-def test_validation_is_reproducible_and_reports_distributions():
+def test_validation_is_reproducible_and_returns_the_observed_fakes():
     torch.manual_seed(6)
     gan = _small().eval()  # as the trainer validates: no power iteration in the critic
     obs = _observation(6)
@@ -245,12 +245,19 @@ def test_validation_is_reproducible_and_reports_distributions():
     assert torch.equal(torch.get_rng_state(), rng)
     assert "loss" not in v1  # no likelihood: the trainer uses the KS distances
     assert torch.equal(v1["critic_fake"], v2["critic_fake"])
-    d = v1["distributions"]
-    assert set(d) == {"flux", "sigma", "e"}
-    real_flux = batch.observed.sum((1, 2)).double().numpy()
-    assert np.allclose(d["flux"][0], real_flux)
+    assert torch.equal(v1["observed_fakes"], v2["observed_fakes"])
+    assert torch.equal(v1["observed_fakes"], gan.validation_fakes(batch)[1])
+    # what the trainer measures on them: flux = pixel sum, size and |e| = HSM
+    st = observed_statistics(batch.observed, None)
+    assert np.allclose(st["flux"], batch.observed.sum((1, 2)).double().numpy())
     mom = hsm_moments(batch.observed.double().numpy(), 1.0)
-    assert np.allclose(d["sigma"][0], mom["sigma"], equal_nan=True)
+    assert np.allclose(st["sigma"], mom["sigma"], equal_nan=True)
+    assert np.allclose(st["e"], np.hypot(mom["e1"], mom["e2"]), equal_nan=True)
+    mask = torch.zeros(S, S, dtype=torch.bool)
+    mask[0, :] = True
+    x = batch.observed.clone()
+    x[:, 0, :] = 1e6  # a masked hot row changes nothing
+    assert np.allclose(observed_statistics(x, mask)["flux"], st["flux"] - batch.observed[:, 0, :].sum(1).numpy())
 
 
 def test_from_config_roundtrip_and_bad_options():
