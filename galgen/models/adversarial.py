@@ -239,6 +239,27 @@ class AdversarialModel(GenerativeModel):
         u = self.critic_input(observed, mask)
         return self.critic(u, self.condition_features(cond, u.shape[0])).float()
 
+    def _generator_update(self, obs, feats, n, mask, opt_g, critic_params, sync, loss_fn) -> torch.Tensor:
+        """One generator step on fresh fakes observed like the batch, the critic frozen.
+
+        The critic's parameters neither receive nor change gradients (frozen weights also
+        bypass autocast's cast cache); ``loss_fn`` maps the critic's float32 scores of
+        the fakes to the generator's loss. Returns the detached loss.
+        """
+        opt_g.zero_grad(set_to_none=True)
+        for p in critic_params:
+            p.requires_grad_(False)
+        try:
+            _, fake = self._observe_fakes(obs, feats, n, raw=True)
+            g_loss = loss_fn(self.critic(self.critic_input(fake, mask), feats).float())
+            g_loss.backward()
+        finally:
+            for p in critic_params:
+                p.requires_grad_(True)
+        sync([p for p in self.generator.parameters() if p.requires_grad])
+        opt_g.step()
+        return g_loss.detach()
+
     # -- validation diagnostics -------------------------------------------------------------
 
     def validation_fakes(self, batch: Batch):

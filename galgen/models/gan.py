@@ -540,20 +540,9 @@ class GAN(AdversarialModel):
         metrics["loss"] = loss.detach()
 
         if (int(step) + 1) % self.n_critic == 0:
-            opt_g.zero_grad(set_to_none=True)
-            for p in critic_params:
-                p.requires_grad_(False)
-            try:
-                _, fake = self._observe_fakes(obs, feats, n, raw=True)
-                g_loss = self.generator_loss(self.critic(self.critic_input(fake, mask), feats).float())
-                g_loss.backward()
-            finally:
-                for p in critic_params:
-                    p.requires_grad_(True)
-            sync([p for p in self.generator.parameters() if p.requires_grad])
-            opt_g.step()
+            metrics["generator_loss"] = self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
+                                                               self.generator_loss)
             self.update_ema(int(step) // self.n_critic)
-            metrics["generator_loss"] = g_loss.detach()
         return metrics
 
     @torch.no_grad()
