@@ -66,11 +66,9 @@ def _cmd_ingest(args):
 
 
 def _cmd_run(args):
-    from .evaluation.report import format_summary
-    from .pipeline import run_pipeline
+    from .pipeline import format_run, run_pipeline
 
-    summary = run_pipeline(args.config, args.out)
-    sys.stdout.write(format_summary(summary))
+    sys.stdout.write(format_run(run_pipeline(args.config, args.out)))
 
 
 def _cmd_summary(args):
@@ -138,7 +136,8 @@ def _cmd_fit(args):
                    posterior=args.posterior, optimizer=args.optimizer,
                    shard=shard, device=args.device,
                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
-                   prior=args.prior, overwrite=args.overwrite))
+                   prior=args.prior, overwrite=args.overwrite, limit=args.limit,
+                   progress=sys.stderr.isatty() if args.progress is None else args.progress))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("run", help="run a pipeline from a YAML config",
-                       description="Run the stages of a pipeline configuration (galgen.pipeline.run_pipeline); "
-                                   "completed stages are reused.")
+                       description="Run the stages of a pipeline configuration (galgen.pipeline.run_pipeline): "
+                                   "simulate or ingest, train, sample, fit, evaluate, report. The whole file is "
+                                   "checked before anything runs; stages whose configuration and inputs are "
+                                   "unchanged are skipped (OUT/manifest.json), a killed run is completed by "
+                                   "running it again. Prints where the outputs are.")
     p.add_argument("config", help="pipeline YAML, e.g. pipelines/sdss_demo.yaml")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_run)
@@ -307,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", choices=("flow", "normal"), default=None, help="VAE latent prior [flow if fitted]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--shard", default=None, help="k/N: fit only part k (0-based) of N; 'slurm' reads the array")
+    p.add_argument("--limit", type=_positive_int, default=None, help="fit only the first LIMIT galaxies (of the shard)")
     p.add_argument("--device", default="auto", help="device [auto]")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="galaxies per batch [64 on a CPU, 512 on a GPU]")

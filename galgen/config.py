@@ -58,6 +58,8 @@ def _check_type(value, tp, where):
             return value
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float:
@@ -87,7 +89,7 @@ def build_dataclass(cls, data, where: str):
     ----------
     cls : type
         A dataclass whose fields have type hints (int, float, bool, str, dict,
-        ``tuple[str, ...]``, Optional, or nested dataclasses).
+        ``tuple[str, ...]``, Optional, nested dataclasses, optional ones and tuples of them).
     data : dict or None
         The values (None means all defaults).
     where : str
@@ -125,9 +127,5 @@ def build_dataclass(cls, data, where: str):
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = build_dataclass(tp, data[f.name], f"{where}.{f.name}")
-        else:
-            kwargs[f.name] = _check_type(data[f.name], tp, f"{where}.{f.name}")
+        kwargs[f.name] = _check_type(data[f.name], hints[f.name], f"{where}.{f.name}")
     return cls(**kwargs)

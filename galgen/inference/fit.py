@@ -95,7 +95,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              n_leapfrog: int = 16, shard=None, device="auto", batch_size: int | None = None, restarts: int = 0,
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
-             posterior: str = "is") -> Path:
+             posterior: str = "is", limit: int | None = None, progress: bool = False) -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -144,6 +144,11 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Posterior method of :func:`sample_posterior` (used with ``samples > 0``):
         importance sampling with PSIS and NUTS fallback (default), the Laplace
         approximation, NUTS, or fixed-length HMC.
+    limit : int, optional
+        Fit only the first ``limit`` galaxies (of the shard, if any): a quick look, or
+        posteriors for a few galaxies beside the MAP fit of all.
+    progress : bool, optional
+        Show a progress bar (galaxies fitted).
 
     Returns
     -------
@@ -160,6 +165,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     probe.check_grid(cfg.get("stamp", stamp), cfg.get("oversampling", k))
     n_all = probe.n_file
     rows = np.arange(n_all) if shard is None else np.arange(*shard.bounds(n_all))
+    if limit is not None:
+        if int(limit) < 1:
+            raise GalgenInputError(f"limit: must be >= 1, got {limit!r}")
+        rows = rows[:int(limit)]
     n = len(rows)
     warmup = samples if warmup is None else warmup
     batch_size = (64 if dev.type == "cpu" else 512) if batch_size is None else int(batch_size)
@@ -194,7 +203,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              "derived_names": json.dumps(DERIVED_NAMES), "derived_quantile_levels": json.dumps(QUANTILES),
              "param_names": json.dumps(list(model.latent_names))}
     loader = ObservationLoader(data, rows, model.conditions, device=dev)
-    with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w:
+    from tqdm.auto import tqdm
+
+    with FitWriter(out, n=n, shapes=shapes, attrs=attrs, fingerprint=fp) as w, \
+            tqdm(total=n, initial=w.n_done, disable=not progress, unit="gal", desc=f"fit {out.name}") as bar:
         for b in loader.iter_batches(batch_size, start=w.n_done):
             gen = generator(dev, seed, int(b.index[0]))
             res = fit_map(model, b.observed, b.observation, cond=b.cond, restarts=restarts, max_iter=max_iter,
@@ -209,6 +221,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                 block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
                                         n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth))
             w.write(block)
+            bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
     return out
 
