@@ -92,6 +92,55 @@ def test_the_template_is_galsims_sheared_gaussian():
     assert img.sum() == pytest.approx(math.exp(8.0), rel=1e-5)  # flux head at its mean (output 0)
 
 
+@pytest.mark.parametrize("h3, softening, r_min", [(0.0, 1e-4, 1), (2.5, 1e-4, 1), (2.5, 0.25, 6)])
+def test_the_sersic_template_is_galsims_sheared_sersic(h3, softening, r_min):
+    """profile="sersic": away from the softened centre pixel the seed is GalSim's Sersic(n, hlr).shear(g)."""
+    import galsim
+
+    g = FluxShapeGenerator(64, in_features=4, width=8, log_flux=(8.0, 0.5), profile="sersic", softening=softening)
+    h = torch.tensor([0.2, -0.4, 0.3, h3])
+    with torch.no_grad():
+        g.moments[2].weight.zero_()
+        g.moments[2].bias.copy_(h)
+        img = g(torch.zeros(1, 4))[0].double().numpy()
+        p = g.shape_parameters(torch.zeros(1, 4))
+    n, hlr = float(p["n"][0]), (64 / 16) * math.exp(0.2)
+    assert 0.5 < n < 6 and (n < 1.2 if h3 == 0 else n > 2)  # about exponential at initialisation
+    ref = galsim.Sersic(n=n, half_light_radius=hlr).shear(g1=float(p["g1"][0]), g2=float(p["g2"][0])).drawImage(
+        nx=64, ny=64, scale=1.0, method="sb", use_true_center=False).array
+    r = np.hypot(*np.meshgrid(np.arange(64) - 32, np.arange(64) - 32))
+    ring = r >= r_min  # the softening of the cusp changes the profile by < 1% from there out
+    a, b = img[ring] / img[ring].sum(), ref[ring] / ref[ring].sum()
+    assert np.abs(a - b).max() < 1e-2 * b.max()
+    assert np.abs(a - b).sum() < 5e-3  # total variation: the profile, not only its peak
+
+
+def test_the_warped_body_takes_the_seeds_shear():
+    """warp_body: a round feature drawn by the body comes out with the seed's ellipticity (HSM)."""
+    from galgen.evaluation.morphology import hsm_moments
+
+    g = FluxShapeGenerator(64, in_features=4, width=8, log_flux=(8.0, 0.5), warp_body=True)
+    r = torch.arange(64.0) - 32
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    bump = -(x**2 + y**2) / (2 * 4.0**2)
+    g.shape.logits = lambda z: bump.expand(len(z), 64, 64)  # the body draws a round Gaussian core
+    with torch.no_grad():
+        g.moments[2].weight.zero_()
+        g.moments[2].bias.copy_(torch.tensor([3.0, 0.4, -0.3]))  # a seed 20x wider: nearly flat
+        img = g(torch.zeros(1, 4)).numpy()
+        p = g.shape_parameters(torch.zeros(1, 4))
+    gc = complex(float(p["g1"][0]), float(p["g2"][0]))
+    e = 2 * gc / (1 + abs(gc) ** 2)  # distortion of the reduced shear
+    m = hsm_moments(img, 1.0)
+    assert m["e1"][0] == pytest.approx(e.real, abs=2e-3) and m["e2"][0] == pytest.approx(e.imag, abs=2e-3)
+    unwarped = FluxShapeGenerator(64, in_features=4, width=8, log_flux=(8.0, 0.5))
+    unwarped.load_state_dict(g.state_dict())
+    unwarped.shape.logits = g.shape.logits
+    with torch.no_grad():
+        m0 = hsm_moments(unwarped(torch.zeros(1, 4)).numpy(), 1.0)
+    assert abs(complex(m0["e1"][0], m0["e2"][0])) < 0.3 * abs(e)  # without the warp the core stays round
+
+
 # -- spectral norm ----------------------------------------------------------------------------
 
 
