@@ -23,7 +23,7 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/galgen -v run pipelines/sdss_demo.yaml --out demo_out
-	@echo "demo: see demo_out/report/cutouts.png and demo_out/report/summary.txt"
+	@echo "demo: open demo_out/report/index.html (the lines above name every output)"
 
 test: install
 	$(PY) -m pytest -m "not slow"
