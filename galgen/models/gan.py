@@ -91,7 +91,7 @@ class FluxShapeGenerator(nn.Module):
         Resample the body's logits by the seed's shear before adding them, so that every
         feature the body draws (a concentrated core included) takes the galaxy's
         ellipticity and orientation. Without it a round core drawn by the body made the
-        sdss-gan galaxies rounder than their seeds (HSM |e| 0.31 against 0.50).
+        sdss-gan galaxies rounder than their seeds (HSM ``|e|`` 0.31 against 0.50).
 
     Examples
     --------
