@@ -169,7 +169,7 @@ class FluxShapeGenerator(nn.Module):
                 out["n"] = 0.5 + 5.5 * torch.sigmoid(h[:, 3] - 2.2)
             return out
 
-    def template(self, z: torch.Tensor) -> torch.Tensor:
+    def template(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         """``-log`` of each galaxy's elliptical seed profile, up to a constant.
 
         With ``r^2 = x^T M x``, ``M = S(g)^T S(g) / s^2``, ``S(g) = [[1 - g1, -g2], [-g2,
@@ -184,13 +184,15 @@ class FluxShapeGenerator(nn.Module):
         ----------
         z : torch.Tensor
             ``(B, in_features)``.
+        params : dict, optional
+            :meth:`shape_parameters` of ``z``, if already computed.
 
         Returns
         -------
         torch.Tensor
             ``(B, size, size)`` float32.
         """
-        p = self.shape_parameters(z)
+        p = self.shape_parameters(z) if params is None else params
         g1, g2 = p["g1"], p["g2"]
         gg = g1 * g1 + g2 * g2
         # S^T S = [[(1-g1)^2 + g2^2, -2 g2], [-2 g2, (1+g1)^2 + g2^2]] / (1 - |g|^2)
@@ -205,17 +207,17 @@ class FluxShapeGenerator(nn.Module):
         eps = self.softening * torch.exp(-2 * p["log_size"])[:, None, None] / self.template_sigma ** 2
         return sersic_b(n) * (r2 + eps).pow(1 / (2 * n))
 
-    def _warp(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The body's logits resampled so that a round feature takes the seed's shear."""
-        p = self.shape_parameters(z)
+    def _warp(self, logits: torch.Tensor, p: dict) -> torch.Tensor:
+        """The body's logits resampled so that a round feature takes the seed's shear ``p``."""
         g1, g2 = p["g1"], p["g2"]
         k = torch.rsqrt(1 - g1 * g1 - g2 * g2)
         # output position x (sheared frame) reads the body at S(g) x (round frame), about the centre
         s = torch.stack([torch.stack([1 - g1, -g2], 1), torch.stack([-g2, 1 + g1], 1)], 1) * k[:, None, None]
         c = (2 * (self.size // 2) + 1) / self.size - 1.0  # the centre pixel in grid_sample's coordinates
-        centre = torch.full((len(z), 2, 1), c, dtype=s.dtype, device=s.device)
+        n = len(logits)
+        centre = torch.full((n, 2, 1), c, dtype=s.dtype, device=s.device)
         theta = torch.cat([s, centre - s @ centre], dim=2)
-        grid = nn.functional.affine_grid(theta, (len(z), 1, self.size, self.size), align_corners=False)
+        grid = nn.functional.affine_grid(theta, (n, 1, self.size, self.size), align_corners=False)
         return nn.functional.grid_sample(logits[:, None].float(), grid, mode="bilinear", padding_mode="zeros",
                                          align_corners=False)[:, 0]
 
@@ -234,9 +236,10 @@ class FluxShapeGenerator(nn.Module):
         """
         logits = self.shape.logits(z)
         with torch.autocast(device_type=logits.device.type, enabled=False):
+            params = self.shape_parameters(z)  # once: the warp and the seed share them
             if self.warp_body:
-                logits = self._warp(logits, z)
-            logits = (logits - self.template(z)).flatten(1)
+                logits = self._warp(logits, params)
+            logits = (logits - self.template(z, params)).flatten(1)
             shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
             return shape * self.log_flux(z).exp()[:, None, None]
 
