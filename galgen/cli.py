@@ -43,7 +43,8 @@ def _cmd_simulate(args):
     out = format_shard_path(args.out, shard)
     path = simulate(out, survey=args.survey, n=args.n, stamp=args.stamp, seed=args.seed, shard=shard,
                     oversampling=args.oversampling, psf_size=args.psf_size, catalog=args.catalog,
-                    workers=args.workers, progress=args.progress, overwrite=args.overwrite)
+                    workers=args.workers, progress=args.progress, overwrite=args.overwrite,
+                    morphology=args.morphology)
     print(path)
 
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PSF grid size in intrinsic pixels [stamp]")
     p.add_argument("--catalog", default=None, help="population catalog (default: the survey's bundled one)")
     p.add_argument("--workers", type=_positive_int, default=1, help="rendering processes [1]")
+    p.add_argument("--morphology", choices=["bulge-disk", "rich"], default="bulge-disk",
+                   help="rich: spiral arms, bars, lopsided disks, dust lanes, clumpy irregulars and companions "
+                        "from the catalog; bulge-disk: bulge + disk + knots only [bulge-disk]")
     _add_common(p, "output HDF5 file; {k} and {N} are replaced by the shard numbers")
     p.set_defaults(func=_cmd_simulate)
 

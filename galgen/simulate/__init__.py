@@ -8,6 +8,16 @@ from .population import (
     load_catalog,
     select_rows,
 )
+from .morphology import (
+    MORPHOLOGIES,
+    MORPHOLOGY_COLUMNS,
+    ModulatedDisk,
+    MorphologyModel,
+    draw_morphology,
+    galaxy_components,
+    has_morphology,
+    morphology_label,
+)
 from .render import describe_galaxy, draw_integrated, galaxy_profile, render_galaxy
 from .simulator import draw_truth, simulate
 from .surveys import PSFSpec, Survey, available_surveys, load_survey, survey_observation
@@ -30,4 +40,12 @@ __all__ = [
     "render_galaxy",
     "draw_truth",
     "simulate",
+    "MORPHOLOGIES",
+    "MORPHOLOGY_COLUMNS",
+    "ModulatedDisk",
+    "MorphologyModel",
+    "draw_morphology",
+    "galaxy_components",
+    "has_morphology",
+    "morphology_label",
 ]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalgenInputError
+from .morphology import MORPHOLOGY_COLUMNS, MORPHOLOGY_REFERENCES, MorphologyModel, draw_morphology
 
 __all__ = [
     "PopulationModel",
@@ -237,8 +238,14 @@ def composite_hlr(bt, hlr_disk, hlr_bulge, n_bulge, n_disk=1.0, trunc_disk=3.0, 
     return _bisect(f, np.zeros_like(hi), hi)
 
 
-def generate_population(n: int, seed: int, model: PopulationModel = PopulationModel(), band: str = "r"):
+def generate_population(n: int, seed: int, model: PopulationModel = PopulationModel(), band: str = "r",
+                        morphology=None):
     """Draw a catalog of ``n`` galaxies from the population model.
+
+    The morphology columns (spiral arms, bars, lopsidedness, dust lanes, irregulars,
+    companions: :data:`galgen.simulate.morphology.MORPHOLOGY_COLUMNS`) are drawn from a
+    random stream of their own, so the bulge + disk columns are the same with and
+    without them.
 
     Parameters
     ----------
@@ -250,6 +257,9 @@ def generate_population(n: int, seed: int, model: PopulationModel = PopulationMo
         Distribution parameters.
     band : str, optional
         Name of the magnitude band, stored in the table metadata.
+    morphology : MorphologyModel or False, optional
+        Distributions of the morphology columns (default: :class:`MorphologyModel`);
+        ``False`` leaves them out.
 
     Returns
     -------
@@ -299,12 +309,23 @@ def generate_population(n: int, seed: int, model: PopulationModel = PopulationMo
     t["n_knots"] = n_knots.astype(np.int32)
     for name, (_, desc) in CATALOG_COLUMNS.items():
         t[name].description = desc
+    references = list(REFERENCES)
+    if morphology is not False:
+        morphology = morphology or MorphologyModel()
+        cols = draw_morphology(np.random.default_rng(np.random.SeedSequence([int(seed), 0x4D4F5250])),
+                               t["bt"], t["hlr"].value, t["hlr_disk"].value, t["g_disk"], morphology)
+        for name, (unit, desc) in MORPHOLOGY_COLUMNS.items():
+            v = cols[name]
+            t[name] = (np.round(v, 4) if v.dtype.kind == "f" else v) * (u.Unit(unit) if unit else 1)
+            t[name].description = desc
+        references += list(MORPHOLOGY_REFERENCES)
+        t.meta["morphology"] = morphology.to_dict()
     t.meta.update({
         "generator": "galgen.simulate.population.generate_population",
         "seed": int(seed),
         "band": band,
         "model": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model).items()},
-        "references": list(REFERENCES),
+        "references": references,
     })
     return t
 
@@ -362,6 +383,24 @@ def load_catalog(catalog):
         v = np.asarray(t[col], float)
         if not np.all(np.isfinite(v)) or v.min() <= 0:
             raise GalgenInputError(f"{origin}: column '{col}' must be positive and finite")
+    present = [c for c in MORPHOLOGY_COLUMNS if c in t.colnames]
+    if present and len(present) < len(MORPHOLOGY_COLUMNS):
+        missing = [c for c in MORPHOLOGY_COLUMNS if c not in t.colnames]
+        raise GalgenInputError(f"{origin}: has morphology columns but lacks {missing} (give all or none)")
+    if present:
+        for col, (lo, hi) in {"arm_amp": (0.0, 0.95), "lop_a1": (0.0, 0.95), "bar_frac": (0.0, 0.9),
+                              "irr_knot_frac": (0.0, 0.9), "dust_tau": (0.0, 10.0), "comp_flux_ratio": (0.0, 10.0),
+                              "comp_g": (0.0, 0.95), "bar_q": (0.0, 1.0)}.items():
+            v = np.asarray(t[col], float)
+            if not np.all(np.isfinite(v)) or v.min() < lo or v.max() > hi:
+                raise GalgenInputError(f"{origin}: column '{col}' must lie in [{lo}, {hi}] and be finite")
+        if np.any((np.asarray(t["arm_m"]) > 0) & ~(np.asarray(t["arm_pitch"], float) > 0)):
+            raise GalgenInputError(f"{origin}: column 'arm_pitch' must be > 0 where arm_m > 0")
+        if np.any((np.asarray(t["bar_frac"], float) > 0) & ~(np.asarray(t["bar_q"], float) > 0)):
+            raise GalgenInputError(f"{origin}: column 'bar_q' must be > 0 where bar_frac > 0")
+        comp = np.asarray(t["comp_flux_ratio"], float) > 0
+        if np.any(comp & ~((np.asarray(t["comp_hlr"], float) > 0) & (np.asarray(t["comp_n"], float) >= 0.3))):
+            raise GalgenInputError(f"{origin}: columns 'comp_hlr' > 0 and 'comp_n' >= 0.3 where comp_flux_ratio > 0")
     return t
 
 

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .morphology import galaxy_components
 from .surveys import Survey
 
 __all__ = ["Knots", "draw_integrated", "galaxy_profile", "render_galaxy", "galaxy_extent", "describe_galaxy"]
@@ -93,7 +94,11 @@ def _shear_components(g, beta_deg):
 
 
 def galaxy_profile(truth: dict, trunc_disk: float = 3.0, trunc_bulge: float = 6.0, knot_seed=None):
-    """Build the GalSim profile of one galaxy from its truth row.
+    """Build the GalSim profile of one bulge + disk galaxy from its truth row.
+
+    The morphology columns (spiral arms, bars, ...), where the row has them, are not
+    drawn here: :func:`galgen.simulate.morphology.galaxy_components` draws every
+    component.
 
     Parameters
     ----------
@@ -114,31 +119,8 @@ def galaxy_profile(truth: dict, trunc_disk: float = 3.0, trunc_bulge: float = 6.
         Star-forming knots (Gaussian clumps of sigma :data:`KNOT_SIGMA`), sheared like
         the disk.
     """
-    import galsim
-
-    flux = float(truth["flux"])
-    bt = float(truth["bt"])
-    parts = []
-    if bt > 0:
-        bulge = galsim.Sersic(float(truth["n_bulge"]), half_light_radius=float(truth["hlr_bulge"]),
-                              trunc=trunc_bulge * float(truth["hlr_bulge"]), flux_untruncated=False,
-                              flux=bt * flux)
-        parts.append(bulge.shear(g1=float(truth["g1_bulge"]), g2=float(truth["g2_bulge"])))
-    disk_flux = (1.0 - bt) * flux
-    kf = float(truth["knot_frac"]) if int(truth["n_knots"]) > 0 else 0.0
-    disk_shear = galsim.Shear(g1=float(truth["g1_disk"]), g2=float(truth["g2_disk"]))
-    if bt < 1 and kf < 1:
-        disk = galsim.Sersic(float(truth["n_disk"]), half_light_radius=float(truth["hlr_disk"]),
-                             trunc=trunc_disk * float(truth["hlr_disk"]), flux_untruncated=False,
-                             flux=(1 - kf) * disk_flux)
-        parts.append(disk.shear(disk_shear))
-    smooth = galsim.Add(parts) if len(parts) > 1 else (parts[0] if parts else None)
-    knots = None
-    if kf > 0 and disk_flux > 0:
-        rk = galsim.RandomKnots(int(truth["n_knots"]), half_light_radius=float(truth["hlr_disk"]),
-                                flux=1.0, rng=galsim.BaseDeviate(int(knot_seed or 0)))
-        knots = Knots(rk.points @ disk_shear.getMatrix().T, kf * disk_flux, KNOT_SIGMA, disk_shear.getMatrix())
-    return smooth, knots
+    smooth, numeric = galaxy_components(truth, trunc_disk, trunc_bulge, knot_seed, morphology=False)
+    return smooth, (numeric[0] if numeric else None)
 
 
 class Knots:
@@ -171,8 +153,14 @@ class Knots:
         """Largest distance of a clump centre from the galaxy centre (arcsec)."""
         return float(np.hypot(*self.positions.T).max()) if len(self.positions) else 0.0
 
-    def galsim(self):
+    def galsim(self, scale=None, size=None):
         """The clumps as a GalSim profile (a sum of shifted, sheared Gaussians).
+
+        Parameters
+        ----------
+        scale, size : optional
+            Unused (the clumps are analytic); the signature of
+            :meth:`galgen.simulate.morphology.ModulatedDisk.galsim`.
 
         Returns
         -------
@@ -253,7 +241,9 @@ def galaxy_extent(truth: dict, knot_radius: float = 0.0, trunc_disk: float = 3.0
     if truth["bt"] < 1:
         r = max(r, trunc_disk * truth["hlr_disk"] * sd)
     if knot_radius > 0:
-        r = max(r, knot_radius + 4 * KNOT_SIGMA * sd)
+        r = max(r, knot_radius + 4 * float(truth.get("knot_sigma", KNOT_SIGMA)) * sd)
+    if float(truth.get("comp_flux_ratio", 0.0)) > 0:  # a companion: out to its truncation radius
+        r = max(r, float(truth["comp_sep"]) + 4.0 * float(truth["comp_hlr"]) * stretch(float(truth["comp_g"]), 0.0))
     return float(r)
 
 
@@ -289,19 +279,22 @@ def render_galaxy(truth: dict, survey: Survey, stamp: int, *, oversampling: int 
     scale = survey.pixel_scale
     fine_scale = scale / k
     P = int(psf_size or stamp)
-    smooth, knots = galaxy_profile(truth, trunc_disk, trunc_bulge, truth.get("knot_seed"))
+    smooth, numeric = galaxy_components(truth, trunc_disk, trunc_bulge, truth.get("knot_seed"))
     # Centre of detector pixel S//2 on the fine grid, relative to fine pixel (S*k)//2.
     fine_offset = (stamp // 2 + 0.5) * k - 0.5 - (stamp * k) // 2
 
     intrinsic = np.zeros((stamp * k, stamp * k))
     if smooth is not None:
         intrinsic += draw_integrated(smooth, stamp * k, fine_scale, offset=fine_offset)
-    if knots is not None:
-        intrinsic += knots.draw(stamp * k, fine_scale, offset=fine_offset)
+    for part in numeric:
+        intrinsic += part.draw(stamp * k, fine_scale, offset=fine_offset)
 
     psf, psf_img = _psf_image(truth, survey, P, fine_scale)
 
-    galaxy = galsim.Add([p for p in (smooth, knots and knots.galsim()) if p is not None])
+    # Numerical components enter the convolution as interpolated images sampled at a
+    # quarter of the intrinsic pixel, over the stamp plus a margin of 8 detector pixels.
+    grid = [p.galsim(fine_scale / 4, (stamp + 16) * k * 4) for p in numeric]
+    galaxy = galsim.Add([p for p in [smooth] + grid if p is not None])
     noiseless = galsim.Convolve(galaxy, psf).drawImage(nx=stamp, ny=stamp, scale=scale, use_true_center=False)
     model = noiseless.array.astype(np.float64)
     observed = noiseless.copy()
@@ -349,8 +342,8 @@ def describe_galaxy(truth: dict, survey: Survey, *, oversampling: int = 1, psf_s
         ``psf_flux_in_stamp`` (fraction of the PSF light on its grid), ``knot_radius``
         and ``r_extent`` (arcsec, see :func:`galaxy_extent`).
     """
-    _, knots = galaxy_profile(truth, trunc_disk, trunc_bulge, truth.get("knot_seed"))
-    knot_radius = knots.radius if knots is not None else 0.0
+    _, numeric = galaxy_components(truth, trunc_disk, trunc_bulge, truth.get("knot_seed"))
+    knot_radius = max([p.radius for p in numeric if isinstance(p, Knots)], default=0.0)
     _, img = _psf_image(truth, survey, psf_size, survey.pixel_scale / oversampling)
     return {"psf_flux_in_stamp": float(img.sum()), "knot_radius": knot_radius,
             "r_extent": galaxy_extent(truth, knot_radius, trunc_disk, trunc_bulge)}

@@ -17,7 +17,8 @@ from .._version import __version__
 from ..data.cutouts import CutoutWriter, output_is_current
 from ..errors import GalgenInputError
 from ..sharding import parse_shard
-from .population import load_catalog, select_rows
+from .morphology import MORPHOLOGIES, MORPHOLOGY_COLUMNS, has_morphology
+from .population import CATALOG_COLUMNS, load_catalog, select_rows
 from .render import describe_galaxy, render_galaxy
 from .surveys import load_survey
 
@@ -28,7 +29,7 @@ log = logging.getLogger("galgen.simulate")
 _STRUCT_COLUMNS = ("mag", "bt", "hlr", "hlr_disk", "hlr_bulge", "n_disk", "n_bulge", "knot_frac", "n_knots")
 
 
-def draw_truth(row: dict, survey, seed: int, index: int) -> dict:
+def draw_truth(row: dict, survey, seed: int, index: int, morphology: bool = False) -> dict:
     """Per-galaxy simulation parameters of galaxy ``index`` of a run with ``seed``.
 
     The galaxy keeps the catalog's structure and is rotated by a random angle; its PSF
@@ -46,6 +47,9 @@ def draw_truth(row: dict, survey, seed: int, index: int) -> dict:
         Run seed.
     index : int
         Global galaxy index in the run.
+    morphology : bool, optional
+        Copy the morphology columns (:data:`galgen.simulate.morphology.MORPHOLOGY_COLUMNS`)
+        too; they add no random draws, so the other values are the same either way.
 
     Returns
     -------
@@ -66,6 +70,8 @@ def draw_truth(row: dict, survey, seed: int, index: int) -> dict:
     truth["flux"] = float(survey.flux(row["mag"]))
     truth.update(survey.psf.draw(rng))
     truth["knot_seed"], truth["noise_seed"] = (int(x) for x in rng.integers(1, 2**31 - 1, size=2))
+    if morphology:
+        truth.update({c: row[c] for c in MORPHOLOGY_COLUMNS})
     return truth
 
 
@@ -84,9 +90,10 @@ def _worker_init():
     galsim.set_omp_threads(1)
 
 
-def _catalog_digest(cat) -> str:
+def _catalog_digest(cat, columns) -> str:
+    """Digest of the catalog columns a simulation reads."""
     h = hashlib.sha256()
-    for c in cat.colnames:
+    for c in (c for c in cat.colnames if c in columns):
         h.update(c.encode())
         h.update(np.ascontiguousarray(np.asarray(cat[c])).tobytes())
     return h.hexdigest()[:16]
@@ -105,6 +112,7 @@ def _truth_table(truths, extras, survey, stamp):
     units = {"mag": u.mag, "hlr": u.arcsec, "hlr_disk": u.arcsec, "hlr_bulge": u.arcsec, "beta": u.deg,
              "flux": u.adu, "psf_fwhm": u.arcsec, "r_extent": u.arcsec, "knot_radius": u.arcsec,
              "sky_level": u.adu, "gain": u.electron / u.adu, "read_noise": u.electron}
+    units.update({c: u.Unit(unit) for c, (unit, _) in MORPHOLOGY_COLUMNS.items() if unit and c in t.colnames})
     for c, unit in units.items():
         t[c].unit = unit
     t["fits_stamp"].description = "all intrinsic light within r_extent, plus 3 PSF FWHM, lies in the stamp"
@@ -115,7 +123,8 @@ def _truth_table(truths, extras, survey, stamp):
 
 def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 0, shard=None,
              oversampling: int = 1, psf_size: int | None = None, catalog=None, workers: int = 1,
-             chunk_size: int = 32, progress: bool | None = None, overwrite: bool = False) -> Path:
+             chunk_size: int = 32, progress: bool | None = None, overwrite: bool = False,
+             morphology: str = "bulge-disk") -> Path:
     """Simulate ``n`` galaxies of a survey with GalSim and write a cutout file.
 
     Resumable: the file is built as ``<out>.partial``; a run killed midway and started
@@ -152,6 +161,12 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
         Show a progress bar (default: when stderr is a terminal).
     overwrite : bool, optional
         Replace an existing ``out`` made with other arguments.
+    morphology : {"bulge-disk", "rich"}, optional
+        ``"rich"`` draws the catalog's spiral arms, bars, lopsided disks, dust lanes,
+        clumpy irregulars and companions (:mod:`galgen.simulate.morphology`; the bundled
+        catalogs have them); ``"bulge-disk"`` (the default, what the pretrained models
+        learned) draws bulge + disk + knots galaxies, identical to those of galgen
+        before these components existed.
 
     Returns
     -------
@@ -177,8 +192,16 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
             raise GalgenInputError(f"{name}: must be an integer >= {lo}, got {value!r}")
     if psf_size is not None and (not isinstance(psf_size, (int, np.integer)) or psf_size < 3):
         raise GalgenInputError(f"--psf-size: must be an integer >= 3, got {psf_size!r}")
+    if morphology not in MORPHOLOGIES:
+        raise GalgenInputError(f"--morphology: one of {list(MORPHOLOGIES)}, got {morphology!r}")
     sh = parse_shard(shard)
     cat = load_catalog(catalog if catalog is not None else sv.catalog)
+    rich = morphology == "rich"
+    if rich and not has_morphology(cat):
+        raise GalgenInputError(f"--morphology rich: the catalog {catalog or sv.catalog} has no morphology columns "
+                               f"({', '.join(list(MORPHOLOGY_COLUMNS)[:3])}, ...); use --morphology bulge-disk or a "
+                               "catalog made by generate_population")
+    used = set(CATALOG_COLUMNS) | (set(MORPHOLOGY_COLUMNS) if rich else set())
     model = cat.meta.get("model", {}) or {}
     trunc = (float(model.get("trunc_disk", 3.0)), float(model.get("trunc_bulge", 6.0)))
     if catalog is None:
@@ -190,7 +213,8 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
     fingerprint = json.dumps({
         "stage": "simulate", "survey": sv.to_dict(), "n": int(n), "stamp": int(stamp), "seed": int(seed),
         "shard": str(sh), "oversampling": int(oversampling), "psf_size": psf_size,
-        "catalog": _catalog_digest(cat), "galgen": __version__,
+        "catalog": _catalog_digest(cat, used), "galgen": __version__,
+        **({"morphology": morphology} if rich else {}),  # (bulge-disk: the fingerprint of earlier versions)
     }, sort_keys=True, default=str)
 
     if output_is_current(out, fingerprint, overwrite):
@@ -200,7 +224,8 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
     rows = select_rows(len(cat), n, seed)[start:stop]
     cols = list(cat.colnames)
     data = {c: np.asarray(cat[c]) for c in cols}
-    truths = [draw_truth({c: data[c][r] for c in cols}, sv, seed, i) for i, r in zip(range(start, stop), rows)]
+    truths = [draw_truth({c: data[c][r] for c in cols}, sv, seed, i, morphology=rich)
+              for i, r in zip(range(start, stop), rows)]
     m = len(truths)
     k = int(oversampling)
     P = int(psf_size or stamp)
@@ -211,7 +236,7 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
              "shard": str(sh), "index_start": start, "index_stop": stop, "n_total": int(n),
              "catalog": cat_name, "zero_point": sv.zero_point, "sky_level": sv.sky_level,
              "gain": sv.gain, "read_noise": sv.read_noise,
-             "survey_yaml": json.dumps(sv.to_dict(), sort_keys=True)}
+             "survey_yaml": json.dumps(sv.to_dict(), sort_keys=True), **({"morphology": morphology} if rich else {})}
     if progress is None:
         progress = sys.stderr.isatty()
     with CutoutWriter(out, n=m, shapes=shapes, attrs=attrs, fingerprint=fingerprint) as w:
