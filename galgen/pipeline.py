@@ -100,6 +100,9 @@ class SimulateConfig:
         Population catalog.
     workers : int
         Rendering processes.
+    morphology : str
+        ``"bulge-disk"`` or ``"rich"`` (spiral arms, bars, lopsided disks, dust lanes,
+        clumpy irregulars and companions; see :func:`galgen.simulate.simulate`).
     """
 
     survey: str = "sdss"
@@ -110,6 +113,7 @@ class SimulateConfig:
     psf_size: Opt[int] = None
     catalog: Opt[str] = None
     workers: int = 1
+    morphology: str = "bulge-disk"
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,11 @@ def _validate(cfg: PipelineConfig, path: Path) -> None:
         for key in ("n", "stamp", "oversampling", "workers"):
             if getattr(cfg.simulate, key) < 1:
                 raise GalgenInputError(f"{path}: simulate.{key} must be >= 1")
+        from .simulate import MORPHOLOGIES
+
+        if cfg.simulate.morphology not in MORPHOLOGIES:
+            raise GalgenInputError(f"{path}: simulate.morphology: one of {list(MORPHOLOGIES)}, "
+                                   f"got {cfg.simulate.morphology!r}")
     if cfg.ingest is not None:
         if not cfg.ingest.inputs:
             raise GalgenInputError(f"{where}: ingest.inputs: give FITS files or glob patterns")
@@ -665,9 +674,12 @@ def _data_stage(ctx: _Context, step: str) -> None:
         def work():
             return [simulate(target, survey=survey, n=s.n, stamp=s.stamp, seed=s.seed, oversampling=s.oversampling,
                              psf_size=s.psf_size, catalog=catalog, workers=s.workers, overwrite=True,
-                             progress=_progress())]
+                             progress=_progress(), morphology=s.morphology)]
 
-        _stage(ctx, "simulate", _plain(s), inputs, work, f"simulate {s.n} {s.survey} galaxies -> {target}", step)
+        key = _plain(s)
+        if key.get("morphology") == "bulge-disk":  # the stage key of runs made before the option existed
+            del key["morphology"]
+        _stage(ctx, "simulate", key, inputs, work, f"simulate {s.n} {s.survey} galaxies -> {target}", step)
     else:
         from .data.ingest import ingest_fits
 

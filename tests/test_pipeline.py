@@ -183,6 +183,7 @@ def test_fit_table_against_the_catalog(full_run):
     ({"data": "nowhere.h5"}, "data and simulate: give one source"),
     ({"train": {"model": {"kind": "unicorn"}}}, "train.model.kind must be one of"),
     ({"simulate": None, "data": None}, "needs data"),
+    ({"simulate": {"n": 12, "stamp": 32, "morphology": "spirals"}}, "simulate.morphology: one of"),
 ])
 def test_bad_configs_are_refused_before_anything_runs(tmp_path, change, message, capsys):
     cfg = write(tmp_path, {**SMALL, **change})
