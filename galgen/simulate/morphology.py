@@ -85,12 +85,13 @@ MORPHOLOGY_REFERENCES = (
     "Bar fraction 29% of disk galaxies (Galaxy Zoo 2: Masters et al. 2011, MNRAS 411, 2026); bar-to-total "
     "~0.1, bar length ~1-1.5 disk scale lengths, ellipticity 0.5-0.8, flat (Ferrers-like) profiles "
     "(Gadotti 2011, MNRAS 415, 3308).",
-    "Lopsidedness: mean m=1 amplitude A1 ~ 0.1, ~30% of disks above 0.2 (Zaritsky & Rix 1997, ApJ 477, 118; "
-    "Bournaud et al. 2005, A&A 438, 507).",
+    "Lopsidedness: mean m=1 amplitude A1 ~ 0.1, ~30% of disks above 0.2, stronger in late types "
+    "(Zaritsky & Rix 1997, ApJ 477, 118; Bournaud et al. 2005, A&A 438, 507).",
     "Dust lanes: ubiquitous in edge-on disks (Dalcanton et al. 2004, ApJ 608, 189), central optical depth "
     "~1 (Xilouris et al. 1999, A&A 344, 868).",
-    "Clumpy galaxies: ~10% of star-forming galaxies at z < 0.5, clumps of 5-20% of the light each "
-    "(Guo et al. 2015, ApJ 800, 39; Shibuya et al. 2016, ApJ 821, 72).",
+    "Clumpy galaxies: ~10% of star-forming galaxies at z < 0.5 (Guo et al. 2015, ApJ 800, 39; Shibuya et al. "
+    "2016, ApJ 821, 72); clump light and lopsidedness set so that irregulars have the concentration and "
+    "asymmetry of nearby irregulars (Conselice 2003, ApJS 147, 1; docs/population.md).",
     "Companions and mergers: 1-3% of SDSS galaxies are visibly merging (Galaxy Zoo: Darg et al. 2010, MNRAS "
     "401, 1043), close-pair fraction of a few per cent (Patton & Atfield 2008, ApJ 685, 235).",
 )
@@ -120,8 +121,11 @@ class MorphologyModel:
     bar_frac_range, bar_length_range, bar_q_range : tuple of float
         Uniform ranges of the bar's share of the disk flux, its half-light semi-major
         axis in units of ``hlr_disk``, and its axis ratio.
-    lopsided_mean, lopsided_max : float
-        Exponential distribution of the m=1 amplitude of disks (mean, clip).
+    lopsided_mean, lopsided_mean_early, lopsided_max : float
+        Exponential distribution of the m=1 amplitude of disks: its mean for late-type
+        disks (B/T < ``early_bt``), for early-type disks, and its clip.
+    early_bt : float
+        B/T from which a disk galaxy counts as early-type (S0-Sb) for lopsidedness.
     dust_g_min : float
         Disk ellipticity above which (near edge-on) a disk has a dust lane.
     dust_tau_range, dust_width_range, dust_offset_max : tuple, tuple, float
@@ -157,16 +161,18 @@ class MorphologyModel:
     bar_length_range: tuple = (0.6, 0.9)
     bar_q_range: tuple = (0.2, 0.45)
     lopsided_mean: float = 0.1
+    lopsided_mean_early: float = 0.08
     lopsided_max: float = 0.4
+    early_bt: float = 0.2
     dust_g_min: float = 0.6
     dust_tau_range: tuple = (0.5, 2.0)
     dust_width_range: tuple = (0.15, 0.4)
     dust_offset_max: float = 0.2
     irregular_fraction: float = 0.1
-    irregular_knot_frac_range: tuple = (0.3, 0.6)
-    irregular_n_knots_range: tuple = (4, 12)
-    irregular_knot_sigma_range: tuple = (0.2, 0.5)
-    irregular_a1_range: tuple = (0.2, 0.5)
+    irregular_knot_frac_range: tuple = (0.1, 0.25)
+    irregular_n_knots_range: tuple = (6, 15)
+    irregular_knot_sigma_range: tuple = (0.15, 0.3)
+    irregular_a1_range: tuple = (0.05, 0.2)
     companion_fraction: float = 0.05
     comp_flux_ratio_range: tuple = (0.1, 1.0)
     comp_sep_range: tuple = (1.5, 4.0)
@@ -215,7 +221,8 @@ def draw_morphology(rng: np.random.Generator, bt, hlr, hlr_disk, g_disk, model: 
     bar = regular_disk & (rng.uniform(size=n) < m.bar_fraction)
     bar_frac, bar_len, bar_q, bar_angle = u(m.bar_frac_range), u(m.bar_length_range), u(m.bar_q_range), \
         rng.uniform(0, 180, size=n)
-    a1 = np.minimum(rng.exponential(m.lopsided_mean, size=n), m.lopsided_max)
+    a1 = np.minimum(rng.exponential(1.0, size=n) * np.where(bt < m.early_bt, m.lopsided_mean, m.lopsided_mean_early),
+                    m.lopsided_max)
     a1 = np.where(irregular, u(m.irregular_a1_range), np.where(disk, a1, 0.0))
     lop_phase = rng.uniform(0, 360, size=n)
     dust = regular_disk & (g_disk > m.dust_g_min)
@@ -353,10 +360,12 @@ class ModulatedDisk:
         if p["arm_m"] > 0 and p["arm_amp"] > 0:
             m = p["arm_m"]
             lnr = np.log(np.maximum(r, 1e-6) / self.hlr)
-            phase = m * (theta - math.radians(self.beta + p["arm_phase"]) - lnr / math.tan(math.radians(p["arm_pitch"])))
+            wind = lnr / math.tan(math.radians(p["arm_pitch"]))
+            phase = m * (theta - math.radians(self.beta + p["arm_phase"]) - wind)
             out *= 1.0 + p["arm_amp"] * (1.0 - np.exp(-(r / self.r_in) ** 2)) * np.cos(phase)
         if p["lop_a1"] > 0:
-            out *= 1.0 + p["lop_a1"] * np.minimum(r / self.hlr, 1.0) * np.cos(theta - math.radians(self.beta + p["lop_phase"]))
+            side = np.cos(theta - math.radians(self.beta + p["lop_phase"]))
+            out *= 1.0 + p["lop_a1"] * np.minimum(r / self.hlr, 1.0) * side
         if p["dust_tau"] > 0:
             # The projected major axis is the direction the shear stretches most.
             w, v = np.linalg.eigh(self.a @ self.a.T)
