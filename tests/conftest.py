@@ -26,3 +26,14 @@ def sdss_fit(sim_dir):
 def sdss_tiny(sim_dir):
     """64 SDSS galaxies on 32x32 stamps with 15x15 PSFs: fast training tests."""
     return simulate(sim_dir / "sdss_tiny.h5", survey="sdss", n=64, stamp=32, seed=5, psf_size=15)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: small convolutions run much faster on one thread than on two contended ones."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

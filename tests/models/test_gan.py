@@ -19,13 +19,7 @@ S = 16
 SKY = 5.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run much faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _observation(n, g=None, fwhm=None):

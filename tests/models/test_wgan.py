@@ -15,13 +15,7 @@ from galgen.physics import GaussianNoise, Observation, gaussian_psf
 S = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run much faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _observation(n, variance=25.0, oversampling=1, mask=None, fwhm=None, g1=0.0):
