@@ -26,8 +26,15 @@ from galgen.train import load_checkpoint, load_model
 from galgen.train.logs import TRAIN_LOG, read_log
 
 
-def training_stages(path, ck) -> list:
-    """The run of ``path`` and, for a fine-tuned run (``train.init``), the runs it started from."""
+def training_stages(path, ck, init_card=None) -> list:
+    """The run of ``path`` and, for a fine-tuned run (``train.init``), the runs it started from.
+
+    A run initialised from an installed pretrained model names that model's card
+    (``init_card``, e.g. ``"sdss-vae-v1"``): its stages are taken from the card, since the
+    file the run recorded may since have been replaced by the new model.
+    """
+    from galgen.pretrained import model_card
+
     stages = []
     seen = set()
     while True:
@@ -40,6 +47,8 @@ def training_stages(path, ck) -> list:
                           "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min", "batch_size")
                                     if train.get(k) is not None}})
         init = ck["provenance"].get("init")
+        if init and init_card:
+            return [*model_card(init_card)["stages"], *stages]
         if not init or init in seen:
             return stages
         seen.add(init)
@@ -57,6 +66,9 @@ def main():
     ap.add_argument("--diagnostics", default=None,
                     help="JSON of benchmarks/bench_gan_recipes.py: the GAN population figures (KS of flux, "
                          "size, |e| on held-out galaxies) and the cost per step, stored in the card")
+    ap.add_argument("--init-card", default=None,
+                    help="the pretrained model the run was fine-tuned from (train.init), e.g. sdss-vae-v1: "
+                         "its training stages are taken from its card")
     ap.add_argument("--note", default=None, help="free text for the card (e.g. how the run may be continued)")
     args = ap.parse_args()
     run = Path(args.run)
@@ -65,7 +77,7 @@ def main():
     ck = load_checkpoint(src)
     if ck["optimizer"] is not None:
         raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
-    stages = training_stages(src, ck)
+    stages = training_stages(src, ck, args.init_card)
     card = {
         "name": args.name, "kind": ck["config"]["model"]["kind"], "galgen_version": ck["galgen_version"],
         "config": ck["config"], "provenance": ck["provenance"], "training_data_command": args.simulate,

@@ -8,7 +8,8 @@ from galgen.errors import GalgenInputError
 from galgen.pretrained import model_card
 
 
-@pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan")])
+@pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"),
+                                        ("sdss-vae-v1", "vae"), ("sdss-gan-v1", "gan")])
 def test_pretrained_model_loads_and_samples(name, kind):
     assert name in galgen.available_pretrained()
     model = galgen.load_pretrained(name)
@@ -27,3 +28,27 @@ def test_pretrained_model_loads_and_samples(name, kind):
 def test_unknown_pretrained_name():
     with pytest.raises(GalgenInputError, match="not installed"):
         galgen.load_pretrained("hst-diffusion")
+
+
+def test_make_pretrained_takes_the_stages_of_an_installed_init_from_its_card(tmp_path):
+    """A run fine-tuned from an installed model lists that model's stages, then its own."""
+    import importlib.util
+    from pathlib import Path
+
+    from galgen.errors import GalgenInputError as InputError
+
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "make_pretrained.py"
+    spec = importlib.util.spec_from_file_location("make_pretrained", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.csv").write_text("step,epoch,images,wall_s\n50,0,3200,10.0\n100,0,6400,21.5\n")
+    ck = {"step": 100, "config": {"train": {"batch_size": 64, "lr": 1e-4, "lr_schedule": "cosine"}},
+          "provenance": {"init": str(tmp_path / "replaced.pt")}}
+    stages = mod.training_stages(run / "model.pt", ck, "sdss-vae-v1")
+    earlier = model_card("sdss-vae-v1")["stages"]
+    assert len(earlier) >= 1 and stages[:-1] == earlier
+    assert stages[-1]["steps"] == 100 and stages[-1]["images_seen"] == 6400 and stages[-1]["wall_s"] == 21.5
+    with pytest.raises((InputError, FileNotFoundError)):  # without the card, the replaced file is looked for
+        mod.training_stages(run / "model.pt", ck)
