@@ -33,7 +33,6 @@ the generator learns PSF-free galaxies from observations.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -42,206 +41,12 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
-from ..physics.sersic import sersic_b
-from .networks import Decoder, halvings
+from .networks import Decoder, FluxShapeGenerator, halvings, log_flux_start
 
 __all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "GAN_LOSSES"]
 
 #: Loss names the :class:`GAN` accepts.
 GAN_LOSSES = ("non-saturating", "hinge")
-#: Radial profiles of :class:`FluxShapeGenerator`'s seed.
-TEMPLATE_PROFILES = ("gaussian", "sersic")
-
-
-class FluxShapeGenerator(nn.Module):
-    """Generator whose output is a total flux times a shape: ``F * softmax(logits)``.
-
-    The shape logits come from a convolutional :class:`Decoder` body minus
-    :meth:`template`, a centred elliptical Gaussian whose size and ellipticity come from a
-    small network of ``z`` (centre at pixel ``(size//2, size//2)``, the package's
-    convention): an untrained generator draws blobs of about the typical size rather
-    than noise spread over the stamp, and sizes spanning a decade and ellipticities are
-    three scalars rather than a task for the convolutions. The log flux is
-    ``log_flux_mean + log_flux_std * h(z)`` with ``h`` a two-layer network; the image
-    sums to ``F`` exactly (the flux falling outside the intrinsic grid is zero).
-
-    Parameters
-    ----------
-    size : int
-        Intrinsic grid size (stamp x oversampling).
-    in_features : int
-        Latent (plus conditioning) dimension.
-    width : int, optional
-        Channels of the decoder's finest level.
-    max_width : int, optional
-        Channel cap.
-    log_flux : tuple of float, optional
-        ``(mean, std)`` of the natural log of the total flux (image units) that the
-        flux head starts from (the data's values: :meth:`galgen.train.TrainingData.statistics`).
-    template_sigma : float, optional
-        ``s0`` in intrinsic pixels; default ``size / 16``.
-    profile : {"gaussian", "sersic"}, optional
-        Radial profile of the seed: a Gaussian, or a Sersic profile whose index is a fourth
-        output of the moments network (cusps and wings of bulges without asking the body).
-    softening : float, optional
-        Squared radius (intrinsic pixels^2) added to ``r^2`` in the Sersic seed: its cusp
-        is that of ``sqrt(r^2 + softening)`` (the profile is within 1% of the Sersic from
-        about 6 pixels out at 0.25, from 1 pixel at 1e-4).
-    warp_body : bool, optional
-        Resample the body's logits by the seed's shear before adding them, so that every
-        feature the body draws (a concentrated core included) takes the galaxy's
-        ellipticity and orientation. Without it a round core drawn by the body made the
-        sdss-gan galaxies rounder than their seeds (HSM ``|e|`` 0.31 against 0.50).
-
-    Examples
-    --------
-    >>> g = FluxShapeGenerator(32, in_features=8, width=8, log_flux=(math.log(500.0), 1.0))
-    >>> img = g(torch.zeros(2, 8))
-    >>> img.shape, bool((img >= 0).all())
-    (torch.Size([2, 32, 32]), True)
-    """
-
-    def __init__(self, size: int, in_features: int, width: int = 32, max_width: int = 256,
-                 log_flux=(0.0, 1.0), template_sigma: float | None = None, profile: str = "gaussian",
-                 warp_body: bool = False, softening: float = 0.25):
-        super().__init__()
-        if profile not in TEMPLATE_PROFILES:
-            raise GalgenInputError(f"profile: one of {list(TEMPLATE_PROFILES)}, got {profile!r}")
-        self.profile, self.warp_body, self.softening = profile, bool(warp_body), float(softening)
-        mean, std = (float(v) for v in log_flux)
-        if not (math.isfinite(mean) and std > 0):
-            raise GalgenInputError(f"log_flux: needs a finite mean and a positive std, got {log_flux!r}")
-        self.size = int(size)
-        self.shape = Decoder(self.size, in_features, width=width, max_width=max_width, learn_flux_scale=False)
-        # The body starts switched off (zero output layer, as a zero-initialised residual
-        # branch): training begins from the parametric galaxy (flux, size, ellipticity)
-        # and the body adds morphology as the critic asks for it. With a random output
-        # layer, the first 500 steps drew satellite blobs around every galaxy.
-        nn.init.zeros_(self.shape.out.weight)
-        nn.init.zeros_(self.shape.out.bias)
-        self.flux = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
-        self.moments = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(),
-                                     nn.Linear(64, 4 if profile == "sersic" else 3))
-        s0 = float(template_sigma) if template_sigma is not None else self.size / 16.0
-        self.template_sigma = s0
-        r = (torch.arange(self.size, dtype=torch.float32) - self.size // 2) / s0
-        y, x = torch.meshgrid(r, r, indexing="ij")
-        # the three quadratic forms the template combines: x^2 + y^2, x^2 - y^2, 2xy (in units of s0)
-        self.register_buffer("quadratics", torch.stack([x**2 + y**2, x**2 - y**2, 2 * x * y]), persistent=False)
-        self.register_buffer("log_flux_mean", torch.tensor(mean))
-        self.register_buffer("log_flux_std", torch.tensor(std))
-
-    def log_flux(self, z: torch.Tensor) -> torch.Tensor:
-        """Natural log of the total flux of each generated galaxy.
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(B, in_features)``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B,)`` float32.
-        """
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.log_flux_mean + self.log_flux_std * self.flux(z.float())[:, 0]
-
-    def shape_parameters(self, z: torch.Tensor) -> dict:
-        """Size, reduced shear and (for the Sersic template) index of each galaxy's seed.
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(B, in_features)``.
-
-        Returns
-        -------
-        dict of torch.Tensor
-            ``log_size`` (``ln(s / s0)``), ``g1``, ``g2`` and, with ``profile="sersic"``,
-            ``n`` (in ``[0.5, 6]``, about 1 at initialisation); each ``(B,)`` float32.
-        """
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            h = self.moments(z.float())
-            g = 0.9 * h[:, 1:3] / torch.sqrt(1 + h[:, 1:3].square().sum(1, keepdim=True))
-            out = {"log_size": h[:, 0], "g1": g[:, 0], "g2": g[:, 1]}
-            if self.profile == "sersic":
-                out["n"] = 0.5 + 5.5 * torch.sigmoid(h[:, 3] - 2.2)
-            return out
-
-    def template(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        """``-log`` of each galaxy's elliptical seed profile, up to a constant.
-
-        With ``r^2 = x^T M x``, ``M = S(g)^T S(g) / s^2``, ``S(g) = [[1 - g1, -g2], [-g2,
-        1 + g1]] / sqrt(1 - |g|^2)`` the unit-determinant shear matrix (GalSim's
-        convention), the size ``s = s0 exp(h_0)`` and the reduced shear
-        ``g = 0.9 h / sqrt(1 + |h|^2)``, ``h = (h_1, h_2)``, all from the moments network:
-        ``r^2 / 2`` for the Gaussian profile (``s`` its sigma); ``b_n (r^2 + eps)^(1/2n)``
-        for the Sersic profile (``s`` its half-light radius, ``n`` from ``h_3``, ``eps``
-        the ``softening`` that keeps the cusp's gradient finite).
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(B, in_features)``.
-        params : dict, optional
-            :meth:`shape_parameters` of ``z``, if already computed.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, size, size)`` float32.
-        """
-        p = self.shape_parameters(z) if params is None else params
-        g1, g2 = p["g1"], p["g2"]
-        gg = g1 * g1 + g2 * g2
-        # S^T S = [[(1-g1)^2 + g2^2, -2 g2], [-2 g2, (1+g1)^2 + g2^2]] / (1 - |g|^2)
-        c_r2 = (1 + gg) / (1 - gg)          # coefficient of x^2 + y^2
-        c_diff = -2 * g1 / (1 - gg)         # coefficient of x^2 - y^2
-        c_xy = -2 * g2 / (1 - gg)           # coefficient of 2xy
-        coef = torch.stack([c_r2, c_diff, c_xy], dim=1) * torch.exp(-2 * p["log_size"])[:, None]
-        r2 = torch.einsum("bk,kyx->byx", coef, self.quadratics)  # (r / s)^2
-        if self.profile == "gaussian":
-            return r2 / 2
-        n = p["n"][:, None, None]
-        eps = self.softening * torch.exp(-2 * p["log_size"])[:, None, None] / self.template_sigma ** 2
-        return sersic_b(n) * (r2 + eps).pow(1 / (2 * n))
-
-    def _warp(self, logits: torch.Tensor, p: dict) -> torch.Tensor:
-        """The body's logits resampled so that a round feature takes the seed's shear ``p``."""
-        g1, g2 = p["g1"], p["g2"]
-        k = torch.rsqrt(1 - g1 * g1 - g2 * g2)
-        # output position x (sheared frame) reads the body at S(g) x (round frame), about the centre
-        s = torch.stack([torch.stack([1 - g1, -g2], 1), torch.stack([-g2, 1 + g1], 1)], 1) * k[:, None, None]
-        c = (2 * (self.size // 2) + 1) / self.size - 1.0  # the centre pixel in grid_sample's coordinates
-        n = len(logits)
-        centre = torch.full((n, 2, 1), c, dtype=s.dtype, device=s.device)
-        theta = torch.cat([s, centre - s @ centre], dim=2)
-        grid = nn.functional.affine_grid(theta, (n, 1, self.size, self.size), align_corners=False)
-        return nn.functional.grid_sample(logits[:, None].float(), grid, mode="bilinear", padding_mode="zeros",
-                                         align_corners=False)[:, 0]
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Intrinsic images.
-
-        Parameters
-        ----------
-        z : torch.Tensor
-            ``(B, in_features)``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, size, size)`` float32, non-negative, each summing to its flux.
-        """
-        logits = self.shape.logits(z)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            params = self.shape_parameters(z)  # once: the warp and the seed share them
-            if self.warp_body:
-                logits = self._warp(logits, params)
-            logits = (logits - self.template(z, params)).flatten(1)
-            shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
-            return shape * self.log_flux(z).exp()[:, None, None]
 
 
 def _lrelu():
@@ -420,11 +225,7 @@ class GAN(AdversarialModel):
         if head not in ("flux-shape", "softplus"):
             raise GalgenInputError(f"head: must be 'flux-shape' or 'softplus', got {head!r}")
         size = int(stamp) * int(oversampling)
-        if log_flux is None:
-            log_flux = (math.log(float(flux_scale) * 2 * math.pi * (size / 16.0) ** 2), 1.0)
-        if len(log_flux) != 2:
-            raise GalgenInputError(f"log_flux: expected (mean, std), got {log_flux!r}")
-        log_flux = [float(v) for v in log_flux]
+        log_flux = log_flux_start(log_flux, flux_scale, size)
         self.config = dict(kind=self.kind, stamp=int(stamp), latent_dim=int(latent_dim),
                            oversampling=int(oversampling), width=int(width), input_scale=float(input_scale),
                            flux_scale=float(flux_scale), log_flux=log_flux, loss=loss,

@@ -23,13 +23,15 @@ from torch.distributions import Independent, Normal
 
 from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
-from .networks import Decoder, Encoder
+from .networks import Decoder, Encoder, FluxShapeGenerator, log_flux_start
 from .prior import LatentFlowPrior
 
 __all__ = ["VAE", "GaussianPosterior"]
 
 #: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
 LOGVAR_RANGE = (-12.0, 6.0)
+#: Decoders of the :class:`VAE` (its ``decoder`` option).
+VAE_DECODERS = ("conv", "flux-shape")
 _PRIOR_DEFAULTS = {"kind": "nsf", "transforms": 3, "hidden": [128, 128]}
 _PRIOR_LABELS = {"flow": "flow prior", "normal": "N(0,I)"}
 
@@ -100,6 +102,18 @@ class VAE(GenerativeModel):
         :class:`LatentFlowPrior` options ``kind`` (``"nsf"`` or ``"maf"``),
         ``transforms`` and ``hidden``; missing ones take the defaults
         ``{"kind": "nsf", "transforms": 3, "hidden": [128, 128]}``.
+    decoder : {"conv", "flux-shape"}, optional
+        ``"conv"`` (default): a convolutional :class:`~galgen.models.networks.Decoder`
+        with a softplus output. ``"flux-shape"``: a
+        :class:`~galgen.models.FluxShapeGenerator` with a Sersic seed and a warped
+        body, ``image = F * softmax(body - Sersic template)``. It starts as a Sersic
+        galaxy (the body's output layer is zero), so every MAP fit can reach at least
+        a Sersic fit's quality, and the body learns the structure a Sersic cannot
+        draw (arms, bars, clumps).
+    log_flux : tuple of float, optional
+        ``(mean, std)`` of the data's natural log total flux (image units), where the
+        flux-shape decoder's flux head starts; filled in from the data by
+        ``galgen train``. Unused by the ``"conv"`` decoder.
 
     Attributes
     ----------
@@ -130,8 +144,10 @@ class VAE(GenerativeModel):
 
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
-                 conditions=(), prior: dict | None = None):
+                 conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None):
         super().__init__(conditions)
+        if decoder not in VAE_DECODERS:
+            raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
                   ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
         for name, value, least in checks:
@@ -152,8 +168,13 @@ class VAE(GenerativeModel):
         features = max(64, 4 * self.latent_dim)
         self.encoder = Encoder(int(stamp), features, width=int(width))
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(features + self.cond_dim, 2 * self.latent_dim))
-        self.decoder = Decoder(int(stamp) * int(oversampling), self.latent_dim + self.cond_dim, width=int(width),
-                               flux_scale=flux_scale)
+        size, nin = int(stamp) * int(oversampling), self.latent_dim + self.cond_dim
+        if decoder == "flux-shape":
+            log_flux = log_flux_start(log_flux, flux_scale, size)
+            self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile="sersic",
+                                              warp_body=True)
+        else:
+            self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
         self._prior_choice = None
         self._register_load_state_dict_pre_hook(_rename_flow_keys)
@@ -162,6 +183,8 @@ class VAE(GenerativeModel):
                            oversampling=int(oversampling), width=int(width), input_scale=float(input_scale),
                            flux_scale=float(flux_scale), beta=float(beta), warmup_steps=int(warmup_steps),
                            conditions=list(self.conditions), prior=prior_config)
+        if decoder != "conv":  # configs of conv-decoder VAEs are those of galgen 0.1
+            self.config.update(decoder=decoder, log_flux=log_flux)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -503,7 +526,7 @@ class VAE(GenerativeModel):
         if name == "flow":
             n = len(cond) if isinstance(cond, torch.Tensor) and cond.ndim == 2 else 1
             return self.latent_flow.distribution(self.condition_features(cond, n))
-        w = self.decoder.project.weight
+        w = self.head[1].weight
         return standard_normal(self.latent_dim, device=w.device, dtype=w.dtype)
 
     def _chosen(self, prior):

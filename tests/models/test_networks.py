@@ -53,3 +53,26 @@ def test_bad_sizes():
         enc(torch.zeros(1, 48, 48))
     with pytest.raises(GalgenInputError, match="flux_scale"):
         Decoder(32, in_features=4, flux_scale=0.0)
+
+
+def test_bilinear_sample_is_grid_sample_with_forward_derivatives():
+    """The warp's resampler: grid_sample's bilinear, zero-padded values, and forward-mode
+    derivatives (which grid_sample lacks) equal to reverse mode's."""
+    from galgen.models.networks import bilinear_sample
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(3, 20, 20, generator=gen, dtype=torch.float64)
+    # coordinates inside, on the edges and outside the grid
+    xs = torch.rand(3, 11, 13, generator=gen, dtype=torch.float64) * 24 - 2
+    ys = torch.rand(3, 11, 13, generator=gen, dtype=torch.float64) * 24 - 2
+    grid = torch.stack([(2 * xs + 1) / 20 - 1, (2 * ys + 1) / 20 - 1], dim=-1)
+    ref = torch.nn.functional.grid_sample(img[:, None], grid, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)[:, 0]
+    out = bilinear_sample(img, xs, ys)
+    assert torch.allclose(out, ref, atol=1e-12)
+    vi, vx = torch.randn_like(img), torch.randn_like(xs)
+    _, fwd = torch.func.jvp(lambda a, b: bilinear_sample(a, b, ys), (img, xs), (vi, vx))
+    w = torch.randn_like(out)
+    gi, gx = torch.autograd.grad((bilinear_sample(img.requires_grad_(), xs.requires_grad_(), ys) * w).sum(),
+                                 (img, xs))
+    assert torch.allclose((fwd * w).sum(), (gi * vi).sum() + (gx * vx).sum(), rtol=1e-10)
