@@ -152,6 +152,8 @@ class Trainer:
         for k, o in self.optimizers.items():
             o.load_state_dict(ck["optimizer"][k])
         self.step = int(ck["step"])
+        if ck["provenance"].get("init"):  # a resumed fine-tuning still names the weights it started from
+            self.provenance = {**self.provenance, "init": ck["provenance"]["init"]}
         best = ck["metrics"].get("best_val_loss")
         self.best_val = math.inf if best is None else float(best)
         self.train_log.load(self.step)

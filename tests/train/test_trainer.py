@@ -124,6 +124,9 @@ def test_init_fine_tunes_from_another_run(sdss_tiny, tmp_path):
     for k, v in first.state_dict().items():
         assert torch.allclose(v, tuned.state_dict()[k], atol=1e-8), k
     assert tuned.provenance["init"].endswith("model.pt")
+    train(cfg, sdss_tiny, tmp_path / "tuned", resume=True,  # a resumed fine-tuning keeps naming its start
+          overrides={"init": str(tmp_path / "first"), "steps": 2, "lr": 1e-12, "val_every": 1, "checkpoint_every": 1})
+    assert load_model(tmp_path / "tuned").provenance["init"] == tuned.provenance["init"]
     # a fresh run of the same seed differs: the weights did come from the first run
     train(cfg, sdss_tiny, tmp_path / "fresh", overrides={"steps": 1, "lr": 1e-12, "val_every": 1,
                                                          "checkpoint_every": 1})
