@@ -42,7 +42,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "figures/*.md"]  # report pages kept beside their figures, linked as files
 templates_path = []
 
 # API pages: autosummary writes one stub per listed object into api/generated/

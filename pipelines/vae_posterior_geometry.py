@@ -1,6 +1,6 @@
 """How far is a deep model's posterior from its Laplace approximation? (SBC galaxies)
 
-    python pipelines/vae_posterior_geometry.py --model sdss-vae --data sdss_holdout_10k.h5 --n 16
+    python pipelines/vae_posterior_geometry.py --model sdss-vae-v1 --data sdss_holdout_10k.h5 --n 16
 
 Draws ``--n`` latent codes from the model's prior, observes them through the PSFs and
 noise of the first ``--n`` galaxies of ``--data``, fits the MAP and the Laplace
@@ -22,7 +22,7 @@ import torch
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="sdss-vae")
+    ap.add_argument("--model", default="sdss-vae-v1")
     ap.add_argument("--prior", choices=["flow", "normal"], default=None)
     ap.add_argument("--data", required=True)
     ap.add_argument("--n", type=int, default=16)
