@@ -26,7 +26,7 @@ demo: install
 	@echo "demo: open demo_out/report/index.html (the lines above name every output)"
 
 test: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --durations=15
 
 test-all: install
 	$(PY) -m pytest

@@ -101,9 +101,9 @@ save_figure(fig, out / "intrinsic.png")
 card = model_card("sdss-vae")
 print(f"galaxies drawn: {N} per survey")
 flux = np.median(cat["flux"])
-real = card["quality"]["generation"]["vae-0 (flow prior)"]["flux"]["real_median"]
+real = card["quality"]["generation"]["vae-0 (flow prior)"]["statistics"]["flux"]["median_real"]
 print(f"median total flux: {flux:.0f} ADU (r = {28.25 - 2.5 * np.log10(flux):.2f}); "
-      f"training data median {real:.0f} ADU")
+      f"held-out galaxies of the model card: median {real:.0f} ADU")
 print(f"median PSF FWHM: sdss {np.median(cat['psf_fwhm']):.2f}\", "
       f"good seeing {np.median(good_cat['psf_fwhm']):.2f}\"")
 print(f"same seed, same intrinsic galaxies in both surveys: {np.allclose(sdss_int, good_int)}")

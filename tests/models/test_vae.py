@@ -261,8 +261,8 @@ def test_flux_shape_decoder_starts_as_a_sersic_galaxy_and_fits_with_lm(tmp_path)
     with torch.no_grad():
         data = obs.noise.sample(obs.noiseless(img), generator=torch.Generator().manual_seed(2))
     lm = fit_map(vae, data, obs, optimizer="lm")
-    adam = fit_map(vae, data, obs, optimizer="adam", lr=0.02, max_iter=3000, tol=1e-9, patience=50)
-    assert (lm.status == 0).all() and (lm.n_iter < adam.n_iter).all()
+    adam = fit_map(vae, data, obs, optimizer="adam", lr=0.02, max_iter=800, tol=1e-9, patience=50)
+    assert (lm.status == 0).all() and (lm.n_iter <= 40).all()
     assert (lm.log_posterior >= adam.log_posterior - 1e-3 * adam.log_posterior.abs()).all()
     assert (lm.reduced_chi2 <= adam.reduced_chi2 + 0.01).all(), (lm.reduced_chi2, adam.reduced_chi2)
     with pytest.raises(GalgenInputError, match="decoder"):
