@@ -58,6 +58,7 @@ def test_fit_file_contents_and_catalog(tiny_model, sdss_tiny, tmp_path):
     assert np.allclose(cat["hlr_median"], dq[:, 1, 2]) and np.allclose(cat["e2_map"], dmap[:, 3])
 
 
+@pytest.mark.slow  # 196 s on 2 cores: in `make test-all`; resumability of fits is also covered by test_pipeline
 def test_resume_equals_uninterrupted_and_shards(tiny_model, sdss_tiny, tmp_path, monkeypatch):
     straight = fit_file(tiny_model, sdss_tiny, tmp_path / "a.h5", prior="normal", **FAST)
     import galgen.inference.fit as fit_mod
