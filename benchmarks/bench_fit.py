@@ -89,7 +89,7 @@ def bench_galgen(t, data, sigma, device, max_iter, posteriors, samples, chains, 
     n, stamp = data.shape[0], data.shape[1]
     obs = observation(t["fwhm"], stamp, sigma, device)
     x = torch.from_numpy(data).to(device)
-    model = SersicModel("sersic", stamp=stamp, pixel_scale=SCALE)
+    model = SersicModel("sersic", stamp=stamp, pixel_scale=SCALE).to(device)
     fit_map(model, x[:8], observation(t["fwhm"][:8], stamp, sigma, device), max_iter=5, optimizer=optimizer)
     _sync(device)
     t0 = time.perf_counter()

@@ -35,7 +35,9 @@ def parse_conditions(text, conditions) -> torch.Tensor | None:
     Returns
     -------
     torch.Tensor or None
-        ``(C,)`` values, or None for an unconditional model.
+        ``(C,)`` values; None for an unconditional model, or for a conditional one given
+        no text (the model then draws its conditions from its training set's:
+        :meth:`galgen.models.GenerativeModel.draw_conditions`).
 
     Examples
     --------
@@ -48,8 +50,7 @@ def parse_conditions(text, conditions) -> torch.Tensor | None:
             raise GalgenInputError("--cond: this model is not conditioned on catalog quantities")
         return None
     if text is None:
-        raise GalgenInputError(f"--cond: this model needs values for {list(conditions)}, e.g. "
-                               + ",".join(f"{c}=..." for c in conditions))
+        return None
     if isinstance(text, str):
         values = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -93,7 +94,9 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
         One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``;
         default the model's own: the flow when fitted).
     cond : str or dict, optional
-        Conditions of a conditional model (``"mag=17.5,hlr=1.2"``).
+        Conditions of a conditional model (``"mag=17.5,hlr=1.2"``); without them a
+        conditional model draws each galaxy's from its training set's, recorded in the
+        catalog as ``cond_<name>``.
     device : str, optional
         ``auto``, ``cuda``, ``cpu``, ...
     batch_size : int, optional
@@ -151,9 +154,14 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
             rng = np.random.default_rng([seed, start])
             gen = torch.Generator(device=dev).manual_seed(derive_seed(seed, start))
             params = [sv.psf.draw(rng) for _ in range(m)]
+            # a conditional model given no conditions draws the population's, from its
+            # training set's (own seed per batch: a resumed run records the same rows)
+            drawn = None
+            if model.cond_dim and cond_vec is None:
+                drawn = model.draw_conditions(m, torch.Generator(device=dev).manual_seed(derive_seed(seed, start, 1)))
             if start >= done:
                 psf = torch.stack([psf_from_galsim(sv.psf.build(**p), P, scale / k) for p in params]).to(dev)
-                c = None if cond_vec is None else cond_vec.to(dev).expand(m, -1)
+                c = drawn if cond_vec is None else cond_vec.to(dev).expand(m, -1)
                 with torch.no_grad():
                     intrinsic = model.decode(sample_latents(model.prior(c), m, generator=gen), c).float()
                 obs = Observation(psf, pixel_scale=scale, oversampling=k, stamp=stamp, noise=noise)
@@ -164,6 +172,9 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
                          "mask": np.zeros((m, stamp, stamp), np.uint8)})
             for i, p in enumerate(params):
                 rows.append({"index": start + i, **p, "sky_level": sv.sky_level})
+            if drawn is not None:
+                for i, row in enumerate(drawn.cpu().tolist()):
+                    rows[start + i].update({f"cond_{c}": v for c, v in zip(model.conditions, row)})
         cat = Table(rows=rows)
         cat["flux"] = np.concatenate([w.read("intrinsic", slice(i, i + batch_size)).sum((1, 2))
                                       for i in range(0, n, batch_size)])

@@ -104,7 +104,7 @@ def _reconstruction_summary(chi2: np.ndarray, loader: ObservationLoader) -> dict
 
 
 def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu",
-                           latents=None) -> dict:
+                           latents=None, conditions: str = "data") -> dict:
     """Draw ``n`` galaxies and observe them through the PSFs and noise of held-out galaxies.
 
     Galaxy ``i`` gets the PSF of held-out galaxy ``i`` and CCD noise with the survey's
@@ -127,6 +127,11 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         ``(z, log_scale)`` of shapes ``(n, d)`` and ``(n,)``: render these galaxies
         (``decode(z) * exp(log_scale)``, e.g. parametric fits of other real galaxies)
         instead of drawing ``z`` from the prior.
+    conditions : {"data", "model"}, optional
+        For a conditional model: galaxy ``i`` takes the conditions of held-out galaxy
+        ``i`` (``"data"``), or conditions drawn from the training set's that the model
+        stores (``"model"``, :meth:`galgen.models.GenerativeModel.draw_conditions`: the
+        population as ``galgen sample`` draws it without ``--cond``).
 
     Returns
     -------
@@ -145,6 +150,8 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
             raise GalgenInputError(f"{data}: catalog needs '{col}' to observe generated galaxies like real ones")
     if latents is not None and len(latents[0]) < len(loader):
         raise GalgenInputError(f"latents: {len(latents[0])} galaxies for {len(loader)} observations")
+    if conditions not in ("data", "model"):
+        raise GalgenInputError(f"conditions: 'data' or 'model', got {conditions!r}")
     noise = CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
     gen = generator(device, seed)
     out = {"intrinsic": [], "noiseless": [], "observed": []}
@@ -153,8 +160,10 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         obs = Observation(o.psf, pixel_scale=o.pixel_scale, oversampling=o.oversampling, stamp=o.stamp, noise=noise)
         with torch.no_grad():
             if latents is None:
-                intr = model.decode(sample_latents(model.prior(batch.cond), len(batch), generator=gen),
-                                    batch.cond).float()
+                cond = batch.cond
+                if conditions == "model" and model.cond_dim:
+                    cond = model.draw_conditions(len(batch), gen)
+                intr = model.decode(sample_latents(model.prior(cond), len(batch), generator=gen), cond).float()
             else:
                 rows = batch.index.to(latents[0].device)
                 z, s = latents[0][rows].to(device), latents[1][rows].to(device)
@@ -310,7 +319,7 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
               "reconstruction": {}, "generation": {}, "c2st": {}, "c2st_images": {}, "binned": {}, "targets": {},
               "kinds": {}, "notes": []}
     panels = {"real": real_observed[:n_grid]}
-    sets = []  # (label, model, latents)
+    sets = []  # (label, model, latents, conditions)
     out.mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(models):
         model = resolve_model(spec, device)
@@ -326,14 +335,20 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
             report["reconstruction"][name] = _reconstruction_summary(rec, held_out)
             _reconstruction_figure(model, held_out, n_grid, noise, out / f"reconstruction_{name}.png", name)
         variants = [(f" ({label})", model.with_prior(choice)) for choice, label in model.prior_choices.items()]
-        sets += [(name + suffix, variant, None) for suffix, variant in variants or [("", model)]]
+        # a conditional model twice: given the held-out galaxies' conditions, and drawing
+        # its own from the training set's (the population it samples without --cond)
+        modes = [("", "data")]
+        if model.cond_dim:
+            modes = [(" (held-out conditions)", "data"), (" (drawn conditions)", "model")]
+        sets += [(name + suffix + csuffix, variant, None, mode) for suffix, variant in variants or [("", model)]
+                 for csuffix, mode in modes]
     if baseline is not None:
         if n_file >= 2 * n:
             t0 = time.perf_counter()
             pm, z, s = parametric_fits(baseline, data, np.arange(n, 2 * n), device=device, seed=seed)
             timing[f"{baseline}_fits_s"] = time.perf_counter() - t0
             log.info("%s baseline: %d fits in %.0f s", baseline, n, timing[f"{baseline}_fits_s"])
-            sets.append((f"{baseline} fits (baseline)", pm, (z, s)))
+            sets.append((f"{baseline} fits (baseline)", pm, (z, s), "data"))
         else:
             report["notes"].append(f"no {baseline} baseline: it fits galaxies {n}..{2 * n} of the file, which has "
                                    f"{n_file}")
@@ -344,10 +359,10 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         report["c2st_images_floor"] = c2st_images(real_observed[a], real_observed[b], noise=(noise[a], noise[b]),
                                                   seed=seed, device=device)
         timing["c2st_images_floor_s"] = time.perf_counter() - t0
-    for label, model, latents in sets:
+    for label, model, latents, mode in sets:
         t0 = time.perf_counter()
         g = generated_observations(model, data, n=n, seed=seed, batch_size=batch_size, device=device,
-                                   latents=latents)
+                                   latents=latents, conditions=mode)
         st = morphology_statistics(g[on].astype(np.float64), scale, mask=real_mask)
         stats[label] = st
         spectra[label] = power_spectrum(g[on].astype(np.float64), scale)[1]

@@ -128,7 +128,8 @@ class AdversarialModel(GenerativeModel):
         n : int
             Number of galaxies.
         cond : torch.Tensor, optional
-            Raw conditioning values, ``(n, C)`` or ``(C,)``.
+            Raw conditioning values, ``(n, C)`` or ``(C,)``; a conditional model called
+            without them draws them from its training set's (:meth:`draw_conditions`).
         generator : torch.Generator, optional
             Source of the latent vectors (same seed, same galaxies).
         **options
@@ -143,6 +144,8 @@ class AdversarialModel(GenerativeModel):
             raise GalgenInputError(f"options: a {self.kind} model takes no sampling options, got {sorted(options)}")
         if int(n) < 1:
             raise GalgenInputError(f"n: must be >= 1, got {n!r}")
+        if cond is None and self.cond_dim:
+            cond = self.draw_conditions(int(n), generator)
         feats = self.condition_features(cond, int(n))
         return self._generate(self._latent(int(n), generator), feats)
 

@@ -392,6 +392,16 @@ def no_sync(params: Iterable[torch.nn.Parameter]) -> None:
     """
 
 
+#: Rows of training-set conditions a conditional model keeps to draw conditions from.
+COND_BANK_SIZE = 4096
+
+
+def _fill_missing_bank(module, state_dict, prefix, *args):
+    """Load-state-dict pre-hook: a checkpoint without a condition bank leaves it unset (NaN)."""
+    if prefix + "cond_bank" not in state_dict and hasattr(module, "cond_bank"):
+        state_dict[prefix + "cond_bank"] = torch.full_like(module.cond_bank, math.nan)
+
+
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -453,7 +463,11 @@ class GenerativeModel(LatentModel):
     Conditioning: a model built with ``conditions=("mag", "hlr")`` expects ``cond``
     ``(B, 2)`` of raw catalog values; :meth:`set_condition_stats` (called by the trainer
     with the training set's means and standard deviations) fixes the normalisation,
-    which is stored with the weights as buffers.
+    which is stored with the weights as buffers. The trainer also stores a bank of
+    ``COND_BANK_SIZE`` rows of the training set's conditions
+    (:meth:`set_condition_bank`): the empirical distribution of the conditions, which
+    :meth:`draw_conditions` samples when galaxies are drawn without conditions (``galgen
+    sample`` without ``--cond``), so that a conditional model also draws the population.
 
     Parameters
     ----------
@@ -470,6 +484,11 @@ class GenerativeModel(LatentModel):
         n = len(self.conditions)
         self.register_buffer("cond_mean", torch.zeros(n))
         self.register_buffer("cond_std", torch.ones(n))
+        if n:
+            # NaN until the trainer stores the training set's conditions; checkpoints written
+            # before the bank existed load with it unset (see _fill_missing_bank)
+            self.register_buffer("cond_bank", torch.full((COND_BANK_SIZE, n), math.nan))
+            self.register_load_state_dict_pre_hook(_fill_missing_bank)
 
     @property
     def cond_dim(self) -> int:
@@ -513,6 +532,54 @@ class GenerativeModel(LatentModel):
             raise GalgenInputError(f"condition stats: need {self.cond_dim} means and positive std devs")
         self.cond_mean.copy_(mean)
         self.cond_std.copy_(std)
+
+    def set_condition_bank(self, values, seed: int = 0) -> None:
+        """Store the training set's conditions, the distribution :meth:`draw_conditions` samples.
+
+        Parameters
+        ----------
+        values : array-like
+            ``(N, C)`` raw conditions of the training galaxies. ``COND_BANK_SIZE``
+            rows are kept: a seeded random subset, or all of them repeated when ``N`` is
+            smaller.
+        seed : int, optional
+            Seed of the subset.
+        """
+        if self.cond_dim == 0:
+            raise GalgenInputError("condition bank: this model is not conditioned on catalog quantities")
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1, self.cond_dim)
+        if len(values) == 0 or not bool(torch.isfinite(values).all()):
+            raise GalgenInputError("condition bank: needs at least one row of finite conditions")
+        gen = torch.Generator().manual_seed(int(seed))
+        if len(values) >= COND_BANK_SIZE:
+            rows = torch.randperm(len(values), generator=gen)[:COND_BANK_SIZE]
+        else:
+            rows = torch.arange(COND_BANK_SIZE) % len(values)
+        self.cond_bank.copy_(values[rows].to(self.cond_bank))
+
+    def draw_conditions(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw conditions from the training set's (the bank of :meth:`set_condition_bank`).
+
+        Parameters
+        ----------
+        n : int
+            Number of rows.
+        generator : torch.Generator, optional
+            Source of randomness (on the model's device).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, C)`` raw conditions, rows of the training set's conditions.
+        """
+        if self.cond_dim == 0:
+            raise GalgenInputError("cond: this model is not conditioned on catalog quantities")
+        if not bool(torch.isfinite(self.cond_bank).all()):
+            raise GalgenInputError(f"cond: this model needs the conditions {list(self.conditions)} (it stores "
+                                   "no distribution of them to draw from: pass them, e.g. --cond "
+                                   + ",".join(f"{c}=..." for c in self.conditions) + ")")
+        idx = torch.randint(0, COND_BANK_SIZE, (int(n),), generator=generator, device=self.cond_bank.device)
+        return self.cond_bank[idx]
 
     def condition_features(self, cond: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """Normalised conditioning features, checked against the model's conditions.

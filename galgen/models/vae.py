@@ -594,7 +594,8 @@ class VAE(GenerativeModel):
         n : int
             Number of galaxies.
         cond : torch.Tensor, optional
-            Raw conditions ``(n, C)`` or ``(C,)``; required by a conditional model.
+            Raw conditions ``(n, C)`` or ``(C,)``; a conditional model called without
+            them draws them from its training set's (:meth:`draw_conditions`).
         generator : torch.Generator, optional
             Source of randomness (same seed, same galaxies).
         prior : {"flow", "normal"}, optional
@@ -608,6 +609,8 @@ class VAE(GenerativeModel):
         torch.Tensor
             ``(n, S*k, S*k)`` non-negative intrinsic images.
         """
+        if cond is None and self.cond_dim:
+            cond = self.draw_conditions(n, generator)
         z = self.sample_latents(n, cond, generator=generator, prior=prior, temperature=temperature)
         return self.decode(z, cond)
 

@@ -160,7 +160,7 @@ class TrainingData(ObservationLoader):
         peak = obs.amax(1)
         # ln of the total flux (clipped at the peak: a noisy sum can be negative)
         log_flux = torch.maximum(obs.sum(1), peak.clamp_min(1e-6)).log()
-        q16, q50, q84 = torch.quantile(log_flux, torch.tensor([0.16, 0.5, 0.84])).tolist()
+        q16, q50, q84 = torch.quantile(log_flux, torch.tensor([0.16, 0.5, 0.84], device=log_flux.device)).tolist()
         out = {"noise_rms": float(r["variance"].float().median().sqrt()), "peak": float(peak.median()),
                "log_flux": [q50, max((q84 - q16) / 2, 1e-3)]}
         if self.cond is not None:

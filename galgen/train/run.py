@@ -99,6 +99,7 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
         model = build_model(model_cfg)
         if conditions:
             model.set_condition_stats(stats["cond_mean"], stats["cond_std"])
+            model.set_condition_bank(train_data.cond, seed=tc.seed)
         run_config = {"model": model.config, "train": asdict(tc)}
         trainer = Trainer(model, train_data, val_data, tc, out, provenance=_provenance(train_data, train_idx,
                                                                                           val_idx, tc.seed),

@@ -322,6 +322,40 @@ def test_from_config_roundtrip_and_bad_options():
     assert softplus.sample(2).shape == (2, S, S)
 
 
+def test_condition_bank_is_what_unconditioned_sampling_draws_and_old_checkpoints_load():
+    """A conditional model stores rows of its training conditions; sampling without ``cond``
+    draws rows of them (then the latents, from the same generator); a state dict written
+    before the bank existed loads with the bank unset, and then sampling asks for cond."""
+    torch.manual_seed(3)
+    gan = _small(conditions=("mag", "hlr"))
+    gan.set_condition_stats([17.0, 1.5], [0.5, 0.4])
+    rows = torch.tensor([[16.0, 1.0], [17.0, 2.0], [17.7, 0.5]])
+    gan.set_condition_bank(rows)
+    from galgen.models.base import COND_BANK_SIZE
+
+    assert gan.cond_bank.shape == (COND_BANK_SIZE, 2)
+    assert {tuple(r) for r in gan.cond_bank.tolist()} == {tuple(r) for r in rows.tolist()}
+    drawn = gan.draw_conditions(500, torch.Generator().manual_seed(4))
+    assert {tuple(r) for r in drawn.tolist()} == {tuple(r) for r in rows.tolist()}
+    g = torch.Generator().manual_seed(5)
+    expect = gan.sample(6, cond=gan.draw_conditions(6, g), generator=g)
+    assert torch.equal(gan.sample(6, generator=torch.Generator().manual_seed(5)), expect)
+    state = {k: v for k, v in gan.state_dict().items() if k != "cond_bank"}
+    old = _small(conditions=("mag", "hlr"))
+    old.load_state_dict(state, strict=True)
+    assert torch.isnan(old.cond_bank).all()
+    with pytest.raises(GalgenInputError, match="no distribution of them"):
+        old.sample(2)
+    assert old.sample(2, cond=torch.tensor([17.0, 1.0])).shape == (2, S, S)
+    many = torch.randn(10000, 2)
+    gan.set_condition_bank(many, seed=1)  # a seeded subset of distinct training rows
+    assert len({tuple(r) for r in gan.cond_bank.tolist()}) == COND_BANK_SIZE
+    with pytest.raises(GalgenInputError, match="condition bank"):
+        gan.set_condition_bank(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(GalgenInputError, match="not conditioned"):
+        _small().set_condition_bank(rows)
+
+
 # -- learning -----------------------------------------------------------------------------
 
 

@@ -239,8 +239,21 @@ def test_conditional_training_stores_condition_statistics(sdss_tiny, tmp_path):
     assert torch.allclose(model.cond_mean, expect, rtol=1e-5)
     s = sample_to_file(out, tmp_path / "s.h5", n=4, cond="mag=16.5,hlr=1.5", device="cpu")
     assert Table.read(s, path="catalog")["cond_mag"][0] == 16.5
-    with pytest.raises(GalgenInputError, match="--cond"):
-        sample_to_file(out, tmp_path / "t.h5", n=4, device="cpu")
+    # the trainer stored the training galaxies' conditions: sampling without --cond draws
+    # rows of them (recorded in the catalog), the same rows again on a rerun
+    train_rows = {(round(float(m), 4), round(float(h), 4)) for m, h in zip(cat["mag"][tr], cat["hlr"][tr])}
+    bank = {(round(float(m), 4), round(float(h), 4)) for m, h in model.cond_bank.tolist()}
+    assert bank == train_rows
+    drawn = Table.read(sample_to_file(out, tmp_path / "t.h5", n=6, seed=2, device="cpu", batch_size=4),
+                       path="catalog")
+    pairs = {(round(float(m), 4), round(float(h), 4)) for m, h in zip(drawn["cond_mag"], drawn["cond_hlr"])}
+    assert pairs <= train_rows and len(pairs) > 1
+    again = Table.read(sample_to_file(out, tmp_path / "u.h5", n=6, seed=2, device="cpu", batch_size=4),
+                       path="catalog")
+    assert list(again["cond_mag"]) == list(drawn["cond_mag"])
+    fresh = type(model).from_config(model.config)  # never trained: no conditions to draw from
+    with pytest.raises(GalgenInputError, match="--cond mag=...,hlr=..."):
+        fresh.sample(2)
 
 
 GAN_MODEL = {"kind": "gan", "latent_dim": 4, "width": 4, "r1_gamma": 0.1, "r1_every": 2, "ema": 0.9}
