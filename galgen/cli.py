@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--prior", choices=("flow", "normal"), default=None,
                    help="VAE latent prior: the fitted flow (default when fitted) or N(0, I)")
-    p.add_argument("--cond", default=None, help="conditions, e.g. 'mag=17.5,hlr=1.2' (conditional models)")
+    p.add_argument("--cond", default=None,
+                   help="conditions, e.g. 'mag=17.5,hlr=1.2' (conditional models; default: each galaxy draws a "
+                        "row of the training conditions the model stores)")
     p.add_argument("--device", default="auto", help="device [auto]")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="galaxies per batch [256]")
     _add_common(p, "output cutout file (HDF5)")

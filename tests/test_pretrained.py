@@ -8,7 +8,8 @@ from galgen.errors import GalgenInputError
 from galgen.pretrained import model_card
 
 
-@pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"), ("sdss-vae-v1", "vae")])
+@pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"), ("sdss-vae-v1", "vae"),
+                                        ("sdss-gan-v1", "gan")])
 def test_pretrained_model_loads_and_samples(name, kind):
     assert name in galgen.available_pretrained()
     model = galgen.load_pretrained(name)

@@ -278,6 +278,16 @@ def split_half(stats: dict, seed: int = 0) -> tuple[dict, dict]:
 # per-statistic comparison with its floor
 # ---------------------------------------------------------------------------------------------
 
+def _location(values, side: str) -> dict:
+    """Median, mean and 10th/90th percentiles of the finite values (None when there are none)."""
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return {f"{k}_{side}": None for k in ("median", "mean", "p10", "p90")}
+    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    return {f"median_{side}": _float(p50), f"mean_{side}": _float(v.mean()), f"p10_{side}": _float(p10),
+            f"p90_{side}": _float(p90)}
+
+
 def compare_statistics(real: dict, gen: dict, *, names=None, seed: int = 0, transforms=None,
                        repeats: int = 10) -> dict:
     """KS and normalised W1 distances of each statistic, beside their real-vs-real floor.
@@ -322,7 +332,8 @@ def compare_statistics(real: dict, gen: dict, *, names=None, seed: int = 0, tran
         ``statistics``: name -> dict with ``ks``, ``w1`` (generated vs half B), ``ks_floor``,
         ``w1_floor`` (half A vs half B), ``ks_ratio``, ``w1_ratio`` (distance / floor),
         ``ks_all``, ``w1_all`` (all real vs all generated), ``ks_pvalue_all`` (of
-        ``ks_all``), ``median_real``, ``median_gen`` (of the raw, untransformed values),
+        ``ks_all``), ``median_real``, ``median_gen``, ``mean_real``, ``mean_gen``,
+        ``p10_real``, ``p90_real``, ``p10_gen``, ``p90_gen`` (of the raw, untransformed values),
         ``n_real``, ``n_gen`` (finite values after the transform), ``transformed`` (bool);
         ``summary``: ``w1_mean``, ``w1_floor_mean``, ``w1_ratio`` (their ratio), ``ks_mean``,
         ``ks_floor_mean``, ``ks_ratio`` over the statistics where all are defined
@@ -389,8 +400,7 @@ def compare_statistics(real: dict, gen: dict, *, names=None, seed: int = 0, tran
             "w1_ratio": _float(w1 / w1f) if w1f > 0 else None,
             "ks_all": _float(ks_all), "ks_pvalue_all": _float(ks_p),
             "w1_all": _float(wasserstein_distance(rv[k], gv[k], scales[k])),
-            "median_real": _float(np.median(raw_r[np.isfinite(raw_r)])) if np.isfinite(raw_r).any() else None,
-            "median_gen": _float(np.median(raw_g[np.isfinite(raw_g)])) if np.isfinite(raw_g).any() else None,
+            **_location(raw_r, "real"), **_location(raw_g, "gen"),
             "n_real": int(fr.sum()), "n_gen": int(fg.sum()), "transformed": k in tf,
         }
     used = [k for k in names if all(per[k][f] is not None for f in ("ks", "w1", "ks_floor", "w1_floor"))]

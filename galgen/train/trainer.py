@@ -12,7 +12,8 @@ What a trainer writes into its run directory::
     last.pt            checkpoint every ``checkpoint_every`` steps (atomic)
     best.pt            checkpoint with the lowest validation loss
     model.pt           the final model (weights, config, provenance, quality figures)
-    train_log.csv      step, epoch, wall time and the model's metrics every ``log_every`` steps
+    train_log.csv      step, epoch, wall time (seconds of training, summed over resumes) and the
+                       model's metrics every ``log_every`` steps
     val_log.csv        validation metrics every ``val_every`` steps (:mod:`galgen.train.logs`)
 """
 
@@ -377,6 +378,8 @@ class Trainer:
                    dynamic_ncols=True)
         t0 = time.perf_counter()
         start = self.step
+        # wall time is the run's, across resumes: continue from the last row kept
+        wall0 = float(self.train_log.rows[-1].get("wall_s") or 0.0) if self.train_log.rows else 0.0
         last_val = {}
         while self.step < cfg.steps:
             metrics = self.train_step()
@@ -384,7 +387,7 @@ class Trainer:
             bar.update(1)
             if s % cfg.log_every == 0 or s == cfg.steps:
                 row = {"step": s, "epoch": (s - 1) // self.steps_per_epoch,
-                       "images": s * cfg.batch_size, "wall_s": round(time.perf_counter() - t0, 3)}
+                       "images": s * cfg.batch_size, "wall_s": round(wall0 + time.perf_counter() - t0, 3)}
                 row.update({k: f"{v:.6g}" for k, v in sorted(metrics.items())})
                 self.train_log.add(row)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")

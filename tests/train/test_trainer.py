@@ -69,6 +69,8 @@ def test_resume_is_exact(sdss_tiny, tmp_path):
     assert states_equal(a["model"], b["model"])
     assert [r["loss"] for r in read_log(tmp_path / "straight" / "train_log.csv")] == \
         [r["loss"] for r in read_log(tmp_path / "resumed" / "train_log.csv")]
+    wall = [float(r["wall_s"]) for r in read_log(tmp_path / "resumed" / "train_log.csv")]
+    assert wall == sorted(wall) and wall[0] > 0  # the run's training time, summed over the resume
     # a resume with another trajectory is refused
     with pytest.raises(GalgenInputError, match="lr"):
         train(write_config(tmp_path, "other.yaml", lr=1e-2), sdss_tiny, tmp_path / "resumed", resume=True)
