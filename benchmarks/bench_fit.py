@@ -44,10 +44,22 @@ from common import finish, machine_info
 SCALE, BETA = 0.396, 3.5
 
 
-def make_galaxies(n, stamp, seed=0):
-    """Truth parameters, PSF FWHMs and noisy GalSim observations."""
+def _draw(args):
+    """Noise-free GalSim images of some galaxies (a worker's share of make_galaxies)."""
     import galsim
 
+    t, rows, stamp = args
+    out = np.empty((len(rows), stamp, stamp), np.float32)
+    for j, i in enumerate(rows):
+        gal = (galsim.Sersic(t["n"][i], half_light_radius=t["hlr"][i], flux=t["flux"][i])
+               .shear(g1=t["g1"][i], g2=t["g2"][i]).shift(t["dx"][i] * SCALE, t["dy"][i] * SCALE))
+        out[j] = galsim.Convolve(gal, galsim.Moffat(beta=BETA, fwhm=t["fwhm"][i])).drawImage(
+            nx=stamp, ny=stamp, scale=SCALE, use_true_center=False).array
+    return out
+
+
+def make_galaxies(n, stamp, seed=0, workers=1):
+    """Truth parameters, PSF FWHMs and noisy GalSim observations (the same for any ``workers``)."""
     rng = np.random.default_rng(seed)
     t = {"n": rng.uniform(0.7, 4.0, n), "hlr": rng.uniform(0.6, 2.5, n), "flux": 10 ** rng.uniform(4.0, 4.7, n),
          "dx": rng.uniform(-0.5, 0.5, n), "dy": rng.uniform(-0.5, 0.5, n), "fwhm": rng.uniform(1.0, 1.8, n)}
@@ -55,13 +67,16 @@ def make_galaxies(n, stamp, seed=0):
     phi = rng.uniform(0, np.pi, n)
     t["g1"], t["g2"] = g * np.cos(2 * phi), g * np.sin(2 * phi)
     sigma = 8.0
-    data = np.empty((n, stamp, stamp), np.float32)
-    for i in range(n):
-        gal = (galsim.Sersic(t["n"][i], half_light_radius=t["hlr"][i], flux=t["flux"][i])
-               .shear(g1=t["g1"][i], g2=t["g2"][i]).shift(t["dx"][i] * SCALE, t["dy"][i] * SCALE))
-        img = galsim.Convolve(gal, galsim.Moffat(beta=BETA, fwhm=t["fwhm"][i])).drawImage(
-            nx=stamp, ny=stamp, scale=SCALE, use_true_center=False).array
-        data[i] = img + rng.normal(0, sigma, img.shape)
+    noise = rng.normal(0, sigma, (n, stamp, stamp))  # galaxy after galaxy, as drawn one by one before
+    chunks = [(t, rows, stamp) for rows in np.array_split(np.arange(n), max(1, min(int(workers), n)))]
+    if len(chunks) == 1:
+        images = [_draw(chunks[0])]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(chunks)) as pool:
+            images = list(pool.map(_draw, chunks))
+    data = (np.concatenate(images) + noise).astype(np.float32)
     return t, data, sigma
 
 
@@ -97,6 +112,7 @@ def bench_galgen(t, data, sigma, device, max_iter, posteriors, samples, chains, 
     res = fit_map(model, x, obs, max_iter=max_iter, optimizer=optimizer, **kw)
     _sync(device)
     wall = time.perf_counter() - t0
+    print(f"galgen MAP ({optimizer}): {n} galaxies in {wall:.2f} s ({n / wall:.1f} galaxies/s)", flush=True)
     p = {k: v.cpu().numpy() for k, v in model.physical(res.z).items()}
     out = {"optimizer": optimizer, "galaxies_per_s": n / wall, "wall_s": wall, "iterations_max": int(res.n_iter.max()),
            "iterations_median": float(res.n_iter.float().median()), "log_posterior": res.log_posterior.tolist(),
@@ -108,6 +124,7 @@ def bench_galgen(t, data, sigma, device, max_iter, posteriors, samples, chains, 
                              generator=gen, method=method, metric=metric)
         _sync(device)
         hwall = time.perf_counter() - t0
+        print(f"galgen posterior [{method}]: {hwall:.1f} s", flush=True)
         if method in ("is", "laplace"):
             ess = h.is_ess.numpy().astype(float)  # importance sampling: the weights' effective sample size
             ess[h.method.numpy() == 1] = np.nan  # redrawn by NUTS: counted below
@@ -216,10 +233,14 @@ def main(argv=None):
     ap.add_argument("--vae", action="store_true",
                     help="also time MAP fits with the pretrained sdss-vae (needs --stamp 64)")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds for the GalSim + scipy loop [120]")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes drawing the GalSim galaxies (the same galaxies for any number) [1]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t, data, sigma = make_galaxies(args.n, args.stamp)
+    t0 = time.perf_counter()
+    t, data, sigma = make_galaxies(args.n, args.stamp, workers=args.workers)
+    print(f"{args.n} GalSim galaxies drawn in {time.perf_counter() - t0:.1f} s ({args.workers} workers)", flush=True)
     posteriors = [m for m in args.posterior.split(",") if m]
     g = bench_galgen(t, data, sigma, args.device, args.max_iter, posteriors, args.samples, args.chains,
                      args.optimizer, args.metric)
