@@ -84,3 +84,30 @@ def test_summary_table_puts_every_set_side_by_side(baseline_report):
 def test_evaluate_cli_needs_a_model_or_a_baseline(sdss_tiny, tmp_path, capsys):
     assert main(["evaluate", "--data", str(sdss_tiny), "--out", str(tmp_path / "r"), "--baseline", "none"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_conditional_models_are_generated_with_held_out_or_drawn_conditions(sdss_tiny):
+    """Galaxy i takes held-out galaxy i's (mag, hlr), or a row of the model's stored training
+    conditions; galaxies drawn with the model's own rows differ from those with the held-out
+    ones, and the stored rows are what they used."""
+    import torch
+
+    from galgen.errors import GalgenInputError
+    from galgen.evaluation.quality import generated_observations
+    from galgen.models import GAN
+
+    torch.manual_seed(0)
+    gan = GAN(32, latent_dim=4, width=4, input_scale=5.0, flux_scale=100.0, conditions=("mag", "hlr"))
+    gan.set_condition_stats([17.0, 1.5], [0.8, 0.8])
+    gan.set_condition_bank(torch.tensor([[14.0, 0.5]]))  # one row, far from the held-out galaxies
+    calls = []
+    draw = gan.draw_conditions
+    gan.draw_conditions = lambda n, generator=None: calls.append(n) or draw(n, generator)
+    held = generated_observations(gan, sdss_tiny, n=8, seed=3, conditions="data")
+    assert calls == []  # the held-out galaxies' own conditions
+    drawn = generated_observations(gan, sdss_tiny, n=8, seed=3, conditions="model")
+    assert calls == [8]  # one batch, one stored row per galaxy
+    assert held["intrinsic"].shape == drawn["intrinsic"].shape == (8, 32, 32)
+    assert not np.allclose(held["intrinsic"], drawn["intrinsic"])
+    with pytest.raises(GalgenInputError, match="conditions"):
+        generated_observations(gan, sdss_tiny, n=4, conditions="catalog")
