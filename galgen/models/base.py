@@ -488,7 +488,7 @@ class GenerativeModel(LatentModel):
             # NaN until the trainer stores the training set's conditions; checkpoints written
             # before the bank existed load with it unset (see _fill_missing_bank)
             self.register_buffer("cond_bank", torch.full((COND_BANK_SIZE, n), math.nan))
-            self.register_load_state_dict_pre_hook(_fill_missing_bank)
+            self._register_load_state_dict_pre_hook(_fill_missing_bank, with_module=True)  # torch >= 2.2
 
     @property
     def cond_dim(self) -> int:
