@@ -22,7 +22,7 @@ from ._version import __version__
 from .data.atomic import atomic_output
 from .errors import GalgenInputError
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_model", "amortized_posterior_path"]
 
 CHECKPOINT_FORMAT = "galgen-checkpoint-1"
 
@@ -141,7 +141,9 @@ def load_model(path, *, device="cpu"):
     galgen.models.GenerativeModel
         In eval mode, with ``provenance`` (data the model was trained on: survey,
         pixel scale, oversampling, ...), ``metrics`` (quality figures), ``run_config``
-        and ``checkpoint_path`` attributes.
+        and ``checkpoint_path`` attributes. An amortised posterior stored beside the
+        checkpoint (:func:`amortized_posterior_path`) is attached to it
+        (:func:`galgen.inference.amortized.attach_amortized_posterior`).
 
     Raises
     ------
@@ -171,4 +173,26 @@ def load_model(path, *, device="cpu"):
     model.metrics = ck["metrics"]
     model.run_config = cfg
     model.checkpoint_path = str(path)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    sidecar = amortized_posterior_path(path)
+    if sidecar.exists():
+        from .inference.amortized import attach_amortized_posterior, load_amortized_posterior
+
+        attach_amortized_posterior(model, load_amortized_posterior(sidecar, device=device))
+    return model
+
+
+def amortized_posterior_path(path) -> Path:
+    """Where the amortised posterior of a model checkpoint is stored: ``<name>.posterior.pt`` beside it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A model checkpoint file.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    path = Path(path)
+    return path.with_name(path.stem + ".posterior.pt")

@@ -29,6 +29,7 @@ from ..runtime import generator, resolve_device, resolve_model
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
+from .amortized import AmortizedPosterior, amortized_proposal, attached_amortized_posterior
 from .importance import K_HAT_THRESHOLD, importance_sample, laplace_approximation
 from .map import STATUS, fit_map
 
@@ -296,7 +297,7 @@ class PosteriorResult:
 def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, cond=None, samples: int = 200,
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
                      method: str | None = None, draws: int | None = None, fallback: str | None = "nuts",
-                     **sampler_options):
+                     proposal="auto", **sampler_options):
     """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
@@ -334,6 +335,14 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         What redraws an ``is`` galaxy whose Pareto k stays above the threshold: NUTS,
         or nothing (its weighted draws are kept, flagged by ``pareto_k``; for
         calibration studies that measure the importance sampler itself).
+    proposal : {"auto", "laplace", "amortized"} or AmortizedPosterior, optional
+        What ``is`` proposes from: ``laplace``, the Student-t about the Laplace
+        approximation alone; ``amortized``, a defensive mixture of the model's
+        amortised posterior (:mod:`galgen.inference.amortized`, kept with the model by
+        :func:`~galgen.inference.amortized.attach_amortized_posterior`; pretrained
+        models that ship one have it attached when loaded) and that t; ``auto`` (the
+        default): ``amortized`` where the model has one, else ``laplace``; or an
+        :class:`~galgen.inference.amortized.AmortizedPosterior` to mix in.
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -360,11 +369,13 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                                is_ess=nan.clone())
     n_prop = max(1024, 4 * chains * samples) if draws is None else int(draws)
     chunk = 64
+    q = _amortized(model, proposal) if method == "is" else None
     mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
     lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
     r = importance_sample(lp, mean, tril, draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains,
                           generator=generator, chunk=chunk, weighted=method == "is",
-                          df=7 if method == "is" else None)
+                          df=7 if method == "is" else None,
+                          proposal=None if q is None else amortized_proposal(q, model, observed, observation))
     out = PosteriorResult(samples=r.samples, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
                           accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
                                                                                                  dtype=torch.long),
@@ -379,6 +390,19 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         out.accept_rate[poor] = h.accept_rate.cpu().float()
         out.divergences[poor] = h.divergences.cpu().long()
     return out
+
+
+def _amortized(model, proposal):
+    """The amortised posterior that ``proposal`` of :func:`sample_posterior` names, or None."""
+    if isinstance(proposal, AmortizedPosterior):
+        return proposal
+    if proposal not in ("auto", "laplace", "amortized"):
+        raise GalgenInputError(f"proposal: 'auto', 'laplace', 'amortized' or an AmortizedPosterior, got {proposal!r}")
+    q = attached_amortized_posterior(model) if proposal != "laplace" else None
+    if q is None and proposal == "amortized":
+        raise GalgenInputError("proposal: 'amortized', but this model has no amortised posterior "
+                               "(train one with pipelines/train_amortized.py and attach it)")
+    return q
 
 
 def _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, sampler, options):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import GalgenInputError
 from .lm import gauss_newton, levenberg_marquardt, rows_prior
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD"]
@@ -182,6 +183,23 @@ class ImportanceResult:
     n_proposals: int
 
 
+def _student_t_log_prob(x, mean, scale_tril, df):
+    """Log density of a multivariate t (Gaussian for ``df=None``) at draws ``x`` ``(B, n, k)``: ``(B, n)``."""
+    k = mean.shape[-1]
+    eps = torch.linalg.solve_triangular(scale_tril, (x - mean.double()[:, None, :]).transpose(1, 2),
+                                        upper=False).transpose(1, 2)
+    return _t_density((eps * eps).sum(-1), scale_tril, k, df)
+
+
+def _t_density(r2, scale_tril, k, df):
+    """Log density of a multivariate t (Gaussian for ``df=None``) at squared Mahalanobis distances ``r2``."""
+    logdet = torch.diagonal(scale_tril, dim1=1, dim2=2).log().sum(1)[:, None]
+    if df is None:
+        return -0.5 * r2 - 0.5 * k * math.log(2 * math.pi) - logdet
+    return (math.lgamma((df + k) / 2) - math.lgamma(df / 2) - 0.5 * k * math.log(df * math.pi) - logdet
+            - 0.5 * (df + k) * torch.log1p(r2 / df))
+
+
 def _student_t(mean, scale_tril, n, df, generator):
     """``n`` draws per galaxy of a multivariate t and their log density: ``(B, n, k)``, ``(B, n)``."""
     B, k = mean.shape
@@ -192,14 +210,7 @@ def _student_t(mean, scale_tril, n, df, generator):
     else:  # chi2_df / df from df squared normals (integer df: the generator serves all randomness)
         u = (torch.randn(B, n, int(df), generator=generator, device=dev, dtype=torch.float64) ** 2).mean(-1, True)
     x = mean.double()[:, None, :] + torch.einsum("bij,bnj->bni", scale_tril, eps / u.sqrt())
-    logdet = torch.diagonal(scale_tril, dim1=1, dim2=2).log().sum(1)[:, None]
-    r2 = (eps * eps).sum(-1) / u[..., 0]  # Mahalanobis distance^2 of x
-    if df is None:
-        logq = -0.5 * r2 - 0.5 * k * math.log(2 * math.pi) - logdet
-    else:
-        logq = (math.lgamma((df + k) / 2) - math.lgamma(df / 2) - 0.5 * k * math.log(df * math.pi) - logdet
-                - 0.5 * (df + k) * torch.log1p(r2 / df))
-    return x, logq
+    return x, _t_density((eps * eps).sum(-1) / u[..., 0], scale_tril, k, df)
 
 
 def _weighted_moments(x, lw):
@@ -217,7 +228,8 @@ def _weighted_moments(x, lw):
 
 def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples: int = 200, chains: int = 1,
                       df: int | None = 7, generator: torch.Generator | None = None, chunk: int = 64,
-                      weighted: bool = True, adapt: int = 2, max_batch: int = 64) -> ImportanceResult:
+                      weighted: bool = True, adapt: int = 2, max_batch: int = 64, proposal=None,
+                      mix: float = 0.8) -> ImportanceResult:
     """Importance-sample many posteriors at once from Student-t (or Gaussian) proposals, with PSIS.
 
     Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
@@ -256,6 +268,17 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     max_batch : int, optional
         Rows per call of ``log_prob`` (a deep decoder is fastest per image at batches of
         32-128 on a CPU; raise it on a GPU).
+    proposal : object, optional
+        A second proposal, mixed with the t (defensive mixture importance sampling,
+        Hesterberg 1995): ``proposal.draw(idx, n, generator) -> (x, log_q)`` with ``x``
+        ``(len(idx), n, k)`` draws for galaxies ``idx`` and ``log_q`` their log density,
+        and ``proposal.log_prob(idx, x) -> (len(idx), n)``; e.g. an
+        :class:`~galgen.inference.amortized.AmortizedPosterior` through
+        :func:`~galgen.inference.amortized.amortized_proposal`. Each chunk takes
+        ``round(mix * chunk)`` draws from it and the rest from the t, and every draw is
+        weighted by the mixture density ``mix q + (1 - mix) t``.
+    mix : float, optional
+        Weight of ``proposal`` in the mixture (in (0, 1)).
 
     Returns
     -------
@@ -263,13 +286,25 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     """
     B, k = mean.shape
     rounds = max(1, -(-int(draws) // chunk))
+    if proposal is not None and not 0 < mix < 1:
+        raise GalgenInputError(f"mix: the weight of the second proposal must lie in (0, 1), got {mix!r}")
+    n_mix = min(chunk - 1, max(1, int(round(mix * chunk))))
     offsets = torch.arange(chunk, device=mean.device)
 
     def run(idx, loc, tril):
         xs, lws = [], []
         rows = (idx[:, None] * chunk + offsets).reshape(-1)
         for _ in range(rounds):
-            x, logq = _student_t(loc, tril, chunk, df, generator)
+            if proposal is None:
+                x, logq = _student_t(loc, tril, chunk, df, generator)
+            else:  # defensive mixture: draws of both, weighted by the mixture density
+                xa, lqa = proposal.draw(idx, n_mix, generator)
+                xt, lqt = _student_t(loc, tril, chunk - n_mix, df, generator)
+                x = torch.cat([xa.to(xt), xt], 1)
+                lq_a = torch.cat([lqa.to(lqt), proposal.log_prob(idx, xt).to(lqt)], 1)
+                lq_t = torch.cat([_student_t_log_prob(xa.to(xt), loc, tril, df), lqt], 1)
+                logq = torch.logaddexp(math.log(n_mix / chunk) + lq_a, math.log1p(-n_mix / chunk) + lq_t)
+                logq = torch.where(torch.isfinite(logq), logq, lq_t)
             with torch.no_grad():  # in batches of at most max_batch rows (CPU caches favour ~64 images)
                 flat = x.reshape(len(idx) * chunk, k).float()
                 if len(flat) <= max_batch and len(idx) == B:

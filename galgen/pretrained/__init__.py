@@ -26,7 +26,7 @@ def available_pretrained() -> list[str]:
     list of str
         E.g. ``["sdss-gan", "sdss-vae"]``.
     """
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt") if not p.name.endswith(".posterior.pt"))
 
 
 def model_card(name: str) -> dict:

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train the amortised posterior proposal of a model (galgen.inference.amortized).
+
+    python pipelines/train_amortized.py --model sdss-vae --pool sdss_pool_10k.h5 \
+        --steps 3000 --out galgen/pretrained/sdss-vae.posterior.pt
+
+``--pool`` is a cutout file whose PSFs and noise the training simulations borrow (not
+the file to be fitted or calibrated on): e.g. ``galgen simulate --survey sdss --n 10000
+--stamp 64 --seed 6262 --psf-size 33 --out sdss_pool_10k.h5``. Rerunning the command
+with the same settings resumes from ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+
+import torch
+
+from galgen.data.loading import observation_from_cutouts
+from galgen.inference.amortized import train_amortized_posterior
+from galgen.runtime import resolve_device, resolve_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--model", default="sdss-vae")
+    ap.add_argument("--pool", required=True, help="cutout file lending PSFs and noise to the simulations")
+    ap.add_argument("--pool-size", type=int, default=None, help="first N galaxies of --pool (default all)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--bank", type=int, default=50_000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transforms", type=int, default=4)
+    ap.add_argument("--log-scale-sd", type=float, default=1.0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    dev = resolve_device(args.device)
+    model = resolve_model(args.model, dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    index = slice(None) if args.pool_size is None else slice(0, args.pool_size)
+    obs = observation_from_cutouts(args.pool, index, device=dev)
+    t0 = time.perf_counter()
+    q = train_amortized_posterior(model, obs, steps=args.steps, batch_size=args.batch_size, bank=args.bank,
+                                  lr=args.lr, seed=args.seed, out=args.out, transforms=args.transforms,
+                                  log_scale_sd=args.log_scale_sd)
+    print(json.dumps({"steps": int(q.trained_steps), "wall_s": round(time.perf_counter() - t0, 1),
+                      "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

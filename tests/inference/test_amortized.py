@@ -1,0 +1,196 @@
+"""Amortised posterior proposals: features, training, defensive-mixture importance sampling, storage."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from galgen.errors import GalgenInputError
+from galgen.inference import sample_posterior
+from galgen.inference.amortized import (AmortizedPosterior, amortized_proposal, attach_amortized_posterior,
+                                        attached_amortized_posterior, load_amortized_posterior,
+                                        observation_features, train_amortized_posterior)
+from galgen.inference.importance import importance_sample
+from galgen.physics import GaussianNoise, Observation, gaussian_psf
+
+from test_calibration import LinearGalaxy
+
+
+def _pool(n=64, size=16, sigma=0.5):
+    psfs = torch.stack([gaussian_psf(f, 9, 1.0) for f in torch.linspace(0.8, 1.6, n).tolist()])
+    var = torch.full((n, size, size), sigma**2)
+    return Observation(psfs, pixel_scale=1.0, stamp=size, noise=GaussianNoise(var))
+
+
+def test_observation_features_measure_the_psf_and_the_noise():
+    import galsim
+
+    fwhm = 1.3
+    psf = galsim.Gaussian(fwhm=fwhm).shear(g1=0.2, g2=-0.1)
+    img = torch.as_tensor(psf.drawImage(nx=25, ny=25, scale=0.2, method="no_pixel").array, dtype=torch.float64)
+    var = torch.full((2, 16, 16), 4.0)
+    obs = Observation(torch.stack([img, img.T.contiguous()]), pixel_scale=0.4, oversampling=2, stamp=16,
+                      noise=GaussianNoise(var))
+    observed = torch.zeros(2, 16, 16)
+    observed[:, 8, 8] = 32.0
+    image, scalars = observation_features(observed, obs)
+    assert torch.allclose(scalars[:, 0], torch.full((2,), math.log(2.0)))  # log sigma
+    assert torch.allclose(scalars[:, 1], torch.asinh(torch.tensor(32.0 / (2.0 * 16))).expand(2))
+    # a sheared Gaussian keeps its area: (Ixx + Iyy) / 2 = sigma^2 / sqrt(1 - |e|^2), e the distortion
+    g = complex(0.2, -0.1)
+    e = 2 * g / (1 + abs(g) ** 2)
+    sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
+    size = sigma * (1 / math.sqrt(1 - abs(e) ** 2)) ** 0.5
+    assert scalars[0, 2].item() == pytest.approx(size, rel=0.02)
+    assert scalars[0, 3].item() == pytest.approx(e.real, abs=0.01)
+    assert scalars[0, 4].item() == pytest.approx(e.imag, abs=0.01)
+    assert scalars[1, 3].item() == pytest.approx(-e.real, abs=0.01)  # the transpose swaps the axes
+    assert torch.allclose(image, torch.asinh(observed / 6.0))
+
+
+def test_a_trained_flow_learns_the_posterior_of_a_linear_model():
+    torch.manual_seed(0)
+    model = LinearGalaxy()
+    pool = _pool()
+    q = train_amortized_posterior(model, pool, steps=300, batch_size=128, bank=4096, lr=3e-3, seed=1,
+                                  width=4, embed=16, context=16, transforms=2, hidden=(32,), log_scale_sd=0.3)
+    assert int(q.trained_steps) == 300
+    fresh = AmortizedPosterior(16, 2, width=4, embed=16, context=16, transforms=2, hidden=(32,), log_scale_sd=0.3)
+    fresh.load_state_dict({k: v for k, v in q.state_dict().items() if k.startswith(("feature_", "flow.z_"))},
+                          strict=False)  # same standardisation, untrained networks
+    gen = torch.Generator().manual_seed(7)
+    n = 256
+    obs = pool.select(torch.randint(len(pool.psf), (n,), generator=gen))
+    z = torch.randn(n, 2, generator=gen)
+    s = 0.3 * torch.randn(n, generator=gen)
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(z) * s.exp()[:, None, None], generator=gen)
+        truth = torch.cat([z, s[:, None]], 1)
+        lq = q.log_prob(truth, q.context(model, observed, obs)).mean()
+        lq0 = fresh.log_prob(truth, fresh.context(model, observed, obs)).mean()
+    prior = (-0.5 * (z**2).sum(1) - math.log(2 * math.pi) - 0.5 * (s / 0.3) ** 2
+             - math.log(0.3 * math.sqrt(2 * math.pi))).mean()
+    # the truth is far more probable under the trained posterior than under the prior (the
+    # images constrain z and s to a few percent of their prior widths); an untrained flow is not
+    assert float(lq - prior) > 4.0, (float(lq), float(prior))
+    assert float(lq0 - prior) < 1.0
+
+
+def _bimodal(x):
+    """log density of 0.3 N((-3, 0), 0.5^2 I) + 0.7 N((3, 0), 0.5^2 I), x (N, 2)."""
+    a = -((x - torch.tensor([-3.0, 0.0])) ** 2).sum(1) / (2 * 0.25)
+    b = -((x - torch.tensor([3.0, 0.0])) ** 2).sum(1) / (2 * 0.25)
+    return torch.logaddexp(math.log(0.3) + a, math.log(0.7) + b) - math.log(2 * math.pi * 0.25)
+
+
+class _Wide:
+    """A proposal covering both modes: N((0, 0), diag(3.5^2, 1)) for every galaxy."""
+
+    scale = torch.tensor([3.5, 1.0], dtype=torch.float64)
+
+    def draw(self, idx, n, generator=None):
+        eps = torch.randn(len(idx), n, 2, generator=generator, dtype=torch.float64)
+        return eps * self.scale, self.log_prob(idx, eps * self.scale)
+
+    def log_prob(self, idx, x):
+        return (-0.5 * (x / self.scale) ** 2 - 0.5 * math.log(2 * math.pi) - self.scale.log()).sum(-1)
+
+
+def test_a_mixture_with_a_covering_proposal_finds_the_second_mode():
+    """The Laplace t about one mode misses the other; the defensive mixture recovers the mode weights."""
+    B = 4
+    mean = torch.tensor([[-3.0, 0.0]] * B, dtype=torch.float64)  # the Laplace approximation of the minor mode
+    tril = 0.5 * torch.eye(2, dtype=torch.float64).expand(B, 2, 2)
+
+    def log_prob(x, rows=None):
+        return _bimodal(x)
+
+    def weight_of_right_mode(proposal):
+        r = importance_sample(log_prob, mean, tril, draws=2048, samples=500, chains=2, adapt=0,
+                              generator=torch.Generator().manual_seed(3), proposal=proposal, mix=0.8)
+        return (r.samples[..., 0] > 0).float().mean((1, 2)), r.pareto_k, r.ess
+
+    w_t, k_t, _ = weight_of_right_mode(None)
+    w_m, k_m, ess_m = weight_of_right_mode(_Wide())
+    assert float(w_t.max()) < 0.2  # the t about the left mode: the right mode (70% of the mass) is missed
+    assert torch.allclose(w_m, torch.full((B,), 0.7), atol=0.06), w_m
+    assert bool((k_m < 0.7).all()) and float(ess_m.min()) > 200
+
+
+def test_mixture_weights_are_exact_when_the_proposal_is_the_target():
+    """With q equal to a Gaussian target, every weight of the mixture is p / (0.8 p + 0.2 t) <= 1.25."""
+    B = 2
+    mean = torch.zeros(B, 2, dtype=torch.float64)
+    tril = torch.eye(2, dtype=torch.float64).expand(B, 2, 2) * 2.0
+
+    class Exact(_Wide):
+        scale = torch.tensor([1.0, 1.0], dtype=torch.float64)
+
+    def log_prob(x, rows=None):
+        return -0.5 * (x.double() ** 2).sum(1) - math.log(2 * math.pi)
+
+    r = importance_sample(log_prob, mean, tril, draws=1024, samples=400, chains=1, adapt=0,
+                          generator=torch.Generator().manual_seed(0), proposal=Exact(), mix=0.8)
+    assert bool((r.ess > 0.85 * r.n_proposals).all()) and bool((r.pareto_k < 0.3).all())
+    d = r.samples.reshape(B, -1, 2)
+    assert torch.allclose(d.std(1), torch.ones(B, 2), atol=0.1)
+    with pytest.raises(GalgenInputError, match="mix"):
+        importance_sample(log_prob, mean, tril, draws=64, proposal=Exact(), mix=1.0)
+
+
+def test_save_load_and_attach_beside_a_checkpoint(tmp_path):
+    from galgen.checkpoints import amortized_posterior_path, load_model
+    from galgen.models import VAE
+    vae = VAE(stamp=32, latent_dim=4, width=4).eval()
+    q = AmortizedPosterior(32, 4, encoder_features=8, transforms=2, hidden=(16,))
+    torch.nn.init.normal_(q.context_net[0].weight)
+    path = tmp_path / "model.pt"
+    from galgen.checkpoints import save_checkpoint
+
+    save_checkpoint(path, model_state=vae.state_dict(), config={"model": vae.config})
+    assert attached_amortized_posterior(load_model(path)) is None
+    q.save(amortized_posterior_path(path))
+    loaded = load_model(path)
+    q2 = attached_amortized_posterior(loaded)
+    assert q2 is not None and not any(k.startswith("_amortized") for k in loaded.state_dict())
+    obs = _pool(3, size=32)
+    observed = torch.randn(3, 32, 32)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        assert torch.allclose(q.log_prob(x, q.context(vae, observed, obs)),
+                              q2.log_prob(x, q2.context(loaded, observed, obs)))
+    assert torch.equal(load_amortized_posterior(amortized_posterior_path(path)).context_net[0].weight,
+                       q.context_net[0].weight)
+    with pytest.raises(GalgenInputError, match="not an amortised-posterior"):
+        load_amortized_posterior(path)
+    with pytest.raises(GalgenInputError, match="latent_dim"):
+        attach_amortized_posterior(VAE(stamp=32, latent_dim=3, width=4), q)
+    prop = amortized_proposal(q2, loaded, observed, obs)
+    xs, lq = prop.draw(torch.arange(3), 5, torch.Generator().manual_seed(0))
+    assert xs.shape == (3, 5, 5) and torch.allclose(prop.log_prob(torch.arange(3), xs), lq, atol=1e-4)
+
+
+def test_pretrained_names_exclude_amortized_posteriors():
+    from galgen.pretrained import PRETRAINED_DIR, available_pretrained
+
+    names = available_pretrained()
+    assert not any(n.endswith(".posterior") for n in names)
+    if (PRETRAINED_DIR / "sdss-vae.posterior.pt").exists():
+        assert "sdss-vae" in names
+
+
+def test_sample_posterior_checks_the_proposal():
+    from galgen.inference import fit_map
+
+    model = LinearGalaxy()
+    obs = _pool(2)
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(torch.zeros(2, 2)), generator=torch.Generator().manual_seed(0))
+    res = fit_map(model, observed, obs, max_iter=50)
+    with pytest.raises(GalgenInputError, match="no amortised posterior"):
+        sample_posterior(model, observed, obs, res, samples=10, chains=1, draws=64, proposal="amortized")
+    with pytest.raises(GalgenInputError, match="proposal"):
+        sample_posterior(model, observed, obs, res, samples=10, chains=1, draws=64, proposal="flow")
+    h = sample_posterior(model, observed, obs, res, samples=10, chains=1, draws=64, proposal="laplace")
+    assert h.samples.shape == (2, 1, 10, 3) and np.all(np.isfinite(h.pareto_k.numpy()))
