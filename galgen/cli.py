@@ -134,8 +134,8 @@ def _cmd_fit(args):
     out = format_shard_path(args.out, shard) if shard else args.out
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
                    n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
-                   posterior=args.posterior, optimizer=args.optimizer,
-                   shard=shard, device=args.device,
+                   posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
+                   min_ess=args.min_ess, shard=shard, device=args.device,
                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
                    prior=args.prior, overwrite=args.overwrite, limit=args.limit,
                    progress=sys.stderr.isatty() if args.progress is None else args.progress))
@@ -302,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior method with --samples: importance sampling from the Laplace approximation "
                         "with PSIS diagnostics and NUTS where they fail, the Laplace approximation itself, "
                         "NUTS, or HMC of --n-leapfrog steps [is]")
+    p.add_argument("--proposal", choices=("auto", "laplace", "amortized"), default="auto",
+                   help="--posterior is: propose from the Laplace approximation alone, or from a mixture with "
+                        "the model's amortised posterior (auto: where the model ships one) [auto]")
+    p.add_argument("--min-ess", type=float, default=None,
+                   help="--posterior is: galaxies go on drawing (up to 4x the proposals) until this effective "
+                        "sample size")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

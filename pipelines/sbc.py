@@ -95,6 +95,12 @@ def main():
     ap.add_argument("--draws", type=int, default=None, help="importance sampling: proposals per galaxy")
     ap.add_argument("--no-fallback", action="store_true",
                     help="importance sampling: keep galaxies whose Pareto k is too large (no NUTS)")
+    ap.add_argument("--proposal", choices=["auto", "laplace", "amortized"], default="auto",
+                    help="importance sampling: the Laplace t alone, or mixed with the model's amortised "
+                         "posterior (auto: where the model has one) [auto]")
+    ap.add_argument("--min-ess", type=float, default=None,
+                    help="importance sampling: galaxies go on drawing until this effective sample size")
+    ap.add_argument("--max-draws", type=int, default=None, help="importance sampling with --min-ess: cap")
     ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -123,6 +129,8 @@ def main():
         settings.update(sampler=args.sampler, max_depth=args.max_depth)
     if args.sampler == "is":
         settings.update(draws=args.draws, fallback=not args.no_fallback)
+        if args.proposal != "auto" or args.min_ess is not None:  # (earlier runs' batches stay valid)
+            settings.update(proposal=args.proposal, min_ess=args.min_ess, max_draws=args.max_draws)
     parts = []
     starts = list(range(0, args.n, args.batch_size))
     lo, hi = shard.bounds(len(starts))
@@ -146,7 +154,8 @@ def main():
                                          n_leapfrog=args.n_leapfrog, n_draws=N_DRAWS, log_scale=log_scale,
                                          metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
                                          seed=derive_seed(args.seed, start), latent_names=model.latent_names,
-                                         draws=args.draws, fallback=None if args.no_fallback else "nuts")
+                                         draws=args.draws, fallback=None if args.no_fallback else "nuts",
+                                         proposal=args.proposal, min_ess=args.min_ess, max_draws=args.max_draws)
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:

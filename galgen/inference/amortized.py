@@ -35,7 +35,7 @@ from ..models.networks import Encoder
 from ..models.prior import LatentFlowPrior
 
 __all__ = ["AmortizedPosterior", "train_amortized_posterior", "observation_features", "load_amortized_posterior",
-           "amortized_proposal", "attach_amortized_posterior", "attached_amortized_posterior", "AMORTIZED_KIND"]
+           "amortized_proposal", "multimodal_laplace", "attach_amortized_posterior", "attached_amortized_posterior", "AMORTIZED_KIND"]
 
 log = logging.getLogger("galgen.amortized")
 
@@ -127,6 +127,8 @@ class AmortizedPosterior(nn.Module):
         Standard deviation of the log flux scale ``s`` of the training simulations (the
         fits' ``s`` has a flat prior; a broad training distribution keeps the flow at
         least as wide as the posterior along ``s``).
+    temperature : float, optional
+        Scale of the base noise when proposing (:func:`amortized_proposal`).
 
     Examples
     --------
@@ -136,12 +138,13 @@ class AmortizedPosterior(nn.Module):
     """
 
     def __init__(self, stamp: int, latent_dim: int, *, encoder_features: int = 0, width: int = 8, embed: int = 64,
-                 crop: int = 32, context: int = 64, transforms: int = 4, hidden=(128, 128), log_scale_sd: float = 1.0):
+                 crop: int = 32, context: int = 64, transforms: int = 4, hidden=(128, 128),
+                 log_scale_sd: float = 1.0, temperature: float = 1.0):
         super().__init__()
         self.config = dict(kind=AMORTIZED_KIND, stamp=int(stamp), latent_dim=int(latent_dim),
                            encoder_features=int(encoder_features), width=int(width), embed=int(embed),
                            crop=min(int(crop), int(stamp)), context=int(context), transforms=int(transforms), hidden=[int(h) for h in hidden],
-                           log_scale_sd=float(log_scale_sd))
+                           log_scale_sd=float(log_scale_sd), temperature=float(temperature))
         self.embedding = Encoder(self.config["crop"], int(embed), width=int(width), max_width=64)
         n_in = int(embed) + N_SCALAR_FEATURES + int(encoder_features)
         self.context_net = nn.Sequential(nn.Linear(n_in, 128), nn.SiLU(), nn.Linear(128, int(context)))
@@ -201,7 +204,7 @@ class AmortizedPosterior(nn.Module):
         image = image[:, a:a + c, a:a + c]
         return self.context_net(torch.cat([self.embedding(image.to(dtype)), feats], 1))
 
-    def log_prob(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """``log q(x | context)`` of rows ``x = (z, s)``.
 
         Parameters
@@ -210,16 +213,25 @@ class AmortizedPosterior(nn.Module):
             ``(N, latent_dim + 1)``.
         context : torch.Tensor
             ``(N, context)``.
+        temperature : float, optional
+            Of the flow whose base noise is ``N(0, temperature^2 I)`` (wider tails than
+            the trained flow for ``> 1``; see :meth:`sample`).
 
         Returns
         -------
         torch.Tensor
             ``(N,)`` nats.
         """
-        return self.flow.log_prob(x, context)
+        lq = self.flow.log_prob(x, context)
+        if temperature == 1.0:
+            return lq
+        u = self.flow.distribution(context).transform(x.to(self.flow.z_mean.dtype))
+        t2 = float(temperature) ** 2
+        return lq + (0.5 * (u * u).sum(-1) * (1 - 1 / t2) - u.shape[-1] * math.log(temperature)).to(lq.dtype)
 
     @torch.no_grad()
-    def sample(self, context: torch.Tensor, n: int, generator: torch.Generator | None = None):
+    def sample(self, context: torch.Tensor, n: int, generator: torch.Generator | None = None,
+               temperature: float = 1.0):
         """``n`` draws of ``(z, s)`` per galaxy and their log density.
 
         Parameters
@@ -229,6 +241,9 @@ class AmortizedPosterior(nn.Module):
         n : int
             Draws per galaxy.
         generator : torch.Generator, optional
+        temperature : float, optional
+            Scale of the flow's Gaussian base noise: ``> 1`` widens the proposal's tails,
+            which keeps importance weights bounded where the flow is a little too narrow.
 
         Returns
         -------
@@ -239,8 +254,8 @@ class AmortizedPosterior(nn.Module):
         """
         B = context.shape[0]
         ctx = context.repeat_interleave(int(n), 0)
-        x = sample_latents(self.flow.distribution(ctx), B * int(n), generator=generator)
-        lq = self.flow.log_prob(x, ctx)
+        x = sample_latents(self.flow.distribution(ctx), B * int(n), generator=generator, temperature=temperature)
+        lq = self.log_prob(x, ctx, temperature)
         k = x.shape[-1]
         return x.double().view(B, int(n), k), lq.double().view(B, int(n))
 
@@ -286,21 +301,23 @@ def load_amortized_posterior(path, *, device="cpu") -> AmortizedPosterior:
 class _Proposal:
     """An amortised posterior conditioned on a batch of galaxies, in the form importance sampling takes."""
 
-    def __init__(self, q, context):
-        self.q, self.context = q, context
+    def __init__(self, q, context, temperature):
+        self.q, self.context, self.temperature = q, context, float(temperature)
 
     def draw(self, idx, n, generator=None):
-        return self.q.sample(self.context[idx], n, generator)
+        return self.q.sample(self.context[idx], n, generator, self.temperature)
 
     @torch.no_grad()
     def log_prob(self, idx, x):
         m, n, k = x.shape
         ctx = self.context[idx].repeat_interleave(n, 0)
-        return self.q.log_prob(x.reshape(m * n, k).to(self.context.dtype), ctx).double().view(m, n)
+        return self.q.log_prob(x.reshape(m * n, k).to(self.context.dtype), ctx,
+                               self.temperature).double().view(m, n)
 
 
 @torch.no_grad()
-def amortized_proposal(q: AmortizedPosterior, model, observed: torch.Tensor, observation):
+def amortized_proposal(q: AmortizedPosterior, model, observed: torch.Tensor, observation,
+                       temperature: float | None = None):
     """The proposal :func:`~galgen.inference.importance.importance_sample` mixes in, for a batch.
 
     Parameters
@@ -310,6 +327,9 @@ def amortized_proposal(q: AmortizedPosterior, model, observed: torch.Tensor, obs
     observed : torch.Tensor
         ``(B, S, S)``.
     observation : galgen.physics.Observation
+    temperature : float, optional
+        Of the base noise (see :meth:`AmortizedPosterior.sample`); default the flow's
+        ``config["temperature"]``, chosen when it was installed.
 
     Returns
     -------
@@ -318,7 +338,124 @@ def amortized_proposal(q: AmortizedPosterior, model, observed: torch.Tensor, obs
     """
     q.check_model(model)
     q = q.to(observed.device).eval()
-    return _Proposal(q, q.context(model, observed, observation))
+    t = q.config.get("temperature", 1.0) if temperature is None else temperature
+    return _Proposal(q, q.context(model, observed, observation), t)
+
+
+def _diverse_best(xs, lp, mode, n, radius: float = 0.5):
+    """Indices ``(B, n)`` of the best-scoring draws that lie apart from each other and from ``mode``.
+
+    Draws are taken in order of ``lp``; one closer than ``radius`` (in units of the
+    draws' own standard deviation per coordinate) to the mode or to a draw already
+    taken is passed over; where too few are apart, the best of the rest fill in.
+    """
+    B, C, k = xs.shape
+    unit = xs.std(1, keepdim=True).clamp(min=1e-12)
+    order = lp.argsort(1, descending=True)
+    out = torch.empty(B, n, dtype=torch.long, device=xs.device)
+    for b in range(B):
+        taken, rest = [], []
+        centres = [mode[b]]
+        for i in order[b].tolist():
+            far = all(float((((xs[b, i] - c) / unit[b, 0]) ** 2).mean().sqrt()) > radius for c in centres)
+            (taken if far and len(taken) < n else rest).append(i)
+            if far:
+                centres.append(xs[b, i])
+            if len(taken) == n:
+                break
+        out[b] = torch.as_tensor((taken + rest)[:n], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.Tensor, scale_tril: torch.Tensor,
+                       proposal, *, starts: int = 4, candidates: int = 64, refine: int = 15,
+                       generator: torch.Generator | None = None, max_batch: int = 64, floor: float = 0.05):
+    """Posterior modes found from an amortised posterior's draws, each with its Laplace approximation.
+
+    The posterior of a deep prior's latent code has several modes, and a MAP fit finds
+    one of them, not always the highest. ``candidates`` draws of the amortised
+    posterior per galaxy are scored by the exact log posterior; the best ``starts -
+    1`` of them that lie apart (by half the draws' standard deviation, root mean square
+    over the coordinates, from the MAP and from each other) are polished by Levenberg-Marquardt (``refine`` steps at most) beside
+    the given mode, the Gauss-Newton matrix at each polished mode gives its Laplace
+    approximation, modes that coincide are merged, and every mode is weighted by its
+    Laplace evidence ``p(x, mode) |2 pi Sigma|^(1/2)`` (modes below 1e-3 of the best
+    are dropped; the others get at least ``floor`` of the draws). The result is the
+    mixture proposal of :func:`~galgen.inference.importance.importance_sample`.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    observed : torch.Tensor
+        ``(B, S, S)``.
+    observation : galgen.physics.Observation
+    mean, scale_tril : torch.Tensor
+        ``(B, k)``, ``(B, k, k)``: the Laplace approximation at the MAP
+        (:func:`~galgen.inference.importance.laplace_approximation`).
+    proposal : object
+        Of :func:`amortized_proposal` for these galaxies.
+    starts : int, optional
+        Modes per galaxy at most, the MAP's included.
+    candidates : int, optional
+        Draws of the amortised posterior scored per galaxy.
+    refine : int, optional
+        Levenberg-Marquardt steps at most from each start.
+    generator : torch.Generator, optional
+    max_batch : int, optional
+        Rows per decoder call when scoring.
+    floor : float, optional
+        Smallest share of the draws of a mode that is kept.
+
+    Returns
+    -------
+    means : torch.Tensor
+        ``(B, K, k)`` modes (float64), ``K = starts``.
+    scale_trils : torch.Tensor
+        ``(B, K, k, k)``.
+    log_weights : torch.Tensor
+        ``(B, K)`` normalised log weights (``-inf`` for merged or negligible modes).
+    """
+    from .importance import _cholesky_of_inverse
+    from .lm import _log_posterior, levenberg_marquardt, rows_prior
+
+    B, k = mean.shape
+    d = k - 1
+    dev = observed.device
+    prior = model.prior(None)
+    every = torch.arange(B, device=dev)
+    xs, _ = proposal.draw(every, int(candidates), generator)  # (B, C, k)
+    flat = xs.reshape(-1, k)
+    gal = every.repeat_interleave(int(candidates))
+    lp = torch.cat([_log_posterior(model, observation.select(gal[a:a + max_batch]), observed[gal[a:a + max_batch]],
+                                   flat[a:a + max_batch, :d].float(), flat[a:a + max_batch, d].float(), None, prior)
+                    for a in range(0, len(flat), max_batch)]).view(B, -1)
+    lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
+    n_new = max(0, min(int(starts) - 1, lp.shape[1]))
+    top = _diverse_best(xs, lp, mean.double(), n_new)
+    start = torch.gather(xs, 1, top[..., None].expand(B, n_new, k)).reshape(-1, k)
+    gi = every.repeat_interleave(n_new)
+    z, s, lp_new, _, _, fisher = levenberg_marquardt(model, start[:, :d].float(), start[:, d].float(), observed[gi],
+                                                     observation.select(gi), None, rows_prior(model, None, prior),
+                                                     max_iter=int(refine), return_fisher=True)
+    lp0 = _log_posterior(model, observation, observed, mean[:, :d].float(), mean[:, d].float(), None, prior)
+    means = torch.cat([mean.double()[:, None], torch.cat([z, s[:, None]], 1).double().view(B, n_new, k)], 1)
+    trils = torch.cat([scale_tril.double()[:, None], _cholesky_of_inverse(fisher.double()).view(B, n_new, k, k)], 1)
+    lps = torch.cat([lp0[:, None], lp_new.view(B, n_new)], 1)
+    logdet = torch.diagonal(trils, dim1=-2, dim2=-1).log().sum(-1)
+    logw = torch.where(torch.isfinite(lps) & torch.isfinite(logdet), lps + logdet, torch.full_like(lps, -math.inf))
+    K = means.shape[1]
+    for j in range(1, K):  # merge a mode with an earlier one it lies within about a standard deviation of
+        for i in range(j):
+            dji = means[:, j] - means[:, i]
+            wi = torch.linalg.solve_triangular(trils[:, i], dji[..., None], upper=False)[..., 0]
+            wj = torch.linalg.solve_triangular(trils[:, j], dji[..., None], upper=False)[..., 0]
+            same = ((wi * wi).sum(1) < k) & ((wj * wj).sum(1) < k) & torch.isfinite(logw[:, i])
+            logw[:, j] = torch.where(same, torch.full_like(logw[:, j], -math.inf), logw[:, j])
+    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
+    logw = torch.where(logw > math.log(1e-3), logw.clamp(min=math.log(floor)), torch.full_like(logw, -math.inf))
+    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
+    return means, trils, logw
 
 
 def attach_amortized_posterior(model, q: AmortizedPosterior | None):
@@ -435,7 +572,9 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     start = 0
     if out is not None and Path(out).exists():
         ck = load_checkpoint(out, map_location=dev)
-        if ck["config"] != q.config or ck["provenance"].get("settings") != settings:
+        same = {k: v for k, v in ck["config"].items() if k != "temperature"} == {
+            k: v for k, v in q.config.items() if k != "temperature"}
+        if not same or ck["provenance"].get("settings") != settings:
             raise GalgenInputError(f"{out}: a checkpoint of other settings; remove it or choose another --out")
         q.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"]["adam"])

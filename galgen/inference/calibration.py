@@ -38,7 +38,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
                                  prior: str | None = None, max_iter: int = 300, log_scale=None,
                                  metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
                                  seed: int = 0, latent_names=None, draws: int | None = None,
-                                 fallback: str | None = "nuts") -> dict:
+                                 fallback: str | None = "nuts", proposal="auto", min_ess: float | None = None,
+                                 max_draws: int | None = None) -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -78,9 +79,9 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     latent_names : sequence of str, optional
         Names of the latent coordinates in ``names`` (default ``z0``, ``z1``, ...;
         e.g. ``model.latent_names``).
-    draws, fallback : optional
-        Importance sampling's proposals per galaxy and fallback, as in
-        :func:`~galgen.inference.sample_posterior`.
+    draws, fallback, proposal, min_ess, max_draws : optional
+        Importance sampling's proposals per galaxy, fallback, proposal and adaptive
+        number of draws, as in :func:`~galgen.inference.sample_posterior`.
 
     Returns
     -------
@@ -112,7 +113,7 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     res = fit_map(model, observed, observation, max_iter=max_iter, generator=gen)
     h = sample_posterior(model, observed, observation, res, samples=samples, chains=chains, warmup=warmup,
                          generator=gen, n_leapfrog=n_leapfrog, metric=metric, method=sampler, max_depth=max_depth,
-                         draws=draws, fallback=fallback)
+                         draws=draws, fallback=fallback, proposal=proposal, min_ess=min_ess, max_draws=max_draws)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
     draws = torch.cat([derived.double(), thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()

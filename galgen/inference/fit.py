@@ -29,7 +29,7 @@ from ..runtime import generator, resolve_device, resolve_model
 from .derived import DERIVED_NAMES, QUANTILES, credible_intervals, derived_quantities
 from .diagnostics import summarize_chains
 from .hmc import hmc_sample
-from .amortized import AmortizedPosterior, amortized_proposal, attached_amortized_posterior
+from .amortized import AmortizedPosterior, amortized_proposal, attached_amortized_posterior, multimodal_laplace
 from .importance import K_HAT_THRESHOLD, importance_sample, laplace_approximation
 from .map import STATUS, fit_map
 
@@ -96,7 +96,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              n_leapfrog: int = 16, shard=None, device="auto", batch_size: int | None = None, restarts: int = 0,
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
-             posterior: str = "is", limit: int | None = None, progress: bool = False) -> Path:
+             posterior: str = "is", limit: int | None = None, progress: bool = False, proposal: str = "auto",
+             min_ess: float | None = None) -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -150,6 +151,11 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         posteriors for a few galaxies beside the MAP fit of all.
     progress : bool, optional
         Show a progress bar (galaxies fitted).
+    proposal : {"auto", "laplace", "amortized"}, optional
+        Importance sampling's proposal (see :func:`sample_posterior`).
+    min_ess : float, optional
+        Importance sampling: galaxies go on drawing until this effective sample size
+        (at most 4x the proposals; see :func:`sample_posterior`).
 
     Returns
     -------
@@ -184,7 +190,9 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "batch_size": batch_size, "restarts": restarts, "max_iter": max_iter, "seed": seed,
                      "prior": prior, **({"metric": metric} if metric != "diag" else {}),
                      "posterior": posterior, "optimizer": optimizer,
-                     **({"max_depth": max_depth} if posterior in ("nuts", "is") else {})}, sort_keys=True)
+                     **({"max_depth": max_depth} if posterior in ("nuts", "is") else {}),
+                     **({"proposal": proposal} if proposal != "auto" else {}),
+                     **({"min_ess": min_ess} if min_ess is not None else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
@@ -220,7 +228,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "derived_map": derived_quantities(res.intrinsic, b.observation.intrinsic_scale).numpy()}
             if samples:
                 block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
-                                        n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth))
+                                        n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth,
+                                        proposal=proposal, min_ess=min_ess))
             w.write(block)
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
@@ -297,7 +306,8 @@ class PosteriorResult:
 def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, cond=None, samples: int = 200,
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
                      method: str | None = None, draws: int | None = None, fallback: str | None = "nuts",
-                     proposal="auto", **sampler_options):
+                     proposal="auto", min_ess: float | None = None, max_draws: int | None = None,
+                     **sampler_options):
     """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
@@ -343,6 +353,10 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         models that ship one have it attached when loaded) and that t; ``auto`` (the
         default): ``amortized`` where the model has one, else ``laplace``; or an
         :class:`~galgen.inference.amortized.AmortizedPosterior` to mix in.
+    min_ess, max_draws : optional
+        ``is``: a galaxy whose effective sample size is below ``min_ess`` after
+        ``draws`` proposals goes on drawing, 64 at a time, up to ``max_draws`` (default
+        ``4 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -371,11 +385,15 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     chunk = 64
     q = _amortized(model, proposal) if method == "is" else None
     mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
+    prop, logw = None, None
+    if q is not None:  # modes found from the amortised posterior's draws; its own draws a defensive 10%
+        prop = amortized_proposal(q, model, observed, observation)
+        mean, tril, logw = multimodal_laplace(model, observed, observation, mean, tril, prop, generator=generator)
     lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
     r = importance_sample(lp, mean, tril, draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains,
                           generator=generator, chunk=chunk, weighted=method == "is",
-                          df=7 if method == "is" else None,
-                          proposal=None if q is None else amortized_proposal(q, model, observed, observation))
+                          df=7 if method == "is" else None, proposal=prop, mix=0.1, log_weights=logw,
+                          min_ess=min_ess if method == "is" else None, max_draws=max_draws)
     out = PosteriorResult(samples=r.samples, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
                           accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
                                                                                                  dtype=torch.long),

@@ -174,13 +174,16 @@ class ImportanceResult:
     ess : torch.Tensor
         ``(B,)`` effective sample size of the smoothed weights, ``1 / sum(w^2)``.
     n_proposals : int
-        Proposals per galaxy.
+        Proposals per galaxy at most (the width of the draw arrays).
+    draws : torch.Tensor, optional
+        ``(B,)`` proposals each galaxy drew.
     """
 
     samples: torch.Tensor
     pareto_k: torch.Tensor
     ess: torch.Tensor
     n_proposals: int
+    draws: torch.Tensor | None = None
 
 
 def _student_t_log_prob(x, mean, scale_tril, df):
@@ -213,6 +216,60 @@ def _student_t(mean, scale_tril, n, df, generator):
     return x, _t_density((eps * eps).sum(-1) / u[..., 0], scale_tril, k, df)
 
 
+def _t_mixture_log_prob(x, means, trils, log_weights, df):
+    """Log density of a mixture of multivariate t's ``(B, K, k)``, ``(B, K, k, k)``, weights ``(B, K)`` at ``x`` ``(B, n, k)``."""
+    parts = [log_weights[:, j, None] + _student_t_log_prob(x, means[:, j], trils[:, j], df)
+             for j in range(means.shape[1])]
+    return torch.logsumexp(torch.stack(parts, 0), 0)
+
+
+def _t_mixture(means, trils, log_weights, n, df, generator):
+    """``n`` draws per galaxy of a mixture of multivariate t's and their log density."""
+    B, K, k = means.shape
+    dev = means.device
+    cdf = torch.softmax(log_weights.double(), 1).cumsum(1)
+    u = torch.rand(B, n, generator=generator, device=dev, dtype=torch.float64) * cdf[:, -1:]
+    comp = torch.searchsorted(cdf, u).clamp(max=K - 1)
+    eps = torch.randn(B, n, k, generator=generator, device=dev, dtype=torch.float64)
+    if df is not None:
+        eps = eps / (torch.randn(B, n, int(df), generator=generator, device=dev, dtype=torch.float64) ** 2
+                     ).mean(-1, True).sqrt()
+    b = torch.arange(B, device=dev)[:, None]
+    x = means.double()[b, comp] + (trils[b, comp] @ eps[..., None])[..., 0]
+    return x, _t_mixture_log_prob(x, means.double(), trils, log_weights.double(), df)
+
+
+def _weighted_mixture(x, lw, means, trils, log_weights, df, floor=0.05):
+    """One population Monte Carlo update of a t mixture from weighted draws (Cappe et al. 2008).
+
+    Each draw is shared among the components by its responsibility; a component's
+    weight, mean and covariance become those of its share of the weighted draws, where
+    that share holds at least ``2 k`` effective draws (else the component is kept).
+    """
+    B, K, k = means.shape
+    means, trils = means.double(), trils.double()
+    parts = torch.stack([log_weights[:, j, None].double() + _student_t_log_prob(x, means[:, j], trils[:, j], df)
+                         for j in range(K)], 1)  # (B, K, n)
+    resp = torch.exp(parts - torch.logsumexp(parts, 1, keepdim=True)).nan_to_num(0.0)
+    w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)[:, None, :] * resp  # (B, K, n)
+    mass = w.sum(-1)
+    n_eff = mass**2 / (w * w).sum(-1).clamp(min=1e-300)
+    mu = (w[..., None] * x[:, None]).sum(2) / mass.clamp(min=1e-300)[..., None]
+    dx = x[:, None] - mu[:, :, None]
+    cov = torch.einsum("bjn,bjni,bjnk->bjik", w, dx, dx) / mass.clamp(min=1e-300)[..., None, None]
+    cov = cov + 1e-9 * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(
+        k, dtype=x.dtype, device=x.device)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    ok = (info == 0) & (n_eff >= 2 * k) & torch.isfinite(chol).flatten(2).all(-1)
+    new_means = torch.where(ok[..., None], mu, means)
+    new_trils = torch.where(ok[..., None, None], chol, trils)
+    logw = torch.log(mass.clamp(min=1e-300))
+    logw = torch.where(torch.isfinite(log_weights), logw, torch.full_like(logw, -math.inf))
+    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
+    logw = torch.where(logw > math.log(1e-3), logw.clamp(min=math.log(floor)), torch.full_like(logw, -math.inf))
+    return new_means, new_trils, logw - torch.logsumexp(logw, 1, keepdim=True)
+
+
 def _weighted_moments(x, lw):
     """Mean and Cholesky factor of the covariance of draws ``(B, n, k)`` under normalised log weights ``(B, n)``."""
     w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)
@@ -229,7 +286,8 @@ def _weighted_moments(x, lw):
 def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples: int = 200, chains: int = 1,
                       df: int | None = 7, generator: torch.Generator | None = None, chunk: int = 64,
                       weighted: bool = True, adapt: int = 2, max_batch: int = 64, proposal=None,
-                      mix: float = 0.8) -> ImportanceResult:
+                      mix: float = 0.8, min_ess: float | None = None,
+                      max_draws: int | None = None, log_weights=None) -> ImportanceResult:
     """Importance-sample many posteriors at once from Student-t (or Gaussian) proposals, with PSIS.
 
     Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
@@ -246,9 +304,11 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         with ``rows`` (indices into those ``B * m`` rows), of the rows of ``x`` only;
         it is called with ``m = chunk``.
     mean : torch.Tensor
-        ``(B, k)`` proposal location (the MAP).
+        ``(B, k)`` proposal location (the MAP), or ``(B, K, k)``: the locations of a
+        mixture of ``K`` t's (several modes), weighted by ``log_weights``.
     scale_tril : torch.Tensor
-        ``(B, k, k)`` proposal scale (the Laplace covariance's Cholesky factor).
+        ``(B, k, k)`` proposal scale (the Laplace covariance's Cholesky factor), or
+        ``(B, K, k, k)`` for a mixture.
     draws : int, optional
         Proposals per galaxy (rounded up to a multiple of ``chunk``).
     samples : int, optional
@@ -279,63 +339,114 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         weighted by the mixture density ``mix q + (1 - mix) t``.
     mix : float, optional
         Weight of ``proposal`` in the mixture (in (0, 1)).
+    min_ess : float, optional
+        Draw more: after ``draws``, a galaxy goes on proposing ``chunk`` draws at a
+        time until the effective sample size of its raw weights reaches ``min_ess``
+        or it has ``max_draws``; galaxies that are done leave the batch. Default: a
+        fixed ``draws``.
+    max_draws : int, optional
+        Proposals per galaxy at most with ``min_ess`` (default ``4 * draws``).
+    log_weights : torch.Tensor, optional
+        ``(B, K)`` log weights of the mixture components (``-inf``: unused), with a
+        3-d ``mean``; a mixture is adapted by population Monte Carlo (each component
+        refitted to its share of the weighted draws).
 
     Returns
     -------
     ImportanceResult
     """
-    B, k = mean.shape
+    if (mean.ndim == 3) != (log_weights is not None):
+        raise GalgenInputError("mean: (B, K, k) locations of a mixture go with log_weights (B, K), (B, k) without")
+    B, k = mean.shape[0], mean.shape[-1]
     rounds = max(1, -(-int(draws) // chunk))
+    rounds_max = rounds if min_ess is None else max(rounds, -(-int(max_draws or 4 * draws) // chunk))
     if proposal is not None and not 0 < mix < 1:
         raise GalgenInputError(f"mix: the weight of the second proposal must lie in (0, 1), got {mix!r}")
     n_mix = min(chunk - 1, max(1, int(round(mix * chunk))))
     offsets = torch.arange(chunk, device=mean.device)
 
-    def run(idx, loc, tril):
-        xs, lws = [], []
-        rows = (idx[:, None] * chunk + offsets).reshape(-1)
-        for _ in range(rounds):
-            if proposal is None:
-                x, logq = _student_t(loc, tril, chunk, df, generator)
-            else:  # defensive mixture: draws of both, weighted by the mixture density
-                xa, lqa = proposal.draw(idx, n_mix, generator)
-                xt, lqt = _student_t(loc, tril, chunk - n_mix, df, generator)
-                x = torch.cat([xa.to(xt), xt], 1)
-                lq_a = torch.cat([lqa.to(lqt), proposal.log_prob(idx, xt).to(lqt)], 1)
-                lq_t = torch.cat([_student_t_log_prob(xa.to(xt), loc, tril, df), lqt], 1)
-                logq = torch.logaddexp(math.log(n_mix / chunk) + lq_a, math.log1p(-n_mix / chunk) + lq_t)
-                logq = torch.where(torch.isfinite(logq), logq, lq_t)
+    def t_draws(loc, tril, comp, n):
+        if comp is None:
+            return _student_t(loc, tril, n, df, generator)
+        return _t_mixture(loc, tril, comp, n, df, generator)
+
+    def t_log_prob(x, loc, tril, comp):
+        if comp is None:
+            return _student_t_log_prob(x, loc, tril, df)
+        return _t_mixture_log_prob(x, loc.double(), tril, comp.double(), df)
+
+    def propose(idx, loc, tril, comp):
+        if proposal is None:
+            return t_draws(loc, tril, comp, chunk)
+        # defensive mixture: draws of both, each weighted by the mixture density
+        xa, lqa = proposal.draw(idx, n_mix, generator)
+        xt, lqt = t_draws(loc, tril, comp, chunk - n_mix)
+        x = torch.cat([xa.to(xt), xt], 1)
+        lq_a = torch.cat([lqa.to(lqt), proposal.log_prob(idx, xt).to(lqt)], 1)
+        lq_t = torch.cat([t_log_prob(xa.to(xt), loc, tril, comp), lqt], 1)
+        logq = torch.logaddexp(math.log(n_mix / chunk) + lq_a, math.log1p(-n_mix / chunk) + lq_t)
+        return x, torch.where(torch.isfinite(logq), logq, lq_t)
+
+    def run(idx, loc, tril, comp=None):
+        n = len(idx)
+        cap = rounds_max * chunk
+        xs = torch.zeros(n, cap, k, dtype=torch.float64, device=mean.device)
+        lw = torch.full((n, cap), -math.inf, dtype=torch.float64, device=mean.device)
+        count = np.zeros(n, dtype=np.int64)
+        act = torch.arange(n, device=mean.device)
+        for r in range(rounds_max):
+            if r >= rounds:  # galaxies whose raw weights reach min_ess stop drawing
+                w = torch.exp(lw[act] - lw[act].max(1, keepdim=True).values)
+                ess_raw = w.sum(1) ** 2 / (w * w).sum(1)
+                act = act[~(ess_raw >= min_ess)]
+                if not len(act):
+                    break
+            sub = idx[act]
+            x, logq = propose(sub, loc[act], tril[act], None if comp is None else comp[act])
+            rows = (sub[:, None] * chunk + offsets).reshape(-1)
             with torch.no_grad():  # in batches of at most max_batch rows (CPU caches favour ~64 images)
-                flat = x.reshape(len(idx) * chunk, k).float()
-                if len(flat) <= max_batch and len(idx) == B:
+                flat = x.reshape(len(sub) * chunk, k).float()
+                if len(flat) <= max_batch and len(sub) == B:
                     lp = log_prob(flat)
                 else:
                     lp = torch.cat([log_prob(flat[a:a + max_batch], rows[a:a + max_batch])
                                     for a in range(0, len(flat), max_batch)])
-                lp = lp.double().view(len(idx), chunk)
-            xs.append(x)
-            lws.append(torch.where(torch.isfinite(lp), lp - logq, torch.full_like(lp, -math.inf)))
-        lw = torch.cat(lws, 1).cpu().numpy()
-        finite = np.isfinite(lw)
-        floor = np.nanmin(np.where(finite, lw, np.nan), 1, keepdims=True) - 50
-        lw_s, k_hat = psis(np.where(finite, lw, floor))
-        return torch.cat(xs, 1), lw_s, k_hat
+                lp = lp.double().view(len(sub), chunk)
+            xs[act, r * chunk:(r + 1) * chunk] = x
+            lw[act, r * chunk:(r + 1) * chunk] = torch.where(torch.isfinite(lp), lp - logq,
+                                                             torch.full_like(lp, -math.inf))
+            count[act.cpu().numpy()] += chunk
+        lw = lw.cpu().numpy()
+        lw_s, k_hat = np.full_like(lw, -np.inf), np.full(n, np.inf)
+        for c in np.unique(count):  # PSIS over each galaxy's own draws
+            g = count == c
+            sub = lw[g, :c]
+            finite = np.isfinite(sub)
+            floor = np.nanmin(np.where(finite, sub, np.nan), 1, keepdims=True) - 50
+            lw_s[g, :c], k_hat[g] = psis(np.where(finite, sub, floor))
+        return xs, lw_s, k_hat, count
 
     every = torch.arange(B, device=mean.device)
-    x, lw_s, k_hat = run(every, mean, scale_tril)
+    comp = log_weights
+    x, lw_s, k_hat, n_draws = run(every, mean, scale_tril, comp)
     for _ in range(adapt if weighted else 0):
         redo = np.flatnonzero(~(k_hat <= K_HAT_THRESHOLD))
         if not len(redo):
             break
         sel = torch.as_tensor(redo, device=mean.device)
-        loc, tril, ok = _weighted_moments(x[sel], lw_s[redo])
+        if comp is None:  # a t matched to the weighted draws
+            loc, tril, ok = _weighted_moments(x[sel], lw_s[redo])
+            c = None
+        else:  # the mixture updated by its responsibilities for the weighted draws
+            loc, tril, c = _weighted_mixture(x[sel], lw_s[redo], mean[sel], scale_tril[sel], comp[sel], df)
+            ok = torch.ones(len(sel), dtype=torch.bool, device=mean.device)
         sel, redo = sel[ok], redo[ok.cpu().numpy()]
         if not len(redo):
             break
-        x2, lw2, k2 = run(sel, loc[ok], tril[ok])
+        x2, lw2, k2, n2 = run(sel, loc[ok], tril[ok], None if c is None else c[ok])
         better = k2 < k_hat[redo]
         x[sel[torch.as_tensor(better, device=x.device)]] = x2[torch.as_tensor(better, device=x.device)]
-        lw_s[redo[better]], k_hat[redo[better]] = lw2[better], k2[better]
+        lw_s[redo[better]], k_hat[redo[better]], n_draws[redo[better]] = lw2[better], k2[better], n2[better]
     w = np.exp(lw_s)
     ess = 1.0 / (w * w).sum(1)
     n_out = chains * samples
@@ -350,4 +461,5 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     out = torch.gather(x, 1, torch.as_tensor(pick, device=x.device)[..., None].expand(B, n_out, k))
     return ImportanceResult(samples=out.float().view(B, chains, samples, k).cpu(),
                             pareto_k=torch.as_tensor(k_hat, dtype=torch.float32),
-                            ess=torch.as_tensor(ess, dtype=torch.float32), n_proposals=x.shape[1])
+                            ess=torch.as_tensor(ess, dtype=torch.float32), n_proposals=x.shape[1],
+                            draws=torch.as_tensor(n_draws))

@@ -169,6 +169,13 @@ def test_save_load_and_attach_beside_a_checkpoint(tmp_path):
     prop = amortized_proposal(q2, loaded, observed, obs)
     xs, lq = prop.draw(torch.arange(3), 5, torch.Generator().manual_seed(0))
     assert xs.shape == (3, 5, 5) and torch.allclose(prop.log_prob(torch.arange(3), xs), lq, atol=1e-4)
+    # a tempered proposal is a normalised density: E_q[q_T / q] = 1
+    hot = amortized_proposal(q2, loaded, observed, obs, temperature=1.2)
+    xs, lq1 = prop.draw(torch.arange(3), 20000, torch.Generator().manual_seed(1))
+    ratio = (hot.log_prob(torch.arange(3), xs) - lq1).exp().mean(1)
+    assert torch.allclose(ratio, torch.ones(3, dtype=ratio.dtype), atol=0.06), ratio
+    xh, lqh = hot.draw(torch.arange(3), 5, torch.Generator().manual_seed(0))
+    assert torch.allclose(hot.log_prob(torch.arange(3), xh), lqh, atol=1e-4)
 
 
 def test_pretrained_names_exclude_amortized_posteriors():
@@ -194,3 +201,78 @@ def test_sample_posterior_checks_the_proposal():
         sample_posterior(model, observed, obs, res, samples=10, chains=1, draws=64, proposal="flow")
     h = sample_posterior(model, observed, obs, res, samples=10, chains=1, draws=64, proposal="laplace")
     assert h.samples.shape == (2, 1, 10, 3) and np.all(np.isfinite(h.pareto_k.numpy()))
+
+
+def test_a_mixture_of_laplace_approximations_weights_two_modes_right():
+    """t components at both modes, with wrong weights: importance weights restore 0.3 / 0.7."""
+    B = 3
+    mean = torch.tensor([[[-3.0, 0.0], [3.0, 0.0]]] * B, dtype=torch.float64)
+    tril = 0.5 * torch.eye(2, dtype=torch.float64).expand(B, 2, 2, 2)
+    logw = torch.log(torch.tensor([[0.5, 0.5]] * B, dtype=torch.float64))
+
+    def log_prob(x, rows=None):
+        return _bimodal(x)
+
+    r = importance_sample(log_prob, mean, tril, draws=2048, samples=1000, chains=2, log_weights=logw, adapt=0,
+                          generator=torch.Generator().manual_seed(5))
+    right = (r.samples[..., 0] > 0).float().mean((1, 2))
+    assert torch.allclose(right, torch.full((B,), 0.7), atol=0.04), right
+    assert bool((r.pareto_k < 0.5).all()) and float(r.ess.min()) > 0.6 * 2048
+    with pytest.raises(GalgenInputError, match="log_weights"):
+        importance_sample(log_prob, mean, tril, draws=64)
+
+
+def test_population_monte_carlo_moves_the_mixture_to_the_modes():
+    from galgen.inference.importance import _t_mixture, _weighted_mixture
+
+    B = 2
+    mean = torch.tensor([[[-2.0, 0.5], [2.0, -0.5]]] * B, dtype=torch.float64)  # off by 1 in x, 0.5 in y
+    tril = 1.2 * torch.eye(2, dtype=torch.float64).expand(B, 2, 2, 2)
+    logw = torch.log(torch.tensor([[0.5, 0.5]] * B, dtype=torch.float64))
+    x, lq = _t_mixture(mean, tril, logw, 8000, 7, torch.Generator().manual_seed(0))
+    lw = (_bimodal(x.reshape(-1, 2).float()).double().view(B, -1) - lq).numpy()
+    lw -= np.logaddexp.reduce(lw, 1, keepdims=True)
+    m2, t2, w2 = _weighted_mixture(x, lw, mean, tril, logw, 7)
+    assert torch.allclose(w2.exp(), torch.tensor([[0.3, 0.7]] * B, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(m2, torch.tensor([[[-3.0, 0.0], [3.0, 0.0]]] * B, dtype=torch.float64), atol=0.15)
+    sd = torch.diagonal(t2 @ t2.transpose(-1, -2), dim1=-2, dim2=-1).sqrt()
+    assert bool(((sd > 0.4) & (sd < 1.0)).all()), sd  # from 1.2 toward the modes' 0.5 in one update
+
+
+class _Folded(LinearGalaxy):
+    """intrinsic = blob + z0^2 (size pattern) + z1 (elongation): the sign of z0 is not identified."""
+
+    def decode(self, z, cond=None):
+        zz = torch.stack([z[:, 1], 0.5 * z[:, 0] ** 2], 1)
+        return (self.basis[0] + zz @ self.basis[1:]).view(-1, self.size, self.size)
+
+
+def test_modes_found_from_proposal_draws_include_the_mirror_mode():
+    from galgen.inference import fit_map
+    from galgen.inference.amortized import multimodal_laplace
+    from galgen.inference.importance import laplace_approximation
+
+    model = _Folded()
+    obs = _pool(4, sigma=0.2)
+    z_true = torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0], [-1.4, 0.4]])
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
+    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
+    mean, tril = laplace_approximation(model, observed, obs, res)
+
+    class Broad(_Wide):
+        scale = torch.tensor([2.0, 1.0, 0.05], dtype=torch.float64)
+
+        def draw(self, idx, n, generator=None):
+            eps = torch.randn(len(idx), n, 3, generator=generator, dtype=torch.float64)
+            return eps * self.scale, self.log_prob(idx, eps * self.scale)
+
+    means, trils, logw = multimodal_laplace(model, observed, obs, mean, tril, Broad(), starts=4, candidates=64,
+                                            generator=torch.Generator().manual_seed(1))
+    used = torch.isfinite(logw)
+    for b in range(4):
+        z0 = means[b, used[b], 0]
+        # both signs of z0 are modes, of equal Laplace evidence; duplicates were merged
+        assert len(z0) == 2 and float(z0.max()) > 0.8 and float(z0.min()) < -0.8, means[b, :, 0]
+        assert torch.allclose(z0.abs(), torch.full_like(z0, abs(float(z_true[b, 0]))), atol=0.25)
+        assert torch.allclose(logw[b, used[b]].exp(), torch.full((2,), 0.5, dtype=torch.float64), atol=0.05)

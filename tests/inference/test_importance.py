@@ -124,3 +124,19 @@ def test_laplace_draws_follow_the_gauss_newton_covariance():
     assert ((draws.mean(1) - mean) / sd).abs().max() < 0.15
     emp_sd = draws.std(1)
     assert ((emp_sd / sd) - 1).abs().max() < 0.1
+
+
+def test_galaxies_draw_until_their_effective_sample_size_is_reached():
+    """min_ess: a good proposal stops after `draws`, a poor one keeps drawing (and is done when it reaches it)."""
+    mu, cov, log_prob = _gaussian_target(B=3, seed=2)
+    widen = torch.tensor([1.0, 3.0, 12.0], dtype=torch.float64)[:, None, None]
+    scale = torch.linalg.cholesky(cov) * widen  # exact-ish, 3x and 12x too wide
+    r = importance_sample(log_prob, mu, scale, draws=256, samples=100, chains=1, min_ess=200, max_draws=2048,
+                          df=None, generator=torch.Generator().manual_seed(0))
+    n = r.draws.tolist()
+    assert n[0] == 256 and 256 < n[1] < 2048 and n[2] == 2048, n
+    assert float(r.ess[1]) >= 180  # (the smoothed ESS; the raw weights' stopped the draws at >= 200)
+    assert r.n_proposals == 2048 and r.samples.shape == (3, 1, 100, 3)
+    fixed = importance_sample(log_prob, mu, scale, draws=256, samples=100, chains=1, df=None,
+                              generator=torch.Generator().manual_seed(0))
+    assert fixed.draws.tolist() == [256] * 3 and fixed.n_proposals == 256
