@@ -42,6 +42,9 @@ def main(argv=None):
     ap.add_argument("--galaxies", choices=("data", "prior"), default="data")
     ap.add_argument("--proposals", default="laplace,amortized")
     ap.add_argument("--draws", type=int, default=1024, help="proposals per galaxy [1024]")
+    ap.add_argument("--min-ess", type=float, default=200.0,
+                    help="galaxies go on drawing until this ESS (0: a fixed --draws) [200]")
+    ap.add_argument("--max-draws", type=int, default=None, help="with --min-ess: cap [4 x --draws]")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -76,13 +79,15 @@ def main(argv=None):
     print(f"MAP of {args.n} galaxies: {t_map:.1f} s, median chi2/dof {float(res.reduced_chi2.median()):.3f}",
           flush=True)
     out = {"model": args.model, "data": str(args.data), "n": args.n, "galaxies": args.galaxies,
-           "draws": args.draws, "map_wall_s": t_map, "threads": torch.get_num_threads()}
+           "draws": args.draws, "min_ess": args.min_ess, "max_draws": args.max_draws, "map_wall_s": t_map,
+           "threads": torch.get_num_threads()}
     means = {}
     for prop in [p for p in args.proposals.split(",") if p]:
         g = torch.Generator().manual_seed(args.seed + 1)
         t0 = time.perf_counter()
         h = sample_posterior(model, observed, obs, res, samples=args.samples, chains=args.chains, generator=g,
-                             method="is", draws=args.draws, fallback=None, proposal=prop)
+                             method="is", draws=args.draws, fallback=None, proposal=prop,
+                             min_ess=args.min_ess or None, max_draws=args.max_draws)
         wall = time.perf_counter() - t0
         ess, k = h.is_ess.numpy(), h.pareto_k.numpy()
         derived, _, _ = posterior_images(model, obs, h.samples)

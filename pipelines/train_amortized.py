@@ -38,7 +38,11 @@ def main():
     ap.add_argument("--transforms", type=int, default=4)
     ap.add_argument("--log-scale-sd", type=float, default=1.0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="training checkpoint (resumed if it exists)")
+    ap.add_argument("--install", action="store_true",
+                    help="a pretrained --model: write the trained flow beside it (<name>.posterior.pt, weights "
+                         "only) and record it in its card")
+    ap.add_argument("--pool-command", default=None, help="the command that made --pool, for the card")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     dev = resolve_device(args.device)
@@ -51,8 +55,33 @@ def main():
     q = train_amortized_posterior(model, obs, steps=args.steps, batch_size=args.batch_size, bank=args.bank,
                                   lr=args.lr, seed=args.seed, out=args.out, transforms=args.transforms,
                                   log_scale_sd=args.log_scale_sd)
-    print(json.dumps({"steps": int(q.trained_steps), "wall_s": round(time.perf_counter() - t0, 1),
-                      "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
+    wall = time.perf_counter() - t0
+    record = {"steps": int(q.trained_steps), "wall_s_this_call": round(wall, 1),
+              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if args.install:
+        from galgen.checkpoints import amortized_posterior_path, load_checkpoint
+        from galgen.pretrained import PRETRAINED_DIR, available_pretrained
+
+        if args.model not in available_pretrained():
+            raise SystemExit(f"--install: {args.model!r} is not a pretrained model")
+        ck = load_checkpoint(args.out)
+        card_path = PRETRAINED_DIR / f"{args.model}.json"
+        card = json.loads(card_path.read_text())
+        card["amortized_posterior"] = {
+            "file": f"{args.model}.posterior.pt", "config": q.config, "steps": int(q.trained_steps),
+            "settings": ck["provenance"].get("settings"), "final_loss": ck["metrics"].get("loss"),
+            "pool": str(args.pool), "pool_command": args.pool_command,
+            "command": "python pipelines/train_amortized.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("pool", args.pool),
+                                                           ("steps", args.steps), ("bank", args.bank),
+                                                           ("batch_size", args.batch_size))),
+            "trained": time.strftime("%Y-%m-%d"), **{k: v for k, v in record.items() if k != "steps"}}
+        q.save(amortized_posterior_path(PRETRAINED_DIR / f"{args.model}.pt"),
+               provenance={"pool": str(args.pool), "settings": ck["provenance"].get("settings")},
+               metrics={"loss": ck["metrics"].get("loss")})
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        record["installed"] = str(amortized_posterior_path(PRETRAINED_DIR / f"{args.model}.pt"))
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -557,8 +557,11 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     dev = observation.psf.device
     stamp = observation.stamp or model.config["stamp"]
     enc = 2 * int(model.latent_dim) if hasattr(model, "encoder_moments") else 0
-    q = posterior if posterior is not None else AmortizedPosterior(stamp, int(model.latent_dim),
-                                                                   encoder_features=enc, **options)
+    if posterior is None:
+        with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not the global state
+            torch.manual_seed(int(seed))
+            posterior = AmortizedPosterior(stamp, int(model.latent_dim), encoder_features=enc, **options)
+    q = posterior
     q.check_model(model)
     q = q.to(dev)
     settings = dict(steps=int(steps), batch_size=int(batch_size), bank=int(bank), lr=float(lr), seed=int(seed))
@@ -566,16 +569,21 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / 100) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))))
     gen = torch.Generator(device=dev).manual_seed(int(seed))
-    z_bank, img_bank = _decode_bank(model, int(bank), 256, gen, log_every=20)
     sd = q.config["log_scale_sd"]
     n_pool = observation.batch_size
     start = 0
-    if out is not None and Path(out).exists():
-        ck = load_checkpoint(out, map_location=dev)
+    ck = load_checkpoint(out, map_location=dev) if out is not None and Path(out).exists() else None
+    if ck is not None:
         same = {k: v for k, v in ck["config"].items() if k != "temperature"} == {
             k: v for k, v in q.config.items() if k != "temperature"}
         if not same or ck["provenance"].get("settings") != settings:
             raise GalgenInputError(f"{out}: a checkpoint of other settings; remove it or choose another --out")
+        if int(ck["step"]) >= int(steps):  # finished: nothing to draw
+            q.load_state_dict(ck["model"])
+            return q.eval()
+    # the bank comes first from the seeded generator, on a fresh start and on a resume alike
+    z_bank, img_bank = _decode_bank(model, int(bank), 256, gen, log_every=20)
+    if ck is not None:
         q.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"]["adam"])
         sched.load_state_dict(ck["optimizer"]["schedule"])

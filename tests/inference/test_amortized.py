@@ -276,3 +276,27 @@ def test_modes_found_from_proposal_draws_include_the_mirror_mode():
         assert len(z0) == 2 and float(z0.max()) > 0.8 and float(z0.min()) < -0.8, means[b, :, 0]
         assert torch.allclose(z0.abs(), torch.full_like(z0, abs(float(z_true[b, 0]))), atol=0.25)
         assert torch.allclose(logw[b, used[b]].exp(), torch.full((2,), 0.5, dtype=torch.float64), atol=0.05)
+
+
+def test_training_resumes_exactly(tmp_path):
+    from galgen.checkpoints import load_checkpoint
+
+    model = LinearGalaxy()
+    pool = _pool(16)
+    kw = dict(batch_size=32, bank=256, lr=3e-3, seed=2, width=4, embed=8, context=8, transforms=1, hidden=(16,),
+              checkpoint_every=5, log_every=1)
+    whole = train_amortized_posterior(model, pool, steps=12, **kw)
+
+    def stop_at_6(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    interrupted = tmp_path / "q.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_amortized_posterior(model, pool, steps=12, out=interrupted, progress=stop_at_6, **kw)
+    assert load_checkpoint(interrupted)["step"] == 5
+    resumed = train_amortized_posterior(model, pool, steps=12, out=interrupted, **kw)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    again = train_amortized_posterior(model, pool, steps=12, out=interrupted, **kw)  # finished: loads, no work
+    assert torch.equal(again.context_net[0].weight, whole.context_net[0].weight)
