@@ -369,7 +369,7 @@ def _diverse_best(xs, lp, mode, n, radius: float = 0.5):
 
 @torch.no_grad()
 def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.Tensor, scale_tril: torch.Tensor,
-                       proposal, *, starts: int = 4, candidates: int = 64, refine: int = 15,
+                       proposal, *, starts: int = 3, candidates: int = 64, refine: int = 10,
                        generator: torch.Generator | None = None, max_batch: int = 64, floor: float = 0.05):
     """Posterior modes found from an amortised posterior's draws, each with its Laplace approximation.
 
