@@ -627,8 +627,14 @@ class _Context:
         return spec if file is None else (spec if spec in _pretrained_names() else str(file))
 
     def model_input(self, spec: str) -> dict:
+        from .checkpoints import amortized_posterior_path
+
         file = self.trained if spec == TRAINED else _model_file(spec, self.base)
-        return {} if file is None else {f"model:{spec}": self.manifest.checksum(file)}
+        if file is None:
+            return {}
+        sidecar = amortized_posterior_path(file)  # the amortised posterior changes posterior draws too
+        extra = {f"model:{spec}:posterior": self.manifest.checksum(sidecar)} if sidecar.exists() else {}
+        return {f"model:{spec}": self.manifest.checksum(file), **extra}
 
 
 def _pretrained_names():

@@ -34,7 +34,7 @@ from ..models.base import sample_latents
 from ..models.networks import Encoder
 from ..models.prior import LatentFlowPrior
 
-__all__ = ["AmortizedPosterior", "train_amortized_posterior", "observation_features", "load_amortized_posterior",
+__all__ = ["AmortizedPosterior", "train_amortized_posterior", "observation_features", "encoder_features", "load_amortized_posterior",
            "amortized_proposal", "multimodal_laplace", "attach_amortized_posterior", "attached_amortized_posterior", "AMORTIZED_KIND"]
 
 log = logging.getLogger("galgen.amortized")
@@ -91,6 +91,34 @@ def observation_features(observed: torch.Tensor, observation) -> tuple[torch.Ten
     psf = _psf_moments(observation.psf, observation.intrinsic_scale).to(observed.dtype)
     psf = psf.expand(B, 3) if psf.ndim == 1 else psf
     return image, torch.cat([sigma.log()[:, None], flux[:, None], psf], 1)
+
+
+def encoder_features(model, observed: torch.Tensor) -> torch.Tensor | None:
+    """The model's amortised guess of ``z`` as features: its mean and, for a distribution, log variance.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+        Through the contract's ``encode`` (unconditional).
+    observed : torch.Tensor
+        ``(B, S, S)``.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``(B, d)`` or ``(B, 2 d)``; None for a model without an encoder.
+    """
+    guess = model.encode(observed, None)
+    if guess is None:
+        return None
+    if not isinstance(guess, torch.distributions.Distribution):
+        return guess
+    feats = [guess.mean]
+    try:
+        feats.append(guess.variance.clamp(min=1e-30).log())
+    except NotImplementedError:
+        pass
+    return torch.cat(feats, 1)
 
 
 class AmortizedPosterior(nn.Module):
@@ -162,21 +190,21 @@ class AmortizedPosterior(nn.Module):
         ----------
         model : galgen.models.LatentModel
         """
-        d = int(getattr(model, "latent_dim", -1))
+        d = int(model.latent_dim)
         if d != self.config["latent_dim"]:
             raise GalgenInputError(f"amortised posterior: built for latent_dim {self.config['latent_dim']}, "
                                    f"the model has {d}")
-        if getattr(model, "cond_dim", 0):
-            raise GalgenInputError("amortised posterior: conditional models are not supported")
-        if self.config["encoder_features"] and not hasattr(model, "encoder_moments"):
-            raise GalgenInputError("amortised posterior: built on a model with an encoder; this one has none")
 
     def _raw_features(self, model, observed, observation):
         image, scalars = observation_features(observed, observation)
         feats = [scalars]
         if self.config["encoder_features"]:
-            mu, logvar = model.encoder_moments(observed)
-            feats += [mu, logvar]
+            enc = encoder_features(model, observed)
+            if enc is None or enc.shape[1] != self.config["encoder_features"]:
+                raise GalgenInputError(f"amortised posterior: built on a model whose encoder gives "
+                                       f"{self.config['encoder_features']} features; this one gives "
+                                       f"{0 if enc is None else enc.shape[1]}")
+            feats.append(enc)
         return image, torch.cat([f.to(image.dtype) for f in feats], 1)
 
     def context(self, model, observed: torch.Tensor, observation) -> torch.Tensor:
@@ -416,35 +444,36 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     log_weights : torch.Tensor
         ``(B, K)`` normalised log weights (``-inf`` for merged or negligible modes).
     """
-    from .importance import _cholesky_of_inverse
-    from .lm import _log_posterior, levenberg_marquardt, rows_prior
+    from types import SimpleNamespace
+
+    from .fit import posterior_log_prob
+    from .importance import laplace_approximation
 
     B, k = mean.shape
     d = k - 1
     dev = observed.device
-    prior = model.prior(None)
     every = torch.arange(B, device=dev)
-    xs, _ = proposal.draw(every, int(candidates), generator)  # (B, C, k)
-    flat = xs.reshape(-1, k)
-    gal = every.repeat_interleave(int(candidates))
-    lp = torch.cat([_log_posterior(model, observation.select(gal[a:a + max_batch]), observed[gal[a:a + max_batch]],
-                                   flat[a:a + max_batch, :d].float(), flat[a:a + max_batch, d].float(), None, prior)
-                    for a in range(0, len(flat), max_batch)]).view(B, -1)
+    C = int(candidates)
+    xs, _ = proposal.draw(every, C, generator)  # (B, C, k)
+    flat = xs.reshape(-1, k).float()
+    lp_of = posterior_log_prob(model, observation, observed, chains=C)
+    rows = torch.arange(B * C, device=dev)
+    lp = torch.cat([lp_of(flat[a:a + max_batch], rows[a:a + max_batch])
+                    for a in range(0, len(flat), max_batch)]).double().view(B, C)
     lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
-    n_new = max(0, min(int(starts) - 1, lp.shape[1]))
+    n_new = max(0, min(int(starts) - 1, C))
     top = _diverse_best(xs, lp, mean.double(), n_new)
     start = torch.gather(xs, 1, top[..., None].expand(B, n_new, k)).reshape(-1, k)
     gi = every.repeat_interleave(n_new)
-    z, s, lp_new, _, _, fisher = levenberg_marquardt(model, start[:, :d].float(), start[:, d].float(), observed[gi],
-                                                     observation.select(gi), None, rows_prior(model, None, prior),
-                                                     max_iter=int(refine), return_fisher=True)
-    lp0 = _log_posterior(model, observation, observed, mean[:, :d].float(), mean[:, d].float(), None, prior)
-    means = torch.cat([mean.double()[:, None], torch.cat([z, s[:, None]], 1).double().view(B, n_new, k)], 1)
-    trils = torch.cat([scale_tril.double()[:, None], _cholesky_of_inverse(fisher.double()).view(B, n_new, k, k)], 1)
-    lps = torch.cat([lp0[:, None], lp_new.view(B, n_new)], 1)
+    m_new, t_new = laplace_approximation(model, observed[gi], observation.select(gi),
+                                         SimpleNamespace(z=start[:, :d].float(), log_scale=start[:, d].float()),
+                                         refine=int(refine))
+    means = torch.cat([mean.double()[:, None], m_new.double().view(B, n_new, k)], 1)
+    trils = torch.cat([scale_tril.double()[:, None], t_new.double().view(B, n_new, k, k)], 1)
+    K = means.shape[1]
+    lps = posterior_log_prob(model, observation, observed, chains=K)(means.reshape(-1, k).float()).double().view(B, K)
     logdet = torch.diagonal(trils, dim1=-2, dim2=-1).log().sum(-1)
     logw = torch.where(torch.isfinite(lps) & torch.isfinite(logdet), lps + logdet, torch.full_like(lps, -math.inf))
-    K = means.shape[1]
     for j in range(1, K):  # merge a mode with an earlier one it lies within about a standard deviation of
         for i in range(j):
             dji = means[:, j] - means[:, i]
@@ -556,7 +585,8 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
         raise GalgenInputError("observation: needs per-galaxy PSFs or noise (a pool to draw observations from)")
     dev = observation.psf.device
     stamp = observation.stamp or model.config["stamp"]
-    enc = 2 * int(model.latent_dim) if hasattr(model, "encoder_moments") else 0
+    probe = encoder_features(model, torch.zeros(1, stamp, stamp, device=dev))
+    enc = 0 if probe is None else int(probe.shape[1])
     if posterior is None:
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not the global state
             torch.manual_seed(int(seed))

@@ -383,7 +383,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                                is_ess=nan.clone())
     n_prop = max(1024, 4 * chains * samples) if draws is None else int(draws)
     chunk = 64
-    q = _amortized(model, proposal) if method == "is" else None
+    q = _amortized(model, proposal, cond) if method == "is" else None
     mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
     prop, logw = None, None
     if q is not None:  # modes found from the amortised posterior's draws; its own draws a defensive 10%
@@ -410,12 +410,16 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     return out
 
 
-def _amortized(model, proposal):
+def _amortized(model, proposal, cond=None):
     """The amortised posterior that ``proposal`` of :func:`sample_posterior` names, or None."""
+    if not isinstance(proposal, AmortizedPosterior) and proposal not in ("auto", "laplace", "amortized"):
+        raise GalgenInputError(f"proposal: 'auto', 'laplace', 'amortized' or an AmortizedPosterior, got {proposal!r}")
+    if cond is not None:  # amortised posteriors are unconditional
+        if proposal == "amortized" or isinstance(proposal, AmortizedPosterior):
+            raise GalgenInputError("proposal: amortised posteriors of conditional models are not supported")
+        return None
     if isinstance(proposal, AmortizedPosterior):
         return proposal
-    if proposal not in ("auto", "laplace", "amortized"):
-        raise GalgenInputError(f"proposal: 'auto', 'laplace', 'amortized' or an AmortizedPosterior, got {proposal!r}")
     q = attached_amortized_posterior(model) if proposal != "laplace" else None
     if q is None and proposal == "amortized":
         raise GalgenInputError("proposal: 'amortized', but this model has no amortised posterior "
