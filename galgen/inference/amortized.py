@@ -447,7 +447,7 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     from types import SimpleNamespace
 
     from .fit import posterior_log_prob
-    from .importance import laplace_approximation
+    from .importance import laplace_approximation, mixture_log_weights
 
     B, k = mean.shape
     d = k - 1
@@ -481,10 +481,7 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
             wj = torch.linalg.solve_triangular(trils[:, j], dji[..., None], upper=False)[..., 0]
             same = ((wi * wi).sum(1) < k) & ((wj * wj).sum(1) < k) & torch.isfinite(logw[:, i])
             logw[:, j] = torch.where(same, torch.full_like(logw[:, j], -math.inf), logw[:, j])
-    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
-    logw = torch.where(logw > math.log(1e-3), logw.clamp(min=math.log(floor)), torch.full_like(logw, -math.inf))
-    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
-    return means, trils, logw
+    return means, trils, mixture_log_weights(logw, floor)
 
 
 def attach_amortized_posterior(model, q: AmortizedPosterior | None):

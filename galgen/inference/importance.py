@@ -26,7 +26,8 @@ import torch
 from ..errors import GalgenInputError
 from .lm import gauss_newton, levenberg_marquardt, rows_prior
 
-__all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD"]
+__all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD",
+           "mixture_log_weights"]
 
 #: Pareto k above which importance-sampling estimates are unreliable (Vehtari et al. 2024).
 K_HAT_THRESHOLD = 0.7
@@ -265,9 +266,39 @@ def _weighted_mixture(x, lw, means, trils, log_weights, df, floor=0.05):
     new_trils = torch.where(ok[..., None, None], chol, trils)
     logw = torch.log(mass.clamp(min=1e-300))
     logw = torch.where(torch.isfinite(log_weights), logw, torch.full_like(logw, -math.inf))
-    logw = logw - torch.logsumexp(logw, 1, keepdim=True)
-    logw = torch.where(logw > math.log(1e-3), logw.clamp(min=math.log(floor)), torch.full_like(logw, -math.inf))
-    return new_means, new_trils, logw - torch.logsumexp(logw, 1, keepdim=True)
+    return new_means, new_trils, mixture_log_weights(logw, floor)
+
+
+def mixture_log_weights(log_mass, floor: float = 0.05, drop: float = 1e-3):
+    """Normalised log weights of mixture components from unnormalised log masses.
+
+    Components below ``drop`` of the total are dropped (``-inf``); the others get at
+    least ``floor`` before the weights are normalised again, so that no mode the
+    proposal keeps is starved of draws.
+
+    Parameters
+    ----------
+    log_mass : torch.Tensor
+        ``(B, K)`` unnormalised log masses (``-inf``: no component).
+    floor : float, optional
+        Least weight of a kept component (before the final normalisation).
+    drop : float, optional
+        Components whose normalised weight is at most this are dropped.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, K)`` log weights, ``logsumexp = 0`` along the components.
+
+    Examples
+    --------
+    >>> w = mixture_log_weights(torch.tensor([[0.0, -1.0, -20.0]])).exp()
+    >>> [round(v, 3) for v in w[0].tolist()]
+    [0.731, 0.269, 0.0]
+    """
+    logw = log_mass - torch.logsumexp(log_mass, 1, keepdim=True)
+    logw = torch.where(logw > math.log(drop), logw.clamp(min=math.log(floor)), torch.full_like(logw, -math.inf))
+    return logw - torch.logsumexp(logw, 1, keepdim=True)
 
 
 def _weighted_moments(x, lw):

@@ -212,7 +212,10 @@ class Decoder(nn.Module):
             ``(B, size, size)`` float32.
         """
         h = self.project(z).view(-1, self.seed_channels, self.seed, self.seed)
-        feats = self.body(h)
+        try:  # channels-last feature maps: 1.5-2x faster on CPUs (nearest upsampling above all)
+            feats = self.body(h.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:  # forward-mode AD of group_norm (torch <= 2.13) needs contiguous maps
+            feats = self.body(h)
         # The output layer runs in float32 even under bf16 autocast: a bf16 image has ~0.4%
         # relative precision, tens of noise sigmas in the core of a bright galaxy.
         with torch.autocast(device_type=feats.device.type, enabled=False):
