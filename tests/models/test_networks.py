@@ -84,7 +84,7 @@ def test_decoder_layouts_agree_in_every_mode_of_differentiation():
     of a plain contiguous pass of the same layers (torch's own group_norm), and
     forward-mode derivatives equal reverse mode's."""
     torch.manual_seed(3)
-    dec = Decoder(32, in_features=6, width=8, max_width=32, flux_scale=20.0).eval()
+    dec = Decoder(32, in_features=6, width=8, max_width=32, flux_scale=20.0).eval().requires_grad_(False)
     z = torch.randn(4, 6)
     v = torch.randn(4, 6)
     with torch.no_grad():  # the same layers on contiguous maps, by hand
