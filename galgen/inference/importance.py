@@ -96,7 +96,7 @@ def psis(log_weights):
             k, sigma = _gpd_fit(exceed[ok])
             k_hat[ok] = k
             q = (np.arange(M) + 0.5) / M
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf: clipped to 0 below
                 small = np.abs(k) < np.finfo(float).eps
                 inv = np.where(small[:, None], -np.log1p(-q)[None, :],
                                np.expm1(-k[:, None] * np.log1p(-q)[None, :]) / np.where(small, 1.0, k)[:, None])
