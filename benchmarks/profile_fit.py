@@ -6,8 +6,9 @@ For a batch of ``--n`` galaxies (the Sersic galaxies of ``bench_fit.py`` at 48x4
 
 * an **Adam iteration**: decode, observe (PSF FFT convolution, pixels, crop), likelihood
   and prior, backward;
-* a **Levenberg-Marquardt iteration**: the forward-mode Jacobian (one jvp per latent
-  dimension), the Gauss-Newton products, the trial evaluation;
+* a **Levenberg-Marquardt iteration**: the Jacobian (forward mode, one jvp per latent
+  dimension; and central differences, two decodes per dimension, what deep decoders
+  use: ``LatentModel.jacobian``), the Gauss-Newton products, the trial evaluation;
 * a **posterior draw**: one HMC leapfrog step (a gradient of the log posterior) against
   one importance-sampling proposal (a forward evaluation), per galaxy;
 
@@ -47,7 +48,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import galgen
     from galgen.inference import posterior_log_prob
-    from galgen.inference.lm import _jacobian, _log_posterior, gauss_newton
+    from galgen.inference.lm import _central_jacobian, _jacobian, _log_posterior, gauss_newton
     from galgen.models.parametric import SersicModel
 
     stamp = 64 if args.vae else 48
@@ -85,7 +86,10 @@ def main(argv=None):
 
     parts["Adam iteration (value + gradient)"] = _timed(adam_step)
     parts["LM: Jacobian (forward mode, d passes)"] = _timed(lambda: _jacobian(model, obs, z, None), 2)
-    parts["LM: derivatives (Jacobian + gradient + Gauss-Newton + prior Hessian)"] = _timed(
+    with torch.no_grad():
+        parts["LM: Jacobian (central differences, 2d decodes)"] = _timed(
+            lambda: _central_jacobian(model, obs, z, None), 2)
+    parts[f"LM: derivatives (Jacobian ({model.jacobian}) + gradient + Gauss-Newton + prior Hessian)"] = _timed(
         lambda: gauss_newton(model, obs, x, z, s, None, prior, True), 2)
     parts["LM: trial evaluation"] = _timed(lambda: _log_posterior(model, obs, x, z, s, None, prior))
     parts["posterior draw, HMC (one leapfrog = one gradient)"] = parts["Adam iteration (value + gradient)"]
