@@ -179,7 +179,6 @@ def gauss_newton(model, obs, data, z, s, cond, prior, fit_flux=True):
             (gzl, dl_dm) = torch.autograd.grad(loglike.sum(), (zz, mg))
         m = mg.detach()
         jac = _central_jacobian(model, obs, z, cond) * scale
-        grad = torch.cat([gzl, (dl_dm * m).sum((1, 2))[:, None]], 1) if fit_flux else gzl.clone()
     else:
         base, jac = _jacobian(model, obs, z, cond)
         m = base * scale
@@ -188,13 +187,13 @@ def gauss_newton(model, obs, data, z, s, cond, prior, fit_flux=True):
             mm = m.detach().requires_grad_(True)
             loglike = obs.noise.log_prob(data, mm)
             (dl_dm,) = torch.autograd.grad(loglike.sum(), mm)
+        gzl = torch.einsum("inpq,npq->ni", jac, dl_dm)
+    grad = torch.cat([gzl, (dl_dm * m).sum((1, 2))[:, None]], 1) if fit_flux else gzl.clone()
     lpz, gz, hz = _prior_terms(prior, z)
     if fit_flux:
         jac = torch.cat([jac, m[None]])
     jw = obs.noise.whiten(jac, m)
     fisher = torch.einsum("inpq,jnpq->nij", jw, jw)
-    if _jacobian_method(model) != "central":
-        grad = torch.einsum("inpq,npq->ni", jac, dl_dm)
     d = z.shape[1]
     grad[:, :d] += gz
     fisher[:, :d, :d] -= hz
