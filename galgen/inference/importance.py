@@ -301,6 +301,13 @@ def mixture_log_weights(log_mass, floor: float = 0.05, drop: float = 1e-3):
     return logw - torch.logsumexp(logw, 1, keepdim=True)
 
 
+def _scatter(values, rows, n):
+    """``values`` ``(len(rows), ...)`` placed at ``rows`` of an ``(n, ...)`` array of zeros (the rest unused)."""
+    out = values.new_zeros((n, *values.shape[1:]))
+    out[rows] = values
+    return out
+
+
 def _weighted_moments(x, lw):
     """Mean and Cholesky factor of the covariance of draws ``(B, n, k)`` under normalised log weights ``(B, n)``."""
     w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)
@@ -323,8 +330,10 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
 
     Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
     ``adapt`` times) from a t matched to the weighted mean and covariance of their
-    previous draws (adaptive importance sampling); a galaxy keeps the round with the
-    smaller k.
+    previous draws (adaptive importance sampling), and every draw of all their rounds
+    is then weighted by the mixture of the rounds' proposals, each in proportion to its
+    draws (the deterministic-mixture weights of adaptive multiple importance sampling,
+    Cornuet et al. 2012): no draw is thrown away.
 
     Parameters
     ----------
@@ -407,33 +416,42 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         return _t_mixture_log_prob(x, loc.double(), tril, comp.double(), df)
 
     def propose(idx, loc, tril, comp):
+        """Draws of the t (mixture), or of the defensive mixture, with the second proposal's log density."""
         if proposal is None:
-            return t_draws(loc, tril, comp, chunk)
-        # defensive mixture: draws of both, each weighted by the mixture density
+            x, _ = t_draws(loc, tril, comp, chunk)
+            return x, None
         xa, lqa = proposal.draw(idx, n_mix, generator)
-        xt, lqt = t_draws(loc, tril, comp, chunk - n_mix)
-        x = torch.cat([xa.to(xt), xt], 1)
-        lq_a = torch.cat([lqa.to(lqt), proposal.log_prob(idx, xt).to(lqt)], 1)
-        lq_t = torch.cat([t_log_prob(xa.to(xt), loc, tril, comp), lqt], 1)
-        logq = torch.logaddexp(math.log(n_mix / chunk) + lq_a, math.log1p(-n_mix / chunk) + lq_t)
-        return x, torch.where(torch.isfinite(logq), logq, lq_t)
+        xt, _ = t_draws(loc, tril, comp, chunk - n_mix)
+        return torch.cat([xa.to(xt), xt], 1), torch.cat([lqa.to(xt), proposal.log_prob(idx, xt).to(xt)], 1)
+
+    def log_q(x, la, loc, tril, comp):
+        """Log density of a round's proposal at draws ``x`` (``la``: the second proposal's there)."""
+        lt = t_log_prob(x, loc, tril, comp)
+        if la is None:
+            return lt
+        lq = torch.logaddexp(math.log(n_mix / chunk) + la, math.log1p(-n_mix / chunk) + lt)
+        return torch.where(torch.isfinite(lq), lq, lt)
 
     def run(idx, loc, tril, comp=None):
+        """``chunk`` draws at a time for galaxies ``idx``: draws, log posterior, second proposal's log density, counts."""
         n = len(idx)
         cap = rounds_max * chunk
         xs = torch.zeros(n, cap, k, dtype=torch.float64, device=mean.device)
-        lw = torch.full((n, cap), -math.inf, dtype=torch.float64, device=mean.device)
+        lpost = torch.full((n, cap), -math.inf, dtype=torch.float64, device=mean.device)
+        la = None if proposal is None else torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
+        lq = torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
         count = np.zeros(n, dtype=np.int64)
         act = torch.arange(n, device=mean.device)
         for r in range(rounds_max):
             if r >= rounds:  # galaxies whose raw weights reach min_ess stop drawing
-                w = torch.exp(lw[act] - lw[act].max(1, keepdim=True).values)
+                lw = (lpost[act] - lq[act])[:, :r * chunk]
+                w = torch.exp(lw - lw.max(1, keepdim=True).values).nan_to_num(0.0)
                 ess_raw = w.sum(1) ** 2 / (w * w).sum(1)
                 act = act[~(ess_raw >= min_ess)]
                 if not len(act):
                     break
             sub = idx[act]
-            x, logq = propose(sub, loc[act], tril[act], None if comp is None else comp[act])
+            x, lqa = propose(sub, loc[act], tril[act], None if comp is None else comp[act])
             rows = (sub[:, None] * chunk + offsets).reshape(-1)
             with torch.no_grad():  # in batches of at most max_batch rows (CPU caches favour ~64 images)
                 flat = x.reshape(len(sub) * chunk, k).float()
@@ -444,22 +462,54 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
                                     for a in range(0, len(flat), max_batch)])
                 lp = lp.double().view(len(sub), chunk)
             xs[act, r * chunk:(r + 1) * chunk] = x
-            lw[act, r * chunk:(r + 1) * chunk] = torch.where(torch.isfinite(lp), lp - logq,
-                                                             torch.full_like(lp, -math.inf))
+            lpost[act, r * chunk:(r + 1) * chunk] = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
+            if la is not None:
+                la[act, r * chunk:(r + 1) * chunk] = lqa
+            lq[act, r * chunk:(r + 1) * chunk] = log_q(x, lqa, loc[act], tril[act], None if comp is None else comp[act])
             count[act.cpu().numpy()] += chunk
-        lw = lw.cpu().numpy()
-        lw_s, k_hat = np.full_like(lw, -np.inf), np.full(n, np.inf)
+        return xs, lpost, la, count
+
+    def combine(done, g):
+        """PSIS over every draw of galaxies ``g`` in the rounds ``done``, weighted by the mixture of those rounds'
+        proposals (deterministic-mixture weights: adaptive multiple importance sampling, Cornuet et al. 2012)."""
+        xs, lps, las, valid, logqs, counts = [], [], [], [], [], []
+        for gal, x_r, lp_r, la_r, count_r, _ in done:
+            pos = torch.full((B,), -1, dtype=torch.long, device=mean.device)
+            pos[gal] = torch.arange(len(gal), device=mean.device)
+            p = pos[g]
+            xs.append(x_r[p])
+            lps.append(lp_r[p])
+            las.append(None if la_r is None else la_r[p])
+            c = torch.as_tensor(count_r, device=mean.device)[p]
+            counts.append(c)
+            valid.append(torch.arange(x_r.shape[1], device=mean.device)[None] < c[:, None])
+        X, LP, V = torch.cat(xs, 1), torch.cat(lps, 1), torch.cat(valid, 1)
+        LA = None if las[0] is None else torch.cat(las, 1)
+        total = torch.stack(counts).sum(0)
+        for (_, _, _, _, _, (loc, tril, c)), n_r in zip(done, counts):  # (parameters of all B galaxies)
+            lq = log_q(X, LA, loc[g], tril[g], None if c is None else c[g])
+            logqs.append(torch.log(n_r.double() / total)[:, None] + lq)
+        lw = torch.where(V, LP - torch.logsumexp(torch.stack(logqs), 0), torch.full_like(LP, -math.inf))
+        order = torch.argsort((~V).to(torch.int8), dim=1, stable=True)  # every galaxy's draws first
+        X = torch.gather(X, 1, order[..., None].expand_as(X))
+        lw = torch.gather(lw, 1, order).cpu().numpy()
+        count = total.cpu().numpy()
+        lw_s, k_hat = np.full_like(lw, -np.inf), np.full(len(g), np.inf)
         for c in np.unique(count):  # PSIS over each galaxy's own draws
-            g = count == c
-            sub = lw[g, :c]
+            sel = count == c
+            sub = lw[sel, :c]
             finite = np.isfinite(sub)
             floor = np.nanmin(np.where(finite, sub, np.nan), 1, keepdims=True) - 50
-            lw_s[g, :c], k_hat[g] = psis(np.where(finite, sub, floor))
-        return xs, lw_s, k_hat, count
+            lw_s[sel, :c], k_hat[sel] = psis(np.where(finite, sub, floor))
+        return X, lw_s, k_hat, count
 
     every = torch.arange(B, device=mean.device)
     comp = log_weights
-    x, lw_s, k_hat, n_draws = run(every, mean, scale_tril, comp)
+    done = [(every, *run(every, mean, scale_tril, comp), (mean, scale_tril, comp))]
+    x, lw_s, k_hat, n_draws = combine(done, every)
+    width = x.shape[1] * (1 + (adapt if weighted else 0))
+    x = torch.cat([x, x.new_zeros(B, width - x.shape[1], k)], 1)
+    lw_s = np.concatenate([lw_s, np.full((B, width - lw_s.shape[1]), -np.inf)], 1)
     for _ in range(adapt if weighted else 0):
         redo = np.flatnonzero(~(k_hat <= K_HAT_THRESHOLD))
         if not len(redo):
@@ -474,10 +524,15 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         sel, redo = sel[ok], redo[ok.cpu().numpy()]
         if not len(redo):
             break
-        x2, lw2, k2, n2 = run(sel, loc[ok], tril[ok], None if c is None else c[ok])
-        better = k2 < k_hat[redo]
-        x[sel[torch.as_tensor(better, device=x.device)]] = x2[torch.as_tensor(better, device=x.device)]
-        lw_s[redo[better]], k_hat[redo[better]], n_draws[redo[better]] = lw2[better], k2[better], n2[better]
+        loc, tril, c = loc[ok], tril[ok], None if c is None else c[ok]
+        done.append((sel, *run(sel, loc, tril, c), (_scatter(loc, sel, B), _scatter(tril, sel, B),
+                                                     None if c is None else _scatter(c, sel, B))))
+        x2, lw2, k2, n2 = combine(done, sel)  # every draw of these galaxies so far, reweighted
+        x[sel] = 0.0
+        x[sel, :x2.shape[1]] = x2
+        lw_s[redo] = -np.inf
+        lw_s[redo, :lw2.shape[1]] = lw2
+        k_hat[redo], n_draws[redo] = k2, n2
     w = np.exp(lw_s)
     ess = 1.0 / (w * w).sum(1)
     n_out = chains * samples

@@ -3,6 +3,8 @@ Gaussian posterior from a deliberately imperfect proposal, Pareto k flags a poor
 proposal, and importance-sampled Sersic posteriors agree with NUTS."""
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,11 +134,30 @@ def test_galaxies_draw_until_their_effective_sample_size_is_reached():
     widen = torch.tensor([1.0, 3.0, 12.0], dtype=torch.float64)[:, None, None]
     scale = torch.linalg.cholesky(cov) * widen  # exact-ish, 3x and 12x too wide
     r = importance_sample(log_prob, mu, scale, draws=256, samples=100, chains=1, min_ess=200, max_draws=2048,
-                          df=None, generator=torch.Generator().manual_seed(0))
+                          df=None, generator=torch.Generator().manual_seed(0), adapt=0)
     n = r.draws.tolist()
     assert n[0] == 256 and 256 < n[1] < 2048 and n[2] == 2048, n
     assert float(r.ess[1]) >= 180  # (the smoothed ESS; the raw weights' stopped the draws at >= 200)
     assert r.n_proposals == 2048 and r.samples.shape == (3, 1, 100, 3)
     fixed = importance_sample(log_prob, mu, scale, draws=256, samples=100, chains=1, df=None,
-                              generator=torch.Generator().manual_seed(0))
+                              generator=torch.Generator().manual_seed(0), adapt=0)
     assert fixed.draws.tolist() == [256] * 3 and fixed.n_proposals == 256
+
+
+def test_adapted_rounds_keep_every_draw():
+    """A 12x too wide proposal: the adapted rounds' draws join the first round's, weighted by the mixture of
+    the rounds' proposals, and the pooled estimate recovers the analytic posterior with more effective draws
+    than the first round alone."""
+    mu, cov, log_prob = _gaussian_target(B=1, seed=2)
+    scale = torch.linalg.cholesky(cov) * 12.0
+    once = importance_sample(log_prob, mu, scale, draws=512, samples=400, chains=1, df=None, adapt=0,
+                             generator=torch.Generator().manual_seed(3))
+    r = importance_sample(log_prob, mu, scale, draws=512, samples=400, chains=1, df=None, adapt=2,
+                          generator=torch.Generator().manual_seed(3))
+    assert float(once.pareto_k[0]) > 0.7  # the first round alone is poor
+    assert int(r.draws[0]) == 3 * 512 and r.n_proposals == 3 * 512  # no round thrown away
+    assert float(r.ess[0]) > 4 * float(once.ess[0])
+    assert float(r.pareto_k[0]) <= 0.7
+    x = r.samples[0, 0].double()
+    sd = torch.sqrt(torch.diagonal(cov[0]))
+    assert torch.all((x.mean(0) - mu[0]).abs() < 4 * sd / math.sqrt(float(r.ess[0])) + 0.05 * sd)
