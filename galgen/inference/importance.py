@@ -301,13 +301,6 @@ def mixture_log_weights(log_mass, floor: float = 0.05, drop: float = 1e-3):
     return logw - torch.logsumexp(logw, 1, keepdim=True)
 
 
-def _scatter(values, rows, n):
-    """``values`` ``(len(rows), ...)`` placed at ``rows`` of an ``(n, ...)`` array of zeros (the rest unused)."""
-    out = values.new_zeros((n, *values.shape[1:]))
-    out[rows] = values
-    return out
-
-
 def _weighted_moments(x, lw):
     """Mean and Cholesky factor of the covariance of draws ``(B, n, k)`` under normalised log weights ``(B, n)``."""
     w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)
@@ -472,23 +465,22 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     def combine(done, g):
         """PSIS over every draw of galaxies ``g`` in the rounds ``done``, weighted by the mixture of those rounds'
         proposals (deterministic-mixture weights: adaptive multiple importance sampling, Cornuet et al. 2012)."""
-        xs, lps, las, valid, logqs, counts = [], [], [], [], [], []
-        for gal, x_r, lp_r, la_r, count_r, _ in done:
+        xs, lps, las, valid, counts, params = [], [], [], [], [], []
+        for gal, x_r, lp_r, la_r, count_r, (loc, tril, c) in done:  # (each round's rows: its galaxies ``gal``)
             pos = torch.full((B,), -1, dtype=torch.long, device=mean.device)
             pos[gal] = torch.arange(len(gal), device=mean.device)
             p = pos[g]
             xs.append(x_r[p])
             lps.append(lp_r[p])
             las.append(None if la_r is None else la_r[p])
-            c = torch.as_tensor(count_r, device=mean.device)[p]
-            counts.append(c)
-            valid.append(torch.arange(x_r.shape[1], device=mean.device)[None] < c[:, None])
+            n_r = torch.as_tensor(count_r, device=mean.device)[p]
+            counts.append(n_r)
+            valid.append(torch.arange(x_r.shape[1], device=mean.device)[None] < n_r[:, None])
+            params.append((loc[p], tril[p], None if c is None else c[p]))
         X, LP, V = torch.cat(xs, 1), torch.cat(lps, 1), torch.cat(valid, 1)
         LA = None if las[0] is None else torch.cat(las, 1)
         total = torch.stack(counts).sum(0)
-        for (_, _, _, _, _, (loc, tril, c)), n_r in zip(done, counts):  # (parameters of all B galaxies)
-            lq = log_q(X, LA, loc[g], tril[g], None if c is None else c[g])
-            logqs.append(torch.log(n_r.double() / total)[:, None] + lq)
+        logqs = [torch.log(n_r.double() / total)[:, None] + log_q(X, LA, *prm) for n_r, prm in zip(counts, params)]
         lw = torch.where(V, LP - torch.logsumexp(torch.stack(logqs), 0), torch.full_like(LP, -math.inf))
         order = torch.argsort((~V).to(torch.int8), dim=1, stable=True)  # every galaxy's draws first
         X = torch.gather(X, 1, order[..., None].expand_as(X))
@@ -525,8 +517,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         if not len(redo):
             break
         loc, tril, c = loc[ok], tril[ok], None if c is None else c[ok]
-        done.append((sel, *run(sel, loc, tril, c), (_scatter(loc, sel, B), _scatter(tril, sel, B),
-                                                     None if c is None else _scatter(c, sel, B))))
+        done.append((sel, *run(sel, loc, tril, c), (loc, tril, c)))
         x2, lw2, k2, n2 = combine(done, sel)  # every draw of these galaxies so far, reweighted
         x[sel] = 0.0
         x[sel, :x2.shape[1]] = x2
