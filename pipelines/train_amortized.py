@@ -7,7 +7,9 @@
 ``--pool`` is a cutout file whose PSFs and noise the training simulations borrow (not
 the file to be fitted or calibrated on): e.g. ``galgen simulate --survey sdss --n 10000
 --stamp 64 --seed 6262 --psf-size 33 --out sdss_pool_10k.h5``. Rerunning the command
-with the same settings resumes from ``--out``.
+with the same settings resumes from ``--out``. ``--init`` goes on training a trained flow
+(e.g. the installed ``galgen/pretrained/sdss-vae.posterior.pt``) on a new cosine schedule
+of ``--steps``, keeping its architecture and standardisation.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main():
     ap.add_argument("--transforms", type=int, default=4)
     ap.add_argument("--log-scale-sd", type=float, default=1.0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--init", default=None,
+                    help="a trained flow (posterior checkpoint) to go on training; --transforms and "
+                         "--log-scale-sd then come from it")
     ap.add_argument("--out", required=True, help="training checkpoint (resumed if it exists)")
     ap.add_argument("--install", action="store_true",
                     help="a pretrained --model: write the trained flow beside it (<name>.posterior.pt, weights "
@@ -52,9 +57,14 @@ def main():
     index = slice(None) if args.pool_size is None else slice(0, args.pool_size)
     obs = observation_from_cutouts(args.pool, index, device=dev)
     t0 = time.perf_counter()
+    if args.init is not None:
+        from galgen.inference.amortized import load_amortized_posterior
+
+        options = {"posterior": load_amortized_posterior(args.init, device=dev)}
+    else:
+        options = {"transforms": args.transforms, "log_scale_sd": args.log_scale_sd}
     q = train_amortized_posterior(model, obs, steps=args.steps, batch_size=args.batch_size, bank=args.bank,
-                                  lr=args.lr, seed=args.seed, out=args.out, transforms=args.transforms,
-                                  log_scale_sd=args.log_scale_sd)
+                                  lr=args.lr, seed=args.seed, out=args.out, **options)
     wall = time.perf_counter() - t0
     record = {"steps": int(q.trained_steps), "wall_s_this_call": round(wall, 1),
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
@@ -74,7 +84,9 @@ def main():
             "command": "python pipelines/train_amortized.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in (("model", args.model), ("pool", args.pool),
                                                            ("steps", args.steps), ("bank", args.bank),
-                                                           ("batch_size", args.batch_size))),
+                                                           ("batch_size", args.batch_size), ("lr", args.lr),
+                                                           ("seed", args.seed), ("init", args.init))
+                if v is not None),
             "trained": time.strftime("%Y-%m-%d"), **{k: v for k, v in record.items() if k != "steps"}}
         q.save(amortized_posterior_path(PRETRAINED_DIR / f"{args.model}.pt"),
                provenance={"pool": str(args.pool), "settings": ck["provenance"].get("settings")},

@@ -561,7 +561,9 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
         Peak Adam learning rate.
     seed : int, optional
     posterior : AmortizedPosterior, optional
-        A flow to continue training (default: a new one with ``options``).
+        A trained flow to go on training with a new schedule (default: a new one with
+        ``options``). It keeps its standardisation of the context and targets, and its
+        ``trained_steps`` count on from its own.
     out : str or os.PathLike, optional
         Checkpoint written every ``checkpoint_every`` steps and at the end; if it exists
         with the same settings, training resumes from it (the bank is redrawn from the
@@ -576,7 +578,7 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     Returns
     -------
     AmortizedPosterior
-        In eval mode, with ``trained_steps == steps``.
+        In eval mode, with ``trained_steps`` = ``steps`` plus those of ``posterior``.
     """
     if observation.batch_size is None:
         raise GalgenInputError("observation: needs per-galaxy PSFs or noise (a pool to draw observations from)")
@@ -584,14 +586,18 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     stamp = observation.stamp or model.config["stamp"]
     probe = encoder_features(model, torch.zeros(1, stamp, stamp, device=dev))
     enc = 0 if probe is None else int(probe.shape[1])
-    if posterior is None:
+    fresh = posterior is None
+    if fresh:
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not the global state
             torch.manual_seed(int(seed))
             posterior = AmortizedPosterior(stamp, int(model.latent_dim), encoder_features=enc, **options)
     q = posterior
     q.check_model(model)
     q = q.to(dev)
+    base = 0 if fresh else int(q.trained_steps)  # steps the flow had before this schedule
     settings = dict(steps=int(steps), batch_size=int(batch_size), bank=int(bank), lr=float(lr), seed=int(seed))
+    if base:
+        settings["init_steps"] = base
     opt = torch.optim.Adam(q.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / 100) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))))
@@ -626,7 +632,7 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
             _, noisy = obs.observe(img_bank[idx] * s.exp()[:, None, None], generator=g)
         return torch.cat([z_bank[idx], s[:, None]], 1), noisy, obs
 
-    if start == 0:  # standardise the context scalars and the targets on a first batch
+    if start == 0 and fresh:  # standardise the context scalars and the targets on a first batch
         x0, noisy0, obs0 = batch(torch.Generator(device=dev).manual_seed(int(seed) + 1))
         with torch.no_grad():
             _, f = q._raw_features(model, noisy0, obs0)
@@ -638,7 +644,7 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     def save(step, metrics):
         if out is None:
             return
-        q.trained_steps.fill_(step)
+        q.trained_steps.fill_(base + step)
         save_checkpoint(out, model_state=q.state_dict(), config=q.config, step=step,
                         optimizer_state={"adam": opt.state_dict(), "schedule": sched.state_dict()},
                         provenance={"settings": settings}, metrics=metrics, rng_state=gen.get_state())
@@ -662,5 +668,5 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
                 progress(step + 1, running)
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             save(step + 1, {"loss": running})
-    q.trained_steps.fill_(int(steps))
+    q.trained_steps.fill_(base + int(steps))
     return q.eval()

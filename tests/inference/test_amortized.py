@@ -300,3 +300,28 @@ def test_training_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     again = train_amortized_posterior(model, pool, steps=12, out=interrupted, **kw)  # finished: loads, no work
     assert torch.equal(again.context_net[0].weight, whole.context_net[0].weight)
+
+
+def test_training_goes_on_from_a_trained_flow(tmp_path):
+    import copy
+
+    model = LinearGalaxy()
+    pool = _pool(16)
+    kw = dict(batch_size=32, bank=256, lr=3e-3, seed=2, width=4, embed=8, context=8, transforms=1, hidden=(16,))
+    first = train_amortized_posterior(model, pool, steps=6, **kw)
+    start = copy.deepcopy(first)
+    more = train_amortized_posterior(model, pool, steps=4, posterior=first, batch_size=32, bank=256, lr=1e-3,
+                                     seed=3, out=tmp_path / "more.pt", log_every=1)
+    assert int(more.trained_steps) == 10
+    # the standardisation the weights were trained with is kept, the weights move on
+    for name in ("feature_mean", "feature_std", "flow.z_mean", "flow.z_std"):
+        assert torch.equal(more.get_buffer(name), start.get_buffer(name)), name
+    assert not torch.equal(more.context_net[0].weight, start.context_net[0].weight)
+    # a rerun with the same flow and settings finds the finished checkpoint
+    again = train_amortized_posterior(model, pool, steps=4, posterior=copy.deepcopy(start), batch_size=32,
+                                      bank=256, lr=1e-3, seed=3, out=tmp_path / "more.pt")
+    assert torch.equal(again.context_net[0].weight, more.context_net[0].weight)
+    assert int(again.trained_steps) == 10
+    with pytest.raises(GalgenInputError, match="other settings"):  # the same --out from another start
+        train_amortized_posterior(model, pool, steps=4, bank=256, batch_size=32, lr=1e-3, seed=3,
+                                  out=tmp_path / "more.pt", width=4, embed=8, context=8, transforms=1, hidden=(16,))
