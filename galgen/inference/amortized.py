@@ -586,15 +586,14 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
     stamp = observation.stamp or model.config["stamp"]
     probe = encoder_features(model, torch.zeros(1, stamp, stamp, device=dev))
     enc = 0 if probe is None else int(probe.shape[1])
-    fresh = posterior is None
-    if fresh:
+    if posterior is None:
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not the global state
             torch.manual_seed(int(seed))
             posterior = AmortizedPosterior(stamp, int(model.latent_dim), encoder_features=enc, **options)
     q = posterior
     q.check_model(model)
     q = q.to(dev)
-    base = 0 if fresh else int(q.trained_steps)  # steps the flow had before this schedule
+    base = int(q.trained_steps)  # steps the flow had before this schedule (0: untrained, standardised below)
     settings = dict(steps=int(steps), batch_size=int(batch_size), bank=int(bank), lr=float(lr), seed=int(seed))
     if base:
         settings["init_steps"] = base
@@ -632,7 +631,7 @@ def train_amortized_posterior(model, observation, *, steps: int = 3000, batch_si
             _, noisy = obs.observe(img_bank[idx] * s.exp()[:, None, None], generator=g)
         return torch.cat([z_bank[idx], s[:, None]], 1), noisy, obs
 
-    if start == 0 and fresh:  # standardise the context scalars and the targets on a first batch
+    if start == 0 and base == 0:  # standardise the context scalars and the targets on a first batch
         x0, noisy0, obs0 = batch(torch.Generator(device=dev).manual_seed(int(seed) + 1))
         with torch.no_grad():
             _, f = q._raw_features(model, noisy0, obs0)
