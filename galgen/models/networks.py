@@ -5,8 +5,8 @@ it); the decoder maps latent codes to **non-negative** intrinsic images (softplu
 times a flux scale, on a grid of any size reachable by doubling from a small seed grid
 (32, 48, 64, 128, ... pixels, optionally oversampled or padded).
 :class:`FluxShapeGenerator` is a decoder whose image is a flux times a softmax shape
-seeded by a parametric (Gaussian or Sersic) profile: the GAN's generator, and the VAE's
-decoder with ``decoder="flux-shape"``.
+seeded by a parametric (Gaussian, Sersic or bulge + disk) profile: the GAN's generator,
+and the VAE's decoder with ``decoder="flux-shape"``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import GalgenInputError
-from ..physics.sersic import sersic_b
+from ..physics.sersic import render_sersic, sersic_b
 
 __all__ = ["Encoder", "Decoder", "FluxShapeGenerator", "TEMPLATE_PROFILES", "halvings", "log_flux_start"]
 
@@ -330,7 +330,9 @@ def log_flux_start(log_flux, flux_scale: float, size: int) -> list:
 
 
 #: Radial profiles of :class:`FluxShapeGenerator`'s seed.
-TEMPLATE_PROFILES = ("gaussian", "sersic")
+TEMPLATE_PROFILES = ("gaussian", "sersic", "bulge-disk")
+#: Outputs of the moments network per seed profile.
+_MOMENTS = {"gaussian": 3, "sersic": 4, "bulge-disk": 7}
 
 
 class FluxShapeGenerator(nn.Module):
@@ -360,9 +362,14 @@ class FluxShapeGenerator(nn.Module):
         flux head starts from (the data's values: :meth:`galgen.train.TrainingData.statistics`).
     template_sigma : float, optional
         ``s0`` in intrinsic pixels; default ``size / 16``.
-    profile : {"gaussian", "sersic"}, optional
-        Radial profile of the seed: a Gaussian, or a Sersic profile whose index is a fourth
-        output of the moments network (cusps and wings of bulges without asking the body).
+    profile : {"gaussian", "sersic", "bulge-disk"}, optional
+        Radial profile of the seed: a Gaussian, a Sersic profile whose index is a fourth
+        output of the moments network (cusps and wings of bulges without asking the body),
+        or a pixel-integrated de Vaucouleurs bulge plus exponential disk
+        (:func:`~galgen.physics.render_sersic`), each with its own size and shear, and the
+        bulge-to-total ratio a seventh output: the parametric bulge + disk galaxy of
+        :class:`~galgen.models.SersicModel`, so the body's output only has to hold what
+        that model cannot draw (arms, bars, clumps, companions).
     softening : float, optional
         Squared radius (intrinsic pixels^2) added to ``r^2`` in the Sersic seed: its cusp
         is that of ``sqrt(r^2 + softening)`` (the profile is within 1% of the Sersic from
@@ -401,7 +408,7 @@ class FluxShapeGenerator(nn.Module):
         nn.init.zeros_(self.shape.out.bias)
         self.flux = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
         self.moments = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(),
-                                     nn.Linear(64, 4 if profile == "sersic" else 3))
+                                     nn.Linear(64, _MOMENTS[profile]))
         s0 = float(template_sigma) if template_sigma is not None else self.size / 16.0
         self.template_sigma = s0
         r = (torch.arange(self.size, dtype=torch.float32) - self.size // 2) / s0
@@ -442,7 +449,10 @@ class FluxShapeGenerator(nn.Module):
         -------
         dict of torch.Tensor
             ``log_size`` (``ln(s / s0)``), ``g1``, ``g2`` and, with ``profile="sersic"``,
-            ``n`` (in ``[0.5, 6]``, about 1 at initialisation); each ``(B,)`` float32.
+            ``n`` (in ``[0.5, 6]``, about 1 at initialisation); with
+            ``profile="bulge-disk"`` the first three are the disk's, and ``bt``
+            (bulge-to-total flux ratio, ``sigmoid(h_3)``), ``log_size_bulge``,
+            ``g1_bulge``, ``g2_bulge`` the bulge's; each ``(B,)`` float32.
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = self.moments(z.float())
@@ -450,6 +460,9 @@ class FluxShapeGenerator(nn.Module):
             out = {"log_size": h[:, 0], "g1": g[:, 0], "g2": g[:, 1]}
             if self.profile == "sersic":
                 out["n"] = 0.5 + 5.5 * torch.sigmoid(h[:, 3] - 2.2)
+            elif self.profile == "bulge-disk":
+                gb = 0.9 * h[:, 5:7] / torch.sqrt(1 + h[:, 5:7].square().sum(1, keepdim=True))
+                out.update(bt=torch.sigmoid(h[:, 3]), log_size_bulge=h[:, 4], g1_bulge=gb[:, 0], g2_bulge=gb[:, 1])
             return out
 
     def template(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
@@ -461,7 +474,10 @@ class FluxShapeGenerator(nn.Module):
         ``g = 0.9 h / sqrt(1 + |h|^2)``, ``h = (h_1, h_2)``, all from the moments network:
         ``r^2 / 2`` for the Gaussian profile (``s`` its sigma); ``b_n (r^2 + eps)^(1/2n)``
         for the Sersic profile (``s`` its half-light radius, ``n`` from ``h_3``, ``eps``
-        the ``softening`` that keeps the cusp's gradient finite).
+        the ``softening`` that keeps the cusp's gradient finite); for the bulge + disk
+        profile ``-log(bt B + (1 - bt) D)``, ``B`` and ``D`` the pixel-integrated unit-flux
+        n = 4 and n = 1 Sersic images of half-light radii ``s0 exp(h_4)`` and ``s0 exp(h_0)``
+        (floored at 1e-30 of the flux per pixel).
 
         Parameters
         ----------
@@ -476,6 +492,13 @@ class FluxShapeGenerator(nn.Module):
             ``(B, size, size)`` float32.
         """
         p = self.shape_parameters(z) if params is None else params
+        if self.profile == "bulge-disk":
+            s0 = self.template_sigma
+            kw = dict(size=self.size, scale=1.0, check=False)  # |g| < 0.9 by construction
+            bulge = render_sersic(s0 * p["log_size_bulge"].exp(), 4.0, p["g1_bulge"], p["g2_bulge"],
+                                  flux=p["bt"], **kw)
+            disk = render_sersic(s0 * p["log_size"].exp(), 1.0, p["g1"], p["g2"], flux=1 - p["bt"], **kw)
+            return -torch.log((bulge + disk).clamp_min(1e-30))
         g1, g2 = p["g1"], p["g2"]
         gg = g1 * g1 + g2 * g2
         # S^T S = [[(1-g1)^2 + g2^2, -2 g2], [-2 g2, (1+g1)^2 + g2^2]] / (1 - |g|^2)

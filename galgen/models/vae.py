@@ -26,7 +26,7 @@ from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, 
 from .networks import Decoder, Encoder, FluxShapeGenerator, log_flux_start
 from .prior import LatentFlowPrior
 
-__all__ = ["VAE", "GaussianPosterior"]
+__all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk"]
 
 #: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
 LOGVAR_RANGE = (-12.0, 6.0)
@@ -114,6 +114,11 @@ class VAE(GenerativeModel):
         ``(mean, std)`` of the data's natural log total flux (image units), where the
         flux-shape decoder's flux head starts; filled in from the data by
         ``galgen train``. Unused by the ``"conv"`` decoder.
+    seed_profile : {"sersic", "bulge-disk"}, optional
+        The flux-shape decoder's seed: a Sersic galaxy (default), or a de Vaucouleurs
+        bulge plus exponential disk, each with its own size and shear (the parametric
+        ``bulge-disk`` model of :class:`~galgen.models.SersicModel`), so that the body
+        only draws what a bulge + disk fit cannot.
 
     Attributes
     ----------
@@ -144,10 +149,16 @@ class VAE(GenerativeModel):
 
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
-                 conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None):
+                 conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
+                 seed_profile: str = "sersic"):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
+        if seed_profile not in ("sersic", "bulge-disk"):
+            raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
+        if seed_profile != "sersic" and decoder != "flux-shape":
+            raise GalgenInputError(f"seed_profile: {seed_profile!r} is the flux-shape decoder's seed; "
+                                   f"decoder is {decoder!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
                   ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
         for name, value, least in checks:
@@ -171,7 +182,7 @@ class VAE(GenerativeModel):
         size, nin = int(stamp) * int(oversampling), self.latent_dim + self.cond_dim
         if decoder == "flux-shape":
             log_flux = log_flux_start(log_flux, flux_scale, size)
-            self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile="sersic",
+            self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
                                               warp_body=True)
         else:
             self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
@@ -185,6 +196,8 @@ class VAE(GenerativeModel):
                            conditions=list(self.conditions), prior=prior_config)
         if decoder != "conv":  # configs of conv-decoder VAEs are those of galgen 0.1
             self.config.update(decoder=decoder, log_flux=log_flux)
+        if seed_profile != "sersic":  # configs of Sersic-seeded flux-shape VAEs are those before the option
+            self.config.update(seed_profile=seed_profile)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -620,3 +633,52 @@ def _rename_flow_keys(state_dict, prefix, *args):
     old = prefix + "prior."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[prefix + "latent_flow." + key[len(old):]] = state_dict.pop(key)
+
+
+def reseed_bulge_disk(model: VAE) -> VAE:
+    """A bulge + disk-seeded copy of a Sersic-seeded flux-shape VAE, to train on from.
+
+    Every weight is kept (encoder, body, flux head, latent flow); the moments head's last
+    layer gains the bulge's outputs: the disk and the bulge both start from the Sersic
+    seed's size and shear, and the bulge-to-total ratio from its index,
+    ``B/T = (n - 1/2) / 5.5`` (0.09 at n = 1, 0.64 at n = 4). Fine-tune the copy
+    (``galgen train --init``) rather than training a bulge + disk-seeded VAE from scratch.
+
+    Parameters
+    ----------
+    model : VAE
+        A VAE with ``decoder="flux-shape"`` and the default Sersic seed.
+
+    Returns
+    -------
+    VAE
+        With ``seed_profile="bulge-disk"``, in the mode of ``model`` (``provenance``,
+        ``metrics`` and checkpoint attributes are not copied).
+
+    Raises
+    ------
+    GalgenInputError
+        If ``model`` is not a Sersic-seeded flux-shape VAE.
+
+    Examples
+    --------
+    >>> sersic = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(6.0, 1.0))
+    >>> bd = reseed_bulge_disk(sersic)
+    >>> bd.config["seed_profile"], bd.decoder.moments[2].out_features
+    ('bulge-disk', 7)
+    """
+    cfg = dict(model.config) if isinstance(model, VAE) else {}
+    if cfg.get("decoder") != "flux-shape" or cfg.get("seed_profile", "sersic") != "sersic":
+        raise GalgenInputError("model: reseeding needs a VAE with decoder 'flux-shape' and its Sersic seed")
+    kwargs = {k: v for k, v in cfg.items() if k != "kind"}
+    new = VAE(**{**kwargs, "seed_profile": "bulge-disk"}).to(next(model.parameters()).device)
+    state = model.state_dict()
+    key = "decoder.moments.2."
+    w, b = state[key + "weight"], state[key + "bias"]  # rows: log_size, h1, h2, t_n
+    # disk: log_size, g1, g2 | t_bt: the index's logit (n = 0.5 + 5.5 sigmoid(t - 2.2)) | bulge: log_size, g1, g2
+    rows = [0, 1, 2, 3, 0, 1, 2]
+    shift = torch.zeros(7, dtype=b.dtype, device=b.device)
+    shift[3] = -2.2
+    state[key + "weight"], state[key + "bias"] = w[rows].clone(), b[rows] + shift
+    new.load_state_dict(state)
+    return new.train(model.training)

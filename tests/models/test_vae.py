@@ -267,3 +267,51 @@ def test_flux_shape_decoder_starts_as_a_sersic_galaxy_and_fits_with_lm(tmp_path)
     assert (lm.reduced_chi2 <= adam.reduced_chi2 + 0.01).all(), (lm.reduced_chi2, adam.reduced_chi2)
     with pytest.raises(GalgenInputError, match="decoder"):
         VAE(32, decoder="diffusion")
+
+
+def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps_the_weights():
+    """seed_profile="bulge-disk": with the body at zero the decoder draws F times the
+    unit-flux image of galgen's parametric bulge + disk model at the moments head's
+    parameters (to float32 precision); reseed_bulge_disk keeps the encoder, the body and
+    the flux of a Sersic-seeded VAE and maps the Sersic's size, shear and index onto both
+    components and B/T = (n - 1/2) / 5.5; a conv VAE cannot take the option."""
+    from galgen.models import reseed_bulge_disk
+    from galgen.models.parametric import SersicModel
+
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=4, width=8, decoder="flux-shape", seed_profile="bulge-disk",
+              log_flux=(math.log(5000.0), 0.3)).eval()
+    assert vae.config["seed_profile"] == "bulge-disk"
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        img, p = vae.decode(z), vae.decoder.shape_parameters(z)
+        flux = vae.decoder.log_flux(z).exp()
+
+    def eta(g1, g2):  # SersicModel's shear parameters: g = 0.9 tanh|eta| eta / |eta|
+        g = torch.sqrt(g1**2 + g2**2)
+        return torch.atanh(g / 0.9) * g1 / g, torch.atanh(g / 0.9) * g2 / g
+
+    s0 = vae.decoder.template_sigma  # pixel_scale 1: sizes in intrinsic pixels
+    theta = torch.stack([torch.logit(p["bt"]), math.log(s0) + p["log_size_bulge"], math.log(s0) + p["log_size"],
+                         *eta(p["g1_bulge"], p["g2_bulge"]), *eta(p["g1"], p["g2"])], 1)
+    ref = SersicModel("bulge-disk", stamp=32, pixel_scale=1.0, fit_centroid=False).decode(theta)
+    ref = ref / ref.sum((1, 2), keepdim=True) * flux[:, None, None]
+    assert torch.allclose(img, ref, rtol=1e-4, atol=1e-5 * float(flux.max()))
+    assert 0 < float(p["bt"].min()) and float(p["bt"].max()) < 1
+
+    sersic = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3)).eval()
+    torch.nn.init.normal_(sersic.decoder.shape.out.weight, std=0.2)
+    bd = reseed_bulge_disk(sersic)
+    x = torch.rand(3, 32, 32) * 100
+    with torch.no_grad():
+        assert torch.equal(bd.encoder_moments(x)[0], sersic.encoder_moments(x)[0])
+        assert torch.equal(bd.decoder.shape.logits(z), sersic.decoder.shape.logits(z))
+        assert torch.equal(bd.decoder.log_flux(z), sersic.decoder.log_flux(z))
+        old, new = sersic.decoder.shape_parameters(z), bd.decoder.shape_parameters(z)
+    for k in ("log_size", "g1", "g2"):
+        assert torch.allclose(new[k], old[k]) and torch.allclose(new[k + "_bulge"], old[k])
+    assert torch.allclose(new["bt"], (old["n"] - 0.5) / 5.5, atol=1e-6)
+    with pytest.raises(GalgenInputError, match="seed_profile"):
+        VAE(32, latent_dim=4, width=8, seed_profile="bulge-disk")
+    with pytest.raises(GalgenInputError, match="Sersic seed"):
+        reseed_bulge_disk(bd)
