@@ -18,12 +18,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", required=True, help="run directory or checkpoint of the Sersic-seeded VAE")
     ap.add_argument("--out", required=True, help="checkpoint file to write")
+    ap.add_argument("--seed-latents", action="store_true",
+                    help="make the seed parameters the first latent coordinates (the source may be bulge + disk-seeded)")
     args = ap.parse_args(argv)
     from galgen.checkpoints import load_model, save_checkpoint
     from galgen.models import reseed_bulge_disk
 
     source = load_model(args.source)
-    model = reseed_bulge_disk(source)
+    model = reseed_bulge_disk(source, seed_latents=args.seed_latents)
     cfg = dict(source.run_config)
     cfg = {**cfg, "model": model.config} if "model" in cfg else model.config
     save_checkpoint(args.out, model_state=model.state_dict(), config=cfg,

@@ -119,6 +119,10 @@ class VAE(GenerativeModel):
         bulge plus exponential disk, each with its own size and shear (the parametric
         ``bulge-disk`` model of :class:`~galgen.models.SersicModel`), so that the body
         only draws what a bulge + disk fit cannot.
+    seed_latents : bool, optional
+        The seed's parameters are the first latent coordinates, each through a learned
+        affine map (:class:`~galgen.models.networks.SeedCoordinates`), rather than a
+        network of the whole code: a MAP fit moves them as a parametric fit moves its own.
 
     Attributes
     ----------
@@ -150,14 +154,14 @@ class VAE(GenerativeModel):
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
-                 seed_profile: str = "sersic"):
+                 seed_profile: str = "sersic", seed_latents: bool = False):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
         if seed_profile not in ("sersic", "bulge-disk"):
             raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
-        if seed_profile != "sersic" and decoder != "flux-shape":
-            raise GalgenInputError(f"seed_profile: {seed_profile!r} is the flux-shape decoder's seed; "
+        if (seed_profile != "sersic" or seed_latents) and decoder != "flux-shape":
+            raise GalgenInputError(f"seed_profile/seed_latents: options of the flux-shape decoder's seed; "
                                    f"decoder is {decoder!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
                   ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
@@ -183,7 +187,7 @@ class VAE(GenerativeModel):
         if decoder == "flux-shape":
             log_flux = log_flux_start(log_flux, flux_scale, size)
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
-                                              warp_body=True)
+                                              warp_body=True, seed_latents=bool(seed_latents))
         else:
             self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
@@ -198,6 +202,8 @@ class VAE(GenerativeModel):
             self.config.update(decoder=decoder, log_flux=log_flux)
         if seed_profile != "sersic":  # configs of Sersic-seeded flux-shape VAEs are those before the option
             self.config.update(seed_profile=seed_profile)
+        if seed_latents:
+            self.config.update(seed_latents=True)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -635,19 +641,26 @@ def _rename_flow_keys(state_dict, prefix, *args):
         state_dict[prefix + "latent_flow." + key[len(old):]] = state_dict.pop(key)
 
 
-def reseed_bulge_disk(model: VAE) -> VAE:
-    """A bulge + disk-seeded copy of a Sersic-seeded flux-shape VAE, to train on from.
+def reseed_bulge_disk(model: VAE, seed_latents: bool = False) -> VAE:
+    """A bulge + disk-seeded copy of a trained flux-shape VAE, to train on from.
 
-    Every weight is kept (encoder, body, flux head, latent flow); the moments head's last
-    layer gains the bulge's outputs: the disk and the bulge both start from the Sersic
-    seed's size and shear, and the bulge-to-total ratio from its index,
-    ``B/T = (n - 1/2) / 5.5`` (0.09 at n = 1, 0.64 at n = 4). Fine-tune the copy
-    (``galgen train --init``) rather than training a bulge + disk-seeded VAE from scratch.
+    Every weight is kept (encoder, body, flux head, latent flow). With the network seed
+    (``seed_latents=False``; ``model`` Sersic-seeded) the moments head's last layer gains
+    the bulge's outputs: the disk and the bulge both start from the Sersic seed's size
+    and shear, and the bulge-to-total ratio from its index, ``B/T = (n - 1/2) / 5.5``
+    (0.09 at n = 1, 0.64 at n = 4), at the centre pixel. With ``seed_latents=True`` (``model`` seeded either
+    way) the seed parameters become the first nine latent coordinates
+    (:class:`~galgen.models.networks.SeedCoordinates`, at their starting population) and
+    the moments network is dropped. Fine-tune the copy (``galgen train --init``) rather
+    than training from scratch.
 
     Parameters
     ----------
     model : VAE
-        A VAE with ``decoder="flux-shape"`` and the default Sersic seed.
+        A VAE with ``decoder="flux-shape"`` and a network seed (Sersic; or bulge + disk
+        with ``seed_latents``).
+    seed_latents : bool, optional
+        Make the seed parameters latent coordinates.
 
     Returns
     -------
@@ -658,27 +671,39 @@ def reseed_bulge_disk(model: VAE) -> VAE:
     Raises
     ------
     GalgenInputError
-        If ``model`` is not a Sersic-seeded flux-shape VAE.
+        If ``model`` is not such a VAE.
 
     Examples
     --------
-    >>> sersic = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(6.0, 1.0))
+    >>> sersic = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(6.0, 1.0))
     >>> bd = reseed_bulge_disk(sersic)
     >>> bd.config["seed_profile"], bd.decoder.moments[2].out_features
-    ('bulge-disk', 7)
+    ('bulge-disk', 9)
+    >>> reseed_bulge_disk(bd, seed_latents=True).config["seed_latents"]
+    True
     """
     cfg = dict(model.config) if isinstance(model, VAE) else {}
-    if cfg.get("decoder") != "flux-shape" or cfg.get("seed_profile", "sersic") != "sersic":
-        raise GalgenInputError("model: reseeding needs a VAE with decoder 'flux-shape' and its Sersic seed")
+    seeds = ("sersic", "bulge-disk") if seed_latents else ("sersic",)
+    if cfg.get("decoder") != "flux-shape" or cfg.get("seed_profile", "sersic") not in seeds or cfg.get("seed_latents"):
+        raise GalgenInputError(f"model: reseeding needs a VAE with decoder 'flux-shape' and a network seed "
+                               f"({' or '.join(seeds)})")
     kwargs = {k: v for k, v in cfg.items() if k != "kind"}
-    new = VAE(**{**kwargs, "seed_profile": "bulge-disk"}).to(next(model.parameters()).device)
+    new = VAE(**{**kwargs, "seed_profile": "bulge-disk", "seed_latents": bool(seed_latents)})
+    new = new.to(next(model.parameters()).device)
     state = model.state_dict()
-    key = "decoder.moments.2."
-    w, b = state[key + "weight"], state[key + "bias"]  # rows: log_size, h1, h2, t_n
-    # disk: log_size, g1, g2 | t_bt: the index's logit (n = 0.5 + 5.5 sigmoid(t - 2.2)) | bulge: log_size, g1, g2
-    rows = [0, 1, 2, 3, 0, 1, 2]
-    shift = torch.zeros(7, dtype=b.dtype, device=b.device)
-    shift[3] = -2.2
-    state[key + "weight"], state[key + "bias"] = w[rows].clone(), b[rows] + shift
+    key = "decoder.moments."
+    if seed_latents:
+        state = {k: v for k, v in state.items() if not k.startswith(key)}
+        state.update({k: v for k, v in new.state_dict().items() if k.startswith(key)})
+    else:
+        w, b = state[key + "2.weight"], state[key + "2.bias"]  # rows: log_size, h1, h2, t_n
+        # disk: log_size, g1, g2 | t_bt: the index's logit (n = 0.5 + 5.5 sigmoid(t - 2.2)) | bulge: log_size, g1, g2
+        # | centre offset dx, dy: zero
+        rows = [0, 1, 2, 3, 0, 1, 2]
+        shift = torch.zeros(7, dtype=b.dtype, device=b.device)
+        shift[3] = -2.2
+        zero = torch.zeros(2, w.shape[1], dtype=w.dtype, device=w.device)
+        state[key + "2.weight"] = torch.cat([w[rows], zero])
+        state[key + "2.bias"] = torch.cat([b[rows] + shift, zero[:, 0]])
     new.load_state_dict(state)
     return new.train(model.training)

@@ -293,16 +293,19 @@ def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps
 
     s0 = vae.decoder.template_sigma  # pixel_scale 1: sizes in intrinsic pixels
     theta = torch.stack([torch.logit(p["bt"]), math.log(s0) + p["log_size_bulge"], math.log(s0) + p["log_size"],
-                         *eta(p["g1_bulge"], p["g2_bulge"]), *eta(p["g1"], p["g2"])], 1)
-    ref = SersicModel("bulge-disk", stamp=32, pixel_scale=1.0, fit_centroid=False).decode(theta)
+                         *eta(p["g1_bulge"], p["g2_bulge"]), *eta(p["g1"], p["g2"]),
+                         torch.atanh(p["dx"] / 2), torch.atanh(p["dy"] / 2)], 1)  # centroid offset 2 tanh(u) pixels
+    assert float(p["dx"].abs().max()) > 0.01  # an untrained network seed is off centre
+    ref = SersicModel("bulge-disk", stamp=32, pixel_scale=1.0).decode(theta)
     ref = ref / ref.sum((1, 2), keepdim=True) * flux[:, None, None]
     assert torch.allclose(img, ref, rtol=1e-4, atol=1e-5 * float(flux.max()))
     assert 0 < float(p["bt"].min()) and float(p["bt"].max()) < 1
 
-    sersic = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3)).eval()
+    sersic = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3)).eval()
     torch.nn.init.normal_(sersic.decoder.shape.out.weight, std=0.2)
     bd = reseed_bulge_disk(sersic)
     x = torch.rand(3, 32, 32) * 100
+    z = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(bd.encoder_moments(x)[0], sersic.encoder_moments(x)[0])
         assert torch.equal(bd.decoder.shape.logits(z), sersic.decoder.shape.logits(z))
@@ -311,7 +314,22 @@ def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps
     for k in ("log_size", "g1", "g2"):
         assert torch.allclose(new[k], old[k]) and torch.allclose(new[k + "_bulge"], old[k])
     assert torch.allclose(new["bt"], (old["n"] - 0.5) / 5.5, atol=1e-6)
+    assert float(new["dx"].abs().max()) == 0 and float(new["dy"].abs().max()) == 0
     with pytest.raises(GalgenInputError, match="seed_profile"):
         VAE(32, latent_dim=4, width=8, seed_profile="bulge-disk")
-    with pytest.raises(GalgenInputError, match="Sersic seed"):
+    with pytest.raises(GalgenInputError, match="network seed"):
         reseed_bulge_disk(bd)
+    # seed_latents: the seed's parameters are the first 9 coordinates, each through its affine map
+    lat = reseed_bulge_disk(bd, seed_latents=True).eval()
+    with torch.no_grad():
+        assert torch.equal(lat.decoder.shape.logits(z), sersic.decoder.shape.logits(z))
+        h = lat.decoder.moments(z)
+        loc, scale = lat.decoder.moments.loc, lat.decoder.moments.log_scale.exp()
+        assert torch.allclose(h, loc + scale * z[:, :9])
+        z2 = z.clone()
+        z2[:, 9:] += 1.0  # the body's coordinates move, the seed does not
+        assert torch.equal(lat.decoder.moments(z2), h)
+        p = lat.decoder.shape_parameters(z)
+        assert torch.allclose(p["bt"], torch.sigmoid(h[:, 3])) and torch.allclose(p["log_size_bulge"], h[:, 4])
+    with pytest.raises(GalgenInputError, match="network seed"):
+        reseed_bulge_disk(lat, seed_latents=True)
