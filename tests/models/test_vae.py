@@ -267,6 +267,7 @@ def test_flux_shape_decoder_starts_as_a_sersic_galaxy_and_fits_with_lm(tmp_path)
     assert (lm.reduced_chi2 <= adam.reduced_chi2 + 0.01).all(), (lm.reduced_chi2, adam.reduced_chi2)
     with pytest.raises(GalgenInputError, match="decoder"):
         VAE(32, decoder="diffusion")
+    assert vae.map_optimizer == "lm" and VAE(32, latent_dim=4, width=8).map_optimizer == "adam"  # fit_map's default
 
 
 def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps_the_weights():
