@@ -5,6 +5,9 @@
     python pipelines/compare_by_morphology.py --data holdout.h5 --deep fit_sdss-vae.fits \\
         --parametric fit_sersic.fits fit_bulge-disk.fits
 
+``--deep`` takes the catalogs of a sharded fit (``galgen fit --shard k/N``) together; the
+parametric fits may cover more galaxies (their rows are matched by index).
+
 Prints a markdown table: per morphology group (from the truth columns,
 :func:`galgen.simulate.morphology_label`) the median chi2/dof of each fit, the fraction of
 galaxies where the deep model's chi2/dof is below every parametric one, and the median
@@ -21,7 +24,8 @@ import numpy as np
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="the simulated cutout file (with morphology columns)")
-    ap.add_argument("--deep", required=True, help="FITS catalog of the deep model's galgen fit")
+    ap.add_argument("--deep", required=True, nargs="+",
+                    help="FITS catalog(s) of the deep model's galgen fit (the shards of one, e.g. --shard k/N)")
     ap.add_argument("--parametric", nargs="+", required=True, help="FITS catalogs of parametric fits")
     args = ap.parse_args()
     from astropy.table import Table
@@ -31,14 +35,18 @@ def main():
 
     with CutoutFile(args.data) as f:
         truth = f.catalog
-    deep = Table.read(args.deep)
+    from astropy.table import vstack
+
+    deep = vstack([Table.read(d) for d in args.deep])
     idx = np.asarray(deep["index"])
     par = []
-    for p in args.parametric:
+    for p in args.parametric:  # the deep fit's galaxies, matched by index
         t = Table.read(p)
-        if not np.array_equal(np.asarray(t["index"]), idx):
-            raise SystemExit(f"{p}: fits other galaxies than {args.deep}")
-        par.append(np.asarray(t["chi2_dof"]))
+        row = {int(i): k for k, i in enumerate(t["index"])}
+        missing = [int(i) for i in idx if int(i) not in row]
+        if missing:
+            raise SystemExit(f"{p}: lacks {len(missing)} of the deep fit's galaxies (e.g. index {missing[0]})")
+        par.append(np.asarray(t["chi2_dof"], dtype=float)[[row[int(i)] for i in idx]])
     v, best = np.asarray(deep["chi2_dof"]), np.min(par, axis=0)
     rows = [dict(zip(truth.colnames, truth[i])) for i in idx]
     comp = np.array([float(r.get("comp_flux_ratio", 0.0)) > 0 for r in rows])
