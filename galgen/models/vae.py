@@ -190,13 +190,12 @@ class VAE(GenerativeModel):
             log_flux = log_flux_start(log_flux, flux_scale, size)
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
                                               warp_body=True, seed_latents=bool(seed_latents))
-        else:
-            self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
-        if decoder == "flux-shape":
             # Its fits need second-order steps: from the same start on 32 held-out galaxies, Levenberg-
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
             self.map_optimizer = "lm"
+        else:
+            self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
         self._prior_choice = None
         self._register_load_state_dict_pre_hook(_rename_flow_keys)
