@@ -115,6 +115,10 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
             trainer.resume()
         elif tc.init:
             trainer.initialise(tc.init)
+            if conditions:
+                # fine-tuning keeps the standardisation the weights learned with, but draws
+                # unconditioned samples from this training set's conditions
+                model.set_condition_bank(train_data.cond, seed=tc.seed)
         summary = trainer.fit()
         summary["model"] = trainer.finish()
         return summary

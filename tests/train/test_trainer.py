@@ -256,6 +256,16 @@ def test_conditional_training_stores_condition_statistics(sdss_tiny, tmp_path):
     fresh = type(model).from_config(model.config)  # never trained: no conditions to draw from
     with pytest.raises(GalgenInputError, match="--cond mag=...,hlr=..."):
         fresh.sample(2)
+    # fine-tuned from it on other training galaxies (another split), the model keeps the
+    # standardisation its weights learned with and stores the new training set's rows
+    path.write_text(yaml.safe_dump({"model": cfg["model"], "train": {**cfg["train"], "seed": 7, "init": str(out)}}))
+    train(path, sdss_tiny, tmp_path / "tuned")
+    tuned = load_model(tmp_path / "tuned")
+    tr7, _ = split_indices(len(cat), 0.125, seed=7)
+    rows7 = {(round(float(m), 4), round(float(h), 4)) for m, h in zip(cat["mag"][tr7], cat["hlr"][tr7])}
+    assert rows7 != train_rows
+    assert torch.equal(tuned.cond_mean, model.cond_mean) and torch.equal(tuned.cond_std, model.cond_std)
+    assert {(round(float(m), 4), round(float(h), 4)) for m, h in tuned.cond_bank.tolist()} == rows7
 
 
 GAN_MODEL = {"kind": "gan", "latent_dim": 4, "width": 4, "r1_gamma": 0.1, "r1_every": 2, "ema": 0.9}
