@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 from pathlib import Path
+
+import torch
 
 from galgen.data.atomic import atomic_output
 from galgen.pretrained import PRETRAINED_DIR
@@ -39,7 +40,7 @@ def training_stages(path, ck, init_card=None) -> list:
     seen = set()
     while True:
         run = Path(path).parent
-        log = read_log(run / TRAIN_LOG)
+        log = [row for row in read_log(run / TRAIN_LOG) if int(row["step"]) <= int(ck["step"])]
         train = ck["config"]["train"]
         stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
                           "images_seen": int(ck["step"]) * int(train["batch_size"]),
@@ -70,13 +71,17 @@ def main():
                     help="the pretrained model the run was fine-tuned from (train.init), e.g. sdss-vae-v1: "
                          "its training stages are taken from its card")
     ap.add_argument("--note", default=None, help="free text for the card (e.g. how the run may be continued)")
+    ap.add_argument("--checkpoint", default="model.pt",
+                    help="the run's checkpoint to install: model.pt (final), or e.g. best.pt, whose optimiser "
+                         "state is dropped [model.pt]")
     args = ap.parse_args()
     run = Path(args.run)
-    src = run / "model.pt"
+    src = run / args.checkpoint
     load_model(src)  # refuses unsafe or inconsistent files
     ck = load_checkpoint(src)
-    if ck["optimizer"] is not None:
+    if ck["optimizer"] is not None and args.checkpoint == "model.pt":
         raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
+    ck = {**ck, "optimizer": None, "rng_state": None}  # weights, config, provenance, metrics
     stages = training_stages(src, ck, args.init_card)
     card = {
         "name": args.name, "kind": ck["config"]["model"]["kind"], "galgen_version": ck["galgen_version"],
@@ -99,7 +104,7 @@ def main():
         card["note"] = args.note
     PRETRAINED_DIR.mkdir(exist_ok=True)
     with atomic_output(PRETRAINED_DIR / f"{args.name}.pt") as tmp:
-        shutil.copyfile(src, tmp)
+        torch.save(ck, tmp)
     with atomic_output(PRETRAINED_DIR / f"{args.name}.json") as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=str))
     print(PRETRAINED_DIR / f"{args.name}.pt")

@@ -52,3 +52,6 @@ def test_make_pretrained_takes_the_stages_of_an_installed_init_from_its_card(tmp
     assert stages[-1]["steps"] == 100 and stages[-1]["images_seen"] == 6400 and stages[-1]["wall_s"] == 21.5
     with pytest.raises((InputError, FileNotFoundError)):  # without the card, the replaced file is looked for
         mod.training_stages(run / "model.pt", ck)
+    # a best.pt of step 50 counts the wall time of step 50, not the run's end
+    best = mod.training_stages(run / "best.pt", {**ck, "step": 50}, "sdss-vae-v1")
+    assert best[-1]["steps"] == 50 and best[-1]["wall_s"] == 10.0
