@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=0, help="random MAP restarts besides the encoder's [0]")
     p.add_argument("--max-iter", type=_positive_int, default=None,
                    help="MAP iterations at most [100 for lm, 500 for adam/lbfgs]")
-    p.add_argument("--prior", choices=("flow", "normal"), default=None, help="VAE latent prior [flow if fitted]")
+    p.add_argument("--prior", choices=("flow", "normal"), default=None,
+                   help="VAE latent prior [the model's map_prior: N(0, I) for flux-shape VAEs with seed latents, "
+                        "else the flow if fitted]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
     p.add_argument("--shard", default=None, help="k/N: fit only part k (0-based) of N; 'slurm' reads the array")
     p.add_argument("--limit", type=_positive_int, default=None, help="fit only the first LIMIT galaxies (of the shard)")

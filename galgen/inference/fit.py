@@ -131,7 +131,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     seed : int, optional
     prior : str, optional
         One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``);
-        default its own.
+        default the model's ``map_prior``, else its own.
     metric : {"diag", "dense"}, optional
         HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense
         for strongly correlated parameters (Sersic flux, radius and index).
@@ -167,6 +167,9 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     probe = ObservationLoader(data, [])
     model = resolve_model(model, dev, data=(probe.stamp_size, probe.oversampling, probe.pixel_scale),
                           prior=prior).eval()
+    if prior is None and model.map_prior is not None:
+        prior = model.map_prior
+        model = model.with_prior(prior)
     cfg = model.config
     stamp, k = probe.stamp_size, probe.oversampling
     probe.check_grid(cfg.get("stamp", stamp), cfg.get("oversampling", k))

@@ -270,6 +270,10 @@ class LatentModel(nn.Module):
         whose forward-mode Jacobian costs ``latent_dim`` passes) or ``"lm"``
         (Levenberg-Marquardt: a handful of second-order steps, the faster choice for
         models with few parameters and a cheap Jacobian).
+    map_prior : str or None
+        The prior :func:`galgen.inference.fit_file` (``galgen fit``) fits with when none
+        is asked for: a key of :attr:`prior_choices`, or None for the model's own (the
+        one it samples from).
     jacobian : str
         How second-order inference (:func:`galgen.inference.fit_map` with ``"lm"``, the
         Laplace approximation, :func:`galgen.inference.sample_posterior`) computes the
@@ -284,6 +288,8 @@ class LatentModel(nn.Module):
     prior_choices: dict = {}
     #: The optimiser fit_map uses by default for this model (measured: see docs/benchmarks.md).
     map_optimizer: str = "adam"
+    #: The prior galgen fit uses by default for this model (None: its own; measured: docs/inference.md).
+    map_prior: str | None = None
     #: How second-order inference differentiates the model image (measured: see docs/benchmarks.md).
     jacobian: str = "forward"
     #: The model's options (stamp, oversampling, kind, ...), JSON-serialisable; empty for a bare module.

@@ -125,6 +125,8 @@ class VAE(GenerativeModel):
         The seed's parameters are the first latent coordinates, each through a learned
         affine map (:class:`~galgen.models.networks.SeedCoordinates`), rather than a
         network of the whole code: a MAP fit moves them as a parametric fit moves its own.
+        Its fits default to the N(0, I) prior (``map_prior = "normal"``); it samples from
+        the flow prior.
 
     Attributes
     ----------
@@ -194,6 +196,11 @@ class VAE(GenerativeModel):
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
             self.map_optimizer = "lm"
+            if seed_latents:
+                # Its flow prior, fitted to the encoder's codes, is far narrower than N(0, I) along the
+                # seed coordinates: on 1,000 held-out rich galaxies, fits with N(0, I) beat both parametric
+                # fits on 70% of the featured galaxies, with the flow prior on 25% (docs/inference.md).
+                self.map_prior = "normal"
         else:
             self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})

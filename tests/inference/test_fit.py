@@ -188,3 +188,21 @@ def test_posterior_log_prob_of_selected_rows(sdss_tiny):
     rows = torch.tensor([14, 0, 7, 8])
     assert torch.allclose(lp(x[rows], rows=rows), full[rows], rtol=1e-5)
     assert torch.isfinite(full).all() and len(set(full.tolist())) == len(full)
+
+
+def test_seed_latent_vae_fits_with_its_fit_prior(sdss_tiny, tmp_path):
+    """A flux-shape VAE whose seed parameters are latent coordinates fits with N(0, I) unless
+    told otherwise (its map_prior), while it samples from its fitted flow."""
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=10, width=8, input_scale=5.0, decoder="flux-shape", seed_profile="bulge-disk",
+              seed_latents=True, log_flux=(float(np.log(3000.0)), 0.5))
+    vae.fit_prior(0.3 * torch.randn(512, 10), epochs=2, generator=torch.Generator().manual_seed(0))
+    assert vae.map_prior == "normal" and bool(vae.latent_flow.fitted)
+    z = torch.randn(4, 10)
+    assert not torch.allclose(vae.prior().log_prob(z), vae.with_prior("normal").prior().log_prob(z))  # samples: flow
+    path = save_checkpoint(tmp_path / "m.pt", model_state=vae.state_dict(), config={"model": vae.config})
+    opts = dict(samples=0, batch_size=8, limit=8, max_iter=4, device="cpu")
+    cats = {p: Table.read(fit_file(path, sdss_tiny, tmp_path / f"{p}.h5", prior=p, **opts).with_suffix(".fits"))
+            for p in ("normal", "flow", None)}
+    assert np.array_equal(cats[None]["chi2"], cats["normal"]["chi2"])
+    assert not np.array_equal(cats[None]["chi2"], cats["flow"]["chi2"])
