@@ -19,10 +19,9 @@ import json
 import platform
 from pathlib import Path
 
-import torch
-
 from galgen.data.atomic import atomic_output
 from galgen.pretrained import PRETRAINED_DIR
+from galgen.checkpoints import save_checkpoint
 from galgen.train import load_checkpoint, load_model
 from galgen.train.logs import TRAIN_LOG, read_log
 
@@ -32,7 +31,10 @@ def training_stages(path, ck, init_card=None) -> list:
 
     A run initialised from an installed pretrained model names that model's card
     (``init_card``, e.g. ``"sdss-vae-v1"``): its stages are taken from the card, since the
-    file the run recorded may since have been replaced by the new model.
+    file the run recorded may since have been replaced by the new model. A checkpoint made
+    by a conversion (``reseeded_from``, :func:`galgen.models.reseed_bulge_disk`) leads to
+    the checkpoint it was converted from; a stage whose directory kept no training log has
+    no wall time.
     """
     from galgen.pretrained import model_card
 
@@ -40,14 +42,16 @@ def training_stages(path, ck, init_card=None) -> list:
     seen = set()
     while True:
         run = Path(path).parent
-        log = [row for row in read_log(run / TRAIN_LOG) if int(row["step"]) <= int(ck["step"])]
+        log = [row for row in read_log(run / TRAIN_LOG) if int(row["step"]) <= int(ck["step"])
+               ] if (run / TRAIN_LOG).exists() else []
         train = ck["config"]["train"]
-        stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
-                          "images_seen": int(ck["step"]) * int(train["batch_size"]),
-                          "wall_s": float(log[-1]["wall_s"]) if log else None,
-                          "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min", "batch_size")
-                                    if train.get(k) is not None}})
-        init = ck["provenance"].get("init")
+        if int(ck["step"]) > 0:  # a converted checkpoint trained no steps of its own
+            stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
+                              "images_seen": int(ck["step"]) * int(train["batch_size"]),
+                              "wall_s": float(log[-1]["wall_s"]) if log else None,
+                              "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min",
+                                                                  "batch_size") if train.get(k) is not None}})
+        init = ck["provenance"].get("reseeded_from") or ck["provenance"].get("init")
         if init and init_card:
             return [*model_card(init_card)["stages"], *stages]
         if not init or init in seen:
@@ -71,6 +75,9 @@ def main():
                     help="the pretrained model the run was fine-tuned from (train.init), e.g. sdss-vae-v1: "
                          "its training stages are taken from its card")
     ap.add_argument("--note", default=None, help="free text for the card (e.g. how the run may be continued)")
+    ap.add_argument("--earlier", default=None,
+                    help="a checkpoint of the run the recorded chain started from, where the chain does not lead "
+                         "there (e.g. a run's init file later replaced): its stages are put first")
     ap.add_argument("--checkpoint", default="model.pt",
                     help="the run's checkpoint to install: model.pt (final), or e.g. best.pt, whose optimiser "
                          "state is dropped [model.pt]")
@@ -81,8 +88,9 @@ def main():
     ck = load_checkpoint(src)
     if ck["optimizer"] is not None and args.checkpoint == "model.pt":
         raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
-    ck = {**ck, "optimizer": None, "rng_state": None}  # weights, config, provenance, metrics
     stages = training_stages(src, ck, args.init_card)
+    if args.earlier:
+        stages = [*training_stages(args.earlier, load_checkpoint(args.earlier)), *stages]
     card = {
         "name": args.name, "kind": ck["config"]["model"]["kind"], "galgen_version": ck["galgen_version"],
         "config": ck["config"], "provenance": ck["provenance"], "training_data_command": args.simulate,
@@ -103,8 +111,8 @@ def main():
     if args.note:
         card["note"] = args.note
     PRETRAINED_DIR.mkdir(exist_ok=True)
-    with atomic_output(PRETRAINED_DIR / f"{args.name}.pt") as tmp:
-        torch.save(ck, tmp)
+    save_checkpoint(PRETRAINED_DIR / f"{args.name}.pt", model_state=ck["model"], config=ck["config"],
+                    step=ck["step"], provenance=ck["provenance"], metrics=ck["metrics"])  # atomic
     with atomic_output(PRETRAINED_DIR / f"{args.name}.json") as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=str))
     print(PRETRAINED_DIR / f"{args.name}.pt")

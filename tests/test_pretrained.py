@@ -9,7 +9,7 @@ from galgen.pretrained import model_card
 
 
 @pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"), ("sdss-vae-v1", "vae"),
-                                        ("sdss-gan-v1", "gan")])
+                                        ("sdss-gan-v1", "gan"), ("sdss-vae-bd", "vae")])
 def test_pretrained_model_loads_and_samples(name, kind):
     assert name in galgen.available_pretrained()
     model = galgen.load_pretrained(name)
@@ -23,6 +23,15 @@ def test_pretrained_model_loads_and_samples(name, kind):
     assert a.shape == (3, 64, 64) and bool((a >= 0).all()) and torch.equal(a, b)
     if kind == "vae":
         assert bool(model.latent_flow.fitted)
+
+
+def test_bulge_disk_vae_fits_with_lm_and_normal_prior_and_samples_from_its_flow():
+    model = galgen.load_pretrained("sdss-vae-bd")
+    assert model.config["seed_profile"] == "bulge-disk" and model.config["seed_latents"]
+    assert model.map_optimizer == "lm" and model.map_prior == "normal"
+    z = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(1))
+    flow, normal = model.prior().log_prob(z), model.with_prior("normal").prior().log_prob(z)
+    assert not torch.allclose(flow, normal)
 
 
 def test_unknown_pretrained_name():
