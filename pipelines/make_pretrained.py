@@ -4,7 +4,8 @@
     python pipelines/make_pretrained.py --run runs/sdss-vae --name sdss-vae \
         --quality report/quality.json --simulate "galgen simulate --survey sdss --n 50000 ..."
 
-Copies the run's final checkpoint (weights, config, provenance; no optimiser state) to
+Writes the run's final checkpoint (or ``--checkpoint best.pt``) as weights, config,
+provenance and metrics, without optimiser state, to
 ``galgen/pretrained/<name>.pt`` after checking that it loads safely, and writes
 ``galgen/pretrained/<name>.json``: the training configuration, how to regenerate the
 training data, the machine it was trained on, the training length, the quality
@@ -19,9 +20,9 @@ import json
 import platform
 from pathlib import Path
 
+from galgen.checkpoints import save_checkpoint
 from galgen.data.atomic import atomic_output
 from galgen.pretrained import PRETRAINED_DIR
-from galgen.checkpoints import save_checkpoint
 from galgen.train import load_checkpoint, load_model
 from galgen.train.logs import TRAIN_LOG, read_log
 
