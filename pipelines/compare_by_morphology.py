@@ -28,15 +28,13 @@ def main():
                     help="FITS catalog(s) of the deep model's galgen fit (the shards of one, e.g. --shard k/N)")
     ap.add_argument("--parametric", nargs="+", required=True, help="FITS catalogs of parametric fits")
     args = ap.parse_args()
-    from astropy.table import Table
+    from astropy.table import Table, vstack
 
     from galgen.data.cutouts import CutoutFile
     from galgen.simulate import morphology_label
 
     with CutoutFile(args.data) as f:
         truth = f.catalog
-    from astropy.table import vstack
-
     deep = vstack([Table.read(d) for d in args.deep])
     idx = np.asarray(deep["index"])
     par = []

@@ -382,6 +382,11 @@ TEMPLATE_PROFILES = ("gaussian", "sersic", "bulge-disk")
 _MOMENTS = {"gaussian": 3, "sersic": 4, "bulge-disk": 9}
 
 
+def _bounded_shear(h: torch.Tensor) -> torch.Tensor:
+    """Reduced shear ``g = 0.9 h / sqrt(1 + |h|^2)`` (``|g| < 0.9``) of ``(B, 2)`` network outputs."""
+    return 0.9 * h / torch.sqrt(1 + h.square().sum(1, keepdim=True))
+
+
 class FluxShapeGenerator(nn.Module):
     """Generator whose output is a total flux times a shape: ``F * softmax(logits)``.
 
@@ -519,16 +524,12 @@ class FluxShapeGenerator(nn.Module):
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = self.moments(z.float())
-
-            def shear(h2):  # reduced shear g = 0.9 h / sqrt(1 + |h|^2) of a pair of outputs
-                return 0.9 * h2 / torch.sqrt(1 + h2.square().sum(1, keepdim=True))
-
-            g = shear(h[:, 1:3])
+            g = _bounded_shear(h[:, 1:3])
             out = {"log_size": h[:, 0], "g1": g[:, 0], "g2": g[:, 1]}
             if self.profile == "sersic":
                 out["n"] = 0.5 + 5.5 * torch.sigmoid(h[:, 3] - 2.2)
             elif self.profile == "bulge-disk":
-                gb = shear(h[:, 5:7])
+                gb = _bounded_shear(h[:, 5:7])
                 out.update(bt=torch.sigmoid(h[:, 3]), log_size_bulge=h[:, 4], g1_bulge=gb[:, 0], g2_bulge=gb[:, 1],
                            dx=h[:, 7], dy=h[:, 8])
             return out

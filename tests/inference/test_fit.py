@@ -190,7 +190,7 @@ def test_posterior_log_prob_of_selected_rows(sdss_tiny):
     assert torch.isfinite(full).all() and len(set(full.tolist())) == len(full)
 
 
-def test_seed_latent_vae_fits_with_its_fit_prior(sdss_tiny, tmp_path):
+def test_seed_latent_vae_fits_with_its_map_prior(sdss_tiny, tmp_path):
     """A flux-shape VAE whose seed parameters are latent coordinates fits with N(0, I) unless
     told otherwise (its map_prior), while it samples from its fitted flow."""
     torch.manual_seed(0)
