@@ -34,11 +34,31 @@ from .importance import K_HAT_THRESHOLD, importance_sample, laplace_approximatio
 from .map import STATUS, fit_map
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
-           "posterior_log_prob", "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS"]
+           "posterior_log_prob", "marginal_log_prob", "draw_log_scale", "SCALE_NODES",
+           "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
 DERIVED_DRAWS = 256
+
+
+def _row_view(model, observation, observed, cond, chains):
+    """``view(rows) -> (observation, galaxy index, conditions, prior)`` of galaxy-major rows."""
+    G = len(observed)
+    every = torch.arange(G * chains, device=observed.device)
+    shared = model.prior(None) if cond is None else None  # without conditions one prior serves every call
+    full = observation.select(every // chains) if chains > 1 else observation
+
+    def view(rows=None):
+        if rows is None:
+            obs, gal = full, every // chains
+        else:
+            gal = torch.as_tensor(rows, device=observed.device) // chains
+            obs = observation.select(gal)
+        c = None if cond is None else cond[gal]
+        return obs, gal, c, shared if c is None else model.prior(c)
+
+    return view
 
 
 def posterior_log_prob(model, observation, observed, cond=None, prior=None, chains: int = 1):
@@ -71,25 +91,160 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
         warnings.warn("the prior= argument is deprecated: pass model.with_prior(name)", DeprecationWarning,
                       stacklevel=2)
         model = model.with_prior(prior)
-    G = len(observed)
-    every = torch.arange(G * chains, device=observed.device)
-    shared = model.prior(None) if cond is None else None  # without conditions one prior serves every call
-    full = observation.select(every // chains) if chains > 1 else observation
+    view = _row_view(model, observation, observed, cond, chains)
 
     def log_prob(x, rows=None):
         d = x.shape[1] - 1
-        if rows is None:
-            obs, gal = full, every // chains
-        else:
-            gal = torch.as_tensor(rows, device=observed.device) // chains
-            obs = observation.select(gal)
+        obs, gal, c, prior_ = view(rows)
         z, s = x[:, :d], x[:, d]
-        c = None if cond is None else cond[gal]
         intr = model.decode(z, c).float() * s.exp()[:, None, None]
-        prior = shared if c is None else model.prior(c)
-        return obs.log_likelihood(intr, observed[gal]) + prior.log_prob(z)
+        return obs.log_likelihood(intr, observed[gal]) + prior_.log_prob(z)
 
     return log_prob
+
+
+#: Gauss-Hermite nodes of :func:`marginal_log_prob`'s integral over the log flux scale.
+SCALE_NODES = 16
+
+
+def _scale_profile(model, obs, data, z, c, rounds: int = 2):
+    """Unit-scale detector models of latent rows, and the mode and width of their log scale's conditional.
+
+    The log likelihood of ``a * m`` is ``B a - A a^2 / 2`` (plus a constant) in the
+    amplitude ``a = exp(s)`` for Gaussian noise, read exactly off three amplitudes; with
+    the flat prior on ``s`` the conditional peaks at ``a = B / A`` with
+    ``sd(s) = 1 / (a sqrt(A))``. For noise whose variance follows the signal the
+    parabola is refitted ``rounds`` times about its last mode, one standard deviation
+    either side. Rows whose model does not correlate positively with the data
+    (``B <= 0``) have no finite mode (``ok`` False).
+    """
+    m = obs.noiseless(model.decode(z, c).float()).double()
+    ref = (data.sum((-2, -1)) / m.sum((-2, -1))).abs()
+    a = torch.where(torch.isfinite(ref) & (ref > 0), ref, torch.ones_like(ref))
+    step = a  # the first parabola through a = 0, a, 2a
+    ok = torch.ones_like(a, dtype=torch.bool)
+    for _ in range(1 + int(rounds)):
+        a3 = a + step * torch.tensor([-1.0, 0.0, 1.0], dtype=m.dtype, device=m.device)[:, None]
+        l0, l1, l2 = obs.noise.log_prob(data, a3[..., None, None] * m)
+        A = (2 * l1 - l0 - l2) / step ** 2
+        slope = (l2 - l0) / (2 * step)  # B - A a
+        good = (A > 0) & torch.isfinite(A) & torch.isfinite(slope) & ((a + slope / A.clamp(min=1e-300)) > 0)
+        ok = ok & good
+        a = torch.where(good, a + slope / A.clamp(min=1e-300), a)
+        step = torch.where(good, 1.0 / A.clamp(min=1e-300).sqrt(), step).clamp(max=0.5 * a)
+    sd = torch.where(ok, 1.0 / (a * A.clamp(min=1e-300).sqrt()), torch.ones_like(a))
+    return m, a.log(), sd, ok
+
+
+def marginal_log_prob(model, observation, observed, cond=None, chains: int = 1, nodes: int = SCALE_NODES):
+    """The log posterior of latent rows ``z``, the log flux scale integrated out.
+
+    ``log integral p(x | decode(z) * exp(s)) prior(z) ds`` (``s`` has a flat prior), by
+    Gauss-Hermite quadrature about the mode of ``s`` given ``z``, which the likelihood
+    gives in closed form: it is Gaussian in the amplitude ``exp(s)``. Importance
+    sampling over ``z`` alone, with ``s`` then drawn from its exact conditional
+    (:func:`draw_log_scale`), is Rao-Blackwellised: one dimension fewer to propose, and
+    the one the data constrain most tightly.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    observation : galgen.physics.Observation
+        Of the ``G`` galaxies.
+    observed : torch.Tensor
+        ``(G, S, S)``.
+    cond : torch.Tensor, optional
+        ``(G, C)`` raw conditions.
+    chains : int, optional
+        Rows per galaxy.
+    nodes : int, optional
+        Quadrature nodes (16 integrate the conditional to ~1e-6 nats above S/N 5).
+
+    Returns
+    -------
+    callable
+        ``log_prob(z, rows=None)``: ``(G * chains, d) -> (G * chains,)`` as
+        :func:`posterior_log_prob` takes rows; ``-inf`` where the model does not
+        correlate positively with the data.
+    """
+    view = _row_view(model, observation, observed, cond, chains)
+    t, w = np.polynomial.hermite.hermgauss(int(nodes))
+
+    def log_prob(z, rows=None):
+        obs, gal, c, prior_ = view(rows)
+        data = observed[gal].double()
+        m, s0, sd, ok = _scale_profile(model, obs, data, z, c)
+        tt = torch.as_tensor(t, dtype=m.dtype, device=m.device)[:, None]
+        s = s0 + math.sqrt(2.0) * sd * tt  # (nodes, N)
+        ll = obs.noise.log_prob(data, s.exp()[..., None, None] * m)
+        lw = torch.as_tensor(np.log(w) + t ** 2, dtype=m.dtype, device=m.device)[:, None]
+        out = torch.logsumexp(ll + lw, 0) + torch.log(math.sqrt(2.0) * sd)
+        out = torch.where(ok, out, torch.full_like(out, -math.inf))
+        return out.to(z.dtype) + prior_.log_prob(z)
+
+    return log_prob
+
+
+@torch.no_grad()
+def draw_log_scale(model, observation, observed, z, cond=None, generator: torch.Generator | None = None,
+                   cells: int = 96, width: float = 8.0, max_batch: int = 32) -> torch.Tensor:
+    """Draws of the log flux scale ``s`` from its conditional posterior given each latent draw.
+
+    The conditional density (the likelihood of ``exp(s) * decode(z)``, ``s`` with a
+    flat prior) is evaluated on ``cells`` cells spanning ``+- width`` conditional
+    standard deviations about its mode; a cell is drawn by its mass and ``s`` uniformly
+    within it (the discretisation adds a variance of ``(2 width / cells)^2 / 12``
+    conditional variances, 0.23% at the defaults).
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    observation : galgen.physics.Observation
+        Of the ``G`` galaxies.
+    observed : torch.Tensor
+        ``(G, S, S)``.
+    z : torch.Tensor
+        ``(G, n, d)`` latent draws per galaxy.
+    cond : torch.Tensor, optional
+        ``(G, C)`` raw conditions.
+    generator : torch.Generator, optional
+    cells : int, optional
+    width : float, optional
+    max_batch : int, optional
+        Distinct draws decoded at once.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(G, n)`` log flux scales.
+    """
+    G, n, d = z.shape
+    dev = observed.device
+    zz = z.to(dev).reshape(G * n, d)
+    gal_all = torch.arange(G, device=dev).repeat_interleave(n)
+    key = torch.cat([gal_all[:, None].to(zz.dtype), zz], 1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # resampled draws repeat: decode each once
+    U = len(uniq)
+    cdf = torch.empty(U, int(cells), dtype=torch.float64, device=dev)
+    s0, sd = torch.empty(U, dtype=torch.float64, device=dev), torch.empty(U, dtype=torch.float64, device=dev)
+    ok = torch.empty(U, dtype=torch.bool, device=dev)
+    edge = torch.linspace(-width, width, int(cells) + 1, dtype=torch.float64, device=dev)
+    h = float(edge[1] - edge[0])
+    centre = (edge[:-1] + 0.5 * h)[:, None]
+    for a in range(0, U, max_batch):
+        gal = uniq[a:a + max_batch, 0].long()
+        obs = observation.select(gal)
+        data = observed[gal].double()
+        m, s0[a:a + max_batch], sd[a:a + max_batch], ok[a:a + max_batch] = _scale_profile(
+            model, obs, data, uniq[a:a + max_batch, 1:].to(z.dtype), None if cond is None else cond[gal])
+        ll = obs.noise.log_prob(data, (s0[a:a + max_batch] + sd[a:a + max_batch] * centre).exp()[..., None, None] * m)
+        ll = torch.where(torch.isfinite(ll), ll, torch.full_like(ll, -math.inf))
+        cdf[a:a + max_batch] = torch.softmax(ll, 0).cumsum(0).T
+    u = torch.rand(2, G * n, generator=generator, device=dev, dtype=torch.float64)  # every copy its own draw
+    c = cdf[inverse]
+    j = torch.searchsorted(c, (u[0] * c[:, -1])[:, None]).squeeze(1).clamp(max=int(cells) - 1)
+    s = s0[inverse] + sd[inverse] * (centre[j, 0] + h * (u[1] - 0.5))
+    return torch.where(ok[inverse], s, s0[inverse]).view(G, n)
 
 
 def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int | None = None,
@@ -310,7 +465,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
                      method: str | None = None, draws: int | None = None, fallback: str | None = "nuts",
                      proposal="auto", min_ess: float | None = None, max_draws: int | None = None,
-                     **sampler_options):
+                     integrate_scale: bool = True, **sampler_options):
     """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
@@ -360,6 +515,13 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
         ``draws`` proposals goes on drawing, 64 at a time, up to ``max_draws`` (default
         ``4 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
+    integrate_scale : bool, optional
+        ``is``: propose the latents ``z`` alone, weighted by the posterior
+        with the log flux scale integrated out (:func:`marginal_log_prob`), and draw
+        the scale of each resampled ``z`` from its exact conditional
+        (:func:`draw_log_scale`) (the default; Rao-Blackwellised). ``False``: propose
+        ``(z, s)`` jointly, with the amortised posterior's own draws as a defensive
+        10% of the mixture.
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -392,12 +554,21 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     if q is not None:  # modes found from the amortised posterior's draws; its own draws a defensive 10%
         prop = amortized_proposal(q, model, observed, observation)
         mean, tril, logw = multimodal_laplace(model, observed, observation, mean, tril, prop, generator=generator)
-    lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
-    r = importance_sample(lp, mean, tril, draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains,
-                          generator=generator, chunk=chunk, weighted=method == "is",
-                          df=7 if method == "is" else None, proposal=prop, mix=0.1, log_weights=logw,
-                          min_ess=min_ess if method == "is" else None, max_draws=max_draws)
-    out = PosteriorResult(samples=r.samples, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
+    options = dict(draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains, generator=generator,
+                   chunk=chunk, weighted=method == "is", df=7 if method == "is" else None, log_weights=logw,
+                   min_ess=min_ess if method == "is" else None, max_draws=max_draws)
+    if integrate_scale and method == "is":  # propose z alone; s from its exact conditional given each draw
+        d = mean.shape[-1] - 1
+        lp = marginal_log_prob(model, observation, observed, cond, chains=chunk)
+        r = importance_sample(lp, mean[..., :d], tril[..., :d, :d], **options)
+        z = r.samples.view(B, chains * samples, d)
+        s = draw_log_scale(model, observation, observed, z, cond, generator)
+        draws_ = torch.cat([z, s.to(z)[..., None]], -1).view(B, chains, samples, d + 1)
+    else:
+        lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
+        r = importance_sample(lp, mean, tril, proposal=prop, mix=0.1, **options)
+        draws_ = r.samples
+    out = PosteriorResult(samples=draws_, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
                           accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
                                                                                                  dtype=torch.long),
                           pareto_k=r.pareto_k, is_ess=r.ess)

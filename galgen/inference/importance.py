@@ -373,10 +373,15 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     mix : float, optional
         Weight of ``proposal`` in the mixture (in (0, 1)).
     min_ess : float, optional
-        Draw more: after ``draws``, a galaxy goes on proposing ``chunk`` draws at a
-        time until the effective sample size of its raw weights reaches ``min_ess``
-        or it has ``max_draws``; galaxies that are done leave the batch. Default: a
-        fixed ``draws``.
+        Draw more. With ``adapt > 0`` (and ``weighted``): a galaxy whose smoothed
+        effective sample size is below ``min_ess`` (or whose k is too large) after a
+        round of ``draws`` is proposed another round from a proposal adapted to its
+        weighted draws, until it reaches ``min_ess`` or ``max_draws``, every round's
+        draws kept (deterministic-mixture weights). With ``adapt=0``: a galaxy goes on
+        proposing ``chunk`` draws at a time from the same proposal until the
+        effective sample size of its raw weights reaches ``min_ess`` or it has
+        ``max_draws``. Galaxies that are done leave the batch. Default: a fixed
+        ``draws``.
     max_draws : int, optional
         Proposals per galaxy at most with ``min_ess`` (default ``4 * draws``).
     log_weights : torch.Tensor, optional
@@ -393,6 +398,11 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     B, k = mean.shape[0], mean.shape[-1]
     rounds = max(1, -(-int(draws) // chunk))
     rounds_max = rounds if min_ess is None else max(rounds, -(-int(max_draws or 4 * draws) // chunk))
+    # with min_ess and adapt, galaxies short of it adapt their proposal every `draws` (up to max_draws in all)
+    # rather than go on drawing from the first one
+    adaptive_ess = min_ess is not None and weighted and adapt > 0
+    n_rounds = rounds if adaptive_ess else rounds_max  # chunks a call of run() may draw
+    n_adapt = (max(int(adapt), rounds_max // rounds - 1) if adaptive_ess else int(adapt)) if weighted else 0
     if proposal is not None and not 0 < mix < 1:
         raise GalgenInputError(f"mix: the weight of the second proposal must lie in (0, 1), got {mix!r}")
     n_mix = min(chunk - 1, max(1, int(round(mix * chunk))))
@@ -428,14 +438,14 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     def run(idx, loc, tril, comp=None):
         """``chunk`` draws at a time for galaxies ``idx``: draws, log posterior, second proposal's log density, counts."""
         n = len(idx)
-        cap = rounds_max * chunk
+        cap = n_rounds * chunk
         xs = torch.zeros(n, cap, k, dtype=torch.float64, device=mean.device)
         lpost = torch.full((n, cap), -math.inf, dtype=torch.float64, device=mean.device)
         la = None if proposal is None else torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
         lq = torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
         count = np.zeros(n, dtype=np.int64)
         act = torch.arange(n, device=mean.device)
-        for r in range(rounds_max):
+        for r in range(n_rounds):
             if r >= rounds:  # galaxies whose raw weights reach min_ess stop drawing
                 lw = (lpost[act] - lq[act])[:, :r * chunk]
                 w = torch.exp(lw - lw.max(1, keepdim=True).values).nan_to_num(0.0)
@@ -499,11 +509,15 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     comp = log_weights
     done = [(every, *run(every, mean, scale_tril, comp), (mean, scale_tril, comp))]
     x, lw_s, k_hat, n_draws = combine(done, every)
-    width = x.shape[1] * (1 + (adapt if weighted else 0))
+    width = x.shape[1] * (1 + n_adapt)
     x = torch.cat([x, x.new_zeros(B, width - x.shape[1], k)], 1)
     lw_s = np.concatenate([lw_s, np.full((B, width - lw_s.shape[1]), -np.inf)], 1)
-    for _ in range(adapt if weighted else 0):
-        redo = np.flatnonzero(~(k_hat <= K_HAT_THRESHOLD))
+    for _ in range(n_adapt):
+        need = ~(k_hat <= K_HAT_THRESHOLD)
+        if adaptive_ess:  # too few effective draws, or k too large, while max_draws allows another round
+            need = (need | ~(1.0 / (np.exp(lw_s) ** 2).sum(1) >= min_ess)) & (n_draws + rounds * chunk
+                                                                                <= rounds_max * chunk)
+        redo = np.flatnonzero(need)
         if not len(redo):
             break
         sel = torch.as_tensor(redo, device=mean.device)

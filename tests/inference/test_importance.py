@@ -144,6 +144,23 @@ def test_galaxies_draw_until_their_effective_sample_size_is_reached():
     assert fixed.draws.tolist() == [256] * 3 and fixed.n_proposals == 256
 
 
+def test_galaxies_short_of_min_ess_adapt_their_proposal():
+    """min_ess with adapt: a galaxy short of it is proposed again from a proposal adapted to its weighted draws
+    (not from the first one), and reaches min_ess in fewer draws than by drawing on from a 12x too wide
+    proposal; a good proposal stops after one round; the pooled draws recover the analytic posterior."""
+    mu, cov, log_prob = _gaussian_target(B=2, seed=2)
+    widen = torch.tensor([1.0, 12.0], dtype=torch.float64)[:, None, None]
+    scale = torch.linalg.cholesky(cov) * widen
+    kw = dict(draws=256, samples=400, chains=1, min_ess=200, max_draws=4096, df=None)
+    a = importance_sample(log_prob, mu, scale, adapt=1, generator=torch.Generator().manual_seed(0), **kw)
+    b = importance_sample(log_prob, mu, scale, adapt=0, generator=torch.Generator().manual_seed(0), **kw)
+    assert int(a.draws[0]) == 256 and 256 < int(a.draws[1]) < int(b.draws[1]), (a.draws, b.draws)
+    assert float(a.ess[1]) >= 200 and float(a.pareto_k[1]) <= K_HAT_THRESHOLD
+    x = a.samples[1, 0].double()
+    sd = torch.sqrt(torch.diagonal(cov[1]))
+    assert torch.all((x.mean(0) - mu[1]).abs() < 4 * sd / math.sqrt(float(a.ess[1])))
+
+
 def test_adapted_rounds_keep_every_draw():
     """A 12x too wide proposal: the adapted rounds' draws join the first round's, weighted by the mixture of
     the rounds' proposals, and the pooled estimate recovers the analytic posterior with more effective draws
@@ -161,3 +178,80 @@ def test_adapted_rounds_keep_every_draw():
     x = r.samples[0, 0].double()
     sd = torch.sqrt(torch.diagonal(cov[0]))
     assert torch.all((x.mean(0) - mu[0]).abs() < 4 * sd / math.sqrt(float(r.ess[0])) + 0.05 * sd)
+
+
+def _brute_scale_integral(model, obs, data, z, s_mode, sd, n=4001, span=12.0):
+    """``log integral p(x, z, s) ds`` and the conditional mean and sd of ``s``, on a fine grid (float64)."""
+    from galgen.inference.fit import posterior_log_prob
+
+    grid = s_mode + sd * torch.linspace(-span, span, n, dtype=torch.float64)
+    rows = torch.cat([z.double().expand(n, -1), grid[:, None]], 1)
+    lp = posterior_log_prob(model.double(), obs.select(torch.zeros(n, dtype=torch.long)).to(torch.float64),
+                            data.double().expand(n, -1, -1))(rows).double()
+    h = float(grid[1] - grid[0])
+    w = torch.softmax(lp, 0)
+    mean = float((w * grid).sum())
+    return float(torch.logsumexp(lp, 0)) + math.log(h), mean, float((w * (grid - mean) ** 2).sum().sqrt())
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "ccd"])
+def test_marginal_log_prob_integrates_the_flux_scale_out(noise):
+    """Gauss-Hermite about the closed-form conditional mode equals a 4,001-point integral over s, for noise
+    whose likelihood is Gaussian in the amplitude and for signal-dependent CCD noise, where it is not."""
+    from galgen.inference import fit_map
+    from galgen.inference.fit import marginal_log_prob
+    from galgen.physics import CCDNoise
+    from test_lm import _sersic_batch
+
+    model, data, obs = _sersic_batch(2, seed=3)
+    if noise == "ccd":  # sky 400 ADU, gain 4: variance 100 + signal / 4
+        obs.noise = CCDNoise(400.0, 4.0, 0.0)
+    res = fit_map(model, data, obs)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.cat([res.z, res.z + 0.05 * torch.randn(res.z.shape, generator=gen)])  # the mode and off it
+    lp = marginal_log_prob(model.double(), obs.to(torch.float64), data.double(), chains=2)(z.double())
+    for i in range(4):
+        g = i // 2
+        ref, _, _ = _brute_scale_integral(model, obs.select(torch.tensor([g])), data[g:g + 1], z[i:i + 1],
+                                          float(res.log_scale[g]), 0.05)
+        assert abs(float(lp[i]) - ref) < 1e-3, (i, float(lp[i]), ref)
+
+
+def test_log_scale_draws_follow_their_exact_conditional():
+    """Each copy of a latent draw gets its own scale, distributed as the grid-integrated conditional."""
+    from galgen.inference import fit_map
+    from galgen.inference.fit import draw_log_scale
+    from test_lm import _sersic_batch
+
+    model, data, obs = _sersic_batch(2, seed=4)
+    res = fit_map(model, data, obs)
+    n = 4000
+    z = res.z[:, None, :].expand(2, n, -1).contiguous()
+    s = draw_log_scale(model, obs, data, z, generator=torch.Generator().manual_seed(2)).double()
+    for g in range(2):
+        _, mean, sd = _brute_scale_integral(model, obs.select(torch.tensor([g])), data[g:g + 1], res.z[g:g + 1],
+                                            float(res.log_scale[g]), 0.05)
+        assert abs(float(s[g].mean()) - mean) < 4 * sd / math.sqrt(n), (g, float(s[g].mean()), mean)
+        assert abs(float(s[g].std()) / sd - 1) < 0.06, (g, float(s[g].std()), sd)
+
+
+def test_integrating_the_scale_out_keeps_the_importance_sampled_posterior():
+    """Rao-Blackwellised importance sampling (z proposed, s from its conditional) and joint importance
+    sampling of (z, s) give the same posterior moments within Monte Carlo error where both pass PSIS."""
+    from galgen.inference import fit_map, sample_posterior
+    from test_lm import _sersic_batch
+
+    model, data, obs = _sersic_batch(3, seed=8)
+    res = fit_map(model, data, obs)
+    kw = dict(samples=500, chains=2, draws=2048, fallback=None, method="is")
+    a = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(0), **kw)
+    b = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(1), integrate_scale=False,
+                         **kw)
+    both = (a.pareto_k <= K_HAT_THRESHOLD) & (b.pareto_k <= K_HAT_THRESHOLD)
+    assert both.sum() >= 2, (a.pareto_k, b.pareto_k)
+    sa, sb = a.samples[both].flatten(1, 2).double(), b.samples[both].flatten(1, 2).double()
+    sd = sb.std(1)
+    ess = torch.minimum(a.is_ess, b.is_ess)[both].double()[:, None]
+    z = (sa.mean(1) - sb.mean(1)) / (sd * (2 / ess).sqrt())
+    assert z.abs().max() < 4.5, z
+    assert ((sa.std(1) / sd - 1).abs() < 0.12).all(), sa.std(1) / sd
