@@ -107,33 +107,54 @@ def posterior_log_prob(model, observation, observed, cond=None, prior=None, chai
 SCALE_NODES = 16
 
 
-def _scale_profile(model, obs, data, z, c, rounds: int = 2):
-    """Unit-scale detector models of latent rows, and the mode and width of their log scale's conditional.
+class _ScaleProfile:
+    """The likelihood of latent rows as a function of their log flux scale ``s``.
 
-    The log likelihood of ``a * m`` is ``B a - A a^2 / 2`` (plus a constant) in the
-    amplitude ``a = exp(s)`` for Gaussian noise, read exactly off three amplitudes; with
-    the flat prior on ``s`` the conditional peaks at ``a = B / A`` with
-    ``sd(s) = 1 / (a sqrt(A))``. For noise whose variance follows the signal the
-    parabola is refitted ``rounds`` times about its last mode, one standard deviation
-    either side. Rows whose model does not correlate positively with the data
-    (``B <= 0``) have no finite mode (``ok`` False).
+    The log likelihood of ``a * m`` (``m`` the unit-scale detector model) is
+    ``l_max - A (a - a_max)^2 / 2`` in the amplitude ``a = exp(s)`` for Gaussian noise,
+    read exactly off three amplitudes and checked at a fourth; with the flat prior on
+    ``s`` the conditional of ``s`` peaks at ``a_max`` with ``sd(s) = 1 / (a_max sqrt(A))``.
+    For noise whose variance follows the signal (the check fails) the parabola is
+    refitted ``rounds`` times about its last mode, one standard deviation either side,
+    and :meth:`log_likelihood` evaluates the noise model itself. Rows whose model does
+    not correlate positively with the data have no finite mode (``ok`` False).
     """
-    m = obs.noiseless(model.decode(z, c).float()).double()
-    ref = (data.sum((-2, -1)) / m.sum((-2, -1))).abs()
-    a = torch.where(torch.isfinite(ref) & (ref > 0), ref, torch.ones_like(ref))
-    step = a  # the first parabola through a = 0, a, 2a
-    ok = torch.ones_like(a, dtype=torch.bool)
-    for _ in range(1 + int(rounds)):
-        a3 = a + step * torch.tensor([-1.0, 0.0, 1.0], dtype=m.dtype, device=m.device)[:, None]
-        l0, l1, l2 = obs.noise.log_prob(data, a3[..., None, None] * m)
-        A = (2 * l1 - l0 - l2) / step ** 2
-        slope = (l2 - l0) / (2 * step)  # B - A a
-        good = (A > 0) & torch.isfinite(A) & torch.isfinite(slope) & ((a + slope / A.clamp(min=1e-300)) > 0)
-        ok = ok & good
-        a = torch.where(good, a + slope / A.clamp(min=1e-300), a)
-        step = torch.where(good, 1.0 / A.clamp(min=1e-300).sqrt(), step).clamp(max=0.5 * a)
-    sd = torch.where(ok, 1.0 / (a * A.clamp(min=1e-300).sqrt()), torch.ones_like(a))
-    return m, a.log(), sd, ok
+
+    def __init__(self, model, obs, data, z, c, rounds: int = 2):
+        self.noise, self.data = obs.noise, data
+        self.m = m = obs.noiseless(model.decode(z, c).float()).double()
+        ref = (data.sum((-2, -1)) / m.sum((-2, -1))).abs()
+        a = torch.where(torch.isfinite(ref) & (ref > 0), ref, torch.ones_like(ref))
+        step = a  # the first parabola through a = 0, a, 2a
+        ok = torch.ones_like(a, dtype=torch.bool)
+        offsets = torch.tensor([-1.0, 0.0, 1.0], dtype=m.dtype, device=m.device)[:, None]
+        for r in range(1 + int(rounds)):
+            l0, l1, l2 = self._exact(a + step * offsets)
+            A = (2 * l1 - l0 - l2) / step ** 2
+            slope = (l2 - l0) / (2 * step)  # B - A a
+            good = (A > 0) & torch.isfinite(A) & torch.isfinite(slope) & ((a + slope / A.clamp(min=1e-300)) > 0)
+            ok = ok & good
+            A = A.clamp(min=1e-300)
+            l_max, a = l1 + 0.5 * slope ** 2 / A, torch.where(good, a + slope / A, a)
+            if r == 0:  # Gaussian in the amplitude: the parabola is exact (checked at its vertex)
+                close = (self._exact(a[None])[0] - l_max).abs() <= 1e-6 + 1e-9 * l_max.abs()
+                self.quadratic = bool((close | ~good).all())
+                if self.quadratic:
+                    break
+            step = torch.where(good, 1.0 / A.sqrt(), step).clamp(max=0.5 * a)
+        self.ok, self.A, self.a_max, self.l_max = ok, A, a, l_max
+        self.mode = a.log()
+        self.sd = torch.where(ok, 1.0 / (a * A.sqrt()), torch.ones_like(a))
+
+    def _exact(self, a):
+        """The noise model's log likelihood at amplitudes ``a`` ``(n, N) -> (n, N)``."""
+        return self.noise.log_prob(self.data, a[..., None, None] * self.m)
+
+    def log_likelihood(self, s):
+        """``(n, N)`` log flux scales -> ``(n, N)`` log likelihoods."""
+        if self.quadratic:
+            return self.l_max - 0.5 * self.A * (s.exp() - self.a_max) ** 2
+        return self._exact(s.exp())
 
 
 def marginal_log_prob(model, observation, observed, cond=None, chains: int = 1, nodes: int = SCALE_NODES):
@@ -173,13 +194,12 @@ def marginal_log_prob(model, observation, observed, cond=None, chains: int = 1, 
     def log_prob(z, rows=None):
         obs, gal, c, prior_ = view(rows)
         data = observed[gal].double()
-        m, s0, sd, ok = _scale_profile(model, obs, data, z, c)
-        tt = torch.as_tensor(t, dtype=m.dtype, device=m.device)[:, None]
-        s = s0 + math.sqrt(2.0) * sd * tt  # (nodes, N)
-        ll = obs.noise.log_prob(data, s.exp()[..., None, None] * m)
-        lw = torch.as_tensor(np.log(w) + t ** 2, dtype=m.dtype, device=m.device)[:, None]
-        out = torch.logsumexp(ll + lw, 0) + torch.log(math.sqrt(2.0) * sd)
-        out = torch.where(ok, out, torch.full_like(out, -math.inf))
+        p = _ScaleProfile(model, obs, data, z, c)
+        tt = torch.as_tensor(t, dtype=data.dtype, device=data.device)[:, None]
+        ll = p.log_likelihood(p.mode + math.sqrt(2.0) * p.sd * tt)  # (nodes, N)
+        lw = torch.as_tensor(np.log(w) + t ** 2, dtype=data.dtype, device=data.device)[:, None]
+        out = torch.logsumexp(ll + lw, 0) + torch.log(math.sqrt(2.0) * p.sd)
+        out = torch.where(p.ok, out, torch.full_like(out, -math.inf))
         return out.to(z.dtype) + prior_.log_prob(z)
 
     return log_prob
@@ -235,9 +255,9 @@ def draw_log_scale(model, observation, observed, z, cond=None, generator: torch.
         gal = uniq[a:a + max_batch, 0].long()
         obs = observation.select(gal)
         data = observed[gal].double()
-        m, s0[a:a + max_batch], sd[a:a + max_batch], ok[a:a + max_batch] = _scale_profile(
-            model, obs, data, uniq[a:a + max_batch, 1:].to(z.dtype), None if cond is None else cond[gal])
-        ll = obs.noise.log_prob(data, (s0[a:a + max_batch] + sd[a:a + max_batch] * centre).exp()[..., None, None] * m)
+        p = _ScaleProfile(model, obs, data, uniq[a:a + max_batch, 1:].to(z.dtype), None if cond is None else cond[gal])
+        s0[a:a + max_batch], sd[a:a + max_batch], ok[a:a + max_batch] = p.mode, p.sd, p.ok
+        ll = p.log_likelihood(p.mode + p.sd * centre)
         ll = torch.where(torch.isfinite(ll), ll, torch.full_like(ll, -math.inf))
         cdf[a:a + max_batch] = torch.softmax(ll, 0).cumsum(0).T
     u = torch.rand(2, G * n, generator=generator, device=dev, dtype=torch.float64)  # every copy its own draw
