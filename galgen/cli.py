@@ -306,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--posterior is: propose from the Laplace approximation alone, or from a mixture with "
                         "the model's amortised posterior (auto: where the model ships one) [auto]")
     p.add_argument("--min-ess", type=float, default=None,
-                   help="--posterior is: galaxies go on drawing (up to 4x the proposals) until this effective "
-                        "sample size")
+                   help="--posterior is: galaxies go on drawing, from proposals adapted to their draws (up to 4x "
+                        "the proposals), until this effective sample size")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

@@ -370,7 +370,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      "posterior": posterior, "optimizer": optimizer,
                      **({"max_depth": max_depth} if posterior in ("nuts", "is") else {}),
                      **({"proposal": proposal} if proposal != "auto" else {}),
-                     **({"min_ess": min_ess} if min_ess is not None else {})}, sort_keys=True)
+                     **({"min_ess": min_ess} if min_ess is not None else {}),
+                     **({"integrate_scale": True} if posterior == "is" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
@@ -533,7 +534,8 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         :class:`~galgen.inference.amortized.AmortizedPosterior` to mix in.
     min_ess, max_draws : optional
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
-        ``draws`` proposals goes on drawing, 64 at a time, up to ``max_draws`` (default
+        ``draws`` proposals is proposed further rounds of ``draws``, each from a
+        proposal adapted to its weighted draws so far, up to ``max_draws`` (default
         ``4 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
     integrate_scale : bool, optional
         ``is``: propose the latents ``z`` alone, weighted by the posterior
