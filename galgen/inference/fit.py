@@ -527,12 +527,15 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         calibration studies that measure the importance sampler itself).
     proposal : {"auto", "laplace", "amortized"} or AmortizedPosterior, optional
         What ``is`` proposes from: ``laplace``, the Student-t about the Laplace
-        approximation alone; ``amortized``, a defensive mixture of the model's
-        amortised posterior (:mod:`galgen.inference.amortized`, kept with the model by
-        :func:`~galgen.inference.amortized.attach_amortized_posterior`; pretrained
-        models that ship one have it attached when loaded) and that t; ``auto`` (the
-        default): ``amortized`` where the model has one, else ``laplace``; or an
-        :class:`~galgen.inference.amortized.AmortizedPosterior` to mix in.
+        approximation alone; ``amortized``, a mixture of t's about the posterior modes
+        found from the model's amortised posterior's draws
+        (:func:`~galgen.inference.amortized.multimodal_laplace`; the amortised
+        posterior is kept with the model by
+        :func:`~galgen.inference.amortized.attach_amortized_posterior`, and pretrained
+        models that ship one have it attached when loaded), with the amortised
+        posterior's own draws as a defensive 10% where ``integrate_scale=False``;
+        ``auto`` (the default): ``amortized`` where the model has one, else
+        ``laplace``; or an :class:`~galgen.inference.amortized.AmortizedPosterior`.
     min_ess, max_draws : optional
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
         ``draws`` proposals is proposed further rounds of ``draws``, each from a
