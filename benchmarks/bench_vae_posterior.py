@@ -12,8 +12,8 @@ then its posterior is drawn by importance sampling (:func:`galgen.inference.samp
 ``method="is"``, no NUTS fallback so that each proposal is measured on its own) from
 every proposal of ``--proposals``: ``laplace`` (the Student-t about the Laplace
 approximation) and ``amortized`` (the modes found from the model's amortised
-posterior), with the flux scale integrated out (``--scale integrated``, the default)
-and/or proposed jointly with the latents (``--scale joint``). Reports per proposal the wall time (MAP and posterior), the importance
+posterior), with the flux scale treated as ``--scale`` lists (see ``scale`` of
+:func:`galgen.inference.sample_posterior`). Reports per proposal the wall time (MAP and posterior), the importance
 sampling ESS per galaxy (median, 10th percentile, minimum, fraction >= 200), the Pareto
 k (median, fraction <= 0.7), effective draws per second per galaxy, and, for the
 galaxies where both pass, the difference of the posterior means of flux, hlr, e1, e2
@@ -42,9 +42,9 @@ def main(argv=None):
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--galaxies", choices=("data", "prior"), default="data")
     ap.add_argument("--proposals", default="laplace,amortized")
-    ap.add_argument("--scale", default="integrated",
-                    help="comma list: 'integrated' (the flux scale integrated out, the default of "
-                         "sample_posterior) and/or 'joint' (proposed with the latents) [integrated]")
+    ap.add_argument("--scale", default="redraw",
+                    help="comma list of sample_posterior's treatments of the flux scale: 'redraw' (its "
+                         "default), 'integrated', 'joint' [redraw]")
     ap.add_argument("--draws", type=int, default=1024, help="proposals per galaxy [1024]")
     ap.add_argument("--min-ess", type=float, default=200.0,
                     help="galaxies go on drawing until this ESS (0: a fixed --draws) [200]")
@@ -87,16 +87,16 @@ def main(argv=None):
            "threads": torch.get_num_threads()}
     means = {}
     scales = [s for s in args.scale.split(",") if s]
-    if not set(scales) <= {"integrated", "joint"}:
-        raise SystemExit(f"--scale: 'integrated' and/or 'joint', got {args.scale!r}")
+    if not set(scales) <= {"redraw", "integrated", "joint"}:
+        raise SystemExit(f"--scale: 'redraw', 'integrated' and/or 'joint', got {args.scale!r}")
     for prop, scale in [(p, s) for s in scales for p in args.proposals.split(",") if p]:
         g = torch.Generator().manual_seed(args.seed + 1)
         t0 = time.perf_counter()
         h = sample_posterior(model, observed, obs, res, samples=args.samples, chains=args.chains, generator=g,
                              method="is", draws=args.draws, fallback=None, proposal=prop,
                              min_ess=args.min_ess or None, max_draws=args.max_draws,
-                             integrate_scale=scale == "integrated")
-        prop = prop if scale == "integrated" else f"{prop}+joint"
+                             scale=scale)
+        prop = prop if scale == "redraw" else f"{prop}+{scale}"
         wall = time.perf_counter() - t0
         ess, k = h.is_ess.numpy(), h.pareto_k.numpy()
         derived, _, _ = posterior_images(model, obs, h.samples)

@@ -100,9 +100,9 @@ def main():
                          "posterior (auto: where the model has one) [auto]")
     ap.add_argument("--min-ess", type=float, default=None,
                     help="importance sampling: galaxies go on drawing until this effective sample size")
-    ap.add_argument("--joint-scale", action="store_true",
-                    help="importance sampling: propose the log flux scale with the latents (default: integrate it "
-                         "out and draw it from its exact conditional)")
+    ap.add_argument("--scale", choices=["redraw", "integrated", "joint"], default="redraw",
+                    help="importance sampling: the log flux scale proposed with the latents and redrawn from its "
+                         "exact conditional, integrated out, or proposed only [redraw]")
     ap.add_argument("--max-draws", type=int, default=None, help="importance sampling with --min-ess: cap")
     ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")
@@ -134,8 +134,8 @@ def main():
         settings.update(draws=args.draws, fallback=not args.no_fallback)
         if args.proposal != "auto" or args.min_ess is not None:  # (earlier runs' batches stay valid)
             settings.update(proposal=args.proposal, min_ess=args.min_ess, max_draws=args.max_draws)
-    if args.sampler in ("is", "laplace"):  # (batches of runs before the scale was integrated out keep no key)
-        settings.update(integrate_scale=not args.joint_scale)
+    if args.sampler == "is" and args.scale != "joint":  # (earlier runs' batches, the joint scale, stay valid)
+        settings.update(scale=args.scale)
     parts = []
     starts = list(range(0, args.n, args.batch_size))
     lo, hi = shard.bounds(len(starts))
@@ -161,7 +161,7 @@ def main():
                                          seed=derive_seed(args.seed, start), latent_names=model.latent_names,
                                          draws=args.draws, fallback=None if args.no_fallback else "nuts",
                                          proposal=args.proposal, min_ess=args.min_ess, max_draws=args.max_draws,
-                                         integrate_scale=not args.joint_scale)
+                                         scale=args.scale)
         r["settings"] = np.array(json.dumps(settings))
         r["names"] = np.array(r["names"])
         with atomic_output(part) as tmp:

@@ -39,7 +39,7 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
                                  metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
                                  seed: int = 0, latent_names=None, draws: int | None = None,
                                  fallback: str | None = "nuts", proposal="auto", min_ess: float | None = None,
-                                 max_draws: int | None = None, integrate_scale: bool = True) -> dict:
+                                 max_draws: int | None = None, scale: str = "redraw") -> dict:
     """Simulate one galaxy per observation from the prior, sample its posterior, rank the truth.
 
     Parameters
@@ -79,9 +79,9 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     latent_names : sequence of str, optional
         Names of the latent coordinates in ``names`` (default ``z0``, ``z1``, ...;
         e.g. ``model.latent_names``).
-    draws, fallback, proposal, min_ess, max_draws, integrate_scale : optional
+    draws, fallback, proposal, min_ess, max_draws, scale : optional
         Importance sampling's proposals per galaxy, fallback, proposal, adaptive
-        number of draws and integral over the flux scale, as in
+        number of draws and treatment of the flux scale, as in
         :func:`~galgen.inference.sample_posterior`.
 
     Returns
@@ -115,7 +115,7 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     h = sample_posterior(model, observed, observation, res, samples=samples, chains=chains, warmup=warmup,
                          generator=gen, n_leapfrog=n_leapfrog, metric=metric, method=sampler, max_depth=max_depth,
                          draws=draws, fallback=fallback, proposal=proposal, min_ess=min_ess, max_draws=max_draws,
-                         integrate_scale=integrate_scale)
+                         scale=scale)
     derived, _, _ = posterior_images(model, observation, h.samples, n_draws=n_draws)
     d = z_true.shape[1]
     draws = torch.cat([derived.double(), thin_draws(h.samples, n_draws)[..., :d].double().cpu()], 2).numpy()

@@ -372,7 +372,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      **({"max_depth": max_depth} if posterior in ("nuts", "is") else {}),
                      **({"proposal": proposal} if proposal != "auto" else {}),
                      **({"min_ess": min_ess} if min_ess is not None else {}),
-                     **({"integrate_scale": True} if posterior == "is" else {})}, sort_keys=True)
+                     **({"scale": "redraw"} if posterior == "is" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
@@ -487,7 +487,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                      chains: int = 4, warmup: int | None = None, generator: torch.Generator | None = None,
                      method: str | None = None, draws: int | None = None, fallback: str | None = "nuts",
                      proposal="auto", min_ess: float | None = None, max_draws: int | None = None,
-                     integrate_scale: bool = True, **sampler_options):
+                     scale: str = "redraw", **sampler_options):
     """Posterior samples of (z, log flux scale) of a batch of galaxies, about their MAP.
 
     Parameters
@@ -533,7 +533,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         posterior is kept with the model by
         :func:`~galgen.inference.amortized.attach_amortized_posterior`, and pretrained
         models that ship one have it attached when loaded), with the amortised
-        posterior's own draws as a defensive 10% where ``integrate_scale=False``;
+        posterior's own draws as a defensive 10% unless ``scale="integrated"``;
         ``auto`` (the default): ``amortized`` where the model has one, else
         ``laplace``; or an :class:`~galgen.inference.amortized.AmortizedPosterior`.
     min_ess, max_draws : optional
@@ -541,13 +541,15 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         ``draws`` proposals is proposed further rounds of ``draws``, each from a
         proposal adapted to its weighted draws so far, up to ``max_draws`` (default
         ``4 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
-    integrate_scale : bool, optional
-        ``is``: propose the latents ``z`` alone, weighted by the posterior
-        with the log flux scale integrated out (:func:`marginal_log_prob`), and draw
-        the scale of each resampled ``z`` from its exact conditional
-        (:func:`draw_log_scale`) (the default; Rao-Blackwellised). ``False``: propose
-        ``(z, s)`` jointly, with the amortised posterior's own draws as a defensive
-        10% of the mixture.
+    scale : {"redraw", "integrated", "joint"}, optional
+        How ``is`` treats the log flux scale ``s``. ``joint``: proposed with the latents
+        ``z``, the amortised posterior's own draws a defensive 10% of the mixture.
+        ``redraw`` (the default): the same, then ``s`` of every resampled draw drawn
+        again from its exact conditional given ``z`` (:func:`draw_log_scale`), so that
+        copies of one heavy draw spread over the flux posterior. ``integrated``:
+        ``z`` proposed alone and weighted by the posterior with ``s`` integrated out
+        (:func:`marginal_log_prob`; Rao-Blackwellised: more effective draws, without
+        the defensive component), ``s`` then drawn from its conditional.
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -563,6 +565,8 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         raise GalgenInputError(f"method: one of {POSTERIOR_METHODS}, got {method!r}")
     if fallback not in ("nuts", None):
         raise GalgenInputError(f"fallback: 'nuts' or None, got {fallback!r}")
+    if scale not in ("redraw", "integrated", "joint"):
+        raise GalgenInputError(f"scale: 'redraw', 'integrated' or 'joint', got {scale!r}")
     dev = observation.psf.device
     B = len(observed)
     nan = torch.full((B,), math.nan)
@@ -583,17 +587,19 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     options = dict(draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains, generator=generator,
                    chunk=chunk, weighted=method == "is", df=7 if method == "is" else None, log_weights=logw,
                    min_ess=min_ess if method == "is" else None, max_draws=max_draws)
-    if integrate_scale and method == "is":  # propose z alone; s from its exact conditional given each draw
+    if scale == "integrated" and method == "is":  # propose z alone; s from its exact conditional given each draw
         d = mean.shape[-1] - 1
         lp = marginal_log_prob(model, observation, observed, cond, chains=chunk)
         r = importance_sample(lp, mean[..., :d], tril[..., :d, :d], **options)
-        z = r.samples.view(B, chains * samples, d)
-        s = draw_log_scale(model, observation, observed, z, cond, generator)
-        draws_ = torch.cat([z, s.to(z)[..., None]], -1).view(B, chains, samples, d + 1)
     else:
         lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
         r = importance_sample(lp, mean, tril, proposal=prop, mix=0.1, **options)
-        draws_ = r.samples
+    draws_ = r.samples
+    if scale != "joint" and method == "is":
+        d = mean.shape[-1] - 1
+        z = r.samples[..., :d].reshape(B, chains * samples, d)
+        s = draw_log_scale(model, observation, observed, z, cond, generator)
+        draws_ = torch.cat([z, s.to(z)[..., None]], -1).view(B, chains, samples, d + 1)
     out = PosteriorResult(samples=draws_, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
                           accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
                                                                                                  dtype=torch.long),

@@ -235,23 +235,27 @@ def test_log_scale_draws_follow_their_exact_conditional():
         assert abs(float(s[g].std()) / sd - 1) < 0.06, (g, float(s[g].std()), sd)
 
 
-def test_integrating_the_scale_out_keeps_the_importance_sampled_posterior():
-    """Rao-Blackwellised importance sampling (z proposed, s from its conditional) and joint importance
-    sampling of (z, s) give the same posterior moments within Monte Carlo error where both pass PSIS."""
+def test_every_treatment_of_the_flux_scale_gives_the_same_posterior():
+    """Rao-Blackwellised importance sampling (z proposed, s from its conditional) and the joint proposal of
+    (z, s) with s redrawn from its conditional give the posterior moments of the joint sampler within Monte
+    Carlo error, where all pass PSIS."""
     from galgen.inference import fit_map, sample_posterior
     from test_lm import _sersic_batch
 
     model, data, obs = _sersic_batch(3, seed=8)
     res = fit_map(model, data, obs)
     kw = dict(samples=500, chains=2, draws=2048, fallback=None, method="is")
-    a = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(0), **kw)
-    b = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(1), integrate_scale=False,
-                         **kw)
-    both = (a.pareto_k <= K_HAT_THRESHOLD) & (b.pareto_k <= K_HAT_THRESHOLD)
-    assert both.sum() >= 2, (a.pareto_k, b.pareto_k)
-    sa, sb = a.samples[both].flatten(1, 2).double(), b.samples[both].flatten(1, 2).double()
-    sd = sb.std(1)
-    ess = torch.minimum(a.is_ess, b.is_ess)[both].double()[:, None]
-    z = (sa.mean(1) - sb.mean(1)) / (sd * (2 / ess).sqrt())
-    assert z.abs().max() < 4.5, z
-    assert ((sa.std(1) / sd - 1).abs() < 0.12).all(), sa.std(1) / sd
+    b = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(1), scale="joint", **kw)
+    for i, scale in enumerate(("integrated", "redraw")):
+        a = sample_posterior(model, data, obs, res, generator=torch.Generator().manual_seed(2 + i), scale=scale,
+                             **kw)
+        both = (a.pareto_k <= K_HAT_THRESHOLD) & (b.pareto_k <= K_HAT_THRESHOLD)
+        assert both.sum() >= 2, (scale, a.pareto_k, b.pareto_k)
+        sa, sb = a.samples[both].flatten(1, 2).double(), b.samples[both].flatten(1, 2).double()
+        sd = sb.std(1)
+        ess = torch.minimum(a.is_ess, b.is_ess)[both].double()[:, None]
+        z = (sa.mean(1) - sb.mean(1)) / (sd * (2 / ess).sqrt())
+        assert z.abs().max() < 4.5, (scale, z)
+        assert ((sa.std(1) / sd - 1).abs() < 0.12).all(), (scale, sa.std(1) / sd)
+    with pytest.raises(Exception, match="scale"):
+        sample_posterior(model, data, obs, res, scale="flat", **kw)
