@@ -587,24 +587,31 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     options = dict(draws=-(-n_prop // chunk) * chunk, samples=samples, chains=chains, generator=generator,
                    chunk=chunk, weighted=method == "is", df=7 if method == "is" else None, log_weights=logw,
                    min_ess=min_ess if method == "is" else None, max_draws=max_draws)
+    d = mean.shape[-1] - 1
     if scale == "integrated" and method == "is":  # propose z alone; s from its exact conditional given each draw
-        d = mean.shape[-1] - 1
         lp = marginal_log_prob(model, observation, observed, cond, chains=chunk)
         r = importance_sample(lp, mean[..., :d], tril[..., :d, :d], **options)
     else:
         lp = posterior_log_prob(model, observation, observed, cond, chains=chunk)
         r = importance_sample(lp, mean, tril, proposal=prop, mix=0.1, **options)
-    draws_ = r.samples
-    if scale != "joint" and method == "is":
-        d = mean.shape[-1] - 1
-        z = r.samples[..., :d].reshape(B, chains * samples, d)
-        s = draw_log_scale(model, observation, observed, z, cond, generator)
-        draws_ = torch.cat([z, s.to(z)[..., None]], -1).view(B, chains, samples, d + 1)
+    draws_ = r.samples if scale != "integrated" or method != "is" else torch.cat(
+        [r.samples, r.samples.new_zeros(*r.samples.shape[:-1], 1)], -1)
+    poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
+    if scale != "joint" and method == "is":  # s from its conditional, where the draws are kept (not redrawn by NUTS)
+        keep = torch.ones(B, dtype=torch.bool)
+        if fallback == "nuts":
+            keep[poor] = False
+        kept = torch.nonzero(keep).flatten()
+        if len(kept):
+            kd = kept.to(dev)
+            z = draws_[kept, ..., :d].reshape(len(kept), chains * samples, d)
+            s = draw_log_scale(model, observation.select(kd), observed[kd], z, None if cond is None else
+                               cond[kd.to(cond.device)], generator)
+            draws_[kept, ..., d] = s.to(draws_).view(len(kept), chains, samples)
     out = PosteriorResult(samples=draws_, method=torch.full((B,), POSTERIOR_METHODS.index(method)),
                           accept_rate=torch.full((B, chains), math.nan), divergences=torch.zeros(B, chains,
                                                                                                  dtype=torch.long),
                           pareto_k=r.pareto_k, is_ess=r.ess)
-    poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
     if method == "is" and fallback == "nuts" and len(poor):  # the proposal misses these posteriors: MCMC
         c = None if cond is None else cond[poor.to(cond.device)]
         h = _mcmc(model, observed[poor.to(dev)], observation.select(poor.to(dev)), map_result.select(poor), c,

@@ -301,6 +301,11 @@ def mixture_log_weights(log_mass, floor: float = 0.05, drop: float = 1e-3):
     return logw - torch.logsumexp(logw, 1, keepdim=True)
 
 
+def _smoothed_ess(lw):
+    """Effective sample size ``1 / sum w^2`` of normalised log weights ``(B, n)``."""
+    return 1.0 / np.exp(2.0 * lw).sum(1)
+
+
 def _weighted_moments(x, lw):
     """Mean and Cholesky factor of the covariance of draws ``(B, n, k)`` under normalised log weights ``(B, n)``."""
     w = torch.as_tensor(np.exp(lw), dtype=x.dtype, device=x.device)
@@ -515,8 +520,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     for _ in range(n_adapt):
         need = ~(k_hat <= K_HAT_THRESHOLD)
         if adaptive_ess:  # too few effective draws, or k too large, while max_draws allows another round
-            need = (need | ~(1.0 / (np.exp(lw_s) ** 2).sum(1) >= min_ess)) & (n_draws + rounds * chunk
-                                                                                <= rounds_max * chunk)
+            need = (need | ~(_smoothed_ess(lw_s) >= min_ess)) & (n_draws + rounds * chunk <= rounds_max * chunk)
         redo = np.flatnonzero(need)
         if not len(redo):
             break
@@ -539,7 +543,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         lw_s[redo, :lw2.shape[1]] = lw2
         k_hat[redo], n_draws[redo] = k2, n2
     w = np.exp(lw_s)
-    ess = 1.0 / (w * w).sum(1)
+    ess = _smoothed_ess(lw_s)
     n_out = chains * samples
     if weighted:  # systematic resampling: each draw's copies within 1 of n_out * w
         u = (torch.rand(B, 1, generator=generator, device=mean.device, dtype=torch.float64).cpu().numpy()
