@@ -24,13 +24,18 @@ import numpy as np
 import torch
 
 from ..errors import GalgenInputError
-from .lm import gauss_newton, levenberg_marquardt, rows_prior
+from .lm import gauss_newton, levenberg_marquardt, prior_curvature, rows_prior
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD",
-           "mixture_log_weights"]
+           "mixture_log_weights", "ADAPT_CLIP"]
 
 #: Pareto k above which importance-sampling estimates are unreliable (Vehtari et al. 2024).
 K_HAT_THRESHOLD = 0.7
+
+#: The largest ``ADAPT_CLIP * k`` weights of a galaxy (``k`` parameters) are clipped to the
+#: smallest of them when :func:`importance_sample` adapts its proposal (nonlinear population
+#: Monte Carlo, Koblents & Miguez 2015), so that an adaptation rests on that many draws.
+ADAPT_CLIP = 4
 
 
 def _gpd_fit(x):
@@ -135,8 +140,10 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
         ``(B, d + 1)``: the mode ``(z, log_scale)``.
     scale_tril : torch.Tensor
         ``(B, d + 1, d + 1)`` Cholesky factor of the covariance ``H^-1`` (float64), ``H``
-        the Fisher matrix of the likelihood minus the Hessian of the log prior (its
-        eigenvalues floored at 1e-8 of the largest where the prior is not concave).
+        the Fisher matrix of the likelihood plus the prior's positive semi-definite
+        curvature (:func:`~galgen.inference.lm.prior_curvature`: the Gauss-Newton matrix
+        of a flow prior, whose exact Hessian is not positive definite; minus the exact
+        Hessian of any other prior), its eigenvalues floored at 1e-8 of the largest.
     """
     dev = observed.device
     z, s = map_result.z.to(dev), map_result.log_scale.to(dev)
@@ -147,6 +154,9 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
                                                    return_fisher=True)
         else:
             _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
+    prior = model.prior(cond)
+    d = z.shape[1]
+    h[:, :d, :d] += (prior_curvature(prior, z) - prior_curvature(prior, z, exact=True)).to(h)  # PSD prior part
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
 
 
@@ -240,6 +250,24 @@ def _t_mixture(means, trils, log_weights, n, df, generator):
     return x, _t_mixture_log_prob(x, means.double(), trils, log_weights.double(), df)
 
 
+def _clipped_log_weights(lw, m):
+    """Normalised log weights, the ``m`` largest set to the ``m``-th largest in rows with fewer than ``m`` effective draws.
+
+    The weights by which nonlinear population Monte Carlo adapts its proposal (Koblents &
+    Miguez 2015): where a few draws carry all the weight, their moments say little of the
+    posterior's spread, and clipping the largest gives an adaptation at least ``m``
+    effective draws wide. Rows with ``m`` effective draws or more are only normalised.
+    """
+    lw = np.asarray(lw, dtype=np.float64)
+    m = min(int(m), lw.shape[1])
+    thr = -np.sort(-lw, 1)[:, m - 1:m]
+    few = np.isfinite(thr) & (_smoothed_ess(lw - np.logaddexp.reduce(lw, 1, keepdims=True)) < m)[:, None]
+    out = np.where(few, np.minimum(lw, thr), lw)
+    top = np.max(out, 1, keepdims=True)
+    out = out - (top + np.log(np.exp(out - top).sum(1, keepdims=True)))
+    return np.where(np.isfinite(out), out, -np.inf)
+
+
 def _weighted_mixture(x, lw, means, trils, log_weights, df, floor=0.05):
     """One population Monte Carlo update of a t mixture from weighted draws (Cappe et al. 2008).
 
@@ -323,12 +351,15 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
                       df: int | None = 7, generator: torch.Generator | None = None, chunk: int = 64,
                       weighted: bool = True, adapt: int = 2, max_batch: int = 64, proposal=None,
                       mix: float = 0.8, min_ess: float | None = None,
-                      max_draws: int | None = None, log_weights=None) -> ImportanceResult:
+                      max_draws: int | None = None, log_weights=None,
+                      round_draws: int | None = None) -> ImportanceResult:
     """Importance-sample many posteriors at once from Student-t (or Gaussian) proposals, with PSIS.
 
     Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
     ``adapt`` times) from a t matched to the weighted mean and covariance of their
-    previous draws (adaptive importance sampling), and every draw of all their rounds
+    previous draws (adaptive importance sampling; the largest weights clipped, see
+    :data:`ADAPT_CLIP`, so that a few heavy draws do not collapse the proposal onto
+    themselves), and every draw of all their rounds
     is then weighted by the mixture of the rounds' proposals, each in proportion to its
     draws (the deterministic-mixture weights of adaptive multiple importance sampling,
     Cornuet et al. 2012): no draw is thrown away.
@@ -379,9 +410,10 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         Weight of ``proposal`` in the mixture (in (0, 1)).
     min_ess : float, optional
         Draw more. With ``adapt > 0`` (and ``weighted``): a galaxy whose smoothed
-        effective sample size is below ``min_ess`` (or whose k is too large) after a
-        round of ``draws`` is proposed another round from a proposal adapted to its
-        weighted draws, until it reaches ``min_ess`` or ``max_draws``, every round's
+        effective sample size is below ``min_ess`` (or whose k is too large) after
+        ``draws`` proposals is proposed rounds of ``round_draws`` more, each from a
+        proposal adapted to its weighted draws so far, until it reaches ``min_ess`` or
+        ``max_draws``, every round's
         draws kept (deterministic-mixture weights). With ``adapt=0``: a galaxy goes on
         proposing ``chunk`` draws at a time from the same proposal until the
         effective sample size of its raw weights reaches ``min_ess`` or it has
@@ -393,6 +425,11 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         ``(B, K)`` log weights of the mixture components (``-inf``: unused), with a
         3-d ``mean``; a mixture is adapted by population Monte Carlo (each component
         refitted to its share of the weighted draws).
+    round_draws : int, optional
+        With ``min_ess`` and ``adapt``: proposals per adapted round after the first
+        ``draws`` (rounded up to a multiple of ``chunk``; default ``draws // 4``).
+        Smaller rounds adapt the proposal more often: a Laplace proposal 2-4 times too
+        wide reaches its best efficiency after 4-5 adaptations.
 
     Returns
     -------
@@ -406,8 +443,9 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     # with min_ess and adapt, galaxies short of it adapt their proposal every `draws` (up to max_draws in all)
     # rather than go on drawing from the first one
     adaptive_ess = min_ess is not None and weighted and adapt > 0
-    n_rounds = rounds if adaptive_ess else rounds_max  # chunks a call of run() may draw
-    n_adapt = (max(int(adapt), rounds_max // rounds - 1) if adaptive_ess else int(adapt)) if weighted else 0
+    n_rounds = rounds if adaptive_ess else rounds_max  # chunks the first call of run() may draw
+    step = max(1, -(-int(round_draws or max(chunk, int(draws) // 4)) // chunk)) if adaptive_ess else rounds
+    n_adapt = (max(int(adapt), (rounds_max - rounds) // step) if adaptive_ess else int(adapt)) if weighted else 0
     if proposal is not None and not 0 < mix < 1:
         raise GalgenInputError(f"mix: the weight of the second proposal must lie in (0, 1), got {mix!r}")
     n_mix = min(chunk - 1, max(1, int(round(mix * chunk))))
@@ -440,17 +478,17 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         lq = torch.logaddexp(math.log(n_mix / chunk) + la, math.log1p(-n_mix / chunk) + lt)
         return torch.where(torch.isfinite(lq), lq, lt)
 
-    def run(idx, loc, tril, comp=None):
+    def run(idx, loc, tril, comp=None, n_chunks=n_rounds):
         """``chunk`` draws at a time for galaxies ``idx``: draws, log posterior, second proposal's log density, counts."""
         n = len(idx)
-        cap = n_rounds * chunk
+        cap = n_chunks * chunk
         xs = torch.zeros(n, cap, k, dtype=torch.float64, device=mean.device)
         lpost = torch.full((n, cap), -math.inf, dtype=torch.float64, device=mean.device)
         la = None if proposal is None else torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
         lq = torch.zeros(n, cap, dtype=torch.float64, device=mean.device)
         count = np.zeros(n, dtype=np.int64)
         act = torch.arange(n, device=mean.device)
-        for r in range(n_rounds):
+        for r in range(n_chunks):
             if r >= rounds:  # galaxies whose raw weights reach min_ess stop drawing
                 lw = (lpost[act] - lq[act])[:, :r * chunk]
                 w = torch.exp(lw - lw.max(1, keepdim=True).values).nan_to_num(0.0)
@@ -514,28 +552,28 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     comp = log_weights
     done = [(every, *run(every, mean, scale_tril, comp), (mean, scale_tril, comp))]
     x, lw_s, k_hat, n_draws = combine(done, every)
-    width = x.shape[1] * (1 + n_adapt)
+    width = x.shape[1] + n_adapt * step * chunk
     x = torch.cat([x, x.new_zeros(B, width - x.shape[1], k)], 1)
     lw_s = np.concatenate([lw_s, np.full((B, width - lw_s.shape[1]), -np.inf)], 1)
     for _ in range(n_adapt):
         need = ~(k_hat <= K_HAT_THRESHOLD)
         if adaptive_ess:  # too few effective draws, or k too large, while max_draws allows another round
-            need = (need | ~(_smoothed_ess(lw_s) >= min_ess)) & (n_draws + rounds * chunk <= rounds_max * chunk)
+            need = (need | ~(_smoothed_ess(lw_s) >= min_ess)) & (n_draws + step * chunk <= rounds_max * chunk)
         redo = np.flatnonzero(need)
         if not len(redo):
             break
         sel = torch.as_tensor(redo, device=mean.device)
         if comp is None:  # a t matched to the weighted draws
-            loc, tril, ok = _weighted_moments(x[sel], lw_s[redo])
+            loc, tril, ok = _weighted_moments(x[sel], _clipped_log_weights(lw_s[redo], ADAPT_CLIP * k))
             c = None
         else:  # the mixture updated by its responsibilities for the weighted draws
-            loc, tril, c = _weighted_mixture(x[sel], lw_s[redo], mean[sel], scale_tril[sel], comp[sel], df)
+            loc, tril, c = _weighted_mixture(x[sel], _clipped_log_weights(lw_s[redo], ADAPT_CLIP * k), mean[sel], scale_tril[sel], comp[sel], df)
             ok = torch.ones(len(sel), dtype=torch.bool, device=mean.device)
         sel, redo = sel[ok], redo[ok.cpu().numpy()]
         if not len(redo):
             break
         loc, tril, c = loc[ok], tril[ok], None if c is None else c[ok]
-        done.append((sel, *run(sel, loc, tril, c), (loc, tril, c)))
+        done.append((sel, *run(sel, loc, tril, c, step), (loc, tril, c)))
         x2, lw2, k2, n2 = combine(done, sel)  # every draw of these galaxies so far, reweighted
         x[sel] = 0.0
         x[sel, :x2.shape[1]] = x2
