@@ -135,7 +135,7 @@ def _cmd_fit(args):
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
                    n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
                    posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
-                   min_ess=args.min_ess, shard=shard, device=args.device,
+                   min_ess=args.min_ess or None, max_draws=args.max_draws, shard=shard, device=args.device,
                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
                    prior=args.prior, overwrite=args.overwrite, limit=args.limit,
                    progress=sys.stderr.isatty() if args.progress is None else args.progress))
@@ -305,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposal", choices=("auto", "laplace", "amortized"), default="auto",
                    help="--posterior is: propose from the Laplace approximation alone, or from a mixture with "
                         "the model's amortised posterior (auto: where the model ships one) [auto]")
-    p.add_argument("--min-ess", type=float, default=None,
-                   help="--posterior is: galaxies go on drawing, from proposals adapted to their draws (up to 4x "
-                        "the proposals), until this effective sample size")
+    p.add_argument("--min-ess", type=float, default=200.0,
+                   help="--posterior is: galaxies go on drawing, in rounds from proposals adapted to their draws, "
+                        "until this effective sample size (0: the first round's proposals only) [200]")
+    p.add_argument("--max-draws", type=_positive_int, default=None,
+                   help="--posterior is with --min-ess: proposals per galaxy at most [16x the first round's]")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

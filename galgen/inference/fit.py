@@ -273,7 +273,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
              posterior: str = "is", limit: int | None = None, progress: bool = False, proposal: str = "auto",
-             min_ess: float | None = None) -> Path:
+             min_ess: float | None = 200.0, max_draws: int | None = None) -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -329,9 +329,13 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Show a progress bar (galaxies fitted).
     proposal : {"auto", "laplace", "amortized"}, optional
         Importance sampling's proposal (see :func:`sample_posterior`).
-    min_ess : float, optional
-        Importance sampling: galaxies go on drawing until this effective sample size
-        (at most 4x the proposals; see :func:`sample_posterior`).
+    min_ess : float or None, optional
+        Importance sampling: galaxies go on drawing, from proposals adapted to their
+        draws, until this effective sample size (see :func:`sample_posterior`); None:
+        the first round's proposals only.
+    max_draws : int, optional
+        Importance sampling with ``min_ess``: proposals per galaxy at most (default 16x
+        the first round's).
 
     Returns
     -------
@@ -372,6 +376,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      **({"max_depth": max_depth} if posterior in ("nuts", "is") else {}),
                      **({"proposal": proposal} if proposal != "auto" else {}),
                      **({"min_ess": min_ess} if min_ess is not None else {}),
+                     **({"max_draws": max_draws} if max_draws is not None else {}),
                      **({"scale": "redraw"} if posterior == "is" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
@@ -409,7 +414,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
             if samples:
                 block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
                                         n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth,
-                                        proposal=proposal, min_ess=min_ess))
+                                        proposal=proposal, min_ess=min_ess, max_draws=max_draws))
             w.write(block)
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
@@ -540,7 +545,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
         ``draws`` proposals is proposed further rounds of ``draws``, each from a
         proposal adapted to its weighted draws so far, up to ``max_draws`` (default
-        ``4 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
+        ``16 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
     scale : {"redraw", "integrated", "joint"}, optional
         How ``is`` treats the log flux scale ``s``. ``joint``: proposed with the latents
         ``z``, the amortised posterior's own draws a defensive 10% of the mixture.

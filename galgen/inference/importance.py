@@ -45,7 +45,7 @@ def _gpd_fit(x):
     b = 1 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
     b = b[None, :] / (3 * x[:, int(n / 4 + 0.5) - 1, None]) + 1 / x[:, -1, None]  # (G, m)
     k = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ll = n * (np.log(-b / k) - k - 1)
         w = 1 / np.exp(ll[:, None, :] - ll[:, :, None]).sum(-1)
     w = np.where(w >= 10 * np.finfo(float).eps, w, 0.0)
@@ -420,7 +420,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         ``max_draws``. Galaxies that are done leave the batch. Default: a fixed
         ``draws``.
     max_draws : int, optional
-        Proposals per galaxy at most with ``min_ess`` (default ``4 * draws``).
+        Proposals per galaxy at most with ``min_ess`` (default ``16 * draws``).
     log_weights : torch.Tensor, optional
         ``(B, K)`` log weights of the mixture components (``-inf``: unused), with a
         3-d ``mean``; a mixture is adapted by population Monte Carlo (each component
@@ -439,7 +439,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         raise GalgenInputError("mean: (B, K, k) locations of a mixture go with log_weights (B, K), (B, k) without")
     B, k = mean.shape[0], mean.shape[-1]
     rounds = max(1, -(-int(draws) // chunk))
-    rounds_max = rounds if min_ess is None else max(rounds, -(-int(max_draws or 4 * draws) // chunk))
+    rounds_max = rounds if min_ess is None else max(rounds, -(-int(max_draws or 16 * draws) // chunk))
     # with min_ess and adapt, galaxies short of it adapt their proposal every `draws` (up to max_draws in all)
     # rather than go on drawing from the first one
     adaptive_ess = min_ess is not None and weighted and adapt > 0
