@@ -543,7 +543,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         ``laplace``; or an :class:`~galgen.inference.amortized.AmortizedPosterior`.
     min_ess, max_draws : optional
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
-        ``draws`` proposals is proposed further rounds of ``draws``, each from a
+        ``draws`` proposals is proposed further rounds of ``draws // 4``, each from a
         proposal adapted to its weighted draws so far, up to ``max_draws`` (default
         ``16 * draws``); see :func:`~galgen.inference.importance.importance_sample`.
     scale : {"redraw", "integrated", "joint"}, optional

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import GalgenInputError
-from .lm import gauss_newton, levenberg_marquardt, prior_curvature, rows_prior
+from .lm import flow_base_precision, gauss_newton, levenberg_marquardt, prior_curvature, rows_prior
 
 __all__ = ["psis", "laplace_approximation", "importance_sample", "ImportanceResult", "K_HAT_THRESHOLD",
            "mixture_log_weights", "ADAPT_CLIP"]
@@ -155,8 +155,9 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
         else:
             _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
     prior = model.prior(cond)
-    d = z.shape[1]
-    h[:, :d, :d] += (prior_curvature(prior, z) - prior_curvature(prior, z, exact=True)).to(h)  # PSD prior part
+    if flow_base_precision(prior) is not None:  # the flow's PSD Gauss-Newton curvature for its exact Hessian
+        d = z.shape[1]
+        h[:, :d, :d] += (prior_curvature(prior, z) - prior_curvature(prior, z, exact=True)).to(h)
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
 
 
@@ -440,8 +441,8 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     B, k = mean.shape[0], mean.shape[-1]
     rounds = max(1, -(-int(draws) // chunk))
     rounds_max = rounds if min_ess is None else max(rounds, -(-int(max_draws or 16 * draws) // chunk))
-    # with min_ess and adapt, galaxies short of it adapt their proposal every `draws` (up to max_draws in all)
-    # rather than go on drawing from the first one
+    # with min_ess and adapt, galaxies short of it adapt their proposal every `step` chunks (up to max_draws in
+    # all) rather than go on drawing from the first one
     adaptive_ess = min_ess is not None and weighted and adapt > 0
     n_rounds = rounds if adaptive_ess else rounds_max  # chunks the first call of run() may draw
     step = max(1, -(-int(round_draws or max(chunk, int(draws) // 4)) // chunk)) if adaptive_ess else rounds

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["levenberg_marquardt", "gauss_newton", "rows_prior", "prior_curvature"]
+__all__ = ["levenberg_marquardt", "gauss_newton", "rows_prior", "prior_curvature", "flow_base_precision"]
 
 
 def rows_prior(model, cond, prior=None):
@@ -136,6 +136,27 @@ def _prior_terms(prior, z, need_hessian=True):
     return lp.detach(), g.detach(), hess.detach()
 
 
+def flow_base_precision(prior):
+    """``1 / sigma^2`` of a normalizing-flow prior's diagonal normal base, or None for any other prior.
+
+    Parameters
+    ----------
+    prior : torch.distributions.Distribution
+
+    Returns
+    -------
+    torch.Tensor or None
+        The base's precision per coordinate (broadcastable to the latent dimension).
+    """
+    from torch.distributions import Independent, Normal
+    from zuko.distributions import NormalizingFlow
+
+    base = prior.base if isinstance(prior, NormalizingFlow) else None
+    if isinstance(base, Independent) and isinstance(base.base_dist, Normal):
+        return base.base_dist.scale ** -2
+    return None
+
+
 def prior_curvature(prior, z, exact: bool = False):
     """Positive semi-definite curvature of ``-log p(z)`` per row, for Laplace approximations.
 
@@ -171,13 +192,10 @@ def prior_curvature(prior, z, exact: bool = False):
     tensor([[1., 0.],
             [0., 1.]])
     """
-    from torch.distributions import Independent, Normal
-    from zuko.distributions import NormalizingFlow
-
-    base = prior.base if isinstance(prior, NormalizingFlow) and not exact else None
-    if not (isinstance(base, Independent) and isinstance(base.base_dist, Normal)):
+    precision = None if exact else flow_base_precision(prior)
+    if precision is None:
         return -_prior_terms(prior, z)[2]
-    inv_var = base.base_dist.scale.to(z).expand(z.shape[-1]) ** -2
+    inv_var = precision.to(z).expand(z.shape[-1])
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         u = prior.transform(zz)
