@@ -135,7 +135,8 @@ def _cmd_fit(args):
     print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
                    n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
                    posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
-                   min_ess=args.min_ess or None, max_draws=args.max_draws, shard=shard, device=args.device,
+                   min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, shard=shard,
+                   device=args.device,
                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
                    prior=args.prior, overwrite=args.overwrite, limit=args.limit,
                    progress=sys.stderr.isatty() if args.progress is None else args.progress))
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "until this effective sample size (0: the first round's proposals only) [200]")
     p.add_argument("--max-draws", type=_positive_int, default=None,
                    help="--posterior is with --min-ess: proposals per galaxy at most [16x the first round's]")
+    p.add_argument("--fallback", choices=("nuts", "none"), default="nuts",
+                   help="--posterior is: NUTS for the galaxies whose Pareto k stays above 0.7, or none (their "
+                        "weighted draws are kept, flagged by pareto_k) [nuts]")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

@@ -273,7 +273,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
              posterior: str = "is", limit: int | None = None, progress: bool = False, proposal: str = "auto",
-             min_ess: float | None = 200.0, max_draws: int | None = None) -> Path:
+             min_ess: float | None = 200.0, max_draws: int | None = None, fallback: str | None = "nuts") -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -336,6 +336,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     max_draws : int, optional
         Importance sampling with ``min_ess``: proposals per galaxy at most (default 16x
         the first round's).
+    fallback : {"nuts", "none"}, optional
+        Importance sampling: what redraws the galaxies whose Pareto k stays above 0.7
+        (``fallback`` of :func:`sample_posterior`; ``"none"`` or None keeps their
+        weighted draws, flagged by ``pareto_k``).
 
     Returns
     -------
@@ -367,6 +371,9 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         posterior = sampler
     if posterior not in POSTERIOR_METHODS:
         raise GalgenInputError(f"posterior: one of {POSTERIOR_METHODS}, got {posterior!r}")
+    fallback = None if fallback in (None, "none") else fallback
+    if fallback not in ("nuts", None):
+        raise GalgenInputError(f"fallback: 'nuts' or 'none', got {fallback!r}")
     fp = json.dumps({"model": model.checkpoint_path or repr(cfg), "data": str(data.resolve()),
                      "data_fingerprint": probe.fingerprint, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
                      "samples": samples, "chains": chains, "warmup": warmup, "n_leapfrog": n_leapfrog,
@@ -377,6 +384,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      **({"proposal": proposal} if proposal != "auto" else {}),
                      **({"min_ess": min_ess} if min_ess is not None else {}),
                      **({"max_draws": max_draws} if max_draws is not None else {}),
+                     **({"fallback": "none"} if fallback is None and posterior == "is" else {}),
                      **({"scale": "redraw"} if posterior == "is" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
@@ -414,7 +422,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
             if samples:
                 block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
                                         n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth,
-                                        proposal=proposal, min_ess=min_ess, max_draws=max_draws))
+                                        proposal=proposal, min_ess=min_ess, max_draws=max_draws,
+                                        fallback=fallback))
             w.write(block)
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
@@ -460,6 +469,12 @@ def _catalog(w, model, catalog_path, samples):
 #: Posterior methods of :func:`sample_posterior` and ``galgen fit --posterior``, by their
 #: code in fit files (``posterior_method``).
 POSTERIOR_METHODS = ("hmc", "nuts", "is", "laplace")
+
+#: Tree depth at most of the NUTS fallback of :func:`sample_posterior` (63 leapfrog steps per
+#: draw): on the galaxies whose importance weights fail, NUTS trajectories of ``sdss-vae``
+#: reach this depth even with a Laplace metric, and deeper trees cost ~4x per depth step for
+#: little more mixing.
+FALLBACK_MAX_DEPTH = 6
 
 
 @dataclass
@@ -529,7 +544,11 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     fallback : {"nuts", None}, optional
         What redraws an ``is`` galaxy whose Pareto k stays above the threshold: NUTS,
         or nothing (its weighted draws are kept, flagged by ``pareto_k``; for
-        calibration studies that measure the importance sampler itself).
+        calibration studies that measure the importance sampler itself). The NUTS
+        fallback starts at the refined mode with a fixed dense metric, the Laplace
+        covariance with the prior's ``upper`` curvature
+        (:func:`~galgen.inference.lm.prior_curvature`), adapts its step size only, and
+        grows trees to :data:`FALLBACK_MAX_DEPTH` at most (or ``max_depth`` if smaller).
     proposal : {"auto", "laplace", "amortized"} or AmortizedPosterior, optional
         What ``is`` proposes from: ``laplace``, the Student-t about the Laplace
         approximation alone; ``amortized``, a mixture of t's about the posterior modes
@@ -619,8 +638,15 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
                           pareto_k=r.pareto_k, is_ess=r.ess)
     if method == "is" and fallback == "nuts" and len(poor):  # the proposal misses these posteriors: MCMC
         c = None if cond is None else cond[poor.to(cond.device)]
-        h = _mcmc(model, observed[poor.to(dev)], observation.select(poor.to(dev)), map_result.select(poor), c,
-                  samples, chains, warmup, generator, "nuts", sampler_options)
+        pd = poor.to(dev)
+        obs_p, res_p = observation.select(pd), map_result.select(poor)
+        # the metric: a Laplace covariance with the flow's thin directions, fixed (a few dozen
+        # warm-up draws of two chains estimate a 17-d covariance worse than it is known)
+        x0, ftril = laplace_approximation(model, observed[pd], obs_p, res_p, c, curvature="upper")
+        opts = {**sampler_options, "metric": "dense", "adapt_mass": False,
+                "max_depth": min(int(sampler_options.get("max_depth", 8)), FALLBACK_MAX_DEPTH),
+                "inv_mass": (ftril @ ftril.transpose(1, 2)).to(dev, res_p.z.dtype)}
+        h = _mcmc(model, observed[pd], obs_p, res_p, c, samples, chains, warmup, generator, "nuts", opts, x0=x0)
         out.samples[poor] = h.samples.cpu()
         out.method[poor] = POSTERIOR_METHODS.index("nuts")
         out.accept_rate[poor] = h.accept_rate.cpu().float()
@@ -645,10 +671,11 @@ def _amortized(model, proposal, cond=None):
     return q
 
 
-def _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, sampler, options):
+def _mcmc(model, observed, observation, map_result, cond, samples, chains, warmup, generator, sampler, options,
+          x0=None):
     dev = observation.psf.device
     res = map_result
-    x0 = torch.cat([res.z, res.log_scale[:, None]], 1).to(dev)
+    x0 = (torch.cat([res.z, res.log_scale[:, None]], 1) if x0 is None else x0).to(dev, res.z.dtype)
     init = x0[:, None, :] + 0.01 * torch.randn(len(observed), chains, x0.shape[1], generator=generator, device=dev)
     lp = posterior_log_prob(model, observation, observed, cond, chains=chains)
     return hmc_sample(lp, init, n_samples=samples, n_warmup=samples if warmup is None else warmup,

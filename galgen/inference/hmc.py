@@ -131,9 +131,20 @@ class _DualAveraging:
 class _Metric:
     """The inverse mass matrix of every chain: diagonal ``(M, d)`` or dense ``(M, d, d)``."""
 
-    def __init__(self, M, d, device, dtype):
+    def __init__(self, M, d, device, dtype, init=None, dense=False):
         self.inv_mass = torch.ones(M, d, device=device, dtype=dtype)
         self.chol = None  # dense: inv_mass = chol @ chol.T
+        self.anchor = None  # an initial metric: the warm-up estimates are regularised towards it
+        if init is not None:
+            init = init.to(device=device, dtype=dtype)
+            if dense and init.ndim == 2:
+                init = torch.diag_embed(init)
+            elif not dense and init.ndim == 3:
+                init = torch.diagonal(init, dim1=1, dim2=2)
+            self.anchor = init
+            self.inv_mass = init
+            if dense:
+                self.chol = torch.linalg.cholesky(init)
 
     def momentum(self, xi):
         """``p ~ N(0, inv_mass^-1)`` from standard normal ``xi``."""
@@ -152,9 +163,14 @@ class _Metric:
         return 0.5 * ((self.chol.transpose(1, 2) @ p[:, :, None])[:, :, 0] ** 2).sum(1)
 
     def adapt(self, window, chains, dense):
-        """Set from warm-up draws ``(n, M, d)``, regularised towards 1e-3 I as Stan does."""
-        def shrink(estimate, n, identity):  # Stan's regularisation
-            return (n / (n + 5)) * estimate + 1e-3 * (5 / (n + 5)) * identity
+        """Set from warm-up draws ``(n, M, d)``, regularised towards 1e-3 I as Stan does, or
+        towards the initial metric (as ``d + 1`` pseudo-draws, a conjugate update) where one was given."""
+        def shrink(estimate, n, identity):
+            if self.anchor is None:  # Stan's regularisation
+                return (n / (n + 5)) * estimate + 1e-3 * (5 / (n + 5)) * identity
+            n0 = d + 1
+            anchor = self.anchor if not dense else self.anchor[::chains]
+            return (n * estimate + n0 * anchor) / (n + n0)
 
         n, M, d = window.shape
         if not dense:
@@ -417,7 +433,7 @@ def _run_nuts(log_prob_fn, x, lp, grad, eps, metric, *, chains, n_warmup, n_samp
 def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmup: int = 500,
                n_leapfrog: int = 16, step_size: float = 0.1, target_accept: float = 0.8,
                adapt_mass: bool = True, metric: str = "diag", sampler: str = "hmc", max_depth: int = 8,
-               generator: torch.Generator | None = None) -> HMCResult:
+               inv_mass: torch.Tensor | None = None, generator: torch.Generator | None = None) -> HMCResult:
     """Sample many independent targets with HMC or NUTS, all chains in one batch.
 
     Parameters
@@ -453,6 +469,13 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
         Fixed-length trajectories, or the No-U-Turn sampler.
     max_depth : int, optional
         NUTS: at most ``2**max_depth - 1`` leapfrog steps per draw.
+    inv_mass : torch.Tensor, optional
+        ``(G, d)`` or ``(G, d, d)`` initial inverse mass matrix of each galaxy (its chains
+        share it), e.g. the covariance of a Laplace approximation; its diagonal for
+        ``metric="diag"``. Must be positive definite. The warm-up windows refine it,
+        each estimate regularised towards it (as ``d + 1`` pseudo-draws) rather than
+        towards ``1e-3 I``, so that a short warm-up with few chains keeps what it knows.
+        Default: the identity.
     generator : torch.Generator, optional
         Randomness (momenta, acceptance, jitter, NUTS directions).
 
@@ -490,7 +513,14 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
     if not bool(torch.isfinite(lp).all()):
         raise GalgenInputError("init: the log density is not finite at some initial states")
     eps = torch.full((M,), float(step_size), device=dev, dtype=dt)
-    metric_ = _Metric(M, d, dev, dt)
+    if inv_mass is not None:
+        if inv_mass.shape not in ((G, d), (G, d, d)):
+            raise GalgenInputError(f"inv_mass: expected ({G}, {d}) or ({G}, {d}, {d}), got {tuple(inv_mass.shape)}")
+        ok = (inv_mass > 0).all(-1) if inv_mass.ndim == 2 else torch.linalg.cholesky_ex(inv_mass.double())[1] == 0
+        if not bool(ok.all()):
+            raise GalgenInputError(f"inv_mass: not positive definite for galaxies {torch.nonzero(~ok).flatten().tolist()}")
+        inv_mass = inv_mass.repeat_interleave(C, 0)
+    metric_ = _Metric(M, d, dev, dt, init=inv_mass, dense=metric == "dense")
     da = _DualAveraging(eps, target_accept)  # (HMC; NUTS chains keep their own iteration counts)
     # warm-up: step size only (15%), then metric windows of 15%, 25% and 35% of the warm-up, each
     # estimating the metric afresh from its own draws (made with the previous window's metric,

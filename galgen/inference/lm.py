@@ -157,7 +157,7 @@ def flow_base_precision(prior):
     return None
 
 
-def prior_curvature(prior, z, exact: bool = False):
+def prior_curvature(prior, z, exact: bool = False, upper: bool = False):
     """Positive semi-definite curvature of ``-log p(z)`` per row, for Laplace approximations.
 
     A normalizing flow's log density is not concave: its exact Hessian has negative
@@ -179,6 +179,13 @@ def prior_curvature(prior, z, exact: bool = False):
         ``(n, d)`` latent codes.
     exact : bool, optional
         Minus the exact Hessian (double backward) whatever the prior.
+    upper : bool, optional
+        For a flow prior (without ``exact``): the Gauss-Newton matrix ``G`` plus the
+        positive part of ``E - G`` (``E`` minus the exact Hessian), a PSD matrix at least
+        as large as both in every direction: it adds the directions where the flow is
+        narrower than ``G`` says (``sdss-vae``: up to 1,250x in Laplace-whitened units at
+        posterior modes). The metric of :func:`~galgen.inference.sample_posterior`'s NUTS
+        fallback.
 
     Returns
     -------
@@ -201,7 +208,12 @@ def prior_curvature(prior, z, exact: bool = False):
         u = prior.transform(zz)
         jac = torch.stack([torch.autograd.grad(u[:, j].sum(), zz, retain_graph=j < u.shape[1] - 1)[0]
                            for j in range(u.shape[1])], 1)  # (n, d_u, d): rows are independent
-    return torch.einsum("nji,j,njk->nik", jac, inv_var, jac).detach()
+    gn = torch.einsum("nji,j,njk->nik", jac, inv_var, jac).detach()
+    if not upper:
+        return gn
+    diff = -_prior_terms(prior, z)[2] - gn
+    evals, evecs = torch.linalg.eigh(0.5 * (diff + diff.transpose(1, 2)))
+    return gn + (evecs * evals.clamp(min=0)[:, None, :]) @ evecs.transpose(1, 2)
 
 
 def gauss_newton(model, obs, data, z, s, cond, prior, fit_flux=True):

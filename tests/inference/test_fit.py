@@ -170,6 +170,21 @@ def test_cli_importance_sampled_posteriors(sdss_tiny, tmp_path):
     assert {"pareto_k", "is_ess", "posterior_method"} <= set(cat.colnames)
 
 
+def test_cli_fallback_none_keeps_every_importance_sampled_galaxy(sdss_tiny, tmp_path):
+    """``galgen fit --fallback none``: every galaxy keeps its importance-sampled draws (none redrawn by NUTS),
+    their diagnostics kept; the choice is part of the fit file's fingerprint; a bad value is refused."""
+    out = tmp_path / "none.h5"
+    argv = ["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "1/8",
+            "--samples", "20", "--chains", "2", "--device", "cpu", "--min-ess", "0", "--fallback", "none"]
+    assert main(argv) == 0
+    with h5py.File(out) as f:
+        assert (f["posterior_method"][:] == 2).all()
+        assert np.isfinite(f["pareto_k"][:]).all() and (f["is_ess"][:] > 0).all()
+        assert '"fallback": "none"' in f.attrs["fingerprint"]
+    with pytest.raises(GalgenInputError, match="fallback"):
+        fit_file("sersic", sdss_tiny, tmp_path / "x.h5", samples=10, fallback="hmc")
+
+
 def test_posterior_log_prob_of_selected_rows(sdss_tiny):
     """The log posterior of a few rows (how NUTS asks for the chains still moving) equals theirs in the full batch."""
     from galgen.inference import posterior_log_prob

@@ -192,3 +192,58 @@ def test_nuts_evaluates_only_the_moving_chains():
     # after the first call (all 48 rows) every row asked for is one leapfrog step of one chain
     assert sum(rows_asked[1:]) == round(float((b.n_steps * 100).sum()))
     assert sum(rows_asked[1:]) < 0.8 * 48 * (len(rows_asked) - 1)  # and fewer than all chains at every step
+
+
+def test_nuts_with_a_known_dense_metric_needs_no_mass_adaptation():
+    """A 1:100 tilted Gaussian: NUTS given its covariance as inv_mass (adapt_mass=False) takes unit-scale steps
+    and short trajectories from the start and recovers the covariance; with the identity metric it needs
+    far deeper trees. Diagonal metrics take the diagonal of a dense inv_mass; bad shapes and non-positive
+    matrices are refused."""
+    S = torch.tensor([[1.0, 0.995 * 100], [0.995 * 100, 1e4]], dtype=torch.float64)
+    P = torch.linalg.inv(S)
+
+    def log_prob(x):
+        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+
+    G, C = 3, 4
+    init = 0.01 * torch.randn(G, C, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(n_samples=400, n_warmup=60, sampler="nuts", adapt_mass=False, max_depth=6)
+    known = hmc_sample(log_prob, init, metric="dense", inv_mass=S.expand(G, 2, 2),
+                       generator=torch.Generator().manual_seed(1), **kw)
+    plain = hmc_sample(log_prob, init, metric="dense", generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.allclose(known.inv_mass, S.expand(G, C, 2, 2))
+    assert (known.step_size > 0.4).all() and (known.n_steps < 8).all(), (known.step_size, known.n_steps)
+    assert (plain.n_steps > 4 * known.n_steps.max()).all(), (plain.n_steps, known.n_steps)
+    s = known.samples.reshape(G, -1, 2)
+    emp = torch.stack([torch.cov(si.T) for si in s])
+    assert ((emp.diagonal(dim1=1, dim2=2) / S.diagonal() - 1).abs() < 0.2).all(), emp
+    assert ((emp[:, 0, 1] / (emp[:, 0, 0] * emp[:, 1, 1]).sqrt() - 0.995).abs() < 0.01).all()
+    diag = hmc_sample(log_prob, init, n_samples=5, n_warmup=0, sampler="nuts", inv_mass=S.expand(G, 2, 2),
+                      adapt_mass=False, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(diag.inv_mass, S.diagonal().expand(G, C, 2))
+    with pytest.raises(GalgenInputError, match="inv_mass"):
+        hmc_sample(log_prob, init, inv_mass=S)
+    with pytest.raises(GalgenInputError, match="positive definite"):
+        hmc_sample(log_prob, init, metric="dense", inv_mass=-S.expand(G, 2, 2))
+
+
+def test_warm_up_refines_an_initial_metric_towards_the_posterior():
+    """A wrong initial metric (the variances 4x too large, no correlation) is refined by the warm-up windows,
+    regularised towards it with d + 1 pseudo-draws: the adapted metric lies between it and the posterior
+    covariance, near the latter."""
+    S = torch.tensor([[1.0, 0.9 * 3], [0.9 * 3, 9.0]], dtype=torch.float64)
+    P = torch.linalg.inv(S)
+
+    def log_prob(x):
+        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+
+    G, C = 2, 4
+    init = 0.01 * torch.randn(G, C, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    start = torch.diag_embed(4 * S.diagonal()).expand(G, 2, 2)
+    res = hmc_sample(log_prob, init, n_samples=10, n_warmup=600, sampler="nuts", metric="dense", inv_mass=start,
+                     generator=torch.Generator().manual_seed(3))
+    got = res.inv_mass[:, 0]
+    corr = got[:, 0, 1] / (got[:, 0, 0] * got[:, 1, 1]).sqrt()
+    assert ((corr > 0.75) & (corr < 0.9)).all(), corr  # pulled towards 0.9 from 0, a little shrunk
+    ratio = got.diagonal(dim1=1, dim2=2) / S.diagonal()
+    assert ((ratio > 0.7) & (ratio < 1.6)).all(), ratio

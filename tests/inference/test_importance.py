@@ -305,6 +305,13 @@ def test_prior_curvature_is_the_fisher_matrix_of_the_flow_base():
     exact = prior_curvature(prior, z, exact=True)
     assert (torch.linalg.eigvalsh(exact.double())[:, 0] < 0).any()  # the flow's log density is not concave
     torch.testing.assert_close(exact, exact.transpose(1, 2), rtol=1e-4, atol=1e-3)
+    # upper: PSD and at least both the Gauss-Newton matrix and the exact curvature in every direction
+    up = prior_curvature(prior, z, upper=True).double()
+    tol = 1e-4 * torch.linalg.eigvalsh(up)[:, -1:]
+    for lower in (c.double(), exact.double()):
+        assert (torch.linalg.eigvalsh(up - 0.5 * (lower + lower.transpose(1, 2))) > -tol).all()
+    assert (torch.linalg.eigvalsh(up - c.double())[:, -1] > 1.0).any()  # the flow is narrower than J^T J says
+    torch.testing.assert_close(prior_curvature(standard_normal(3), z[:, :3], upper=True), torch.eye(3).expand(6, 3, 3))
 
 
 def test_small_adapted_rounds_reach_min_ess_on_a_proposal_too_wide_in_every_direction():
