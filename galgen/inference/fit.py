@@ -643,6 +643,8 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         # the metric: a Laplace covariance with the flow's thin directions, fixed (a few dozen
         # warm-up draws of two chains estimate a 17-d covariance worse than it is known)
         x0, ftril = laplace_approximation(model, observed[pd], obs_p, res_p, c, curvature="upper")
+        x_map = torch.cat([res_p.z, res_p.log_scale[:, None]], 1).to(x0)
+        x0 = torch.where(torch.isfinite(x0).all(1, keepdim=True), x0, x_map)  # a polish that diverged
         opts = {**sampler_options, "metric": "dense", "adapt_mass": False,
                 "max_depth": min(int(sampler_options.get("max_depth", 8)), FALLBACK_MAX_DEPTH),
                 "inv_mass": (ftril @ ftril.transpose(1, 2)).to(dev, res_p.z.dtype)}

@@ -141,10 +141,10 @@ class _Metric:
                 init = torch.diag_embed(init)
             elif not dense and init.ndim == 3:
                 init = torch.diagonal(init, dim1=1, dim2=2)
+            if dense:
+                init, self.chol = _cholesky_or_diagonal(init)
             self.anchor = init
             self.inv_mass = init
-            if dense:
-                self.chol = torch.linalg.cholesky(init)
 
     def momentum(self, xi):
         """``p ~ N(0, inv_mass^-1)`` from standard normal ``xi``."""
@@ -182,13 +182,18 @@ class _Metric:
         m = chains * n
         eye = torch.eye(d, device=window.device, dtype=window.dtype)
         cov = shrink(centred.transpose(1, 2) @ centred / (m - 1), m, eye).repeat_interleave(chains, 0)
-        chol, info = torch.linalg.cholesky_ex(cov)
-        bad = info != 0
-        if bool(bad.any()):  # fall back to the diagonal where the estimate is not positive definite
-            diag = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
-            cov = torch.where(bad[:, None, None], diag, cov)
-            chol = torch.linalg.cholesky(cov)
-        self.inv_mass, self.chol = cov, chol
+        self.inv_mass, self.chol = _cholesky_or_diagonal(cov)
+
+
+def _cholesky_or_diagonal(cov):
+    """``(cov, chol)``, the diagonal of ``cov`` taken where it is not positive definite (in its dtype)."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    bad = info != 0
+    if bool(bad.any()):
+        diag = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+        cov = torch.where(bad[:, None, None], diag, cov)
+        chol = torch.linalg.cholesky(cov)
+    return cov, chol
 
 
 def _leapfrog(log_prob_fn, x, p, grad, e, metric, rows=None):

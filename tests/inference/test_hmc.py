@@ -221,6 +221,11 @@ def test_nuts_with_a_known_dense_metric_needs_no_mass_adaptation():
     diag = hmc_sample(log_prob, init, n_samples=5, n_warmup=0, sampler="nuts", inv_mass=S.expand(G, 2, 2),
                       adapt_mass=False, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(diag.inv_mass, S.diagonal().expand(G, C, 2))
+    # positive definite in float64 only: float32 chains take its diagonal rather than fail
+    near = torch.tensor([[1.0, 1 - 1e-9], [1 - 1e-9, 1.0]], dtype=torch.float64).expand(G, 2, 2)
+    r32 = hmc_sample(lambda x: -0.5 * (x**2).sum(1), init.float(), n_samples=3, n_warmup=0, sampler="nuts",
+                     metric="dense", inv_mass=near, adapt_mass=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(r32.inv_mass, torch.eye(2).expand(G, C, 2, 2))
     with pytest.raises(GalgenInputError, match="inv_mass"):
         hmc_sample(log_prob, init, inv_mass=S)
     with pytest.raises(GalgenInputError, match="positive definite"):
