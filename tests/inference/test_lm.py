@@ -153,6 +153,6 @@ def test_central_differences_of_a_deep_decoder_match_forward_mode(sdss_fit):
     forward.jacobian = "forward"
     with torch.no_grad():
         lp_f, g_f, h_f = gauss_newton(forward.eval(), b.observation, b.observed, z, s, None, forward.prior(None))
-    assert torch.allclose(lp_c, lp_f, rtol=1e-6)
+    assert torch.allclose(lp_c, lp_f, rtol=1e-5)  # float32 decodes batched differently: ~10 ulp of a 4,096-pixel sum
     assert torch.allclose(g_c, g_f, rtol=1e-3, atol=1e-3 * float(g_f.abs().max()))
     assert float(((h_c - h_f).norm(dim=(1, 2)) / h_f.norm(dim=(1, 2))).max()) < 1e-2
