@@ -127,19 +127,27 @@ def _cmd_evaluate(args):
 
 
 def _cmd_fit(args):
-    from .inference.fit import fit_file
+    from .inference.fit import RHAT_THRESHOLD, fit_file, fit_summary
+    from .inference.importance import K_HAT_THRESHOLD
     from .sharding import format_shard_path, parse_shard
 
     shard = parse_shard(args.shard) if args.shard else None
     out = format_shard_path(args.out, shard) if shard else args.out
-    print(fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
-                   n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
-                   posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
-                   min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, shard=shard,
-                   device=args.device,
-                   batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
-                   prior=args.prior, overwrite=args.overwrite, limit=args.limit,
-                   progress=sys.stderr.isatty() if args.progress is None else args.progress))
+    path = fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
+                    n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
+                    posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
+                    min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, shard=shard,
+                    device=args.device,
+                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
+                    prior=args.prior, overwrite=args.overwrite, limit=args.limit,
+                    progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    s = fit_summary(path)
+    line = f"{path.name}: {s['galaxies']} galaxies, median chi2/dof {s['median_reduced_chi2']:.3f}"
+    if "by_method" in s:
+        line += ("; posteriors: " + ", ".join(f"{n} {m}" for m, n in s["by_method"].items())
+                 + f"; {s['flagged']} flagged (is: k > {K_HAT_THRESHOLD}; nuts/hmc: R-hat >= {RHAT_THRESHOLD})")
+    print(line, file=sys.stderr)
+    print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,8 @@ from .map import STATUS, fit_map
 
 __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file", "posterior_images",
            "posterior_log_prob", "marginal_log_prob", "draw_log_scale", "SCALE_NODES",
-           "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS"]
+           "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS", "fit_summary",
+           "RHAT_THRESHOLD"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
@@ -427,6 +428,62 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
             w.write(block)
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
+    return out
+
+
+#: The largest split R-hat (over a galaxy's parameters) at which :func:`fit_summary` counts
+#: an MCMC posterior as converged (Vehtari et al. 2021 recommend 1.01 for final results;
+#: 1.05 is the looser screen used in this package's calibration reports).
+RHAT_THRESHOLD = 1.05
+
+
+def fit_summary(path) -> dict:
+    """Counts of a fit file's galaxies by posterior method, and of those whose diagnostics fail.
+
+    An importance-sampled galaxy passes where its Pareto k is at most
+    :data:`~galgen.inference.importance.K_HAT_THRESHOLD`; an MCMC one where the largest
+    split R-hat of its parameters is below :data:`RHAT_THRESHOLD`; Laplace draws have no
+    such check and are counted apart.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A fit file of :func:`fit_file`.
+
+    Returns
+    -------
+    dict
+        ``galaxies``, ``median_reduced_chi2``, and with posteriors ``by_method`` (method
+        name -> galaxies), ``is_ess_median`` (over the importance-sampled galaxies),
+        ``flagged`` (galaxies whose diagnostics fail) and ``flagged_index`` (their
+        ``index`` values).
+
+    Examples
+    --------
+    >>> fit_summary("fit.h5")  # doctest: +SKIP
+    {'galaxies': 64, 'median_reduced_chi2': 1.03, 'by_method': {'nuts': 5, 'is': 59}, ...}
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise GalgenInputError(f"{path}: no such fit file")
+    with h5py.File(path, "r") as f:
+        if "chi2" not in f or "dof" not in f:
+            raise GalgenInputError(f"{path}: not a galgen fit file (no chi2/dof datasets)")
+        chi2, dof, index = f["chi2"][:], f["dof"][:], f["index"][:]
+        out = {"galaxies": int(len(chi2)),
+               "median_reduced_chi2": float(np.median(chi2 / np.maximum(dof, 1))) if len(chi2) else math.nan}
+        if "posterior_method" not in f:
+            return out
+        method, k, rhat, ess = (f["posterior_method"][:], f["pareto_k"][:], f["rhat"][:], f["is_ess"][:])
+    name = np.asarray(POSTERIOR_METHODS)[method.astype(int)]
+    is_ = name == "is"
+    mcmc = (name == "nuts") | (name == "hmc")
+    bad = (is_ & ~(k <= K_HAT_THRESHOLD)) | (mcmc & ~(rhat.max(1) < RHAT_THRESHOLD))
+    out.update(by_method={m: int((name == m).sum()) for m in POSTERIOR_METHODS if (name == m).any()},
+               is_ess_median=float(np.median(ess[is_])) if is_.any() else math.nan,
+               flagged=int(bad.sum()), flagged_index=index[bad].tolist())
     return out
 
 

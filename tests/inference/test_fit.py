@@ -170,9 +170,11 @@ def test_cli_importance_sampled_posteriors(sdss_tiny, tmp_path):
     assert {"pareto_k", "is_ess", "posterior_method"} <= set(cat.colnames)
 
 
-def test_cli_fallback_none_keeps_every_importance_sampled_galaxy(sdss_tiny, tmp_path):
+def test_cli_fallback_none_keeps_every_importance_sampled_galaxy(sdss_tiny, tmp_path, capsys):
     """``galgen fit --fallback none``: every galaxy keeps its importance-sampled draws (none redrawn by NUTS),
-    their diagnostics kept; the choice is part of the fit file's fingerprint; a bad value is refused."""
+    their diagnostics kept; the choice is part of the fit file's fingerprint; a bad value is refused. The
+    summary (fit_summary, printed by the CLI) counts the galaxies by method and flags those with k > 0.7."""
+    from galgen.inference import fit_summary
     out = tmp_path / "none.h5"
     argv = ["fit", "--model", "sersic", "--data", str(sdss_tiny), "--out", str(out), "--shard", "1/8",
             "--samples", "20", "--chains", "2", "--device", "cpu", "--min-ess", "0", "--fallback", "none"]
@@ -181,6 +183,17 @@ def test_cli_fallback_none_keeps_every_importance_sampled_galaxy(sdss_tiny, tmp_
         assert (f["posterior_method"][:] == 2).all()
         assert np.isfinite(f["pareto_k"][:]).all() and (f["is_ess"][:] > 0).all()
         assert '"fallback": "none"' in f.attrs["fingerprint"]
+        k, index = f["pareto_k"][:], f["index"][:]
+    summary = fit_summary(out)
+    assert summary["galaxies"] == len(k) and summary["by_method"] == {"is": len(k)}
+    assert summary["flagged_index"] == index[k > 0.7].tolist()
+    assert f"{summary['flagged']} flagged" in capsys.readouterr().err
+    with pytest.raises(GalgenInputError, match="no such fit file"):
+        fit_summary(tmp_path / "missing.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(GalgenInputError, match="not a galgen fit file"):
+        fit_summary(tmp_path / "other.h5")
     with pytest.raises(GalgenInputError, match="fallback"):
         fit_file("sersic", sdss_tiny, tmp_path / "x.h5", samples=10, fallback="hmc")
 
