@@ -16,6 +16,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -661,6 +662,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     chunk = 64
     q = _amortized(model, proposal, cond) if method == "is" else None
     mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
+    mode = mean  # the polished MAP (the NUTS fallback starts there)
     prop, logw = None, None
     if q is not None:  # modes found from the amortised posterior's draws; its own draws a defensive 10%
         prop = amortized_proposal(q, model, observed, observation)
@@ -699,9 +701,11 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         obs_p, res_p = observation.select(pd), map_result.select(poor)
         # the metric: a Laplace covariance with the flow's thin directions, fixed (a few dozen
         # warm-up draws of two chains estimate a 17-d covariance worse than it is known)
-        x0, ftril = laplace_approximation(model, observed[pd], obs_p, res_p, c, curvature="upper")
-        x_map = torch.cat([res_p.z, res_p.log_scale[:, None]], 1).to(x0)
+        x_map = torch.cat([res_p.z, res_p.log_scale[:, None]], 1).to(dev)
+        x0 = mode[pd].to(x_map)
         x0 = torch.where(torch.isfinite(x0).all(1, keepdim=True), x0, x_map)  # a polish that diverged
+        _, ftril = laplace_approximation(model, observed[pd], obs_p, SimpleNamespace(z=x0[:, :d], log_scale=x0[:, d]),
+                                         c, refine=0, curvature="upper")
         opts = {**sampler_options, "metric": "dense", "adapt_mass": False,
                 "max_depth": min(int(sampler_options.get("max_depth", 8)), FALLBACK_MAX_DEPTH),
                 "inv_mass": (ftril @ ftril.transpose(1, 2)).to(dev, res_p.z.dtype)}

@@ -523,7 +523,8 @@ def hmc_sample(log_prob_fn, init: torch.Tensor, *, n_samples: int = 500, n_warmu
             raise GalgenInputError(f"inv_mass: expected ({G}, {d}) or ({G}, {d}, {d}), got {tuple(inv_mass.shape)}")
         ok = (inv_mass > 0).all(-1) if inv_mass.ndim == 2 else torch.linalg.cholesky_ex(inv_mass.double())[1] == 0
         if not bool(ok.all()):
-            raise GalgenInputError(f"inv_mass: not positive definite for galaxies {torch.nonzero(~ok).flatten().tolist()}")
+            bad = torch.nonzero(~ok).flatten().tolist()
+            raise GalgenInputError(f"inv_mass: not positive definite for galaxies {bad}")
         inv_mass = inv_mass.repeat_interleave(C, 0)
     metric_ = _Metric(M, d, dev, dt, init=inv_mass, dense=metric == "dense")
     da = _DualAveraging(eps, target_accept)  # (HMC; NUTS chains keep their own iteration counts)

@@ -7,6 +7,18 @@ from galgen.errors import GalgenInputError
 from galgen.inference.hmc import hmc_sample
 
 
+def _gaussian(S, mu=None):
+    """The log density (up to a constant) of N(mu, S) for rows ``(M, d)``."""
+    P = torch.linalg.inv(S)
+    mu = torch.zeros(len(S), dtype=S.dtype) if mu is None else mu
+
+    def log_prob(x):
+        r = x - mu
+        return -0.5 * torch.einsum("mi,ij,mj->m", r, P, r)
+
+    return log_prob
+
+
 @pytest.mark.parametrize("sampler", ["hmc", "nuts"])
 def test_linear_gaussian_posterior_mean_and_covariance(sampler):
     """y = A z + noise, z ~ N(0, I): the posterior is Gaussian with known moments."""
@@ -62,12 +74,8 @@ def test_dense_metric_learns_a_correlated_posterior_and_mixes_faster():
     sd = torch.tensor([1.0, 30.0, 0.2], dtype=torch.float64)
     corr = torch.tensor([[1.0, 0.995, 0.0], [0.995, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     S = corr * sd[:, None] * sd[None, :]
-    P = torch.linalg.inv(S)
     mu = torch.tensor([1.0, -20.0, 0.5], dtype=torch.float64)
-
-    def log_prob(x):
-        r = x - mu
-        return -0.5 * torch.einsum("mi,ij,mj->m", r, P, r)
+    log_prob = _gaussian(S, mu)
 
     init = mu + 0.01 * torch.randn(G, C, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     kw = dict(n_samples=600, n_warmup=400, n_leapfrog=4)
@@ -126,10 +134,7 @@ def test_nuts_draws_standard_normals_at_every_scale():
 def test_nuts_dense_metric_and_depth_limit():
     """On a tilted Gaussian NUTS with the dense metric recovers the covariance; max_depth bounds the trajectory."""
     S = torch.tensor([[1.0, 0.99 * 30], [0.99 * 30, 900.0]], dtype=torch.float64)
-    P = torch.linalg.inv(S)
-
-    def log_prob(x):
-        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+    log_prob = _gaussian(S)
 
     init = 0.01 * torch.randn(3, 4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     res = hmc_sample(log_prob, init, n_samples=600, n_warmup=300, sampler="nuts", metric="dense",
@@ -200,10 +205,7 @@ def test_nuts_with_a_known_dense_metric_needs_no_mass_adaptation():
     far deeper trees. Diagonal metrics take the diagonal of a dense inv_mass; bad shapes and non-positive
     matrices are refused."""
     S = torch.tensor([[1.0, 0.995 * 100], [0.995 * 100, 1e4]], dtype=torch.float64)
-    P = torch.linalg.inv(S)
-
-    def log_prob(x):
-        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+    log_prob = _gaussian(S)
 
     G, C = 3, 4
     init = 0.01 * torch.randn(G, C, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -237,10 +239,7 @@ def test_warm_up_refines_an_initial_metric_towards_the_posterior():
     regularised towards it with d + 1 pseudo-draws: the adapted metric lies between it and the posterior
     covariance, near the latter."""
     S = torch.tensor([[1.0, 0.9 * 3], [0.9 * 3, 9.0]], dtype=torch.float64)
-    P = torch.linalg.inv(S)
-
-    def log_prob(x):
-        return -0.5 * torch.einsum("mi,ij,mj->m", x, P, x)
+    log_prob = _gaussian(S)
 
     G, C = 2, 4
     init = 0.01 * torch.randn(G, C, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
