@@ -398,7 +398,8 @@ def _diverse_best(xs, lp, mode, n, radius: float = 0.5):
 @torch.no_grad()
 def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.Tensor, scale_tril: torch.Tensor,
                        proposal, *, starts: int = 3, candidates: int = 64, refine: int = 10,
-                       generator: torch.Generator | None = None, max_batch: int = 64, floor: float = 0.05):
+                       generator: torch.Generator | None = None, max_batch: int = 64, floor: float = 0.05,
+                       extra: torch.Tensor | None = None, cond: torch.Tensor | None = None):
     """Posterior modes found from an amortised posterior's draws, each with its Laplace approximation.
 
     The posterior of a deep prior's latent code has several modes, and a MAP fit finds
@@ -421,8 +422,9 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     mean, scale_tril : torch.Tensor
         ``(B, k)``, ``(B, k, k)``: the Laplace approximation at the MAP
         (:func:`~galgen.inference.importance.laplace_approximation`).
-    proposal : object
-        Of :func:`amortized_proposal` for these galaxies.
+    proposal : object or None
+        Of :func:`amortized_proposal` for these galaxies; ``None``: the candidates are
+        ``extra`` alone.
     starts : int, optional
         Modes per galaxy at most, the MAP's included.
     candidates : int, optional
@@ -434,6 +436,11 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
         Rows per decoder call when scoring.
     floor : float, optional
         Smallest share of the draws of a mode that is kept.
+    extra : torch.Tensor, optional
+        ``(B, E, k)`` further candidates, scored with the draws (e.g. the draws of an
+        earlier importance sampling that carried its weight).
+    cond : torch.Tensor, optional
+        ``(B, C)`` raw conditions of a conditional model.
 
     Returns
     -------
@@ -453,10 +460,14 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     d = k - 1
     dev = observed.device
     every = torch.arange(B, device=dev)
-    C = int(candidates)
-    xs, _ = proposal.draw(every, C, generator)  # (B, C, k)
+    if proposal is None and extra is None:
+        raise GalgenInputError("multimodal_laplace: candidates come from a proposal, extra, or both; got neither")
+    xs = extra.to(dev, torch.float64) if proposal is None else proposal.draw(every, int(candidates), generator)[0]
+    if proposal is not None and extra is not None:
+        xs = torch.cat([xs, extra.to(xs)], 1)  # (B, C, k)
+    C = xs.shape[1]
     flat = xs.reshape(-1, k).float()
-    lp_of = posterior_log_prob(model, observation, observed, chains=C)
+    lp_of = posterior_log_prob(model, observation, observed, cond, chains=C)
     rows = torch.arange(B * C, device=dev)
     lp = torch.cat([lp_of(flat[a:a + max_batch], rows[a:a + max_batch])
                     for a in range(0, len(flat), max_batch)]).double().view(B, C)
@@ -467,11 +478,11 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     gi = every.repeat_interleave(n_new)
     m_new, t_new = laplace_approximation(model, observed[gi], observation.select(gi),
                                          SimpleNamespace(z=start[:, :d].float(), log_scale=start[:, d].float()),
-                                         refine=int(refine))
+                                         None if cond is None else cond[gi.to(cond.device)], refine=int(refine))
     means = torch.cat([mean.double()[:, None], m_new.double().view(B, n_new, k)], 1)
     trils = torch.cat([scale_tril.double()[:, None], t_new.double().view(B, n_new, k, k)], 1)
     K = means.shape[1]
-    lps = posterior_log_prob(model, observation, observed, chains=K)(means.reshape(-1, k).float()).double().view(B, K)
+    lps = posterior_log_prob(model, observation, observed, cond, chains=K)(means.reshape(-1, k).float()).double().view(B, K)
     logdet = torch.diagonal(trils, dim1=-2, dim2=-1).log().sum(-1)
     logw = torch.where(torch.isfinite(lps) & torch.isfinite(logdet), lps + logdet, torch.full_like(lps, -math.inf))
     for j in range(1, K):  # merge a mode with an earlier one it lies within about a standard deviation of

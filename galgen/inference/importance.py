@@ -1,8 +1,8 @@
 """Cheap posteriors: importance sampling from the Laplace approximation, with PSIS diagnostics.
 
 At the MAP of each galaxy, the Gauss-Newton matrix that the Levenberg-Marquardt fitter
-builds (the Fisher matrix of the likelihood plus the exact Hessian of the latent prior)
-is the inverse covariance of a Laplace approximation of the posterior of ``(z, s)``.
+builds (the Fisher matrix of the likelihood plus the positive semi-definite curvature of
+the latent prior) is the inverse covariance of a Laplace approximation of the posterior of ``(z, s)``.
 :func:`importance_sample` draws proposals from a multivariate Student-t with that
 location and scale (heavier tails than the Gaussian, so that the weights stay bounded),
 weights them by the exact log posterior (physics likelihood times the model's prior),
@@ -168,10 +168,9 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
         else:
             _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
     prior = model.prior(cond)
-    if flow_base_precision(prior) is not None:  # the flow's PSD Gauss-Newton curvature for its exact Hessian
+    if curvature == "gauss-newton" and flow_base_precision(prior) is not None:  # h holds the 'upper' curvature
         d = z.shape[1]
-        h[:, :d, :d] += (prior_curvature(prior, z, upper=curvature == "upper")
-                         - prior_curvature(prior, z, exact=True)).to(h)
+        h[:, :d, :d] += (prior_curvature(prior, z) - prior_curvature(prior, z, upper=True)).to(h)
     return torch.cat([z, s[:, None]], 1), _cholesky_of_inverse(h)
 
 
@@ -367,7 +366,7 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
                       weighted: bool = True, adapt: int = 2, max_batch: int = 64, proposal=None,
                       mix: float = 0.8, min_ess: float | None = None,
                       max_draws: int | None = None, log_weights=None,
-                      round_draws: int | None = None) -> ImportanceResult:
+                      round_draws: int | None = None, give_up: int | None = None) -> ImportanceResult:
     """Importance-sample many posteriors at once from Student-t (or Gaussian) proposals, with PSIS.
 
     Galaxies whose Pareto k exceeds :data:`K_HAT_THRESHOLD` are proposed again (up to
@@ -445,6 +444,13 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
         ``draws`` (rounded up to a multiple of ``chunk``; default ``draws // 4``).
         Smaller rounds adapt the proposal more often: a Laplace proposal 2-4 times too
         wide reaches its best efficiency after 4-5 adaptations.
+    give_up : int, optional
+        With ``min_ess`` and ``adapt``: a galaxy that has ``give_up`` draws or more and
+        whose effective draws per draw are below ``min_ess / max_draws`` (so that at
+        its efficiency so far even ``max_draws`` would fall short) stops drawing, its
+        diagnostics left as they are (for a caller that treats such galaxies otherwise:
+        :func:`~galgen.inference.sample_posterior` searches their posterior for more
+        modes). Default: every galaxy draws on to ``max_draws``.
 
     Returns
     -------
@@ -573,7 +579,10 @@ def importance_sample(log_prob, mean, scale_tril, *, draws: int = 1000, samples:
     for _ in range(n_adapt):
         need = ~(k_hat <= K_HAT_THRESHOLD)
         if adaptive_ess:  # too few effective draws, or k too large, while max_draws allows another round
-            need = (need | ~(_smoothed_ess(lw_s) >= min_ess)) & (n_draws + step * chunk <= rounds_max * chunk)
+            ess_now = _smoothed_ess(lw_s)
+            need = (need | ~(ess_now >= min_ess)) & (n_draws + step * chunk <= rounds_max * chunk)
+            if give_up is not None:  # hopeless at this efficiency: leave the batch
+                need &= ~((n_draws >= give_up) & ~(ess_now * rounds_max * chunk >= min_ess * n_draws))
         redo = np.flatnonzero(need)
         if not len(redo):
             break

@@ -325,3 +325,64 @@ def test_training_goes_on_from_a_trained_flow(tmp_path):
     with pytest.raises(GalgenInputError, match="other settings"):  # the same --out from another start
         train_amortized_posterior(model, pool, steps=4, bank=256, batch_size=32, lr=1e-3, seed=3,
                                   out=tmp_path / "more.pt", width=4, embed=8, context=8, transforms=1, hidden=(16,))
+
+
+def test_modes_found_from_given_candidates_alone():
+    """multimodal_laplace(proposal=None, extra=...): the candidates (e.g. the heavy draws of an earlier
+    importance sampling) near the mirror mode are polished into it; without any candidates it says so."""
+    from galgen.inference import fit_map
+    from galgen.inference.amortized import multimodal_laplace
+    from galgen.inference.importance import laplace_approximation
+
+    model = _Folded()
+    obs = _pool(3, sigma=0.2)
+    z_true = torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0]])
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
+    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
+    mean, tril = laplace_approximation(model, observed, obs, res)
+    mirror = mean.double().clone()
+    mirror[:, 0] *= -0.8  # 20% short of the mirror mode
+    extra = mirror[:, None, :] + 0.05 * torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1),
+                                                    dtype=torch.float64)
+    means, _, logw = multimodal_laplace(model, observed, obs, mean, tril, None, starts=2, extra=extra)
+    assert bool(torch.isfinite(logw).all()), logw  # two distinct modes, neither merged nor dropped
+    assert torch.allclose(means[:, 1, 0], -mean[:, 0].double(), atol=0.05), (means[:, :, 0], mean[:, 0])
+    with pytest.raises(GalgenInputError, match="candidates"):
+        multimodal_laplace(model, observed, obs, mean, tril, None)
+
+
+def test_a_failed_importance_sampling_is_searched_again_from_its_heavy_draws():
+    """sample_posterior's second search: a galaxy whose draws came from one mode of two, with its heavy
+    draws in the other (k flags it), is sampled again from a mixture of both modes found from those draws
+    (no amortised posterior): k passes and each mirror mode holds half the draws."""
+    from galgen.inference import fit_map, posterior_log_prob
+    from galgen.inference.fit import _search_again
+    from galgen.inference.importance import ImportanceResult, laplace_approximation
+
+    model = _Folded()
+    obs = _pool(2, sigma=0.2)
+    z_true = torch.tensor([[1.5, 0.3], [-1.2, 0.1]])
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
+    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
+    mean, tril = laplace_approximation(model, observed, obs, res)
+    heavy = mean.double().clone()
+    heavy[:, 0] *= -1  # the heavy draws of a poor run sit at the mirror mode
+    samples = (heavy[:, None, None, :] + 0.02 * torch.randn(2, 1, 400, 3, generator=torch.Generator().manual_seed(1),
+                                                            dtype=torch.float64)).float()
+    first = ImportanceResult(samples=samples, pareto_k=torch.tensor([math.inf, 0.2]),
+                             ess=torch.tensor([1.0, 500.0]), n_proposals=1024, draws=torch.tensor([1024, 1024]))
+
+    def draw(rows, loc, tril_, lw, prop):
+        lp = posterior_log_prob(model, obs.select(rows), observed[rows], chains=64)
+        return importance_sample(lp, loc, tril_, log_weights=lw, draws=1024, samples=400, chains=1,
+                                 generator=torch.Generator().manual_seed(2))
+
+    r, mode = _search_again(model, observed, obs, None, None, first, mean, tril, None, draw, False,
+                            torch.Generator().manual_seed(3))
+    assert float(r.pareto_k[0]) <= 0.7 and float(r.ess[0]) > 200, (r.pareto_k, r.ess)
+    right = float((r.samples[0, 0, :, 0] > 0).float().mean())
+    assert abs(right - 0.5) < 0.12, right  # the mirror modes have equal mass
+    assert int(r.draws[0]) == 2048 and int(r.draws[1]) == 1024  # both runs' draws counted; galaxy 1 untouched
+    assert torch.equal(r.samples[1], samples[1]) and torch.isfinite(mode).all()

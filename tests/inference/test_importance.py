@@ -332,3 +332,19 @@ def test_small_adapted_rounds_reach_min_ess_on_a_proposal_too_wide_in_every_dire
     assert err.abs().max() < 5, err
     emp = torch.stack([torch.cov(d.T) for d in x])
     assert ((emp - cov).abs().amax((1, 2)) / cov.abs().amax((1, 2)) < 0.3).all()
+
+
+def test_a_galaxy_hopeless_at_its_efficiency_gives_up_early():
+    """give_up: a galaxy whose effective draws per draw could not reach min_ess by max_draws stops after
+    give_up draws (instead of drawing on to max_draws); a galaxy on its way to min_ess is not stopped."""
+    mu, cov, log_prob = _gaussian_target(B=2, seed=2)
+    scale = torch.linalg.cholesky(cov) * torch.tensor([1.5, 1.0], dtype=torch.float64)[:, None, None]
+    start = mu.clone()
+    start[1] += 40 * torch.diagonal(cov[1]).sqrt()  # 40 sigma off and as narrow as the posterior
+    kw = dict(draws=256, samples=100, chains=1, min_ess=200, max_draws=4096, df=None, round_draws=256)
+    on = importance_sample(log_prob, start, scale, generator=torch.Generator().manual_seed(0), **kw)
+    off = importance_sample(log_prob, start, scale, give_up=768, generator=torch.Generator().manual_seed(0),
+                            **kw)
+    assert int(on.draws[1]) == 4096 and float(on.ess[1]) < 200, (on.draws, on.ess)  # hopeless all the way
+    assert 768 <= int(off.draws[1]) < 1024, off.draws  # stopped at the first check past give_up
+    assert int(off.draws[0]) == int(on.draws[0]) and float(off.ess[0]) >= 200
