@@ -482,7 +482,8 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     means = torch.cat([mean.double()[:, None], m_new.double().view(B, n_new, k)], 1)
     trils = torch.cat([scale_tril.double()[:, None], t_new.double().view(B, n_new, k, k)], 1)
     K = means.shape[1]
-    lps = posterior_log_prob(model, observation, observed, cond, chains=K)(means.reshape(-1, k).float()).double().view(B, K)
+    lp_k = posterior_log_prob(model, observation, observed, cond, chains=K)
+    lps = lp_k(means.reshape(-1, k).float()).double().view(B, K)
     logdet = torch.diagonal(trils, dim1=-2, dim2=-1).log().sum(-1)
     logw = torch.where(torch.isfinite(lps) & torch.isfinite(logdet), lps + logdet, torch.full_like(lps, -math.inf))
     for j in range(1, K):  # merge a mode with an earlier one it lies within about a standard deviation of
