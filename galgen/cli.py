@@ -137,9 +137,8 @@ def _cmd_fit(args):
                     n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
                     posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
                     min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, shard=shard,
-                    device=args.device,
-                    batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter, seed=args.seed,
-                    prior=args.prior, overwrite=args.overwrite, limit=args.limit,
+                    device=args.device, batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter,
+                    seed=args.seed, prior=args.prior, overwrite=args.overwrite, limit=args.limit,
                     progress=sys.stderr.isatty() if args.progress is None else args.progress)
     s = fit_summary(path)
     line = f"{path.name}: {s['galaxies']} galaxies, median chi2/dof {s['median_reduced_chi2']:.3f}"

@@ -247,18 +247,26 @@ class _Folded(LinearGalaxy):
         return (self.basis[0] + zz @ self.basis[1:]).view(-1, self.size, self.size)
 
 
-def test_modes_found_from_proposal_draws_include_the_mirror_mode():
+def _folded_fits(z_true):
+    """Galaxies of the folded model at ``z_true``, observed with noise 0.2, and the Laplace approximation at
+    the mode Levenberg-Marquardt finds: ``model, obs, observed, mean, tril``."""
     from galgen.inference import fit_map
-    from galgen.inference.amortized import multimodal_laplace
     from galgen.inference.importance import laplace_approximation
 
     model = _Folded()
-    obs = _pool(4, sigma=0.2)
-    z_true = torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0], [-1.4, 0.4]])
+    obs = _pool(len(z_true), sigma=0.2)
     with torch.no_grad():
         _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
     res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
     mean, tril = laplace_approximation(model, observed, obs, res)
+    return model, obs, observed, mean, tril
+
+
+def test_modes_found_from_proposal_draws_include_the_mirror_mode():
+    from galgen.inference.amortized import multimodal_laplace
+
+    z_true = torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0], [-1.4, 0.4]])
+    model, obs, observed, mean, tril = _folded_fits(z_true)
 
     class Broad(_Wide):
         scale = torch.tensor([2.0, 1.0, 0.05], dtype=torch.float64)
@@ -330,17 +338,9 @@ def test_training_goes_on_from_a_trained_flow(tmp_path):
 def test_modes_found_from_given_candidates_alone():
     """multimodal_laplace(proposal=None, extra=...): the candidates (e.g. the heavy draws of an earlier
     importance sampling) near the mirror mode are polished into it; without any candidates it says so."""
-    from galgen.inference import fit_map
     from galgen.inference.amortized import multimodal_laplace
-    from galgen.inference.importance import laplace_approximation
 
-    model = _Folded()
-    obs = _pool(3, sigma=0.2)
-    z_true = torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0]])
-    with torch.no_grad():
-        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
-    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
-    mean, tril = laplace_approximation(model, observed, obs, res)
+    model, obs, observed, mean, tril = _folded_fits(torch.tensor([[1.5, 0.3], [-1.8, -0.2], [1.2, 0.0]]))
     mirror = mean.double().clone()
     mirror[:, 0] *= -0.8  # 20% short of the mirror mode
     extra = mirror[:, None, :] + 0.05 * torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(1),
@@ -356,17 +356,11 @@ def test_a_failed_importance_sampling_is_searched_again_from_its_heavy_draws():
     """sample_posterior's second search: a galaxy whose draws came from one mode of two, with its heavy
     draws in the other (k flags it), is sampled again from a mixture of both modes found from those draws
     (no amortised posterior): k passes and each mirror mode holds half the draws."""
-    from galgen.inference import fit_map, posterior_log_prob
+    from galgen.inference import posterior_log_prob
     from galgen.inference.fit import _search_again
-    from galgen.inference.importance import ImportanceResult, laplace_approximation
+    from galgen.inference.importance import ImportanceResult
 
-    model = _Folded()
-    obs = _pool(2, sigma=0.2)
-    z_true = torch.tensor([[1.5, 0.3], [-1.2, 0.1]])
-    with torch.no_grad():
-        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
-    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
-    mean, tril = laplace_approximation(model, observed, obs, res)
+    model, obs, observed, mean, tril = _folded_fits(torch.tensor([[1.5, 0.3], [-1.2, 0.1]]))
     heavy = mean.double().clone()
     heavy[:, 0] *= -1  # the heavy draws of a poor run sit at the mirror mode
     samples = (heavy[:, None, None, :] + 0.02 * torch.randn(2, 1, 400, 3, generator=torch.Generator().manual_seed(1),
