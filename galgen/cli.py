@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "NUTS, or HMC of --n-leapfrog steps [is]")
     p.add_argument("--proposal", choices=("auto", "laplace", "amortized"), default="auto",
                    help="--posterior is: propose from the Laplace approximation alone, or from a mixture with "
-                        "the model's amortised posterior (auto: where the model ships one) [auto]")
+                        "the model's amortised posterior (auto: where the model ships one; laplace is faster but "
+                        "misses modes of the shape, see docs/inference.md) [auto]")
     p.add_argument("--min-ess", type=float, default=200.0,
                    help="--posterior is: galaxies go on drawing, in rounds from proposals adapted to their draws, "
                         "until this effective sample size (0: the first round's proposals only) [200]")

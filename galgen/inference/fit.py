@@ -625,6 +625,10 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         posterior's own draws as a defensive 10% unless ``scale="integrated"``;
         ``auto`` (the default): ``amortized`` where the model has one, else
         ``laplace``; or an :class:`~galgen.inference.amortized.AmortizedPosterior`.
+        For ``sdss-vae``, ``laplace`` is about twice as fast and its diagnostics pass
+        more often, but it misses modes of the shape that no importance weight can
+        flag: simulation-based calibration under-covers e1 and e2 (0.59-0.60 at 68%;
+        ``docs/inference.md``).
     min_ess, max_draws : optional
         ``is``: a galaxy whose effective sample size is below ``min_ess`` after
         ``draws`` proposals is proposed further rounds of ``draws // 4``, each from a
