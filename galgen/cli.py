@@ -136,7 +136,8 @@ def _cmd_fit(args):
     path = fit_file(args.model, args.data, out, samples=args.samples, chains=args.chains, warmup=args.warmup,
                     n_leapfrog=args.n_leapfrog, metric=args.metric, sampler=args.sampler, max_depth=args.max_depth,
                     posterior=args.posterior, optimizer=args.optimizer, proposal=args.proposal,
-                    min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, shard=shard,
+                    min_ess=args.min_ess or None, max_draws=args.max_draws, fallback=args.fallback, scale=args.scale,
+                    shard=shard,
                     device=args.device, batch_size=args.batch_size, restarts=args.restarts, max_iter=args.max_iter,
                     seed=args.seed, prior=args.prior, overwrite=args.overwrite, limit=args.limit,
                     progress=sys.stderr.isatty() if args.progress is None else args.progress)
@@ -322,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=("nuts", "none"), default="nuts",
                    help="--posterior is: NUTS for the galaxies whose Pareto k stays above 0.7, or none (their "
                         "weighted draws are kept, flagged by pareto_k) [nuts]")
+    p.add_argument("--scale", choices=("redraw", "integrated", "joint", "fixed"), default="redraw",
+                   help="--posterior is: the log flux scale proposed with the latents and redrawn from its exact "
+                        "conditional, integrated out, proposed only, or fixed: held at 0, the model's own "
+                        "brightness, in the MAP too (no NUTS fallback; removes the ridge of sdss-vae posteriors "
+                        "along which its latent brightness trades off against the scale) [redraw]")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

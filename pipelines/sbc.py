@@ -100,9 +100,9 @@ def main():
                          "posterior (auto: where the model has one) [auto]")
     ap.add_argument("--min-ess", type=float, default=None,
                     help="importance sampling: galaxies go on drawing until this effective sample size")
-    ap.add_argument("--scale", choices=["redraw", "integrated", "joint"], default="redraw",
+    ap.add_argument("--scale", choices=["redraw", "integrated", "joint", "fixed"], default="redraw",
                     help="importance sampling: the log flux scale proposed with the latents and redrawn from its "
-                         "exact conditional, integrated out, or proposed only [redraw]")
+                         "exact conditional, integrated out, proposed only, or held at the truth's 0 [redraw]")
     ap.add_argument("--max-draws", type=int, default=None, help="importance sampling with --min-ess: cap")
     ap.add_argument("--max-depth", type=int, default=8, help="NUTS tree depth at most [8]")
     ap.add_argument("--device", default="auto")

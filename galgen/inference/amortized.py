@@ -399,7 +399,8 @@ def _diverse_best(xs, lp, mode, n, radius: float = 0.5):
 def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.Tensor, scale_tril: torch.Tensor,
                        proposal, *, starts: int = 3, candidates: int = 64, refine: int = 10,
                        generator: torch.Generator | None = None, max_batch: int = 64, floor: float = 0.05,
-                       extra: torch.Tensor | None = None, cond: torch.Tensor | None = None):
+                       extra: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                       fit_flux: bool = True):
     """Posterior modes found from an amortised posterior's draws, each with its Laplace approximation.
 
     The posterior of a deep prior's latent code has several modes, and a MAP fit finds
@@ -441,13 +442,17 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
         earlier importance sampling that carried its weight).
     cond : torch.Tensor, optional
         ``(B, C)`` raw conditions of a conditional model.
+    fit_flux : bool, optional
+        ``False``: the log flux scale of every candidate is set to that of ``mean`` and
+        held there (``scale="fixed"`` of :func:`~galgen.inference.sample_posterior`);
+        ``scale_tril`` and the returned factors are then of ``z`` alone.
 
     Returns
     -------
     means : torch.Tensor
         ``(B, K, k)`` modes (float64), ``K = starts``.
     scale_trils : torch.Tensor
-        ``(B, K, k, k)``.
+        ``(B, K, k, k)`` (``(B, K, k - 1, k - 1)`` without ``fit_flux``).
     log_weights : torch.Tensor
         ``(B, K)`` normalised log weights (``-inf`` for merged or negligible modes).
     """
@@ -465,6 +470,9 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     xs = extra.to(dev, torch.float64) if proposal is None else proposal.draw(every, int(candidates), generator)[0]
     if proposal is not None and extra is not None:
         xs = torch.cat([xs, extra.to(xs)], 1)  # (B, C, k)
+    if not fit_flux:  # the candidates at the held flux scale
+        xs = xs.clone()
+        xs[..., d] = mean.to(xs)[:, None, d]
     C = xs.shape[1]
     flat = xs.reshape(-1, k).float()
     lp_of = posterior_log_prob(model, observation, observed, cond, chains=C)
@@ -478,9 +486,11 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     gi = every.repeat_interleave(n_new)
     m_new, t_new = laplace_approximation(model, observed[gi], observation.select(gi),
                                          SimpleNamespace(z=start[:, :d].float(), log_scale=start[:, d].float()),
-                                         None if cond is None else cond[gi.to(cond.device)], refine=int(refine))
+                                         None if cond is None else cond[gi.to(cond.device)], refine=int(refine),
+                                         fit_flux=fit_flux)
+    kt = k if fit_flux else d  # the parameters the Laplace factors cover
     means = torch.cat([mean.double()[:, None], m_new.double().view(B, n_new, k)], 1)
-    trils = torch.cat([scale_tril.double()[:, None], t_new.double().view(B, n_new, k, k)], 1)
+    trils = torch.cat([scale_tril.double()[:, None], t_new.double().view(B, n_new, kt, kt)], 1)
     K = means.shape[1]
     lp_k = posterior_log_prob(model, observation, observed, cond, chains=K)
     lps = lp_k(means.reshape(-1, k).float()).double().view(B, K)
@@ -488,10 +498,10 @@ def multimodal_laplace(model, observed: torch.Tensor, observation, mean: torch.T
     logw = torch.where(torch.isfinite(lps) & torch.isfinite(logdet), lps + logdet, torch.full_like(lps, -math.inf))
     for j in range(1, K):  # merge a mode with an earlier one it lies within about a standard deviation of
         for i in range(j):
-            dji = means[:, j] - means[:, i]
+            dji = (means[:, j] - means[:, i])[:, :kt]
             wi = torch.linalg.solve_triangular(trils[:, i], dji[..., None], upper=False)[..., 0]
             wj = torch.linalg.solve_triangular(trils[:, j], dji[..., None], upper=False)[..., 0]
-            same = ((wi * wi).sum(1) < k) & ((wj * wj).sum(1) < k) & torch.isfinite(logw[:, i])
+            same = ((wi * wi).sum(1) < kt) & ((wj * wj).sum(1) < kt) & torch.isfinite(logw[:, i])
             logw[:, j] = torch.where(same, torch.full_like(logw[:, j], -math.inf), logw[:, j])
     return means, trils, mixture_log_weights(logw, floor)
 

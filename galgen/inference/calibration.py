@@ -82,7 +82,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     draws, fallback, proposal, min_ess, max_draws, scale : optional
         Importance sampling's proposals per galaxy, fallback, proposal, adaptive
         number of draws and treatment of the flux scale, as in
-        :func:`~galgen.inference.sample_posterior`.
+        :func:`~galgen.inference.sample_posterior` (with ``scale="fixed"`` the MAP
+        fits ``z`` alone, the flux scale held at the truth's 0).
 
     Returns
     -------
@@ -102,6 +103,9 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
     if observation.psf.ndim != 3 and observation.noise.variance_map.ndim != 3:
         raise GalgenInputError("observation: needs a per-galaxy PSF or variance map (B, ., .), one per simulated galaxy")
     B = observation.psf.shape[0] if observation.psf.ndim == 3 else observation.noise.variance_map.shape[0]
+    if scale == "fixed" and log_scale is not None:
+        raise GalgenInputError("log_scale: scale='fixed' holds the flux scale at 0, the decoder's own flux; "
+                               "simulate without log_scale")
     with torch.no_grad():
         z_true = sample_latents(model.prior(), B, generator=gen).float()
         intr = model.decode(z_true).float()
@@ -111,7 +115,8 @@ def simulation_based_calibration(model, observation, *, samples: int = 200, chai
                 raise GalgenInputError(f"log_scale: expected {B} finite values, got shape {tuple(log_scale.shape)}")
             intr = intr * log_scale.exp()[:, None, None]
         _, observed = observation.observe(intr, generator=gen)
-    res = fit_map(model, observed, observation, max_iter=max_iter, generator=gen)
+    # with scale="fixed" the flux scale is held at the truth's (0): the MAP fits z alone
+    res = fit_map(model, observed, observation, max_iter=max_iter, generator=gen, fit_flux=scale != "fixed")
     h = sample_posterior(model, observed, observation, res, samples=samples, chains=chains, warmup=warmup,
                          generator=gen, n_leapfrog=n_leapfrog, metric=metric, method=sampler, max_depth=max_depth,
                          draws=draws, fallback=fallback, proposal=proposal, min_ess=min_ess, max_draws=max_draws,

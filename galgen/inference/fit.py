@@ -38,7 +38,7 @@ __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file
            "posterior_log_prob", "marginal_log_prob", "draw_log_scale", "SCALE_NODES",
            "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS", "fit_summary",
            "RHAT_THRESHOLD", "FALLBACK_MAX_DEPTH", "SEARCH_STARTS", "SEARCH_CANDIDATES", "SEARCH_REFINE",
-           "GIVE_UP_ROUNDS"]
+           "GIVE_UP_ROUNDS", "SCALE_TREATMENTS"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
@@ -276,7 +276,8 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              max_iter: int | None = None, seed: int = 0, prior: str | None = None, metric: str = "diag",
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
              posterior: str = "is", limit: int | None = None, progress: bool = False, proposal: str = "auto",
-             min_ess: float | None = 200.0, max_draws: int | None = None, fallback: str | None = "nuts") -> Path:
+             min_ess: float | None = 200.0, max_draws: int | None = None, fallback: str | None = "nuts",
+             scale: str = "redraw") -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -343,6 +344,12 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Importance sampling: what redraws the galaxies whose Pareto k stays above 0.7
         (``fallback`` of :func:`sample_posterior`; ``"none"`` or None keeps their
         weighted draws, flagged by ``pareto_k``).
+    scale : {"redraw", "integrated", "joint", "fixed"}, optional
+        Importance sampling's treatment of the log flux scale (``scale`` of
+        :func:`sample_posterior`); ``fixed`` also fits the MAP with the flux scale held
+        at 0 (the model's own brightness; ``fit_map(fit_flux=False)``) and has no NUTS
+        fallback (``fallback`` is then ignored: failing galaxies keep their weighted
+        draws, flagged by ``pareto_k``).
 
     Returns
     -------
@@ -377,6 +384,11 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     fallback = None if fallback in (None, "none") else fallback
     if fallback not in ("nuts", None):
         raise GalgenInputError(f"fallback: 'nuts' or 'none', got {fallback!r}")
+    if scale not in SCALE_TREATMENTS:
+        raise GalgenInputError(f"scale: one of {SCALE_TREATMENTS}, got {scale!r}")
+    if scale == "fixed" and samples and posterior not in ("is", "laplace"):
+        raise GalgenInputError(f"scale: 'fixed' goes with posterior 'is' or 'laplace', got {posterior!r}")
+    fallback = None if scale == "fixed" else fallback
     fp = json.dumps({"model": model.checkpoint_path or repr(cfg), "data": str(data.resolve()),
                      "data_fingerprint": probe.fingerprint, "rows": [int(rows[0]), int(rows[-1]) + 1] if n else [0, 0],
                      "samples": samples, "chains": chains, "warmup": warmup, "n_leapfrog": n_leapfrog,
@@ -388,7 +400,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                      **({"min_ess": min_ess} if min_ess is not None else {}),
                      **({"max_draws": max_draws} if max_draws is not None else {}),
                      **({"fallback": "none"} if fallback is None and posterior == "is" else {}),
-                     **({"scale": "redraw"} if posterior == "is" else {})}, sort_keys=True)
+                     **({"scale": scale} if posterior == "is" or scale != "redraw" else {})}, sort_keys=True)
     out = Path(out)
     catalog_path = out.with_suffix(".fits")
     if output_is_current(out, fp, overwrite, schema=FIT_SCHEMA) and catalog_path.exists():
@@ -415,7 +427,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         for b in loader.iter_batches(batch_size, start=w.n_done):
             gen = generator(dev, seed, int(b.index[0]))
             res = fit_map(model, b.observed, b.observation, cond=b.cond, restarts=restarts, max_iter=max_iter,
-                          optimizer=optimizer, generator=gen)
+                          optimizer=optimizer, generator=gen, fit_flux=scale != "fixed")
             block = {"index": b.index.numpy(), "z": res.z.numpy(), "log_scale": res.log_scale.numpy(),
                      "intrinsic": res.intrinsic.numpy(), "model": res.model.numpy(),
                      "residual": res.residual.numpy(), "normalized_residual": res.normalized_residual.numpy(),
@@ -426,7 +438,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
                 block.update(_posterior(model, b, res, samples, chains, warmup, gen, method=posterior,
                                         n_leapfrog=n_leapfrog, metric=metric, max_depth=max_depth,
                                         proposal=proposal, min_ess=min_ess, max_draws=max_draws,
-                                        fallback=fallback))
+                                        fallback=fallback, scale=scale))
             w.write(block)
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
@@ -528,6 +540,19 @@ def _catalog(w, model, catalog_path, samples):
 #: Posterior methods of :func:`sample_posterior` and ``galgen fit --posterior``, by their
 #: code in fit files (``posterior_method``).
 POSTERIOR_METHODS = ("hmc", "nuts", "is", "laplace")
+
+#: Treatments of the log flux scale ``s`` by :func:`sample_posterior` (``scale=``).
+SCALE_TREATMENTS = ("redraw", "integrated", "joint", "fixed")
+
+
+def _held_scale(log_prob, s, chains):
+    """``log_prob`` of ``(z, s)`` rows as a function of ``z`` alone, ``s`` ``(G,)`` held per galaxy."""
+
+    def log_prob_z(z, rows=None):
+        idx = torch.arange(len(z), device=z.device) if rows is None else torch.as_tensor(rows, device=z.device)
+        return log_prob(torch.cat([z, s.to(z)[idx // chains, None]], 1), rows)
+
+    return log_prob_z
 
 #: Tree depth at most of the NUTS fallback of :func:`sample_posterior` (63 leapfrog steps per
 #: draw): on the galaxies whose importance weights fail, NUTS trajectories of ``sdss-vae``
@@ -637,7 +662,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         galaxy that after :data:`GIVE_UP_ROUNDS` times ``draws`` could not reach
         ``min_ess`` by ``max_draws`` at its efficiency so far stops early and is
         searched again (above).
-    scale : {"redraw", "integrated", "joint"}, optional
+    scale : {"redraw", "integrated", "joint", "fixed"}, optional
         How ``is`` treats the log flux scale ``s``. ``joint``: proposed with the latents
         ``z``, the amortised posterior's own draws a defensive 10% of the mixture.
         ``redraw`` (the default): the same, then ``s`` of every resampled draw drawn
@@ -646,6 +671,15 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         ``z`` proposed alone and weighted by the posterior with ``s`` integrated out
         (:func:`marginal_log_prob`; Rao-Blackwellised: more effective draws, without
         the defensive component), ``s`` then drawn from its conditional.
+        ``fixed``: ``s`` held at ``map_result.log_scale`` (0 for ``fit_map(...,
+        fit_flux=False)``: the model's own brightness, as its prior draws have it) and
+        ``z`` alone proposed from the Laplace t of ``z`` given it; for ``is`` and
+        ``laplace`` only, without a NUTS fallback (pass ``fallback=None``); the second
+        search holds ``s`` too, with the amortised posterior's draws (where the model
+        has one) as candidates only. For a model whose latent code carries the
+        brightness (``sdss-vae``), a free ``s`` with its flat prior makes a thin curved
+        ridge of the posterior along which the code's brightness trades off against
+        ``s``; holding ``s`` removes it (``docs/inference.md``).
     **sampler_options
         :func:`~galgen.inference.hmc_sample` options: ``n_leapfrog``, ``metric``
         (``"diag"`` or ``"dense"``), ``max_depth``.
@@ -661,8 +695,17 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         raise GalgenInputError(f"method: one of {POSTERIOR_METHODS}, got {method!r}")
     if fallback not in ("nuts", None):
         raise GalgenInputError(f"fallback: 'nuts' or None, got {fallback!r}")
-    if scale not in ("redraw", "integrated", "joint"):
-        raise GalgenInputError(f"scale: 'redraw', 'integrated' or 'joint', got {scale!r}")
+    if scale not in SCALE_TREATMENTS:
+        raise GalgenInputError(f"scale: one of {SCALE_TREATMENTS}, got {scale!r}")
+    fixed = scale == "fixed"
+    if fixed and method not in ("is", "laplace"):
+        raise GalgenInputError(f"scale: 'fixed' goes with method 'is' or 'laplace', got {method!r}")
+    if fixed and method == "is" and fallback is not None:
+        raise GalgenInputError("scale: 'fixed' has no NUTS fallback; pass fallback=None (its failing galaxies "
+                               "keep their weighted draws, flagged by pareto_k)")
+    if fixed and (proposal == "amortized" or isinstance(proposal, AmortizedPosterior)):
+        raise GalgenInputError("proposal: an amortised posterior proposes (z, s); with scale='fixed' use "
+                               "'auto' or 'laplace'")
     dev = observation.psf.device
     B = len(observed)
     nan = torch.full((B,), math.nan)
@@ -675,10 +718,10 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     n_prop = max(1024, 4 * chains * samples) if draws is None else int(draws)
     chunk = 64
     q = _amortized(model, proposal, cond) if method == "is" else None
-    mean, tril = laplace_approximation(model, observed, observation, map_result, cond)
+    mean, tril = laplace_approximation(model, observed, observation, map_result, cond, fit_flux=not fixed)
     mode, mode_tril = mean, tril  # the polished MAP (the NUTS fallback starts there)
     prop, logw = None, None
-    if q is not None:  # modes found from the amortised posterior's draws; its own draws a defensive 10%
+    if q is not None and not fixed:  # modes found from the amortised posterior's draws; its draws a defensive 10%
         prop = amortized_proposal(q, model, observed, observation)
         mean, tril, logw = multimodal_laplace(model, observed, observation, mean, tril, prop, generator=generator)
     adaptive = method == "is" and min_ess is not None
@@ -695,6 +738,10 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
         if integrated:
             lp = marginal_log_prob(model, obs_r, obs_x, c, chains=chunk)
             return importance_sample(lp, loc[..., :d], tril_[..., :d, :d], log_weights=lw, **options, **kw)
+        if fixed:  # z alone, the flux scale held at the mode's
+            lp = _held_scale(posterior_log_prob(model, obs_r, obs_x, c, chains=chunk), loc[..., 0, d] if lw is not None
+                             else loc[:, d], chunk)
+            return importance_sample(lp, loc[..., :d], tril_, log_weights=lw, **options, **kw)
         lp = posterior_log_prob(model, obs_r, obs_x, c, chains=chunk)
         return importance_sample(lp, loc, tril_, proposal=prop_, mix=0.1, log_weights=lw, **options, **kw)
 
@@ -702,11 +749,14 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     r = draw(None, mean, tril, logw, prop, give_up=GIVE_UP_ROUNDS * options["draws"] if adaptive else None)
     if method == "is":
         r, mode = _search_again(model, observed, observation, cond, q, r, mode, mode_tril, min_ess, draw,
-                                integrated, generator)
-    draws_ = r.samples if not integrated else torch.cat([r.samples, r.samples.new_zeros(*r.samples.shape[:-1], 1)],
-                                                        -1)
+                                integrated or fixed, generator, fit_flux=not fixed)
+    if integrated or fixed:  # the flux scale's column: drawn below, or the held value
+        held = mean[:, d].to(r.samples) if fixed else r.samples.new_zeros(B)
+        draws_ = torch.cat([r.samples, held[:, None, None, None].expand(*r.samples.shape[:-1], 1)], -1)
+    else:
+        draws_ = r.samples
     poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
-    if scale != "joint" and method == "is":  # s from its conditional, where the draws are kept (not redrawn by NUTS)
+    if scale in ("redraw", "integrated") and method == "is":  # s from its conditional, where the draws are kept (not redrawn by NUTS)
         keep = torch.ones(B, dtype=torch.bool)
         if fallback == "nuts":
             keep[poor] = False
@@ -759,7 +809,8 @@ SEARCH_REFINE = 50
 GIVE_UP_ROUNDS = 4
 
 
-def _search_again(model, observed, observation, cond, q, r, mode, mode_tril, min_ess, draw, integrated, generator):
+def _search_again(model, observed, observation, cond, q, r, mode, mode_tril, min_ess, draw, integrated, generator,
+                  fit_flux=True):
     """Importance-sample once more, from more posterior modes, the galaxies whose diagnostics fail.
 
     Their modes are searched from the amortised posterior's draws (where the model has one)
@@ -767,6 +818,8 @@ def _search_again(model, observed, observation, cond, q, r, mode, mode_tril, min
     (:func:`~galgen.inference.amortized.multimodal_laplace` with ``SEARCH_*``); the new run
     replaces the first where its Pareto k passes or is lower. Returns the result and the
     modes, the best mode found for these galaxies (where a NUTS fallback starts).
+    ``integrated``: the draws are of ``z`` alone (the mode's flux scale is added to them);
+    ``fit_flux=False``: the flux scale is held (``scale="fixed"``).
     """
     short = ~(r.pareto_k <= K_HAT_THRESHOLD)
     if min_ess is not None:
@@ -784,7 +837,7 @@ def _search_again(model, observed, observation, cond, q, r, mode, mode_tril, min
         seen = torch.cat([seen, mode[di, None, -1:].to(seen).expand(-1, seen.shape[1], 1)], -1)
     means, trils, logw = multimodal_laplace(model, x_i, obs_i, mode[di], mode_tril[di], prop, starts=SEARCH_STARTS,
                                             candidates=SEARCH_CANDIDATES, refine=SEARCH_REFINE,
-                                            generator=generator, extra=seen, cond=c)
+                                            generator=generator, extra=seen, cond=c, fit_flux=fit_flux)
     again = draw(idx, means, trils, logw, prop)
     better = (again.pareto_k <= K_HAT_THRESHOLD) | (again.pareto_k < r.pareto_k[idx])
     b = idx[better]

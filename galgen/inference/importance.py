@@ -117,7 +117,7 @@ def psis(log_weights):
 
 
 def laplace_approximation(model, observed, observation, map_result, cond=None, refine: int = 20,
-                          curvature: str = "gauss-newton"):
+                          curvature: str = "gauss-newton", fit_flux: bool = True):
     """The Laplace (Gauss-Newton) approximation of each galaxy's posterior of ``(z, s)`` about its mode.
 
     The mode is the MAP polished by up to ``refine`` Levenberg-Marquardt steps (a
@@ -144,13 +144,17 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
         66% with k <= 0.7 against 77% with ``G``, though the median ESS is 161 against
         93), but as an HMC metric it allows 4-10x longer steps (the NUTS fallback of
         :func:`~galgen.inference.sample_posterior`). Ignored for other priors.
+    fit_flux : bool, optional
+        ``False``: the log flux scale is held at ``map_result.log_scale`` (the mode and the
+        covariance are those of ``z`` given it), as ``fit_map(fit_flux=False)`` fits.
 
     Returns
     -------
     mean : torch.Tensor
         ``(B, d + 1)``: the mode ``(z, log_scale)``.
     scale_tril : torch.Tensor
-        ``(B, d + 1, d + 1)`` Cholesky factor of the covariance ``H^-1`` (float64), ``H``
+        ``(B, d + 1, d + 1)`` (``(B, d, d)`` of ``z`` alone without ``fit_flux``)
+        Cholesky factor of the covariance ``H^-1`` (float64), ``H``
         the Fisher matrix of the likelihood plus the prior's positive semi-definite
         curvature (:func:`~galgen.inference.lm.prior_curvature`: the Gauss-Newton matrix
         of a flow prior, whose exact Hessian is not positive definite; minus the exact
@@ -164,9 +168,9 @@ def laplace_approximation(model, observed, observation, map_result, cond=None, r
         if refine:
             z, s, _, _, _, h = levenberg_marquardt(model, z, s, observed, observation, cond,
                                                    rows_prior(model, cond), max_iter=int(refine),
-                                                   return_fisher=True)
+                                                   return_fisher=True, fit_flux=fit_flux)
         else:
-            _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), True)
+            _, _, h = gauss_newton(model, observation, observed, z, s, cond, model.prior(cond), fit_flux)
     prior = model.prior(cond)
     if curvature == "gauss-newton" and flow_base_precision(prior) is not None:  # h holds the 'upper' curvature
         d = z.shape[1]

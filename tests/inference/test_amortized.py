@@ -247,9 +247,10 @@ class _Folded(LinearGalaxy):
         return (self.basis[0] + zz @ self.basis[1:]).view(-1, self.size, self.size)
 
 
-def _folded_fits(z_true):
+def _folded_fits(z_true, fit_flux=True):
     """Galaxies of the folded model at ``z_true``, observed with noise 0.2, and the Laplace approximation at
-    the mode Levenberg-Marquardt finds: ``model, obs, observed, mean, tril``."""
+    the mode Levenberg-Marquardt finds (of z alone, the flux scale held at 0, without ``fit_flux``):
+    ``model, obs, observed, mean, tril``."""
     from galgen.inference import fit_map
     from galgen.inference.importance import laplace_approximation
 
@@ -257,8 +258,8 @@ def _folded_fits(z_true):
     obs = _pool(len(z_true), sigma=0.2)
     with torch.no_grad():
         _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
-    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm")
-    mean, tril = laplace_approximation(model, observed, obs, res)
+    res = fit_map(model, observed, obs, max_iter=300, optimizer="lm", fit_flux=fit_flux)
+    mean, tril = laplace_approximation(model, observed, obs, res, fit_flux=fit_flux)
     return model, obs, observed, mean, tril
 
 
@@ -380,3 +381,32 @@ def test_a_failed_importance_sampling_is_searched_again_from_its_heavy_draws():
     assert abs(right - 0.5) < 0.12, right  # the mirror modes have equal mass
     assert int(r.draws[0]) == 2048 and int(r.draws[1]) == 1024  # both runs' draws counted; galaxy 1 untouched
     assert torch.equal(r.samples[1], samples[1]) and torch.isfinite(mode).all()
+
+
+def test_the_second_search_holds_a_held_flux_scale():
+    """scale="fixed": a galaxy whose draws of z (the flux scale held at 0) came from one mirror mode, its heavy
+    draws at the other, is searched again at that flux scale: k passes, the mirror modes hold equal mass, and
+    the best mode keeps s = 0."""
+    from galgen.inference import posterior_log_prob
+    from galgen.inference.fit import _held_scale, _search_again
+    from galgen.inference.importance import ImportanceResult
+
+    model, obs, observed, mean, tril = _folded_fits(torch.tensor([[1.5, 0.3], [-1.2, 0.1]]), fit_flux=False)
+    assert tril.shape == (2, 2, 2) and bool((mean[:, 2] == 0).all())
+    heavy = mean[:, :2].double().clone()
+    heavy[:, 0] *= -1
+    samples = (heavy[:, None, None, :] + 0.02 * torch.randn(2, 1, 400, 2, generator=torch.Generator().manual_seed(1),
+                                                            dtype=torch.float64)).float()
+    first = ImportanceResult(samples=samples, pareto_k=torch.tensor([math.inf, 0.2]),
+                             ess=torch.tensor([1.0, 500.0]), n_proposals=1024, draws=torch.tensor([1024, 1024]))
+
+    def draw(rows, loc, tril_, lw, prop):
+        lp = _held_scale(posterior_log_prob(model, obs.select(rows), observed[rows], chains=64), loc[:, 0, 2], 64)
+        return importance_sample(lp, loc[..., :2], tril_, log_weights=lw, draws=1024, samples=400, chains=1,
+                                 generator=torch.Generator().manual_seed(2))
+
+    r, mode = _search_again(model, observed, obs, None, None, first, mean, tril, None, draw, True,
+                            torch.Generator().manual_seed(3), fit_flux=False)
+    assert float(r.pareto_k[0]) <= 0.7 and float(r.ess[0]) > 200, (r.pareto_k, r.ess)
+    assert abs(float((r.samples[0, 0, :, 0] > 0).float().mean()) - 0.5) < 0.12
+    assert torch.equal(r.samples[1], samples[1]) and bool((mode[:, 2] == 0).all()), mode

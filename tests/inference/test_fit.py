@@ -234,3 +234,22 @@ def test_seed_latent_vae_fits_with_its_map_prior(sdss_tiny, tmp_path):
             for p in ("normal", "flow", None)}
     assert np.array_equal(cats[None]["chi2"], cats["normal"]["chi2"])
     assert not np.array_equal(cats[None]["chi2"], cats["flow"]["chi2"])
+
+
+def test_galgen_fit_with_the_flux_scale_held(tiny_model, sdss_tiny, tmp_path):
+    """galgen fit --scale fixed: the MAP fits z alone with the flux scale held at 0 and every posterior draw
+    holds it there; the setting is in the file's fingerprint, and NUTS does not go with it."""
+    out = tmp_path / "fixed.h5"
+    assert main(["fit", "--model", str(tiny_model), "--data", str(sdss_tiny), "--out", str(out), "--samples", "8",
+                 "--chains", "2", "--scale", "fixed", "--min-ess", "0", "--limit", "8", "--batch-size", "8", "--max-iter", "40",
+                 "--device", "cpu", "--prior", "normal"]) == 0
+    with h5py.File(out) as f:
+        assert np.all(f["log_scale"][:] == 0) and np.all(f["samples"][..., -1] == 0)
+        assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["pareto_k"][:]))
+        assert '"scale": "fixed"' in f.attrs["fingerprint"]
+        assert np.all(f["posterior_method"][:] == 2)  # importance sampling, no NUTS fallback
+    free = fit_file(tiny_model, sdss_tiny, tmp_path / "free.h5", prior="normal", limit=8, **{**FAST, "samples": 0})
+    with h5py.File(free) as f:
+        assert np.any(f["log_scale"][:] != 0)  # the default fits the flux scale
+    with pytest.raises(GalgenInputError, match="scale"):
+        fit_file(tiny_model, sdss_tiny, tmp_path / "x.h5", samples=8, posterior="nuts", scale="fixed")

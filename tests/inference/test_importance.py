@@ -348,3 +348,43 @@ def test_a_galaxy_hopeless_at_its_efficiency_gives_up_early():
     assert int(on.draws[1]) == 4096 and float(on.ess[1]) < 200, (on.draws, on.ess)  # hopeless all the way
     assert 768 <= int(off.draws[1]) < 1024, off.draws  # stopped at the first check past give_up
     assert int(off.draws[0]) == int(on.draws[0]) and float(off.ess[0]) >= 200
+
+
+def test_a_held_flux_scale_gives_the_analytic_posterior_of_a_linear_model():
+    """scale="fixed": z alone given the flux scale held at the MAP's (0 for fit_map(fit_flux=False)). A
+    linear model observed with Gaussian noise has a Gaussian posterior of z with known mean and covariance;
+    the draws hold s at 0 and match them within Monte Carlo error. Methods and fallbacks it cannot go with
+    are refused."""
+    from galgen.inference import fit_map, sample_posterior
+    from galgen.physics import GaussianNoise, Observation, gaussian_psf
+    from test_calibration import LinearGalaxy
+
+    B, var = 3, 0.5
+    model = LinearGalaxy()
+    obs = Observation(gaussian_psf(1.0, 9, 1.0), pixel_scale=1.0, stamp=16,
+                      noise=GaussianNoise(torch.full((B, 16, 16), var)))
+    z_true = torch.tensor([[0.8, -0.4], [-1.1, 0.3], [0.2, 1.2]])
+    with torch.no_grad():
+        _, observed = obs.observe(model.decode(z_true), generator=torch.Generator().manual_seed(0))
+        # the noiseless images of the mean galaxy and of each unit latent: the model is linear in z
+        m0 = obs.observe(model.decode(torch.zeros(B, 2)), generator=torch.Generator())[0].double()
+        cols = [obs.observe(model.decode(torch.eye(2)[k].expand(B, 2)), generator=torch.Generator())[0].double() - m0
+                for k in range(2)]
+    a = torch.stack([c.flatten(1) for c in cols], 2)  # (B, pixels, 2)
+    prec = a.transpose(1, 2) @ a / var + torch.eye(2, dtype=torch.float64)
+    cov = torch.linalg.inv(prec)
+    mu = (cov @ (a.transpose(1, 2) @ (observed.double() - m0).flatten(1)[..., None] / var))[..., 0]
+    res = fit_map(model, observed, obs, fit_flux=False, max_iter=300)
+    assert torch.equal(res.log_scale, torch.zeros(B))
+    h = sample_posterior(model, observed, obs, res, samples=1000, chains=2, draws=4096, fallback=None,
+                         scale="fixed", generator=torch.Generator().manual_seed(1))
+    assert bool((h.samples[..., 2] == 0).all()) and bool((h.pareto_k <= K_HAT_THRESHOLD).all()), h.pareto_k
+    z = h.samples[..., :2].flatten(1, 2).double()
+    sd = torch.diagonal(cov, dim1=1, dim2=2).sqrt()
+    ess = h.is_ess.double()[:, None]
+    assert ((z.mean(1) - mu).abs() / (sd / ess.sqrt()) < 4.5).all(), ((z.mean(1) - mu) / sd, ess)
+    assert ((z.std(1) / sd - 1).abs() < 0.1).all(), z.std(1) / sd
+    with pytest.raises(Exception, match="fallback"):
+        sample_posterior(model, observed, obs, res, scale="fixed")
+    with pytest.raises(Exception, match="scale"):
+        sample_posterior(model, observed, obs, res, scale="fixed", method="nuts")
