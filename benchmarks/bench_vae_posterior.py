@@ -112,7 +112,8 @@ def main(argv=None):
         derived, _, _ = posterior_images(model, obs, h.samples)
         d = derived.numpy()
         means[prop] = (d.mean(1), d.std(1), k <= 0.7)
-        r = {"wall_s": wall, "total_wall_s": wall + (t_map if scale != "fixed" else t_fixed), "ess_median": float(np.median(ess)),
+        r = {"wall_s": wall, "total_wall_s": wall + (t_map if scale != "fixed" else t_fixed),
+             "ess_median": float(np.median(ess)),
              "ess_p10": float(np.percentile(ess, 10)), "ess_min": float(ess.min()),
              "frac_ess_ge_200": float(np.mean(ess >= 200)), "k_median": float(np.median(k)),
              "frac_k_le_0.7": float(np.mean(k <= 0.7)), "frac_pass": float(np.mean((k <= 0.7) & (ess >= 200))),

@@ -554,6 +554,7 @@ def _held_scale(log_prob, s, chains):
 
     return log_prob_z
 
+
 #: Tree depth at most of the NUTS fallback of :func:`sample_posterior` (63 leapfrog steps per
 #: draw): on the galaxies whose importance weights fail, NUTS trajectories of ``sdss-vae``
 #: reach this depth even with a Laplace metric, and deeper trees cost ~4x per depth step for
@@ -756,7 +757,7 @@ def sample_posterior(model, observed: torch.Tensor, observation, map_result, *, 
     else:
         draws_ = r.samples
     poor = torch.nonzero(~(r.pareto_k <= K_HAT_THRESHOLD)).flatten()
-    if scale in ("redraw", "integrated") and method == "is":  # s from its conditional, where the draws are kept (not redrawn by NUTS)
+    if scale in ("redraw", "integrated") and method == "is":  # s from its conditional (draws not redrawn by NUTS)
         keep = torch.ones(B, dtype=torch.bool)
         if fallback == "nuts":
             keep[poor] = False

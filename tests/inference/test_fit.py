@@ -241,8 +241,8 @@ def test_galgen_fit_with_the_flux_scale_held(tiny_model, sdss_tiny, tmp_path):
     holds it there; the setting is in the file's fingerprint, and NUTS does not go with it."""
     out = tmp_path / "fixed.h5"
     assert main(["fit", "--model", str(tiny_model), "--data", str(sdss_tiny), "--out", str(out), "--samples", "8",
-                 "--chains", "2", "--scale", "fixed", "--min-ess", "0", "--limit", "8", "--batch-size", "8", "--max-iter", "40",
-                 "--device", "cpu", "--prior", "normal"]) == 0
+                 "--chains", "2", "--scale", "fixed", "--min-ess", "0", "--limit", "8", "--batch-size", "8",
+                 "--max-iter", "40", "--device", "cpu", "--prior", "normal"]) == 0
     with h5py.File(out) as f:
         assert np.all(f["log_scale"][:] == 0) and np.all(f["samples"][..., -1] == 0)
         assert np.all(np.isfinite(f["samples"][:])) and np.all(np.isfinite(f["pareto_k"][:]))
