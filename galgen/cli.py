@@ -323,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=("nuts", "none"), default="nuts",
                    help="--posterior is: NUTS for the galaxies whose Pareto k stays above 0.7, or none (their "
                         "weighted draws are kept, flagged by pareto_k) [nuts]")
-    p.add_argument("--scale", choices=("redraw", "integrated", "joint", "fixed"), default="redraw",
-                   help="--posterior is: the log flux scale proposed with the latents and redrawn from its exact "
-                        "conditional, integrated out, proposed only, or fixed: held at 0, the model's own "
-                        "brightness, in the MAP too (no NUTS fallback; removes the ridge of sdss-vae posteriors "
-                        "along which its latent brightness trades off against the scale) [redraw]")
+    p.add_argument("--scale", choices=("auto", "redraw", "integrated", "joint", "fixed"), default="auto",
+                   help="the log flux scale: proposed with the latents and redrawn from its exact conditional, "
+                        "integrated out, proposed only, or fixed: held at 0, the model's own brightness, in the "
+                        "MAP too (no NUTS fallback; removes the ridge of sdss-vae posteriors along which its latent "
+                        "brightness trades off against the scale); auto: fixed where the data are in the flux "
+                        "units of the model's training set (same survey, band, zero point, pixel scale, ADU), "
+                        "else redraw [auto]")
     p.add_argument("--sampler", choices=("hmc", "nuts"), default=None,
                    help="deprecated: --posterior hmc|nuts")
     p.add_argument("--optimizer", choices=("auto", "lm", "adam", "lbfgs"), default="auto",

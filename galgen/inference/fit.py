@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -38,7 +39,7 @@ __all__ = ["FIT_SCHEMA", "FIT_DATASETS", "DERIVED_DRAWS", "FitWriter", "fit_file
            "posterior_log_prob", "marginal_log_prob", "draw_log_scale", "SCALE_NODES",
            "sample_posterior", "thin_draws", "PosteriorResult", "POSTERIOR_METHODS", "fit_summary",
            "RHAT_THRESHOLD", "FALLBACK_MAX_DEPTH", "SEARCH_STARTS", "SEARCH_CANDIDATES", "SEARCH_REFINE",
-           "GIVE_UP_ROUNDS", "SCALE_TREATMENTS"]
+           "GIVE_UP_ROUNDS", "SCALE_TREATMENTS", "same_flux_units"]
 
 #: Posterior draws per galaxy (thinned evenly over all chains) that are decoded for
 #: derived quantities and for the posterior predictive mean and standard deviation.
@@ -277,7 +278,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
              sampler: str | None = None, max_depth: int = 8, overwrite: bool = False, optimizer: str = "auto",
              posterior: str = "is", limit: int | None = None, progress: bool = False, proposal: str = "auto",
              min_ess: float | None = 200.0, max_draws: int | None = None, fallback: str | None = "nuts",
-             scale: str = "redraw") -> Path:
+             scale: str = "auto") -> Path:
     """Fit every galaxy of a cutout file (``galgen fit``).
 
     Parameters
@@ -344,12 +345,14 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         Importance sampling: what redraws the galaxies whose Pareto k stays above 0.7
         (``fallback`` of :func:`sample_posterior`; ``"none"`` or None keeps their
         weighted draws, flagged by ``pareto_k``).
-    scale : {"redraw", "integrated", "joint", "fixed"}, optional
+    scale : {"auto", "redraw", "integrated", "joint", "fixed"}, optional
         Importance sampling's treatment of the log flux scale (``scale`` of
         :func:`sample_posterior`); ``fixed`` also fits the MAP with the flux scale held
         at 0 (the model's own brightness; ``fit_map(fit_flux=False)``) and has no NUTS
         fallback (``fallback`` is then ignored: failing galaxies keep their weighted
-        draws, flagged by ``pareto_k``).
+        draws, flagged by ``pareto_k``). ``auto`` (the default): ``fixed`` where the
+        data are in the flux units of the model's training set
+        (:func:`same_flux_units`), else ``redraw``.
 
     Returns
     -------
@@ -384,8 +387,10 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
     fallback = None if fallback in (None, "none") else fallback
     if fallback not in ("nuts", None):
         raise GalgenInputError(f"fallback: 'nuts' or 'none', got {fallback!r}")
-    if scale not in SCALE_TREATMENTS:
-        raise GalgenInputError(f"scale: one of {SCALE_TREATMENTS}, got {scale!r}")
+    if scale not in ("auto",) + SCALE_TREATMENTS:
+        raise GalgenInputError(f"scale: 'auto' or one of {SCALE_TREATMENTS}, got {scale!r}")
+    if scale == "auto":  # the flux scale held where the data share the training set's units (and IS allows it)
+        scale = "fixed" if same_flux_units(model, data) and posterior in ("is", "laplace") else "redraw"
     if scale == "fixed" and samples and posterior not in ("is", "laplace"):
         raise GalgenInputError(f"scale: 'fixed' goes with posterior 'is' or 'laplace', got {posterior!r}")
     fallback = None if scale == "fixed" else fallback
@@ -443,6 +448,43 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
             bar.update(len(b.index))
         w.finish(_catalog(w, model, catalog_path, samples))
     return out
+
+
+def same_flux_units(model, data) -> bool:
+    """Whether a cutout file is in the flux units of the data a model was trained on.
+
+    True where the model's :attr:`~galgen.models.LatentModel.provenance` names the
+    simulated survey it was trained on and the file records the same survey, band, zero
+    point and pixel scale, in ADU: then the model's own brightness (flux scale 0) means
+    the same flux in both, and ``galgen fit`` holds the flux scale there
+    (``scale="fixed"``). Ingested files of another instrument, and models without a
+    provenance (parametric models, models built in code), give False.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    data : str or os.PathLike
+        Cutout file.
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        survey = json.loads(model.provenance.get("data_fingerprint") or "{}").get("survey")
+    except (TypeError, ValueError):
+        return False
+    if not isinstance(survey, dict):
+        return False
+    with h5py.File(data, "r") as f:
+        attrs = dict(f.attrs)
+    try:
+        return (str(attrs.get("survey")) == str(survey.get("name"))
+                and str(attrs.get("band")) == str(survey.get("band")) and str(attrs.get("flux_unit")) == "adu"
+                and abs(float(attrs["zero_point"]) - float(survey["zero_point"])) < 1e-6
+                and abs(float(attrs["pixel_scale"]) - float(survey["pixel_scale"])) < 1e-9)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 #: The largest split R-hat (over a galaxy's parameters) at which :func:`fit_summary` counts

@@ -258,6 +258,9 @@ class LatentModel(nn.Module):
         The model's options (``stamp``, ``oversampling``, ...); stages check data against it.
     checkpoint_path : str or None
         Where the model was loaded from.
+    provenance : dict
+        The data the model was trained on (``data``, ``data_fingerprint`` with the
+        simulated survey, ...), set by the loaders; empty for a model built in code.
     conditions : tuple of str
         Catalog columns ``cond`` holds, in order (empty: unconditional).
     prior_choices : dict of str to str
@@ -296,6 +299,8 @@ class LatentModel(nn.Module):
     config: dict = {}
     #: The checkpoint the model was loaded from (set by the loaders), else None.
     checkpoint_path = None
+    #: The data the model was trained on (set by the loaders from its checkpoint), else empty.
+    provenance: dict = {}
 
     @property
     def latent_names(self) -> list:

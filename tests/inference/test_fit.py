@@ -253,3 +253,24 @@ def test_galgen_fit_with_the_flux_scale_held(tiny_model, sdss_tiny, tmp_path):
         assert np.any(f["log_scale"][:] != 0)  # the default fits the flux scale
     with pytest.raises(GalgenInputError, match="scale"):
         fit_file(tiny_model, sdss_tiny, tmp_path / "x.h5", samples=8, posterior="nuts", scale="fixed")
+
+
+def test_the_flux_scale_is_held_only_for_data_in_the_training_units(tiny_model, sdss_tiny, tmp_path):
+    """same_flux_units (galgen fit --scale auto): sdss-vae's provenance names simulated SDSS r-band data in ADU
+    at zero point 28.25 and 0.396"/pixel; a simulated SDSS file matches, the same file with another zero point,
+    flux unit or survey does not, and a model without a provenance never does."""
+    import shutil
+
+    from galgen.inference.fit import same_flux_units
+    from galgen.runtime import resolve_model
+
+    vae = resolve_model("sdss-vae", "cpu")
+    assert same_flux_units(vae, sdss_tiny)
+    for key, value in (("zero_point", 27.0), ("flux_unit", "electron"), ("survey", "hst")):
+        other = tmp_path / f"{key}.h5"
+        shutil.copy(sdss_tiny, other)
+        with h5py.File(other, "a") as f:
+            f.attrs[key] = value
+        assert not same_flux_units(vae, other), key
+    built = resolve_model(str(tiny_model), "cpu")
+    assert built.provenance == {} and not same_flux_units(built, sdss_tiny)
