@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, machine_info  # noqa: E402
+from common import benchmark_galaxies, finish, machine_info  # noqa: E402
 
 
 def main(argv=None):
@@ -58,38 +58,28 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from galgen.data.loading import observation_from_cutouts
-    from galgen.data.cutouts import CutoutFile
     from galgen.inference import derived_quantities, fit_map, posterior_images, sample_posterior
-    from galgen.models.base import sample_latents
     from galgen.runtime import resolve_model
 
     model = resolve_model(args.model, "cpu").eval()
     rows = list(range(args.start, args.start + args.n))
-    obs = observation_from_cutouts(args.data, rows)
     gen = torch.Generator().manual_seed(args.seed)
-    truth = None
-    if args.galaxies == "data":
-        with CutoutFile(args.data) as f:
-            observed = torch.as_tensor(f.read("observed", np.asarray(rows))).float()
-    else:
-        with torch.no_grad():
-            z = sample_latents(model.prior(), args.n, generator=gen).float()
-            intr = model.decode(z)
-            _, observed = obs.observe(intr, generator=gen)
-            truth = derived_quantities(intr, obs.intrinsic_scale).numpy()
-    t0 = time.perf_counter()
-    res = fit_map(model, observed, obs, generator=gen)
-    t_map = time.perf_counter() - t0
-    print(f"MAP of {args.n} galaxies: {t_map:.1f} s, median chi2/dof {float(res.reduced_chi2.median()):.3f}",
-          flush=True)
-    out = {"model": args.model, "data": str(args.data), "n": args.n, "galaxies": args.galaxies,
-           "draws": args.draws, "min_ess": args.min_ess, "max_draws": args.max_draws, "map_wall_s": t_map,
-           "threads": torch.get_num_threads()}
-    means = {}
+    obs, observed, intr = benchmark_galaxies(model, args.data, rows, args.galaxies, gen)
+    truth = None if intr is None else derived_quantities(intr, obs.intrinsic_scale).numpy()
     scales = [s for s in args.scale.split(",") if s]
     if not set(scales) <= {"redraw", "integrated", "joint", "fixed"}:
         raise SystemExit(f"--scale: 'redraw', 'integrated', 'joint' and/or 'fixed', got {args.scale!r}")
+    out = {"model": args.model, "data": str(args.data), "n": args.n, "galaxies": args.galaxies,
+           "draws": args.draws, "min_ess": args.min_ess, "max_draws": args.max_draws,
+           "threads": torch.get_num_threads()}
+    res, t_map = None, None
+    if set(scales) - {"fixed"}:  # the MAP of (z, s), for the treatments of a free flux scale
+        t0 = time.perf_counter()
+        res = fit_map(model, observed, obs, generator=gen)
+        t_map = out["map_wall_s"] = time.perf_counter() - t0
+        print(f"MAP of {args.n} galaxies: {t_map:.1f} s, median chi2/dof {float(res.reduced_chi2.median()):.3f}",
+              flush=True)
+    means = {}
     res_fixed, t_fixed = None, None
     if "fixed" in scales:  # the flux scale held at 0: the MAP of z alone
         t0 = time.perf_counter()

@@ -71,3 +71,45 @@ def finish(result: dict, json_path=None) -> dict:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
+
+
+def benchmark_galaxies(model, data, rows, galaxies: str, generator):
+    """The galaxies of the deep-prior posterior benchmarks: observations and their images.
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+    data : str or os.PathLike
+        Cutout file whose PSFs and noise observe the galaxies.
+    rows : list of int
+        Its rows.
+    galaxies : {"data", "prior"}
+        The file's own observed cutouts, or the model's prior draws (flux scale 0) observed
+        through those rows' PSFs and noise.
+    generator : torch.Generator
+        Draws the prior codes and the noise (``prior``).
+
+    Returns
+    -------
+    observation : galgen.physics.Observation
+    observed : torch.Tensor
+        ``(len(rows), S, S)``.
+    intrinsic : torch.Tensor or None
+        The decoded prior draws (``prior``), else None.
+    """
+    import numpy as np
+    import torch
+
+    from galgen.data.cutouts import CutoutFile
+    from galgen.data.loading import observation_from_cutouts
+    from galgen.models.base import sample_latents
+
+    obs = observation_from_cutouts(data, rows)
+    if galaxies == "data":
+        with CutoutFile(data) as f:
+            return obs, torch.as_tensor(f.read("observed", np.asarray(rows))).float(), None
+    with torch.no_grad():
+        z = sample_latents(model.prior(), len(rows), generator=generator).float()
+        intr = model.decode(z)
+        _, observed = obs.observe(intr, generator=generator)
+    return obs, observed, intr

@@ -35,25 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, machine_info  # noqa: E402
-
-
-def _t_draws(mean, tril, n, df, generator):
-    """``n`` draws per row of multivariate t's ``(B, k)``, ``(B, k, k)`` (float64)."""
-    B, k = mean.shape
-    eps = torch.randn(B, n, k, generator=generator, dtype=torch.float64)
-    chi = (torch.randn(B, n, df, generator=generator, dtype=torch.float64) ** 2).mean(-1, keepdim=True).sqrt()
-    return mean[:, None] + (tril[:, None] @ (eps / chi)[..., None])[..., 0]
-
-
-def _t_log_prob(x, mean, tril, df):
-    """Log density of multivariate t's at ``x`` ``(B, n, k)``."""
-    k = x.shape[-1]
-    w = torch.linalg.solve_triangular(tril, (x - mean[:, None]).transpose(1, 2), upper=False)
-    r2 = (w * w).sum(1)
-    logdet = torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(-1, keepdim=True)
-    return (math.lgamma((df + k) / 2) - math.lgamma(df / 2) - k / 2 * math.log(df * math.pi) - logdet
-            - (df + k) / 2 * torch.log1p(r2 / df))
+from common import benchmark_galaxies, finish, machine_info  # noqa: E402
 
 
 def _mahalanobis(tril, dx):
@@ -81,28 +63,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from galgen.data.cutouts import CutoutFile
-    from galgen.data.loading import observation_from_cutouts
     from galgen.inference import derived_quantities, fit_map, posterior_log_prob, sample_posterior
     from galgen.inference.amortized import amortized_proposal, attached_amortized_posterior, multimodal_laplace
-    from galgen.inference.importance import laplace_approximation
-    from galgen.models.base import sample_latents
+    from galgen.inference.importance import _student_t, _student_t_log_prob, laplace_approximation
     from galgen.runtime import resolve_model
 
     model = resolve_model(args.model, "cpu").eval()
     q = attached_amortized_posterior(model)
     if q is None:
         raise SystemExit(f"--model {args.model}: has no amortised posterior to probe the posterior with")
-    rows = list(range(args.n))
-    obs = observation_from_cutouts(args.data, rows)
     gen = torch.Generator().manual_seed(args.seed)  # the galaxies and fits of bench_vae_posterior.py
-    if args.galaxies == "data":
-        with CutoutFile(args.data) as f:
-            observed = torch.as_tensor(f.read("observed", np.asarray(rows))).float()
-    else:
-        with torch.no_grad():
-            z = sample_latents(model.prior(), args.n, generator=gen).float()
-            _, observed = obs.observe(model.decode(z), generator=gen)
+    obs, observed, _ = benchmark_galaxies(model, args.data, list(range(args.n)), args.galaxies, gen)
     res = fit_map(model, observed, obs, generator=gen)
     t0 = time.perf_counter()
     h = sample_posterior(model, observed, obs, res, samples=100, chains=2, generator=torch.Generator().manual_seed(
@@ -133,8 +104,8 @@ def main(argv=None):
     # 2. the heaviest draws of an equal mixture of the amortised posterior and the Laplace t
     n = args.probe
     xq, _ = prop.draw(every, n, g)
-    xs = torch.cat([xq.double(), _t_draws(mean, tril, n, 7, g)], 1)
-    log_mix = torch.logaddexp(prop.log_prob(every, xs), _t_log_prob(xs, mean, tril, 7)) - math.log(2.0)
+    xs = torch.cat([xq.double(), _student_t(mean, tril, n, 7, g)[0]], 1)
+    log_mix = torch.logaddexp(prop.log_prob(every, xs), _student_t_log_prob(xs, mean, tril, 7)) - math.log(2.0)
     lp_of = posterior_log_prob(model, obs_f, x_f, chains=2 * n)
     flat = xs.reshape(-1, d + 1).float()
     with torch.no_grad():
