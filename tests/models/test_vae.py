@@ -334,3 +334,67 @@ def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps
         assert torch.allclose(p["bt"], torch.sigmoid(h[:, 3])) and torch.allclose(p["log_size_bulge"], h[:, 4])
     with pytest.raises(GalgenInputError, match="network seed"):
         reseed_bulge_disk(lat, seed_latents=True)
+
+
+def test_body_prior_adds_its_gaussian_penalty_and_shrinks_a_body_the_data_do_not_ask_for():
+    """body_l2: the penalty is body_l2/2 * sum of the squared centred body logits (computed
+    here from the decoder's own pieces), it enters the loss but not the ELBO, configs
+    without it are unchanged, and on data that are the seed alone (a symmetric galaxy
+    under noise) training shrinks a random body, where the ELBO alone leaves more of it."""
+    from galgen.models.networks import FluxShapeGenerator
+
+    z = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    vae = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3), body_l2=0.5)
+    assert vae.config["body_l2"] == 0.5 and "body_l2" not in VAE(32, latent_dim=4, width=8,
+                                                                   decoder="flux-shape").config
+    torch.nn.init.normal_(vae.decoder.shape.out.weight, std=0.2)
+    dec = vae.decoder
+    assert isinstance(dec, FluxShapeGenerator)
+    with torch.no_grad():
+        img, body = dec(z, return_body=True)
+        assert torch.equal(img, vae.decode(z))
+        logits = dec._warp(dec.shape.logits(z), dec.shape_parameters(z))
+        assert torch.allclose(body, logits)
+        flux = dec.log_flux(z).exp()[:, None, None]
+        rebuilt = torch.softmax((body - dec.template(z)).flatten(1), 1).view_as(img) * flux
+        assert torch.allclose(img, rebuilt, rtol=1e-5, atol=1e-6 * float(flux.max()))
+    # the loss carries the penalty; the ELBO does not
+    psf = gaussian_psf(torch.full((8,), 1.5), 15, 1.0).float()
+    obs = Observation(psf, pixel_scale=1.0, stamp=32, noise=GaussianNoise(torch.full((8, 32, 32), 25.0)))
+
+    def batch(seed):
+        zz = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():  # the seed alone: symmetric bulge + disk-free Sersic galaxies
+            seed_img = torch.softmax(-dec.template(zz).flatten(1), 1).view(8, 32, 32) * dec.log_flux(zz).exp()[
+                :, None, None]
+            data = obs.noise.sample(obs.noiseless(seed_img), generator=torch.Generator().manual_seed(seed + 100))
+        return Batch(observed=data, observation=obs)
+
+    b0 = batch(0)
+    with torch.no_grad():
+        t = vae.elbo(b0, generator=torch.Generator().manual_seed(4))
+        _, body = vae._decode_with_body(vae.encode(b0.observed).mean)
+    assert float(t["elbo"].mean()) == pytest.approx(float((-t["nll"] - t["kl"]).mean()), rel=1e-6)
+    assert bool((t["body_penalty"] > 0).all())
+
+    def trained(l2):
+        torch.manual_seed(0)
+        m = VAE(32, latent_dim=4, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3), body_l2=l2)
+        m.load_state_dict(vae.state_dict())
+        opts = m.make_optimizers(lr=3e-3)
+        for step in range(60):
+            out = m.training_step(batch(step % 6), opts, step)
+        with torch.no_grad():
+            _, b = m._decode_with_body(torch.randn(64, 4, generator=torch.Generator().manual_seed(9)))
+        c = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return float(c.pow(2).sum(1).mean()), out
+
+    start = float((body.flatten(1) - body.flatten(1).mean(1, keepdim=True)).pow(2).sum(1).mean())
+    with_prior, out = trained(0.5)
+    without, _ = trained(0.0)
+    assert float(out["loss"]) > float(-out["elbo"]) - 1e-3  # the penalty is in the loss (nll + kl + penalty)
+    assert with_prior < 0.5 * start and with_prior < 0.7 * without, (start, with_prior, without)
+    with pytest.raises(GalgenInputError, match="body_l2"):
+        VAE(32, latent_dim=4, width=8, body_l2=0.1)  # the conv decoder has no body
+    with pytest.raises(GalgenInputError, match="body_l2"):
+        VAE(32, latent_dim=4, width=8, decoder="flux-shape", body_l2=-1.0)
