@@ -11,7 +11,8 @@ asymmetry, which galgen does not; the figure is what a user who needs C, A, S, G
 pays with each. Beside the speed, the median and maximum absolute differences per statistic
 (relative for r50) over the galaxies statmorph does not flag as bad (flag <= 1).
 
-    python benchmarks/bench_morphology.py [--n 200] [--threads 2] [--json out.json] [--plot out.png]
+    python benchmarks/bench_morphology.py [--n 200] [--threads 2] [--rotation fourier|bilinear]
+        [--json out.json] [--plot out.png]
 
 ``--plot`` draws galgen's value against statmorph's for each statistic (the scatter plot of
 ``docs/benchmarks.md``), flagged galaxies in grey.
@@ -53,12 +54,12 @@ def make_galaxies(n, stamp=64, scale=0.396, noise=1e-4, seed=0):
     return np.stack(noisy), np.stack(segs), np.array(sigmas)
 
 
-def bench_galgen(images, variance, scale, chunk):
+def bench_galgen(images, variance, scale, chunk, rotation="fourier"):
     from galgen.evaluation.statistics import morphology_statistics
 
-    morphology_statistics(images[:8], scale, variance=variance[:8])  # warm-up
+    morphology_statistics(images[:8], scale, variance=variance[:8], rotation=rotation)  # warm-up
     t = time.perf_counter()
-    st = morphology_statistics(images, scale, variance=variance, chunk=chunk)
+    st = morphology_statistics(images, scale, variance=variance, chunk=chunk, rotation=rotation)
     return len(images) / (time.perf_counter() - t), st
 
 
@@ -99,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="galaxies [200]")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads [2]")
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--rotation", choices=("fourier", "bilinear"), default="fourier",
+                    help="galgen's asymmetry rotation [fourier, the default; bilinear is statmorph's]")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of galgen vs statmorph per statistic")
     args = ap.parse_args(argv)
@@ -106,7 +109,7 @@ def main(argv=None):
     scale = 0.396
     images, segs, sigmas = make_galaxies(args.n, scale=scale)
     variance = np.broadcast_to((sigmas ** 2)[:, None, None], images.shape).copy()
-    rate_galgen, st = bench_galgen(images, variance, scale, args.chunk)
+    rate_galgen, st = bench_galgen(images, variance, scale, args.chunk, args.rotation)
     rate_sm, ref = bench_statmorph(images, segs)
     good = np.array([r.flag <= 1 for r in ref]) & st["ok"]
     diffs, pairs = {}, {}
@@ -119,11 +122,12 @@ def main(argv=None):
     if args.plot:
         scatter(pairs, good, args.plot)
     result = {
-        "machine": machine_info(), "torch_threads": args.threads, "n": args.n, "chunk": args.chunk,
+        "machine": machine_info(), "torch_threads": args.threads, "n": args.n, "chunk": args.chunk, "rotation": args.rotation,
         "galgen_galaxies_per_s": rate_galgen, "statmorph_galaxies_per_s": rate_sm,
         "ratio": rate_galgen / rate_sm, "n_compared": int(good.sum()), "abs_differences": diffs,
     }
-    print(f"galgen morphology_statistics (batched, {args.threads} threads): {rate_galgen:10.1f} galaxies/s")
+    print(f"galgen morphology_statistics (batched, {args.threads} threads, {args.rotation} rotation): "
+          f"{rate_galgen:10.1f} galaxies/s")
     print(f"statmorph source_morphology (per galaxy):               {rate_sm:10.1f} galaxies/s")
     print(f"ratio galgen / statmorph: {result['ratio']:.1f}x")
     print(f"|galgen - statmorph| over {int(good.sum())} galaxies (statmorph flag <= 1; r50 relative):")
