@@ -598,30 +598,24 @@ class FluxShapeGenerator(nn.Module):
         ys = k * (-g2 * dx + (1 + g1) * dy) + c
         return bilinear_sample(logits.float(), xs, ys)
 
-    def forward(self, z: torch.Tensor, return_body: bool = False):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Intrinsic images.
 
         Parameters
         ----------
         z : torch.Tensor
             ``(B, in_features)``.
-        return_body : bool, optional
-            Also return the body's logits as the image sees them (warped), for a prior
-            on them (:class:`~galgen.models.VAE`'s ``body_l2``).
 
         Returns
         -------
-        torch.Tensor or tuple of torch.Tensor
-            ``(B, size, size)`` float32, non-negative, each summing to its flux; with
-            ``return_body``, ``(images, body_logits)``.
+        torch.Tensor
+            ``(B, size, size)`` float32, non-negative, each summing to its flux.
         """
         logits = self.shape.logits(z)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             params = self.shape_parameters(z)  # once: the warp and the seed share them
             if self.warp_body:
                 logits = self._warp(logits, params)
-            body = logits
             logits = (logits - self.template(z, params)).flatten(1)
             shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
-            images = shape * self.log_flux(z).exp()[:, None, None]
-        return (images, body) if return_body else images
+            return shape * self.log_flux(z).exp()[:, None, None]

@@ -127,14 +127,6 @@ class VAE(GenerativeModel):
         network of the whole code: a MAP fit moves them as a parametric fit moves its own.
         Its fits default to the N(0, I) prior (``map_prior = "normal"``); it samples from
         the flow prior.
-    body_l2 : float, optional
-        Training only, flux-shape decoder: add ``body_l2 / 2`` times the sum of the squared
-        body logits (as the image sees them, warped, less their mean over the stamp) to
-        each galaxy's loss: a Gaussian prior on the body, so that it draws only the
-        structure the data ask for, and leaves the seed's point-symmetric profile
-        elsewhere (where the noise hides it, an unconstrained body made bulges lopsided:
-        docs/models.md). 0 (default) trains on the ELBO alone. The ELBO that training
-        and validation report is unchanged.
 
     Attributes
     ----------
@@ -166,7 +158,7 @@ class VAE(GenerativeModel):
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
-                 seed_profile: str = "sersic", seed_latents: bool = False, body_l2: float = 0.0):
+                 seed_profile: str = "sersic", seed_latents: bool = False):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
@@ -185,11 +177,6 @@ class VAE(GenerativeModel):
                 raise GalgenInputError(f"{name}: must be a positive number, got {value!r}")
         if not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
             raise GalgenInputError(f"beta: must be a number >= 0, got {beta!r}")
-        if isinstance(body_l2, bool) or not isinstance(body_l2, numbers.Real) or not math.isfinite(body_l2) \
-                or body_l2 < 0:
-            raise GalgenInputError(f"body_l2: must be a number >= 0, got {body_l2!r}")
-        if body_l2 and decoder != "flux-shape":
-            raise GalgenInputError(f"body_l2: a prior on the flux-shape decoder's body; decoder is {decoder!r}")
         if prior is not None and not isinstance(prior, dict):
             raise GalgenInputError(f"prior: expected a dict of flow options, got {prior!r}")
         unknown = sorted(set(prior or {}) - set(_PRIOR_DEFAULTS))
@@ -230,8 +217,6 @@ class VAE(GenerativeModel):
             self.config.update(seed_profile=seed_profile)
         if seed_latents:
             self.config.update(seed_latents=True)
-        if body_l2:  # configs without it are those before the option
-            self.config.update(body_l2=float(body_l2))
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -296,13 +281,6 @@ class VAE(GenerativeModel):
         if c is not None:
             z = torch.cat([z, c.to(z.dtype)], 1)
         return self.decoder(z)
-
-    def _decode_with_body(self, z: torch.Tensor, cond=None):
-        """Intrinsic images and the flux-shape decoder's body logits, ``(B, S, S)`` each."""
-        c = self.condition_features(cond, len(z))
-        if c is not None:
-            z = torch.cat([z, c.to(z.dtype)], 1)
-        return self.decoder(z, return_body=True)
 
     def reconstruct(self, observed: torch.Tensor, cond=None) -> torch.Tensor:
         """Decoded posterior mean: the VAE's intrinsic galaxy for observed cutouts.
@@ -378,31 +356,21 @@ class VAE(GenerativeModel):
             ``KL(q(z | x) || N(0, I))`` (nats), ``elbo`` = ``-nll - beta * kl`` (nats per
             galaxy), ``bits_per_pixel`` = ``-elbo / (n_good * ln 2)`` with ``n_good`` the
             galaxy's unmasked pixels. The ELBO bounds a *density* of continuous data, so
-            bits per pixel can be negative, and it depends on the flux unit. With
-            ``body_l2`` also ``body_penalty`` (nats; added to the training loss, not to
-            ``elbo``).
+            bits per pixel can be negative, and it depends on the flux unit.
         """
         mu, logvar = self.encoder_moments(batch.observed, batch.cond)
         mu, logvar = mu.float(), logvar.float()
         eps = _randn(mu.shape, generator, mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
-        body_l2 = self.config.get("body_l2", 0.0)
-        if body_l2:
-            intrinsic, body = self._decode_with_body(z, batch.cond)
-        else:
-            intrinsic = self.decode(z, batch.cond)
+        intrinsic = self.decode(z, batch.cond)
         nll = -batch.observation.log_likelihood(intrinsic.float(), batch.observed)
         kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)
         elbo = -nll - beta * kl
         bpp = -elbo / (good_pixels(batch.observed, batch.observation) * math.log(2))
-        out = {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp}
-        if body_l2:
-            centred = body.flatten(1) - body.flatten(1).mean(1, keepdim=True)
-            out["body_penalty"] = 0.5 * body_l2 * centred.pow(2).sum(1)
-        return out
+        return {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
-        """One step on ``mean(nll + beta_at(step) * kl [+ body_penalty])`` (see :meth:`GenerativeModel.training_step`).
+        """One step on ``mean(nll + beta_at(step) * kl)`` (see :meth:`GenerativeModel.training_step`).
 
         Parameters
         ----------
@@ -426,7 +394,7 @@ class VAE(GenerativeModel):
         opt.zero_grad(set_to_none=True)
         t = self.elbo(batch)
         beta = self.beta_at(step)
-        loss = (t["nll"] + beta * t["kl"] + t.get("body_penalty", 0.0)).mean()
+        loss = (t["nll"] + beta * t["kl"]).mean()
         loss.backward()
         sync(self.parameters())
         opt.step()
