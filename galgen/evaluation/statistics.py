@@ -72,11 +72,11 @@ about two pixels (not band-limited) the two rotations differ by up to 5% of A (0
 A = 0.18), and on one galaxy whose centre falls between pixels statmorph's 0.026 is
 0.016: its interpolation error.
 
-Deliberate differences from statmorph: the Fourier rotation (above); masked pixels are left out of the Gini coefficient
-(statmorph counts them as zero-valued pixels); no outlier rejection (statmorph's
-``n_sigma_outlier``: pass bad pixels in ``mask``); the whole stamp is statmorph's
-"postage stamp" and no segmap is given (the detection map above stands in for it); the
-noise terms are expectations from ``variance``, not sky-box measurements.
+Deliberate differences from statmorph: the Fourier rotation (above); masked pixels are
+left out of the Gini coefficient (statmorph counts them as zero-valued pixels); no outlier
+rejection (statmorph's ``n_sigma_outlier``: pass bad pixels in ``mask``); the whole stamp
+is statmorph's "postage stamp" and no segmap is given (the detection map above stands in
+for it); the noise terms are expectations from ``variance``, not sky-box measurements.
 
 Flags: 0 good; 1 suspect (the ``1.5 r_petro`` aperture leaves the stamp, the asymmetry
 centre drifted more than ``0.25 r_petro`` from the centroid, the Gini segmap has
@@ -312,9 +312,11 @@ class _Rotation:
     stamps are, so a point-symmetric galaxy has zero asymmetry wherever its centre lies
     between pixels, and it keeps the noise variance, which the noise term assumes.
     Galaxies with masked pixels, and every galaxy with ``"bilinear"``, are interpolated
-    bilinearly, as ``skimage.transform.rotate`` does for statmorph: that reads up to
-    0.015 of asymmetry into a symmetric galaxy a quarter pixel off the grid, and smooths
-    the rotated noise.
+    bilinearly, as ``skimage.transform.rotate`` does for statmorph: that reads 0.01-0.025
+    of asymmetry into a symmetric galaxy a quarter pixel off the grid, and smooths the
+    rotated noise. The Fourier shift is periodic: what leaves one edge of the stamp comes
+    in at the other, a few pixels at most, outside the ``1.5 r_petro`` aperture of a
+    galaxy that fits its stamp (those that do not are flagged).
     """
 
     def __init__(self, img, var, per_galaxy_bad, mode: str):
