@@ -50,21 +50,19 @@ def _observe(loader, images, batch_size=256):
 
 
 def _decoded(decoder, z, body: str, mean_logits=None):
-    """Intrinsic images of ``z``: ``body`` = "full", "off" (seed alone) or "mean" (the body's
-    mean logits for every galaxy)."""
-    with torch.no_grad():
-        if body == "full":
+    """Intrinsic images of ``z``: ``body`` = "full", "off" (seed alone: zero body logits) or
+    "mean" (the body's mean logits for every galaxy). The decoder's own forward pass, its
+    body's logits swapped for the call."""
+    swap = {"off": lambda zz: torch.zeros(len(zz), decoder.size, decoder.size),
+            "mean": lambda zz: mean_logits.expand(len(zz), -1, -1)}.get(body)
+    if swap is not None:
+        decoder.shape.logits = swap  # an instance attribute shadows the method
+    try:
+        with torch.no_grad():
             return decoder(z).float()
-        params = decoder.shape_parameters(z)
-        if body == "off":
-            logits = torch.zeros(len(z), decoder.size, decoder.size)
-        else:
-            logits = mean_logits.expand(len(z), -1, -1)
-        if decoder.warp_body:
-            logits = decoder._warp(logits, params)
-        shape = torch.softmax((logits - decoder.template(z, params)).flatten(1), 1).view(-1, decoder.size,
-                                                                                           decoder.size)
-        return shape * decoder.log_flux(z).exp()[:, None, None]
+    finally:
+        if swap is not None:
+            del decoder.shape.logits
 
 
 def main(argv=None):

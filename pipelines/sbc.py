@@ -33,6 +33,7 @@ import torch
 from galgen.data.atomic import atomic_output
 from galgen.data.cutouts import CutoutFile
 from galgen.inference.calibration import coverage, rank_uniformity, simulation_based_calibration
+from galgen.inference.fit import SCALE_TREATMENTS
 from galgen.data.loading import observation_from_cutouts
 from galgen.models.parametric import SersicModel
 from galgen.runtime import derive_seed, resolve_device, resolve_model
@@ -100,7 +101,7 @@ def main():
                          "posterior (auto: where the model has one) [auto]")
     ap.add_argument("--min-ess", type=float, default=None,
                     help="importance sampling: galaxies go on drawing until this effective sample size")
-    ap.add_argument("--scale", choices=["redraw", "integrated", "joint", "fixed"], default="redraw",
+    ap.add_argument("--scale", choices=SCALE_TREATMENTS, default="redraw",
                     help="importance sampling: the log flux scale proposed with the latents and redrawn from its "
                          "exact conditional, integrated out, proposed only, or held at the truth's 0 [redraw]")
     ap.add_argument("--max-draws", type=int, default=None, help="importance sampling with --min-ess: cap")

@@ -320,27 +320,31 @@ class _Rotation:
     """
 
     def __init__(self, img, var, per_galaxy_bad, mode: str):
-        self.img, self.var, self.mode = img, var, mode
+        self.img, self.var = img, var
         n, h, w = img.shape
         self.shape = (h, w)
-        self.bilinear = per_galaxy_bad if mode == "fourier" else torch.ones(n, dtype=torch.bool, device=img.device)
-        self.spec = self.vspec = None
-        if mode == "fourier":
-            self.spec = torch.fft.rfft2(torch.flip(img, (1, 2)))
-            self.vspec = None if var is None else torch.fft.rfft2(torch.flip(var, (1, 2)))
-
-    def _fourier(self, spec, cx, cy):
-        h, w = self.shape
-        py = _shift_phases(h, 2 * cy - (h - 1), full=True)
-        px = _shift_phases(w, 2 * cx - (w - 1), full=False)
-        return torch.fft.irfft2(spec * py[:, :, None] * px[:, None, :], s=(h, w))
+        bilinear = per_galaxy_bad if mode == "fourier" else torch.ones(n, dtype=torch.bool, device=img.device)
+        self.rows_b = torch.nonzero(bilinear).flatten()  # rotated bilinearly
+        self.rows_f = torch.nonzero(~bilinear).flatten()  # by the shift theorem: their spectra, once
+        flipped = torch.flip(img[self.rows_f], (1, 2))
+        self.spec = torch.fft.rfft2(flipped) if len(self.rows_f) else None
+        self.vspec = None if var is None or not len(self.rows_f) else torch.fft.rfft2(
+            torch.flip(var[self.rows_f], (1, 2)))
 
     def _rotate(self, x, spec, cx, cy):
-        if self.mode != "fourier":
+        if not len(self.rows_f):
             return _rotate180(x, cx, cy)
-        out = self._fourier(spec, cx, cy)
-        if bool(self.bilinear.any()):
-            out = torch.where(self.bilinear[:, None, None], _rotate180(x, cx, cy), out)
+        h, w = self.shape
+        f = self.rows_f
+        py = _shift_phases(h, 2 * cy[f] - (h - 1), full=True)
+        px = _shift_phases(w, 2 * cx[f] - (w - 1), full=False)
+        rotated = torch.fft.irfft2(spec * py[:, :, None] * px[:, None, :], s=(h, w))
+        if not len(self.rows_b):
+            return rotated
+        out = torch.empty_like(x)
+        out[f] = rotated
+        b = self.rows_b
+        out[b] = _rotate180(x[b], cx[b], cy[b])
         return out
 
     def image(self, cx, cy):
