@@ -13,11 +13,11 @@ from .base import (Batch, FlatPrior, GenerativeModel, LatentModel, StandardNorma
 from .networks import Decoder, Encoder, halvings
 from .registry import MODEL_KINDS, build_model, model_class
 from .prior import LatentFlowPrior
-from .vae import VAE, reseed_bulge_disk
+from .vae import VAE, add_latents, add_symmetry_gate, reseed_bulge_disk
 from .wgan import WGANGP, Critic
 from .adversarial import AdversarialModel
 from .gan import GAN, FluxShapeGenerator, SNCritic
 
 __all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "StandardNormal", "FlatPrior",
-           "AutoEncoder", "VAE", "reseed_bulge_disk", "LatentFlowPrior", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
+           "AutoEncoder", "VAE", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "LatentFlowPrior", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
            "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "make_optimizer", "no_sync"]

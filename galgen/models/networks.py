@@ -387,6 +387,36 @@ def _bounded_shear(h: torch.Tensor) -> torch.Tensor:
     return 0.9 * h / torch.sqrt(1 + h.square().sum(1, keepdim=True))
 
 
+_GATE_GAIN = 40.0
+
+
+def point_reflect(images: torch.Tensor) -> torch.Tensor:
+    """Images rotated by 180 degrees about pixel ``(H//2, W//2)``, the package's centre.
+
+    Pixel ``(i, j)`` of the result is pixel ``(2 c_y - i, 2 c_x - j)`` of the input; on an
+    even grid the first row and column have no partner inside the stamp and wrap onto
+    themselves.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(..., H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape.
+
+    Examples
+    --------
+    >>> x = torch.zeros(4, 4); x[2, 3] = 1.0
+    >>> point_reflect(x).nonzero().tolist()
+    [[2, 1]]
+    """
+    h, w = images.shape[-2:]
+    return torch.roll(images.flip(-2, -1), shifts=(1 - h % 2, 1 - w % 2), dims=(-2, -1))
+
+
 class FluxShapeGenerator(nn.Module):
     """Generator whose output is a total flux times a shape: ``F * softmax(logits)``.
 
@@ -439,6 +469,18 @@ class FluxShapeGenerator(nn.Module):
         directly as a parametric fit does (a network's seeds lie on the manifold it
         learned: matching the bulge + disk fits of 32 plain galaxies needed ``|z|`` up to
         63 and still missed their shears by 0.05).
+    symmetry_gate : bool, optional
+        Split each image into its part point-symmetric about the centre pixel and the
+        rest, and weight the rest by a gate ``w(z) = sigmoid(40 h(z))`` in ``(0, 1)`` of a
+        two-layer network ``h`` (:meth:`asymmetry_gate`): ``image = S + w (I - S)``,
+        ``S = (I + R I) / 2``, ``R`` the point reflection. The flux is unchanged and the
+        image stays non-negative; at ``w -> 0`` the galaxy is exactly point-symmetric,
+        which a body of shared convolutions does not draw by itself (the bulges of
+        ``sdss-vae-bd``'s reconstructions had a median asymmetry of 0.02 where the real
+        ones have 1e-4, and symmetrising them raised their likelihood on 94% of 381
+        held-out bulges). The gate starts at ``w = 0.5``, where the likelihood's pull
+        differs in sign between galaxy types; the factor 40 makes Adam's steps on it 40
+        times larger (with a factor 4 and lr 1e-4 it moved by 0.005 in 1,000 steps).
 
     Examples
     --------
@@ -450,7 +492,8 @@ class FluxShapeGenerator(nn.Module):
 
     def __init__(self, size: int, in_features: int, width: int = 32, max_width: int = 256,
                  log_flux=(0.0, 1.0), template_sigma: float | None = None, profile: str = "gaussian",
-                 warp_body: bool = False, softening: float = 0.25, seed_latents: bool = False):
+                 warp_body: bool = False, softening: float = 0.25, seed_latents: bool = False,
+                 symmetry_gate: bool = False):
         super().__init__()
         if profile not in TEMPLATE_PROFILES:
             raise GalgenInputError(f"profile: one of {list(TEMPLATE_PROFILES)}, got {profile!r}")
@@ -486,6 +529,11 @@ class FluxShapeGenerator(nn.Module):
         self.register_buffer("offsets", torch.stack(torch.meshgrid(d, d, indexing="ij")), persistent=False)
         self.register_buffer("log_flux_mean", torch.tensor(mean))
         self.register_buffer("log_flux_std", torch.tensor(std))
+        self.gate = None
+        if symmetry_gate:
+            self.gate = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
+            nn.init.zeros_(self.gate[2].weight)
+            nn.init.zeros_(self.gate[2].bias)  # w = 0.5
 
     def log_flux(self, z: torch.Tensor) -> torch.Tensor:
         """Natural log of the total flux of each generated galaxy.
@@ -583,6 +631,24 @@ class FluxShapeGenerator(nn.Module):
         eps = self.softening * torch.exp(-2 * p["log_size"])[:, None, None] / self.template_sigma ** 2
         return sersic_b(n) * (r2 + eps).pow(1 / (2 * n))
 
+    def asymmetry_gate(self, z: torch.Tensor) -> torch.Tensor:
+        """Weight of the part of each image that is not point-symmetric (``symmetry_gate``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, in_features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` float32 in ``(0, 1)``; ones without a gate.
+        """
+        if self.gate is None:
+            return torch.ones(len(z), device=z.device)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return torch.sigmoid(_GATE_GAIN * self.gate(z.float())[:, 0])
+
     def _warp(self, logits: torch.Tensor, p: dict) -> torch.Tensor:
         """The body's logits resampled so that a round feature takes the seed's shear ``p``.
 
@@ -618,4 +684,7 @@ class FluxShapeGenerator(nn.Module):
                 logits = self._warp(logits, params)
             logits = (logits - self.template(z, params)).flatten(1)
             shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
+            if self.gate is not None:
+                symmetric = 0.5 * (shape + point_reflect(shape))
+                shape = symmetric + self.asymmetry_gate(z)[:, None, None] * (shape - symmetric)
             return shape * self.log_flux(z).exp()[:, None, None]

@@ -127,6 +127,11 @@ class VAE(GenerativeModel):
         network of the whole code: a MAP fit moves them as a parametric fit moves its own.
         Its fits default to the N(0, I) prior (``map_prior = "normal"``); it samples from
         the flow prior.
+    symmetry_gate : bool, optional
+        The flux-shape decoder weights each image's departure from point symmetry by a
+        gate of ``z`` (:class:`~galgen.models.networks.FluxShapeGenerator`), so that it can
+        draw exactly symmetric bulges beside lopsided irregulars. :func:`add_symmetry_gate`
+        adds one to a trained model.
 
     Attributes
     ----------
@@ -158,14 +163,14 @@ class VAE(GenerativeModel):
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
-                 seed_profile: str = "sersic", seed_latents: bool = False):
+                 seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: bool = False):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
         if seed_profile not in ("sersic", "bulge-disk"):
             raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
-        if (seed_profile != "sersic" or seed_latents) and decoder != "flux-shape":
-            raise GalgenInputError(f"seed_profile/seed_latents: options of the flux-shape decoder's seed; "
+        if (seed_profile != "sersic" or seed_latents or symmetry_gate) and decoder != "flux-shape":
+            raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate: options of the flux-shape decoder; "
                                    f"decoder is {decoder!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
                   ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
@@ -191,7 +196,8 @@ class VAE(GenerativeModel):
         if decoder == "flux-shape":
             log_flux = log_flux_start(log_flux, flux_scale, size)
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
-                                              warp_body=True, seed_latents=bool(seed_latents))
+                                              warp_body=True, seed_latents=bool(seed_latents),
+                                              symmetry_gate=bool(symmetry_gate))
             # Its fits need second-order steps: from the same start on 32 held-out galaxies, Levenberg-
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
@@ -217,6 +223,8 @@ class VAE(GenerativeModel):
             self.config.update(seed_profile=seed_profile)
         if seed_latents:
             self.config.update(seed_latents=True)
+        if symmetry_gate:
+            self.config.update(symmetry_gate=True)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -718,5 +726,124 @@ def reseed_bulge_disk(model: VAE, seed_latents: bool = False) -> VAE:
         zero = torch.zeros(2, w.shape[1], dtype=w.dtype, device=w.device)
         state[key + "2.weight"] = torch.cat([w[rows], zero])
         state[key + "2.bias"] = torch.cat([b[rows] + shift, zero[:, 0]])
+    new.load_state_dict(state)
+    return new.train(model.training)
+
+
+def add_symmetry_gate(model: VAE) -> VAE:
+    """A copy of a trained flux-shape VAE with a symmetry gate, to fine-tune from.
+
+    Every weight is kept; the gate (:meth:`FluxShapeGenerator.asymmetry_gate
+    <galgen.models.networks.FluxShapeGenerator.asymmetry_gate>`) starts at 0.5 for every
+    galaxy, so the copy draws each galaxy with half its departure from point symmetry. Fine-tune it (``galgen train --init``) so that the gate learns which
+    galaxies are symmetric.
+
+    Parameters
+    ----------
+    model : VAE
+        A VAE with ``decoder="flux-shape"`` and no gate.
+
+    Returns
+    -------
+    VAE
+        With ``symmetry_gate=True``, in the mode of ``model`` (``provenance``, ``metrics``
+        and checkpoint attributes are not copied).
+
+    Raises
+    ------
+    GalgenInputError
+        If ``model`` is not such a VAE.
+
+    Examples
+    --------
+    >>> vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(6.0, 1.0))
+    >>> gated = add_symmetry_gate(vae)
+    >>> from galgen.models.networks import point_reflect
+    >>> with torch.no_grad():
+    ...     z = torch.randn(3, 10)
+    ...     before, after = vae.decode(z), gated.decode(z)
+    >>> symmetric = 0.5 * (before + point_reflect(before))
+    >>> bool(torch.allclose(after - symmetric, 0.5 * (before - symmetric), atol=1e-6))
+    True
+    """
+    cfg = dict(model.config) if isinstance(model, VAE) else {}
+    if cfg.get("decoder") != "flux-shape" or cfg.get("symmetry_gate"):
+        raise GalgenInputError("model: adding a symmetry gate needs a VAE with decoder 'flux-shape' and no gate yet")
+    new = VAE(**{**{k: v for k, v in cfg.items() if k != "kind"}, "symmetry_gate": True})
+    new = new.to(next(model.parameters()).device)
+    state = {**new.state_dict(), **model.state_dict()}
+    new.load_state_dict(state)
+    return new.train(model.training)
+
+
+def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Generator | None = None) -> VAE:
+    """A copy of a trained VAE with ``extra`` more latent dimensions, to fine-tune from.
+
+    The encoder's new means start at zero and its new log-variances at zero, so each new
+    coordinate starts as its prior, N(0, 1), at no KL cost. Every decoder layer that reads
+    the code gains input columns drawn as PyTorch's default ``nn.Linear`` initialisation
+    times ``scale``: small enough that the copy draws nearly the same galaxies, and not zero,
+    so that the decoder's gradient reaches the encoder's new rows (with zero columns the
+    new coordinates would sit at a saddle where neither side learns). Every other weight is
+    kept; the latent flow is new and unfitted (``galgen train`` fits it after training).
+
+    Parameters
+    ----------
+    model : VAE
+        A trained VAE.
+    extra : int
+        Latent dimensions to add (>= 1).
+    scale : float, optional
+        Factor on the new input columns' default initialisation.
+    generator : torch.Generator, optional
+        Draws the new columns.
+
+    Returns
+    -------
+    VAE
+        With ``latent_dim + extra`` dimensions, in the mode of ``model`` (``provenance``,
+        ``metrics`` and checkpoint attributes are not copied).
+
+    Raises
+    ------
+    GalgenInputError
+        If ``model`` is not a VAE or ``extra`` is not a positive integer.
+
+    Examples
+    --------
+    >>> vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(6.0, 1.0)).eval()
+    >>> grown = add_latents(vae, 4).eval()
+    >>> grown.latent_dim, grown.encode(torch.zeros(2, 32, 32)).stddev[:, 10:].tolist()
+    (14, [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    >>> z = torch.randn(2, 10)
+    >>> with torch.no_grad():
+    ...     same = grown.decode(torch.cat([z, torch.zeros(2, 4)], 1))
+    >>> bool(torch.allclose(same, vae.decode(z).detach()))
+    True
+    """
+    if not isinstance(model, VAE):
+        raise GalgenInputError(f"model: adding latents needs a VAE, got {type(model).__name__}")
+    if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 1:
+        raise GalgenInputError(f"extra: expected an integer >= 1, got {extra!r}")
+    L, e = model.latent_dim, int(extra)
+    new = VAE(**{**{k: v for k, v in model.config.items() if k != "kind"}, "latent_dim": L + e})
+    new = new.to(next(model.parameters()).device)
+    old, state = model.state_dict(), new.state_dict()
+    for key, target in state.items():
+        if key.startswith("latent_flow."):
+            continue  # refitted after training
+        source = old[key]
+        if key.startswith("head."):  # the encoder's head: rows [mu (L), logvar (L)] -> [mu, 0, logvar, 0]
+            rows = source.reshape(2, L, *source.shape[1:])
+            pad = torch.zeros(2, e, *source.shape[1:], dtype=source.dtype, device=source.device)
+            state[key] = torch.cat([rows, pad], 1).reshape(target.shape)
+        elif source.shape != target.shape:  # a decoder layer reading [z, c]: new columns after z
+            if source.ndim != 2 or target.shape[1] != source.shape[1] + e:
+                raise GalgenInputError(f"model: cannot widen {key} from {tuple(source.shape)} to {tuple(target.shape)}")
+            bound = scale / math.sqrt(target.shape[1])
+            cols = (torch.rand(target.shape[0], e, generator=generator) * 2 - 1) * bound
+            state[key] = torch.cat([source[:, :L], cols.to(source), source[:, L:]], 1)
+        else:
+            state[key] = source
     new.load_state_dict(state)
     return new.train(model.training)

@@ -334,3 +334,127 @@ def test_bulge_disk_seed_is_the_parametric_bulge_disk_galaxy_and_reseeding_keeps
         assert torch.allclose(p["bt"], torch.sigmoid(h[:, 3])) and torch.allclose(p["log_size_bulge"], h[:, 4])
     with pytest.raises(GalgenInputError, match="network seed"):
         reseed_bulge_disk(lat, seed_latents=True)
+
+
+def test_symmetry_gate_closed_draws_point_symmetric_galaxies_with_the_same_flux(tmp_path):
+    """symmetry_gate: image = S + w (I - S), S the part of I point-symmetric about the centre
+    pixel. A closed gate gives an exactly symmetric galaxy (its image equals its rotation by
+    180 degrees, and its asymmetry statistic is nil) with the ungated total flux; an open one
+    gives the ungated image back; add_symmetry_gate keeps every weight and starts at w = 0.5;
+    the gate learns in the ELBO's gradient; a gated model survives a checkpoint."""
+    from galgen.evaluation import morphology_statistics
+    from galgen.models import add_symmetry_gate
+    from galgen.models.networks import point_reflect
+
+    # point_reflect is the rotation by 180 degrees about pixel (H//2, W//2)
+    x = torch.randn(2, 7, 7)
+    assert torch.equal(point_reflect(x), torch.rot90(x, 2, (1, 2)))  # odd: the centre is the middle
+    y = torch.randn(2, 8, 8)
+    assert torch.equal(point_reflect(y)[:, 1:, 1:], torch.rot90(y[:, 1:, 1:], 2, (1, 2)))  # even: about (4, 4)
+    assert torch.equal(point_reflect(point_reflect(y)), y)
+
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True,
+              log_flux=(math.log(5000.0), 0.3)).eval()
+    torch.nn.init.normal_(vae.decoder.shape.out.weight, std=0.3)  # a body that draws lopsided structure
+    gated = add_symmetry_gate(vae).eval()
+    assert gated.config["symmetry_gate"] and "symmetry_gate" not in vae.config
+    z = torch.randn(4, 10, generator=torch.Generator().manual_seed(2))
+    z[:, 7:9] = 0.0  # the seed on the centre pixel
+    with torch.no_grad():
+        assert torch.allclose(gated.decoder.asymmetry_gate(z), torch.full((4,), 0.5))
+        free = vae.decode(z)
+        gated.decoder.gate[2].bias.fill_(-1.0)  # closed: w = sigmoid(-40)
+        closed = gated.decode(z)
+        gated.decoder.gate[2].bias.fill_(1.0)  # open: w = 1 - 4e-18
+        opened = gated.decode(z)
+    assert torch.allclose(opened, free, rtol=1e-5, atol=1e-6 * float(free.max()))
+    assert torch.allclose(closed, point_reflect(closed), rtol=1e-5, atol=1e-7 * float(free.max()))
+    assert torch.allclose(closed.sum((1, 2)), free.sum((1, 2)), rtol=1e-5) and float(closed.min()) >= 0
+    a_free = morphology_statistics(free.numpy(), 1.0)["asymmetry"]
+    a_closed = morphology_statistics(closed.numpy(), 1.0)["asymmetry"]
+    assert np.all(a_free > 0.02) and np.all(a_closed < 2e-3), (a_free, a_closed)
+
+    # the gate's weights take gradients through the ELBO
+    gated.train()
+    gated.decoder.gate[2].bias.data.fill_(0.01)
+    batch = toy_batch(stamp=32)
+    loss = -gated.elbo(batch, generator=torch.Generator().manual_seed(0))["elbo"].mean()
+    loss.backward()
+    assert float(gated.decoder.gate[2].weight.grad.abs().sum()) > 0
+
+    path = save_checkpoint(tmp_path / "gated.pt", model_state=gated.state_dict(), config=gated.config)
+    clone = VAE.from_config(load_checkpoint(path)["config"])
+    clone.load_state_dict(load_checkpoint(path)["model"])
+    with torch.no_grad():
+        assert torch.equal(clone.eval().decode(z), gated.eval().decode(z))
+    with pytest.raises(GalgenInputError, match="symmetry gate"):
+        add_symmetry_gate(gated)
+    with pytest.raises(GalgenInputError, match="symmetry_gate"):
+        VAE(32, latent_dim=4, width=8, symmetry_gate=True)
+
+
+def test_added_latents_start_at_their_prior_and_can_learn():
+    """add_latents: the grown VAE has the same KL and, with the new coordinates at zero, the
+    same galaxies as its source; the new coordinates' posterior is N(0, 1); the decoder's new
+    columns are not zero, so the ELBO's gradient reaches the encoder's new rows; bad
+    arguments are refused."""
+    from galgen.models import add_latents
+
+    torch.manual_seed(0)
+    for kwargs in (dict(decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True, symmetry_gate=True,
+                        log_flux=(math.log(5000.0), 0.3)), dict()):
+        vae = VAE(32, latent_dim=10, width=8, **kwargs).eval()
+        torch.nn.init.normal_(vae.head[1].weight, std=0.05)  # a trained-looking posterior
+        grown = add_latents(vae, 3, generator=torch.Generator().manual_seed(1)).eval()
+        assert grown.latent_dim == 13 and grown.config["latent_dim"] == 13
+        batch = toy_batch(stamp=32)
+        with torch.no_grad():
+            mu, logvar = vae.encoder_moments(batch.observed)
+            mu2, logvar2 = grown.encoder_moments(batch.observed)
+            assert torch.equal(mu2[:, :10], mu) and torch.equal(logvar2[:, :10], logvar)
+            assert float(mu2[:, 10:].abs().max()) == 0 and float(logvar2[:, 10:].abs().max()) == 0
+            z = torch.randn(4, 10, generator=torch.Generator().manual_seed(2))
+            old = vae.decode(z)
+            assert torch.allclose(grown.decode(torch.cat([z, torch.zeros(4, 3)], 1)), old, rtol=1e-5,
+                                  atol=1e-6 * float(old.abs().max()))
+            moved = grown.decode(torch.cat([z, torch.ones(4, 3)], 1))
+            assert not torch.allclose(moved, old, rtol=1e-3, atol=1e-4 * float(old.abs().max()))
+            g = torch.Generator().manual_seed(0)
+            kl_old = vae.elbo(batch, generator=g)["kl"]
+            kl_new = grown.elbo(batch, generator=torch.Generator().manual_seed(0))["kl"]
+        assert torch.allclose(kl_new, kl_old, rtol=1e-5, atol=1e-5)
+        grown.train()
+        (-grown.elbo(batch, generator=torch.Generator().manual_seed(0))["elbo"].mean()).backward()
+        grad = grown.head[1].weight.grad
+        assert float(grad[10:13].abs().sum()) > 0 and float(grad[23:26].abs().sum()) > 0  # new mean, logvar rows
+    with pytest.raises(GalgenInputError, match="extra"):
+        add_latents(vae, 0)
+    with pytest.raises(GalgenInputError, match="VAE"):
+        add_latents(torch.nn.Linear(2, 2), 1)
+
+
+def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
+    """pipelines/grow_vae.py: the written checkpoint loads as the grown model (gate and
+    latents) with the source's weights and a provenance naming it; the same seed gives the
+    same file's weights; asking for nothing is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from galgen.checkpoints import load_model
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / "grow_vae.py"
+    spec = importlib.util.spec_from_file_location("grow_vae", script)
+    grow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grow)
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3))
+    src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
+    for name in ("a.pt", "b.pt"):
+        grow.main(["--from", str(src), "--out", str(tmp_path / name), "--symmetry-gate", "--latents", "2"])
+    a, b = load_model(tmp_path / "a.pt"), load_model(tmp_path / "b.pt")
+    assert a.config["symmetry_gate"] and a.latent_dim == 12 and a.provenance["grown_from"] == str(src)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(a.decoder.shape.out.weight, vae.decoder.shape.out.weight)
+    with pytest.raises(SystemExit):
+        grow.main(["--from", str(src), "--out", str(tmp_path / "c.pt")])
