@@ -1,6 +1,6 @@
 """Grow a trained VAE: a symmetry gate and/or more latent dimensions, to fine-tune from.
 
-    python pipelines/grow_vae.py --from galgen/pretrained/sdss-vae-bd.pt --symmetry-gate --out gated.pt
+    python pipelines/grow_vae.py --from galgen/pretrained/sdss-vae-bd.pt --symmetry-gate network --out gated.pt
     galgen train --config pipelines/configs/vae_sdss_bd_gate.yaml --data sdss_rich_train_20k.h5 \\
         --out pipelines/runs/sdss-vae-bd-gate --init gated.pt
 
@@ -19,7 +19,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", required=True, help="run directory or checkpoint of the VAE")
     ap.add_argument("--out", required=True, help="checkpoint file to write")
-    ap.add_argument("--symmetry-gate", action="store_true", help="add a symmetry gate (flux-shape decoder)")
+    ap.add_argument("--symmetry-gate", choices=["network", "latent"],
+                    help="add a symmetry gate (flux-shape decoder; 'latent' adds its latent coordinate)")
     ap.add_argument("--latents", type=int, default=0, help="latent dimensions to add")
     ap.add_argument("--seed", type=int, default=0, help="seed of the new weights (the gate's, the new columns)")
     args = ap.parse_args(argv)
@@ -31,10 +32,11 @@ def main(argv=None):
     from galgen.models import add_latents, add_symmetry_gate
 
     source = load_model(args.source)
-    torch.manual_seed(args.seed)  # the gate's hidden layer takes PyTorch's default initialisation
-    model = add_symmetry_gate(source) if args.symmetry_gate else source
+    torch.manual_seed(args.seed)  # the network gate's hidden layer takes PyTorch's default initialisation
+    gen = torch.Generator().manual_seed(args.seed)
+    model = add_symmetry_gate(source, args.symmetry_gate, generator=gen) if args.symmetry_gate else source
     if args.latents:
-        model = add_latents(model, args.latents, generator=torch.Generator().manual_seed(args.seed))
+        model = add_latents(model, args.latents, generator=gen)
     cfg = dict(source.run_config)
     cfg = {**cfg, "model": model.config} if "model" in cfg else model.config
     save_checkpoint(args.out, model_state=model.state_dict(), config=cfg,

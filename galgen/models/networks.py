@@ -388,6 +388,9 @@ def _bounded_shear(h: torch.Tensor) -> torch.Tensor:
 
 
 _GATE_GAIN = 40.0
+_LATENT_GATE_GAIN = 4.0
+#: Kinds of :class:`FluxShapeGenerator`'s ``symmetry_gate``.
+SYMMETRY_GATES = (None, "network", "latent")
 
 
 def point_reflect(images: torch.Tensor) -> torch.Tensor:
@@ -469,18 +472,22 @@ class FluxShapeGenerator(nn.Module):
         directly as a parametric fit does (a network's seeds lie on the manifold it
         learned: matching the bulge + disk fits of 32 plain galaxies needed ``|z|`` up to
         63 and still missed their shears by 0.05).
-    symmetry_gate : bool, optional
+    symmetry_gate : {None, "network", "latent"}, optional
         Split each image into its part point-symmetric about the centre pixel and the
-        rest, and weight the rest by a gate ``w(z) = sigmoid(40 h(z))`` in ``(0, 1)`` of a
-        two-layer network ``h`` (:meth:`asymmetry_gate`): ``image = S + w (I - S)``,
-        ``S = (I + R I) / 2``, ``R`` the point reflection. The flux is unchanged and the
-        image stays non-negative; at ``w -> 0`` the galaxy is exactly point-symmetric,
-        which a body of shared convolutions does not draw by itself (the bulges of
-        ``sdss-vae-bd``'s reconstructions had a median asymmetry of 0.02 where the real
-        ones have 1e-4, and symmetrising them raised their likelihood on 94% of 381
-        held-out bulges). The gate starts at ``w = 0.5``, where the likelihood's pull
-        differs in sign between galaxy types; the factor 40 makes Adam's steps on it 40
-        times larger (with a factor 4 and lr 1e-4 it moved by 0.005 in 1,000 steps).
+        rest, and weight the rest by a gate ``w`` in ``(0, 1)`` (:meth:`asymmetry_gate`):
+        ``image = S + w (I - S)``, ``S = (I + R I) / 2``, ``R`` the point reflection. The
+        flux is unchanged and the image stays non-negative; at ``w -> 0`` the galaxy is
+        exactly point-symmetric, which a body of shared convolutions does not draw by
+        itself (the bulges of ``sdss-vae-bd``'s reconstructions had a median asymmetry of
+        0.02 where the real ones have 1e-4, and symmetrising them raised their likelihood
+        on 94% of 381 held-out bulges). ``"network"``: ``w = sigmoid(40 h(z))``, ``h`` a
+        two-layer network starting at ``w = 0.5`` (the factor 40 makes Adam's steps on it
+        40 times larger: with a factor 4 and lr 1e-4 it moved by 0.005 in 1,000 steps).
+        ``"latent"``: ``w = sigmoid(4 z_k)``, ``z_k`` the input coordinate
+        ``gate_coordinate``, which the encoder sets and a MAP fit moves, as the seed's
+        coordinates (``seed_latents``).
+    gate_coordinate : int, optional
+        The input coordinate of the ``"latent"`` gate.
 
     Examples
     --------
@@ -493,8 +500,13 @@ class FluxShapeGenerator(nn.Module):
     def __init__(self, size: int, in_features: int, width: int = 32, max_width: int = 256,
                  log_flux=(0.0, 1.0), template_sigma: float | None = None, profile: str = "gaussian",
                  warp_body: bool = False, softening: float = 0.25, seed_latents: bool = False,
-                 symmetry_gate: bool = False):
+                 symmetry_gate: str | None = None, gate_coordinate: int | None = None):
         super().__init__()
+        if symmetry_gate not in SYMMETRY_GATES:
+            raise GalgenInputError(f"symmetry_gate: one of {list(SYMMETRY_GATES)}, got {symmetry_gate!r}")
+        if symmetry_gate == "latent" and not (isinstance(gate_coordinate, int) and 0 <= gate_coordinate < in_features):
+            raise GalgenInputError(f"gate_coordinate: the latent gate needs an input coordinate in [0, {in_features}), "
+                                   f"got {gate_coordinate!r}")
         if profile not in TEMPLATE_PROFILES:
             raise GalgenInputError(f"profile: one of {list(TEMPLATE_PROFILES)}, got {profile!r}")
         self.profile, self.warp_body, self.softening = profile, bool(warp_body), float(softening)
@@ -514,6 +526,9 @@ class FluxShapeGenerator(nn.Module):
             if in_features < _MOMENTS[profile]:
                 raise GalgenInputError(f"seed_latents: the {profile!r} seed needs {_MOMENTS[profile]} latent "
                                        f"dimensions, got {in_features}")
+            if symmetry_gate == "latent" and gate_coordinate < _MOMENTS[profile]:
+                raise GalgenInputError(f"gate_coordinate: {gate_coordinate} is one of the seed's coordinates "
+                                       f"(0-{_MOMENTS[profile] - 1})")
             self.moments = SeedCoordinates(profile)
         else:
             self.moments = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(),
@@ -529,8 +544,9 @@ class FluxShapeGenerator(nn.Module):
         self.register_buffer("offsets", torch.stack(torch.meshgrid(d, d, indexing="ij")), persistent=False)
         self.register_buffer("log_flux_mean", torch.tensor(mean))
         self.register_buffer("log_flux_std", torch.tensor(std))
+        self.symmetry_gate, self.gate_coordinate = symmetry_gate, gate_coordinate
         self.gate = None
-        if symmetry_gate:
+        if symmetry_gate == "network":
             self.gate = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
             nn.init.zeros_(self.gate[2].weight)
             nn.init.zeros_(self.gate[2].bias)  # w = 0.5
@@ -644,10 +660,12 @@ class FluxShapeGenerator(nn.Module):
         torch.Tensor
             ``(B,)`` float32 in ``(0, 1)``; ones without a gate.
         """
-        if self.gate is None:
-            return torch.ones(len(z), device=z.device)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return torch.sigmoid(_GATE_GAIN * self.gate(z.float())[:, 0])
+            if self.symmetry_gate == "network":
+                return torch.sigmoid(_GATE_GAIN * self.gate(z.float())[:, 0])
+            if self.symmetry_gate == "latent":
+                return torch.sigmoid(_LATENT_GATE_GAIN * z[:, self.gate_coordinate].float())
+            return torch.ones(len(z), device=z.device)
 
     def _warp(self, logits: torch.Tensor, p: dict) -> torch.Tensor:
         """The body's logits resampled so that a round feature takes the seed's shear ``p``.
@@ -684,7 +702,7 @@ class FluxShapeGenerator(nn.Module):
                 logits = self._warp(logits, params)
             logits = (logits - self.template(z, params)).flatten(1)
             shape = torch.softmax(logits, dim=1).view(-1, self.size, self.size)
-            if self.gate is not None:
+            if self.symmetry_gate is not None:
                 symmetric = 0.5 * (shape + point_reflect(shape))
                 shape = symmetric + self.asymmetry_gate(z)[:, None, None] * (shape - symmetric)
             return shape * self.log_flux(z).exp()[:, None, None]

@@ -23,7 +23,7 @@ from torch.distributions import Independent, Normal
 
 from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
-from .networks import Decoder, Encoder, FluxShapeGenerator, log_flux_start
+from .networks import SYMMETRY_GATES, Decoder, Encoder, FluxShapeGenerator, log_flux_start
 from .prior import LatentFlowPrior
 
 __all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk"]
@@ -127,11 +127,13 @@ class VAE(GenerativeModel):
         network of the whole code: a MAP fit moves them as a parametric fit moves its own.
         Its fits default to the N(0, I) prior (``map_prior = "normal"``); it samples from
         the flow prior.
-    symmetry_gate : bool, optional
+    symmetry_gate : {None, "network", "latent"}, optional
         The flux-shape decoder weights each image's departure from point symmetry by a
-        gate of ``z`` (:class:`~galgen.models.networks.FluxShapeGenerator`), so that it can
-        draw exactly symmetric bulges beside lopsided irregulars. :func:`add_symmetry_gate`
-        adds one to a trained model.
+        gate (:class:`~galgen.models.networks.FluxShapeGenerator`), so that it can draw
+        exactly symmetric bulges beside lopsided irregulars: a network of ``z``
+        (``"network"``), or ``sigmoid(4 z_k)`` of the last latent coordinate (``"latent"``:
+        the encoder sets it, a MAP fit moves it). :func:`add_symmetry_gate` adds one to a
+        trained model.
 
     Attributes
     ----------
@@ -163,7 +165,7 @@ class VAE(GenerativeModel):
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
-                 seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: bool = False):
+                 seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
@@ -172,6 +174,8 @@ class VAE(GenerativeModel):
         if (seed_profile != "sersic" or seed_latents or symmetry_gate) and decoder != "flux-shape":
             raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate: options of the flux-shape decoder; "
                                    f"decoder is {decoder!r}")
+        if symmetry_gate not in SYMMETRY_GATES:
+            raise GalgenInputError(f"symmetry_gate: one of {list(SYMMETRY_GATES)}, got {symmetry_gate!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
                   ("width", width, 1), ("warmup_steps", warmup_steps, 0)]
         for name, value, least in checks:
@@ -197,7 +201,8 @@ class VAE(GenerativeModel):
             log_flux = log_flux_start(log_flux, flux_scale, size)
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
                                               warp_body=True, seed_latents=bool(seed_latents),
-                                              symmetry_gate=bool(symmetry_gate))
+                                              symmetry_gate=symmetry_gate,
+                                              gate_coordinate=self.latent_dim - 1 if symmetry_gate == "latent" else None)
             # Its fits need second-order steps: from the same start on 32 held-out galaxies, Levenberg-
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
@@ -223,8 +228,8 @@ class VAE(GenerativeModel):
             self.config.update(seed_profile=seed_profile)
         if seed_latents:
             self.config.update(seed_latents=True)
-        if symmetry_gate:
-            self.config.update(symmetry_gate=True)
+        if symmetry_gate is not None:
+            self.config.update(symmetry_gate=symmetry_gate)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:
@@ -730,29 +735,38 @@ def reseed_bulge_disk(model: VAE, seed_latents: bool = False) -> VAE:
     return new.train(model.training)
 
 
-def add_symmetry_gate(model: VAE) -> VAE:
+def add_symmetry_gate(model: VAE, kind: str = "network", generator: torch.Generator | None = None) -> VAE:
     """A copy of a trained flux-shape VAE with a symmetry gate, to fine-tune from.
 
-    Every weight is kept; the gate (:meth:`FluxShapeGenerator.asymmetry_gate
+    Every weight is kept. The ``"network"`` gate (:meth:`FluxShapeGenerator.asymmetry_gate
     <galgen.models.networks.FluxShapeGenerator.asymmetry_gate>`) starts at 0.5 for every
-    galaxy, so the copy draws each galaxy with half its departure from point symmetry. Fine-tune it (``galgen train --init``) so that the gate learns which
-    galaxies are symmetric.
+    galaxy, so the copy draws each galaxy with half its departure from point symmetry.
+    The ``"latent"`` gate reads a new last latent coordinate (:func:`add_latents`, its new
+    decoder columns drawn with ``generator``) whose posterior starts at N(0, 0.135^2)
+    (log-variance -4: 1.5 nats of KL), so that its noise does not swing the gate across
+    its range before the encoder has learnt it; at the posterior mean the gate is 0.5.
+    Fine-tune the copy (``galgen train --init``) so that the gate learns which galaxies
+    are symmetric.
 
     Parameters
     ----------
     model : VAE
         A VAE with ``decoder="flux-shape"`` and no gate.
+    kind : {"network", "latent"}, optional
+        The gate (``VAE(symmetry_gate=kind)``).
+    generator : torch.Generator, optional
+        Draws the new decoder columns of the ``"latent"`` gate's coordinate.
 
     Returns
     -------
     VAE
-        With ``symmetry_gate=True``, in the mode of ``model`` (``provenance``, ``metrics``
+        With ``symmetry_gate=kind``, in the mode of ``model`` (``provenance``, ``metrics``
         and checkpoint attributes are not copied).
 
     Raises
     ------
     GalgenInputError
-        If ``model`` is not such a VAE.
+        If ``model`` is not such a VAE, or ``kind`` is not a gate.
 
     Examples
     --------
@@ -765,13 +779,23 @@ def add_symmetry_gate(model: VAE) -> VAE:
     >>> symmetric = 0.5 * (before + point_reflect(before))
     >>> bool(torch.allclose(after - symmetric, 0.5 * (before - symmetric), atol=1e-6))
     True
+    >>> add_symmetry_gate(vae, "latent").latent_dim
+    11
     """
     cfg = dict(model.config) if isinstance(model, VAE) else {}
     if cfg.get("decoder") != "flux-shape" or cfg.get("symmetry_gate"):
         raise GalgenInputError("model: adding a symmetry gate needs a VAE with decoder 'flux-shape' and no gate yet")
-    new = VAE(**{**{k: v for k, v in cfg.items() if k != "kind"}, "symmetry_gate": True})
+    if kind not in ("network", "latent"):
+        raise GalgenInputError(f"kind: 'network' or 'latent', got {kind!r}")
+    if kind == "latent":
+        model = add_latents(model, 1, generator=generator)
+        cfg = dict(model.config)
+    new = VAE(**{**{k: v for k, v in cfg.items() if k != "kind"}, "symmetry_gate": kind})
     new = new.to(next(model.parameters()).device)
     state = {**new.state_dict(), **model.state_dict()}
+    if kind == "latent":
+        state["head.1.bias"] = state["head.1.bias"].clone()
+        state["head.1.bias"][-1] = -4.0  # the last log-variance: the gate's coordinate
     new.load_state_dict(state)
     return new.train(model.training)
 
@@ -780,7 +804,9 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     """A copy of a trained VAE with ``extra`` more latent dimensions, to fine-tune from.
 
     The encoder's new means start at zero and its new log-variances at zero, so each new
-    coordinate starts as its prior, N(0, 1), at no KL cost. Every decoder layer that reads
+    coordinate starts as its prior, N(0, 1), at no KL cost. Where the encoder's feature
+    width grows with the latent size (``max(64, 4 * latent_dim)``), the new features start
+    with small random input weights and zero weight in the posterior. Every decoder layer that reads
     the code gains input columns drawn as PyTorch's default ``nn.Linear`` initialisation
     times ``scale``: small enough that the copy draws nearly the same galaxies, and not zero,
     so that the decoder's gradient reaches the encoder's new rows (with zero columns the
@@ -829,20 +855,33 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     new = VAE(**{**{k: v for k, v in model.config.items() if k != "kind"}, "latent_dim": L + e})
     new = new.to(next(model.parameters()).device)
     old, state = model.state_dict(), new.state_dict()
+
+    def uniform(rows, cols, fan_in, like):  # nn.Linear's default initialisation, times scale
+        bound = scale / math.sqrt(fan_in)
+        return ((torch.rand(rows, cols, generator=generator) * 2 - 1) * bound).to(like)
+
+    # The encoder's feature width is max(64, 4 * latent_dim): new features get small random
+    # input weights and zero weights into the posterior's head (alive, and silent at first).
+    F, F2 = old["encoder.head.weight"].shape[0], state["encoder.head.weight"].shape[0]
     for key, target in state.items():
         if key.startswith("latent_flow."):
             continue  # refitted after training
         source = old[key]
-        if key.startswith("head."):  # the encoder's head: rows [mu (L), logvar (L)] -> [mu, 0, logvar, 0]
+        if key == "encoder.head.weight" and F2 > F:
+            state[key] = torch.cat([source, uniform(F2 - F, source.shape[1], source.shape[1], source)])
+        elif key == "encoder.head.bias" and F2 > F:
+            state[key] = torch.cat([source, torch.zeros(F2 - F).to(source)])
+        elif key.startswith("head."):  # the posterior's head: rows [mu (L), logvar (L)] -> [mu, 0, logvar, 0]
+            if source.ndim == 2 and F2 > F:
+                source = torch.cat([source[:, :F], torch.zeros(len(source), F2 - F).to(source), source[:, F:]], 1)
             rows = source.reshape(2, L, *source.shape[1:])
             pad = torch.zeros(2, e, *source.shape[1:], dtype=source.dtype, device=source.device)
             state[key] = torch.cat([rows, pad], 1).reshape(target.shape)
         elif source.shape != target.shape:  # a decoder layer reading [z, c]: new columns after z
             if source.ndim != 2 or target.shape[1] != source.shape[1] + e:
                 raise GalgenInputError(f"model: cannot widen {key} from {tuple(source.shape)} to {tuple(target.shape)}")
-            bound = scale / math.sqrt(target.shape[1])
-            cols = (torch.rand(target.shape[0], e, generator=generator) * 2 - 1) * bound
-            state[key] = torch.cat([source[:, :L], cols.to(source), source[:, L:]], 1)
+            cols = uniform(target.shape[0], e, target.shape[1], source)
+            state[key] = torch.cat([source[:, :L], cols, source[:, L:]], 1)
         else:
             state[key] = source
     new.load_state_dict(state)

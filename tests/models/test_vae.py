@@ -343,7 +343,7 @@ def test_symmetry_gate_closed_draws_point_symmetric_galaxies_with_the_same_flux(
     gives the ungated image back; add_symmetry_gate keeps every weight and starts at w = 0.5;
     the gate learns in the ELBO's gradient; a gated model survives a checkpoint."""
     from galgen.evaluation import morphology_statistics
-    from galgen.models import add_symmetry_gate
+    from galgen.models import FluxShapeGenerator, add_symmetry_gate
     from galgen.models.networks import point_reflect
 
     # point_reflect is the rotation by 180 degrees about pixel (H//2, W//2)
@@ -390,8 +390,25 @@ def test_symmetry_gate_closed_draws_point_symmetric_galaxies_with_the_same_flux(
         assert torch.equal(clone.eval().decode(z), gated.eval().decode(z))
     with pytest.raises(GalgenInputError, match="symmetry gate"):
         add_symmetry_gate(gated)
+    # the latent gate: sigmoid(4 z_k) of a new last coordinate, which starts narrow (log-variance -4)
+    lat = add_symmetry_gate(vae, "latent", generator=torch.Generator().manual_seed(0)).eval()
+    assert lat.latent_dim == 11 and lat.config["symmetry_gate"] == "latent"
+    with torch.no_grad():
+        mu, logvar = lat.encoder_moments(toy_batch(stamp=32).observed)
+        assert float(mu[:, 10].abs().max()) == 0 and torch.allclose(logvar[:, 10], torch.tensor(-4.0))
+        zk = torch.cat([z, torch.full((4, 1), -5.0)], 1)  # w = sigmoid(-20)
+        closed_lat = lat.decode(zk)
+        assert torch.allclose(lat.decoder.asymmetry_gate(zk), torch.zeros(4), atol=1e-8)
+        flux = lat.decoder.log_flux(zk).exp()
+    assert torch.allclose(closed_lat, point_reflect(closed_lat), rtol=1e-5, atol=1e-7 * float(free.max()))
+    assert torch.allclose(closed_lat.sum((1, 2)), flux, rtol=1e-5)
+    with pytest.raises(GalgenInputError, match="kind"):
+        add_symmetry_gate(vae, "both")
+    with pytest.raises(GalgenInputError, match="gate_coordinate"):  # a seed coordinate cannot be the gate's
+        FluxShapeGenerator(32, 10, width=8, profile="bulge-disk", seed_latents=True, symmetry_gate="latent",
+                           gate_coordinate=3)
     with pytest.raises(GalgenInputError, match="symmetry_gate"):
-        VAE(32, latent_dim=4, width=8, symmetry_gate=True)
+        VAE(32, latent_dim=4, width=8, symmetry_gate="network")
 
 
 def test_added_latents_start_at_their_prior_and_can_learn():
@@ -402,19 +419,20 @@ def test_added_latents_start_at_their_prior_and_can_learn():
     from galgen.models import add_latents
 
     torch.manual_seed(0)
-    for kwargs in (dict(decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True, symmetry_gate=True,
+    for kwargs in (dict(decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True, symmetry_gate="network",
                         log_flux=(math.log(5000.0), 0.3)), dict()):
-        vae = VAE(32, latent_dim=10, width=8, **kwargs).eval()
+        vae = VAE(32, latent_dim=16, width=8, **kwargs).eval()
         torch.nn.init.normal_(vae.head[1].weight, std=0.05)  # a trained-looking posterior
         grown = add_latents(vae, 3, generator=torch.Generator().manual_seed(1)).eval()
-        assert grown.latent_dim == 13 and grown.config["latent_dim"] == 13
+        assert grown.latent_dim == 19 and grown.config["latent_dim"] == 19
+        assert grown.encoder.head.out_features == 76  # max(64, 4 * 19): the encoder's features grew too
         batch = toy_batch(stamp=32)
         with torch.no_grad():
             mu, logvar = vae.encoder_moments(batch.observed)
             mu2, logvar2 = grown.encoder_moments(batch.observed)
-            assert torch.equal(mu2[:, :10], mu) and torch.equal(logvar2[:, :10], logvar)
-            assert float(mu2[:, 10:].abs().max()) == 0 and float(logvar2[:, 10:].abs().max()) == 0
-            z = torch.randn(4, 10, generator=torch.Generator().manual_seed(2))
+            assert torch.allclose(mu2[:, :16], mu, atol=1e-6) and torch.allclose(logvar2[:, :16], logvar, atol=1e-6)
+            assert float(mu2[:, 16:].abs().max()) == 0 and float(logvar2[:, 16:].abs().max()) == 0
+            z = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
             old = vae.decode(z)
             assert torch.allclose(grown.decode(torch.cat([z, torch.zeros(4, 3)], 1)), old, rtol=1e-5,
                                   atol=1e-6 * float(old.abs().max()))
@@ -427,7 +445,8 @@ def test_added_latents_start_at_their_prior_and_can_learn():
         grown.train()
         (-grown.elbo(batch, generator=torch.Generator().manual_seed(0))["elbo"].mean()).backward()
         grad = grown.head[1].weight.grad
-        assert float(grad[10:13].abs().sum()) > 0 and float(grad[23:26].abs().sum()) > 0  # new mean, logvar rows
+        assert float(grad[16:19].abs().sum()) > 0 and float(grad[35:38].abs().sum()) > 0  # new mean, logvar rows
+        assert float(grown.head[1].weight.grad[:, 64:76].abs().sum()) > 0  # the new features are alive
     with pytest.raises(GalgenInputError, match="extra"):
         add_latents(vae, 0)
     with pytest.raises(GalgenInputError, match="VAE"):
@@ -451,9 +470,9 @@ def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
     vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3))
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
     for name in ("a.pt", "b.pt"):
-        grow.main(["--from", str(src), "--out", str(tmp_path / name), "--symmetry-gate", "--latents", "2"])
+        grow.main(["--from", str(src), "--out", str(tmp_path / name), "--symmetry-gate", "network", "--latents", "2"])
     a, b = load_model(tmp_path / "a.pt"), load_model(tmp_path / "b.pt")
-    assert a.config["symmetry_gate"] and a.latent_dim == 12 and a.provenance["grown_from"] == str(src)
+    assert a.config["symmetry_gate"] == "network" and a.latent_dim == 12 and a.provenance["grown_from"] == str(src)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert torch.equal(a.decoder.shape.out.weight, vae.decoder.shape.out.weight)
     with pytest.raises(SystemExit):
