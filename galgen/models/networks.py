@@ -388,7 +388,8 @@ def _bounded_shear(h: torch.Tensor) -> torch.Tensor:
 
 
 _GATE_GAIN = 40.0
-_LATENT_GATE_GAIN = 4.0
+#: ``w = sigmoid(LATENT_GATE_GAIN z_k)``: the ``"latent"`` symmetry gate of :class:`FluxShapeGenerator`.
+LATENT_GATE_GAIN = 4.0
 #: Kinds of :class:`FluxShapeGenerator`'s ``symmetry_gate``.
 SYMMETRY_GATES = (None, "network", "latent")
 
@@ -484,7 +485,8 @@ class FluxShapeGenerator(nn.Module):
         two-layer network starting at ``w = 0.5`` (the factor 40 makes Adam's steps on it
         40 times larger: with a factor 4 and lr 1e-4 it moved by 0.005 in 1,000 steps).
         ``"latent"``: ``w = sigmoid(4 z_k)``, ``z_k`` the input coordinate
-        ``gate_coordinate``, which the encoder sets and a MAP fit moves, as the seed's
+        ``gate_coordinate``, which no other part of the generator reads (the body, the
+        flux and the seed see it as zero) and which a MAP fit moves, as the seed's
         coordinates (``seed_latents``).
     gate_coordinate : int, optional
         The input coordinate of the ``"latent"`` gate.
@@ -545,6 +547,10 @@ class FluxShapeGenerator(nn.Module):
         self.register_buffer("log_flux_mean", torch.tensor(mean))
         self.register_buffer("log_flux_std", torch.tensor(std))
         self.symmetry_gate, self.gate_coordinate = symmetry_gate, gate_coordinate
+        if symmetry_gate == "latent":  # the gate's coordinate is read by the gate alone
+            keep = torch.ones(in_features)
+            keep[gate_coordinate] = 0.0
+            self.register_buffer("_not_gate", keep, persistent=False)
         self.gate = None
         if symmetry_gate == "network":
             self.gate = nn.Sequential(nn.Linear(in_features, 64), nn.SiLU(), nn.Linear(64, 1))
@@ -565,7 +571,7 @@ class FluxShapeGenerator(nn.Module):
             ``(B,)`` float32.
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return self.log_flux_mean + self.log_flux_std * self.flux(z.float())[:, 0]
+            return self.log_flux_mean + self.log_flux_std * self.flux(self._networks_input(z).float())[:, 0]
 
     def shape_parameters(self, z: torch.Tensor) -> dict:
         """Size, reduced shear and (for the Sersic template) index of each galaxy's seed.
@@ -587,7 +593,7 @@ class FluxShapeGenerator(nn.Module):
             ``(B,)`` float32.
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
-            h = self.moments(z.float())
+            h = self.moments(self._networks_input(z).float())
             g = _bounded_shear(h[:, 1:3])
             out = {"log_size": h[:, 0], "g1": g[:, 0], "g2": g[:, 1]}
             if self.profile == "sersic":
@@ -647,6 +653,10 @@ class FluxShapeGenerator(nn.Module):
         eps = self.softening * torch.exp(-2 * p["log_size"])[:, None, None] / self.template_sigma ** 2
         return sersic_b(n) * (r2 + eps).pow(1 / (2 * n))
 
+    def _networks_input(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` as the body, flux and seed networks read it: without a latent gate's coordinate."""
+        return z * self._not_gate.to(z.dtype) if self.symmetry_gate == "latent" else z
+
     def asymmetry_gate(self, z: torch.Tensor) -> torch.Tensor:
         """Weight of the part of each image that is not point-symmetric (``symmetry_gate``).
 
@@ -664,7 +674,7 @@ class FluxShapeGenerator(nn.Module):
             if self.symmetry_gate == "network":
                 return torch.sigmoid(_GATE_GAIN * self.gate(z.float())[:, 0])
             if self.symmetry_gate == "latent":
-                return torch.sigmoid(_LATENT_GATE_GAIN * z[:, self.gate_coordinate].float())
+                return torch.sigmoid(LATENT_GATE_GAIN * z[:, self.gate_coordinate].float())
             return torch.ones(len(z), device=z.device)
 
     def _warp(self, logits: torch.Tensor, p: dict) -> torch.Tensor:
@@ -695,7 +705,7 @@ class FluxShapeGenerator(nn.Module):
         torch.Tensor
             ``(B, size, size)`` float32, non-negative, each summing to its flux.
         """
-        logits = self.shape.logits(z)
+        logits = self.shape.logits(self._networks_input(z))
         with torch.autocast(device_type=logits.device.type, enabled=False):
             params = self.shape_parameters(z)  # once: the warp and the seed share them
             if self.warp_body:

@@ -477,3 +477,53 @@ def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
     assert torch.equal(a.decoder.shape.out.weight, vae.decoder.shape.out.weight)
     with pytest.raises(SystemExit):
         grow.main(["--from", str(src), "--out", str(tmp_path / "c.pt")])
+
+
+def test_gate_posterior_recovers_the_weight_that_drew_the_galaxy():
+    """VAE.gate_posterior: galaxies drawn as S + w0 A through a PSF with Gaussian noise give
+    back w0 within their stated errors, the error being the Fisher one, (sum m_A^2 / var)^-1/2;
+    the body, flux and seed do not read the gate's coordinate; the aggregate posterior's
+    codes carry draws of that posterior, at the encoder's mean code, as logit(w) / 4."""
+    from galgen.models import add_symmetry_gate
+
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True,
+              log_flux=(math.log(5000.0), 0.3)).eval()
+    torch.nn.init.normal_(vae.decoder.shape.out.weight, std=0.3)
+    lat = add_symmetry_gate(vae, "latent", generator=torch.Generator().manual_seed(0)).eval()
+    n = 64
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(n, 11, generator=g)
+    z[:, 7:9] = 0.0
+    w0 = torch.rand(n, generator=g)
+    z[:, 10] = torch.logit(w0) / 4
+    psf = gaussian_psf(torch.full((n,), 1.5), 15, 1.0).float()
+    var = torch.full((n, 32, 32), 4.0)
+    obs = Observation(psf, pixel_scale=1.0, stamp=32, noise=GaussianNoise(var))
+    with torch.no_grad():
+        img = lat.decode(z)
+        z_other = z.clone()
+        z_other[:, 10] = 1.5  # another gate: the same body, flux and seed
+        full = lat.decoder.shape.logits(lat.decoder._networks_input(z_other))
+        assert torch.equal(full, lat.decoder.shape.logits(lat.decoder._networks_input(z)))
+        data = obs.noise.sample(obs.noiseless(img), generator=torch.Generator().manual_seed(5))
+        batch = Batch(observed=data, observation=obs)
+        mean, std = lat.gate_posterior(z_other, batch)
+        ungated = lat.decode(torch.cat([z[:, :10], torch.full((n, 1), 10.0)], 1))
+        anti = obs.noiseless(ungated - 0.5 * (ungated + torch.flip(torch.roll(ungated, (-1, -1), (1, 2)), (1, 2))))
+    fisher = (anti**2 / var).sum((1, 2))
+    assert torch.allclose(std, fisher.rsqrt(), rtol=1e-3)
+    inside = (w0 > 3 * std) & (w0 < 1 - 3 * std)  # away from the clamps at 0 and 1
+    pull = ((mean - w0) / std)[inside]
+    assert int(inside.sum()) > 20 and float(pull.abs().max()) < 4.5 and abs(float(pull.mean())) < 0.6, pull
+    # the aggregate posterior draws each code's gate weight from N(w*, 1/a) at the encoder's mean code
+    codes, _ = lat.aggregate_posterior([batch], samples_per_galaxy=200, generator=torch.Generator().manual_seed(6))
+    w = torch.sigmoid(4 * codes[:, 10].double()).view(200, n)
+    with torch.no_grad():
+        m_enc, s_enc = lat.gate_posterior(lat.encode(data).mean, batch)
+    ok = (m_enc > 4 * s_enc) & (m_enc < 1 - 4 * s_enc)
+    assert int(ok.sum()) > 5
+    assert torch.allclose(w.mean(0)[ok], m_enc[ok].double(), atol=float(4 * s_enc[ok].max() / 200**0.5) + 1e-4)
+    assert torch.allclose(w.std(0)[ok], s_enc[ok].double(), rtol=0.25)
+    with pytest.raises(GalgenInputError, match="latent symmetry gate"):
+        vae.gate_posterior(z[:, :10], batch)
