@@ -372,14 +372,26 @@ class VAE(GenerativeModel):
             galaxy), ``bits_per_pixel`` = ``-elbo / (n_good * ln 2)`` with ``n_good`` the
             galaxy's unmasked pixels. The ELBO bounds a *density* of continuous data, so
             bits per pixel can be negative, and it depends on the flux unit.
+
+        Notes
+        -----
+        With a latent symmetry gate (``symmetry_gate="latent"``) the gate's coordinate is
+        not drawn from q: it is set to :meth:`gate_posterior`'s weight for the drawn code,
+        a per-galaxy point estimate (its KL term is left out), so that the decoder trains
+        with every galaxy's best gate rather than with an encoder that cannot learn it.
         """
         mu, logvar = self.encoder_moments(batch.observed, batch.cond)
         mu, logvar = mu.float(), logvar.float()
         eps = _randn(mu.shape, generator, mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
+        kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1)
+        if self.config.get("symmetry_gate") == "latent":  # the gate's weight: the likelihood's, per galaxy
+            w = self.gate_posterior(z, batch)[0].clamp(_GATE_RANGE, 1 - _GATE_RANGE)
+            z = torch.cat([z[:, :-1], (torch.logit(w) / LATENT_GATE_GAIN)[:, None].to(z.dtype)], 1)
+            kl = kl[:, :-1]
+        kl = kl.sum(1)
         intrinsic = self.decode(z, batch.cond)
         nll = -batch.observation.log_likelihood(intrinsic.float(), batch.observed)
-        kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)
         elbo = -nll - beta * kl
         bpp = -elbo / (good_pixels(batch.observed, batch.observation) * math.log(2))
         return {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp}

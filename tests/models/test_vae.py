@@ -525,5 +525,15 @@ def test_gate_posterior_recovers_the_weight_that_drew_the_galaxy():
     assert int(ok.sum()) > 5
     assert torch.allclose(w.mean(0)[ok], m_enc[ok].double(), atol=float(4 * s_enc[ok].max() / 200**0.5) + 1e-4)
     assert torch.allclose(w.std(0)[ok], s_enc[ok].double(), rtol=0.25)
+    # the ELBO draws each galaxy with its best gate: its nll is the least over the gate's range
+    # for the same draw of the other coordinates, and the gate's coordinate has no KL term
+    terms = lat.elbo(batch, generator=torch.Generator().manual_seed(7))
+    mu, logvar = lat.encoder_moments(data)
+    zq = mu + torch.randn(mu.shape, generator=torch.Generator().manual_seed(7)) * (0.5 * logvar).exp()
+    assert torch.allclose(terms["kl"], 0.5 * (mu**2 + logvar.exp() - logvar - 1)[:, :10].sum(1), rtol=1e-5)
+    with torch.no_grad():
+        for zk in (-2.0, -0.5, 0.0, 0.5, 2.0):
+            other = -obs.log_likelihood(lat.decode(torch.cat([zq[:, :10], torch.full((n, 1), zk)], 1)), data)
+            assert bool((terms["nll"] <= other + 1e-5 * other.abs()).all())
     with pytest.raises(GalgenInputError, match="latent symmetry gate"):
         vae.gate_posterior(z[:, :10], batch)
