@@ -17,8 +17,9 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
 3. galaxies drawn from the flow prior, decoded in full, with the body's logits switched
    off (the bulge + disk seed alone) and with the body's logits replaced by their mean
    over the draws (the part of the body that does not depend on the galaxy);
-4. with a symmetry gate (``VAE(symmetry_gate=True)``), the gate's median by type for the
-   reconstructions and its quantiles over the flow prior's draws;
+4. with a symmetry gate (``VAE(symmetry_gate="network"|"latent")``), the gate's median by
+   type for the reconstructions (a latent gate's from ``VAE.gate_posterior``) and its
+   quantiles over the flow prior's draws;
 
 each observed without noise through the PSFs of the held-out galaxies, with the
 quantiles of A and the W1 distance to the real galaxies beside its real-vs-real floor
@@ -82,6 +83,7 @@ def main(argv=None):
     from galgen.evaluation.distances import compare_statistics
     from galgen.evaluation.statistics import morphology_statistics
     from galgen.models.base import sample_latents
+    from galgen.models.networks import LATENT_GATE_GAIN
     from galgen.runtime import resolve_model
     from galgen.simulate import morphology_label
 
@@ -103,6 +105,11 @@ def main(argv=None):
     with torch.no_grad():
         z_prior = sample_latents(model.prior(None), n, generator=gen)
         z_rec = model.encode(observed).mean
+        if dec.symmetry_gate == "latent":  # reconstructions with each galaxy's best gate, as the ELBO draws them
+            for batch in loader.iter_batches(256):
+                rows = batch.index.cpu().numpy()
+                w = model.gate_posterior(z_rec[rows], batch)[0].clamp(3.4e-4, 1 - 3.4e-4)
+                z_rec[rows, -1] = torch.logit(w) / LATENT_GATE_GAIN
         mean_logits = dec.shape.logits(z_prior).mean(0, keepdim=True)
         gate_rec, gate_prior = dec.asymmetry_gate(z_rec).numpy(), dec.asymmetry_gate(z_prior).numpy()
     shift = np.fft.fftfreq(real.shape[-1])
@@ -135,14 +142,14 @@ def main(argv=None):
               + f"  Gini {entry['gini_median']:.4f}"
               + (f"  W1 A {entry['asymmetry_w1']:.3f} (floor {entry['asymmetry_w1_floor']:.3f})"
                  f" Gini {entry['gini_w1']:.3f} ({entry['gini_w1_floor']:.3f})" if name != "real" else ""))
-    if dec.gate is not None:  # a symmetry gate (FluxShapeGenerator(symmetry_gate=True))
+    if dec.symmetry_gate is not None:  # a symmetry gate (FluxShapeGenerator(symmetry_gate=...))
         result["gate_flow_prior"] = {f"q{q}": float(np.percentile(gate_prior, q)) for q in QUANTILES}
         result["gate_flow_prior"]["fraction_below_0.05"] = float(np.mean(gate_prior < 0.05))
         print("symmetry gate of the flow prior's draws q5/16/50/84/95 "
               + " ".join(f"{result['gate_flow_prior'][f'q{q}']:.3f}" for q in QUANTILES)
               + f"; below 0.05: {result['gate_flow_prior']['fraction_below_0.05']:.3f}")
     print(f"\n{'type':16s} {'n':>4s}  median A: real / reconstruction / its seed alone"
-          + ("  | median gate of the reconstruction" if dec.gate is not None else ""))
+          + ("  | median gate of the reconstruction" if dec.symmetry_gate is not None else ""))
     for t in ("bulge", "disk", "spiral", "barred spiral", "barred disk", "irregular", "with companion"):
         sel = label == t
         if sel.any():
@@ -150,7 +157,7 @@ def main(argv=None):
                    for k in ("real", "reconstruction", "reconstruction, seed alone")}
             result["by_type"][t] = {"n": int(sel.sum()), **med}
             gate = ""
-            if dec.gate is not None:
+            if dec.symmetry_gate is not None:
                 result["by_type"][t]["gate"] = float(np.median(gate_rec[sel]))
                 gate = f"  | {result['by_type'][t]['gate']:.3f}"
             print(f"{t:16s} {int(sel.sum()):4d}  {med['real']:.4f} / {med['reconstruction']:.4f} / "

@@ -463,9 +463,12 @@ class VAE(GenerativeModel):
         samples_per_galaxy : int, optional
             Draws from each galaxy's q(z | x) (not only its mean: the aggregate
             posterior is the mixture of the q's). With a latent symmetry gate, the gate's
-            coordinate of each draw comes from :meth:`gate_posterior` at the galaxy's mean
-            code instead of the encoder, its weight kept within ``[3.4e-4, 1 - 3.4e-4]``
-            (coordinates within +-2).
+            coordinate ``z_k`` of each draw is not the encoder's: it is drawn from its
+            exact one-dimensional posterior at the galaxy's mean code,
+            ``N(sigmoid(4 z_k); w*, 1/a) N(z_k; 0, 1)`` (:meth:`gate_posterior`), on a grid
+            of 801 points over ``[-4, 4]``. A galaxy whose likelihood wants no asymmetry
+            gets any ``z_k`` at which the gate is closed, as the prior spreads them, rather
+            than an atom at a clamp that a flow cannot fit.
         generator : torch.Generator, optional
             Source of the draws (default: the global generator).
 
@@ -489,13 +492,13 @@ class VAE(GenerativeModel):
                     raise GalgenInputError(f"batches: expected galgen.models.Batch items, got {type(b).__name__}")
                 mu, logvar = self.encoder_moments(b.observed, b.cond)
                 mu, std = mu.float(), (0.5 * logvar.float()).exp()
-                gate = self.gate_posterior(mu, b) if self.config.get("symmetry_gate") == "latent" else None
+                gate = None
+                if self.config.get("symmetry_gate") == "latent":
+                    gate = _gate_coordinate_posterior(*self.gate_posterior(mu, b))
                 for _ in range(samples_per_galaxy):
                     z = mu + _randn(mu.shape, generator, mu.device, mu.dtype) * std
-                    if gate is not None:  # w ~ N(w*, 1/a) on [lo, 1 - lo], as its coordinate logit(w) / 4
-                        w = gate[0] + gate[1] * _randn(gate[0].shape, generator, mu.device, mu.dtype)
-                        w = w.clamp(_GATE_RANGE, 1 - _GATE_RANGE)
-                        z[:, -1] = torch.logit(w) / LATENT_GATE_GAIN
+                    if gate is not None:
+                        z[:, -1] = _sample_grid(*gate, generator)
                     codes.append(z.detach().cpu())
                     if self.cond_dim:
                         c = torch.as_tensor(b.cond, dtype=torch.float32).expand(len(mu), -1)
@@ -530,7 +533,8 @@ class VAE(GenerativeModel):
         Returns
         -------
         mean, std : torch.Tensor
-            ``(B,)`` each: ``w*`` clamped to ``[0, 1]``, and ``a^(-1/2)``.
+            ``(B,)`` each: ``w*`` and ``a^(-1/2)``. ``w*`` is the parabola's vertex, which
+            may lie outside the gate's range ``(0, 1)``.
 
         Raises
         ------
@@ -549,7 +553,7 @@ class VAE(GenerativeModel):
             f0, fh, f1 = (-2 * obs.noise.log_prob(batch.observed, m_sym + w * m_anti) for w in (0.0, 0.5, 1.0))
         a = (2 * (f1 - 2 * fh + f0)).clamp_min(1e-12)
         b = f1 - f0 - a
-        return (-b / (2 * a)).clamp(0.0, 1.0), a.rsqrt()
+        return -b / (2 * a), a.rsqrt()
 
     def fit_prior(self, latents_or_batches, cond=None, *, samples_per_galaxy: int = 4, **options) -> dict:
         """Fit the flow prior to the aggregate posterior.
@@ -726,6 +730,27 @@ class VAE(GenerativeModel):
             cond = self.draw_conditions(n, generator)
         z = self.sample_latents(n, cond, generator=generator, prior=prior, temperature=temperature)
         return self.decode(z, cond)
+
+
+_GATE_GRID = torch.linspace(-4.0, 4.0, 801)
+
+
+def _gate_coordinate_posterior(w_mean: torch.Tensor, w_std: torch.Tensor):
+    """Log-density of a latent gate's coordinate on ``_GATE_GRID``: the likelihood
+    ``N(sigmoid(4 z); w_mean, w_std^2)`` times the prior ``N(z; 0, 1)``, ``(B, 801)``."""
+    grid = _GATE_GRID.to(w_mean.device, w_mean.dtype)
+    w = torch.sigmoid(LATENT_GATE_GAIN * grid)
+    logp = -0.5 * ((w[None] - w_mean[:, None]) / w_std[:, None]) ** 2 - 0.5 * grid[None] ** 2
+    return logp, grid
+
+
+def _sample_grid(logp: torch.Tensor, grid: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row from a density tabulated on an even grid (uniform within each cell)."""
+    probs = torch.softmax(logp.double(), 1).float().cpu()
+    k = torch.multinomial(probs, 1, generator=generator)[:, 0].to(grid.device)
+    step = float(grid[1] - grid[0])
+    jitter = (torch.rand(len(k), generator=generator).to(grid.device) - 0.5) * step
+    return grid[k] + jitter
 
 
 def _rename_flow_keys(state_dict, prefix, *args):

@@ -525,6 +525,18 @@ def test_gate_posterior_recovers_the_weight_that_drew_the_galaxy():
     assert int(ok.sum()) > 5
     assert torch.allclose(w.mean(0)[ok], m_enc[ok].double(), atol=float(4 * s_enc[ok].max() / 200**0.5) + 1e-4)
     assert torch.allclose(w.std(0)[ok], s_enc[ok].double(), rtol=0.25)
+    # a galaxy whose likelihood wants no asymmetry (w* < 0) gets gate coordinates spread as the prior
+    # spreads them where the gate is closed, not an atom at a clamp; one that wants w* = 0.3 gets it
+    for w_star, check in ((-0.5, "closed"), (0.3, "open")):
+        lat.gate_posterior = lambda zz, bb, w_star=w_star: (torch.full((len(zz),), w_star), torch.full((len(zz),), 0.01))
+        codes, _ = lat.aggregate_posterior([batch], samples_per_galaxy=20, generator=torch.Generator().manual_seed(8))
+        zk = codes[:, 10]
+        wk = torch.sigmoid(4 * zk)
+        if check == "closed":
+            assert float(wk.max()) < 0.06 and float(zk.std()) > 0.3 and len(torch.unique(zk)) > 0.95 * len(zk)
+        else:
+            assert abs(float(wk.mean()) - 0.3) < 0.003 and abs(float(wk.std()) - 0.01) < 0.002
+    del lat.gate_posterior
     # the ELBO draws each galaxy with its best gate: its nll is the least over the gate's range
     # for the same draw of the other coordinates, and the gate's coordinate has no KL term
     terms = lat.elbo(batch, generator=torch.Generator().manual_seed(7))
