@@ -26,6 +26,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    import logging
+
     import numpy as np
     import torch
 
@@ -35,6 +37,7 @@ def main(argv=None):
     from galgen.models import VAE
     from galgen.runtime import resolve_model
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model = resolve_model(args.model, "cpu")
     if not isinstance(model, VAE):
         raise GalgenInputError(f"--model: {args.model} is not a VAE (no latent flow prior to fit)")
