@@ -189,10 +189,16 @@ class GAN(AdversarialModel):
         Critic updates per generator update.
     conditions : sequence of str, optional
         Catalog columns generator and critic are conditioned on.
-    profile : {"gaussian", "sersic"}, optional
+    profile : {"gaussian", "sersic", "bulge-disk"}, optional
         Seed profile of the flux-shape head (see :class:`FluxShapeGenerator`).
     warp_body : bool, optional
         Shear the flux-shape head's body with its seed (see :class:`FluxShapeGenerator`).
+    symmetry_gate : {None, "network"}, optional
+        Weight the part of each generated image that is not point-symmetric about the
+        centre pixel by ``w = sigmoid(40 h(z))`` (:class:`FluxShapeGenerator`, flux-shape
+        head only), learnt by the adversarial game: the generator can draw exactly
+        point-symmetric bulges and lopsided irregulars from one body. (The VAE's
+        ``"latent"`` gate is set by each galaxy's likelihood, which a GAN has not.)
 
     Examples
     --------
@@ -207,7 +213,7 @@ class GAN(AdversarialModel):
                  input_scale: float = 1.0, flux_scale: float = 1.0, log_flux=None, loss: str = "non-saturating",
                  spectral_norm: bool = True, head: str = "flux-shape", ema: float = 0.999, r1_gamma: float = 0.0,
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
-                 warp_body: bool = False):
+                 warp_body: bool = False, symmetry_gate: str | None = None):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -224,6 +230,10 @@ class GAN(AdversarialModel):
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
         if head not in ("flux-shape", "softplus"):
             raise GalgenInputError(f"head: must be 'flux-shape' or 'softplus', got {head!r}")
+        if symmetry_gate not in (None, "network"):
+            raise GalgenInputError(f"symmetry_gate: None or 'network' for a GAN, got {symmetry_gate!r}")
+        if symmetry_gate and head != "flux-shape":
+            raise GalgenInputError("symmetry_gate: an option of the flux-shape head, not of head='softplus'")
         size = int(stamp) * int(oversampling)
         log_flux = log_flux_start(log_flux, flux_scale, size)
         self.config = dict(kind=self.kind, stamp=int(stamp), latent_dim=int(latent_dim),
@@ -232,13 +242,15 @@ class GAN(AdversarialModel):
                            spectral_norm=bool(spectral_norm), head=head, ema=float(ema), r1_gamma=float(r1_gamma),
                            r1_every=int(r1_every), n_critic=int(n_critic), conditions=list(self.conditions),
                            profile=profile, warp_body=bool(warp_body))
+        if symmetry_gate is not None:  # older checkpoints' configs stay as they were
+            self.config.update(symmetry_gate=symmetry_gate)
         self.stamp, self.latent_dim, self.oversampling = int(stamp), int(latent_dim), int(oversampling)
         self.input_scale, self.loss, self.ema = float(input_scale), loss, float(ema)
         self.r1_gamma, self.r1_every, self.n_critic = float(r1_gamma), int(r1_every), int(n_critic)
         nin = self.latent_dim + self.cond_dim
         if head == "flux-shape":
             self.generator = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=profile,
-                                                warp_body=warp_body)
+                                                warp_body=warp_body, symmetry_gate=symmetry_gate)
         else:
             self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),

@@ -905,6 +905,8 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     so that the decoder's gradient reaches the encoder's new rows (with zero columns the
     new coordinates would sit at a saddle where neither side learns). Every other weight is
     kept; the latent flow is new and unfitted (``galgen train`` fits it after training).
+    With a latent symmetry gate (whose coordinate is the last), the new coordinates are
+    inserted before the gate's, which stays the last.
 
     Parameters
     ----------
@@ -945,6 +947,7 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 1:
         raise GalgenInputError(f"extra: expected an integer >= 1, got {extra!r}")
     L, e = model.latent_dim, int(extra)
+    at = L - 1 if model.config.get("symmetry_gate") == "latent" else L  # where the new coordinates go
     new = VAE(**{**{k: v for k, v in model.config.items() if k != "kind"}, "latent_dim": L + e})
     new = new.to(next(model.parameters()).device)
     old, state = model.state_dict(), new.state_dict()
@@ -969,12 +972,12 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
                 source = torch.cat([source[:, :F], torch.zeros(len(source), F2 - F).to(source), source[:, F:]], 1)
             rows = source.reshape(2, L, *source.shape[1:])
             pad = torch.zeros(2, e, *source.shape[1:], dtype=source.dtype, device=source.device)
-            state[key] = torch.cat([rows, pad], 1).reshape(target.shape)
+            state[key] = torch.cat([rows[:, :at], pad, rows[:, at:]], 1).reshape(target.shape)
         elif source.shape != target.shape:  # a decoder layer reading [z, c]: new columns after z
             if source.ndim != 2 or target.shape[1] != source.shape[1] + e:
                 raise GalgenInputError(f"model: cannot widen {key} from {tuple(source.shape)} to {tuple(target.shape)}")
             cols = uniform(target.shape[0], e, target.shape[1], source)
-            state[key] = torch.cat([source[:, :L], cols, source[:, L:]], 1)
+            state[key] = torch.cat([source[:, :at], cols, source[:, at:]], 1)
         else:
             state[key] = source
     new.load_state_dict(state)

@@ -322,6 +322,52 @@ def test_from_config_roundtrip_and_bad_options():
     assert softplus.sample(2).shape == (2, S, S)
 
 
+def test_symmetry_gate_of_the_gan_starts_half_open_closes_to_point_symmetry_and_learns():
+    """GAN(symmetry_gate="network"): image = S + w (I - S) with w = sigmoid(40 h(z)) from 0.5;
+    a closed gate draws galaxies equal to their rotation by 180 degrees with the ungated
+    flux, an open one the ungated galaxy; the generator's step moves the gate; the option
+    survives the config and is refused where it cannot work."""
+    from galgen.models.networks import point_reflect
+
+    torch.manual_seed(8)
+    gan = _small(profile="bulge-disk", warp_body=True, symmetry_gate="network", ema=0.0)
+    plain = _small(profile="bulge-disk", warp_body=True, ema=0.0)
+    assert "symmetry_gate" not in plain.config and gan.config["symmetry_gate"] == "network"
+    missing, unexpected = plain.load_state_dict(gan.state_dict(), strict=False)
+    assert not missing and all(k.startswith("generator.gate.") for k in unexpected)
+    torch.nn.init.normal_(gan.generator.shape.out.weight, std=0.3)  # a body that draws lopsided structure
+    plain.generator.shape.out.weight.data.copy_(gan.generator.shape.out.weight.data)
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(gan.generator.asymmetry_gate(z), torch.full((5,), 0.5))
+        ungated = plain.generator(z)
+        sym = 0.5 * (ungated + point_reflect(ungated))
+        assert not torch.allclose(ungated, sym, atol=1e-3 * float(ungated.amax()))
+        assert torch.allclose(gan.generator(z), sym + 0.5 * (ungated - sym), rtol=1e-5, atol=1e-6 * float(ungated.amax()))
+        for bias, want in ((-5.0, sym), (5.0, ungated)):  # w = sigmoid(+-200)
+            gan.generator.gate[2].bias.fill_(bias)
+            img = gan.generator(z)
+            assert torch.allclose(img, want, rtol=1e-5, atol=1e-6 * float(ungated.amax()))
+            assert torch.allclose(img.sum((1, 2)), ungated.sum((1, 2)), rtol=1e-5)
+        gan.generator.gate[2].bias.fill_(-5.0)
+        closed = gan.generator(z)
+        assert torch.allclose(closed, point_reflect(closed), rtol=1e-5, atol=1e-6 * float(ungated.amax()))
+        gan.generator.gate[2].bias.zero_()
+    opts = gan.make_optimizers(lr=1e-3)
+    obs = _observation(4)
+    batch = Batch(obs.observe(_blobs(4, torch.Generator().manual_seed(2)))[1], obs)
+    w0 = [p.detach().clone() for p in gan.generator.gate.parameters()]
+    gan.training_step(batch, opts, 0)
+    gan.training_step(batch, opts, 1)  # n_critic = 1: the generator moved at one of them
+    assert any(not torch.equal(a, b) for a, b in zip(w0, gan.generator.gate.parameters()))
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    with pytest.raises(GalgenInputError, match="symmetry_gate"):
+        _small(symmetry_gate="latent")
+    with pytest.raises(GalgenInputError, match="symmetry_gate"):
+        _small(head="softplus", symmetry_gate="network")
+
+
 def test_condition_bank_is_what_unconditioned_sampling_draws_and_old_checkpoints_load():
     """A conditional model stores rows of its training conditions; sampling without ``cond``
     draws rows of them (then the latents, from the same generator); a state dict written

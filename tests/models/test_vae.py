@@ -453,6 +453,39 @@ def test_added_latents_start_at_their_prior_and_can_learn():
         add_latents(torch.nn.Linear(2, 2), 1)
 
 
+def test_added_latents_go_before_a_latent_gate_which_stays_last():
+    """add_latents on a VAE with a latent symmetry gate: the gate's coordinate stays the last
+    (its encoder rows, its gate value), the new ones are inserted before it, and with them
+    at zero the grown VAE draws the source's galaxies, gated as before."""
+    from galgen.models import add_latents
+
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=17, width=8, decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True,
+              symmetry_gate="latent", log_flux=(math.log(5000.0), 0.3)).eval()
+    torch.nn.init.normal_(vae.head[1].weight, std=0.05)
+    torch.nn.init.normal_(vae.decoder.shape.out.weight, std=0.3)  # a lopsided body, so that the gate matters
+    grown = add_latents(vae, 3, generator=torch.Generator().manual_seed(1)).eval()
+    assert grown.latent_dim == 20 and grown.decoder.gate_coordinate == 19
+    batch = toy_batch(stamp=32)
+    with torch.no_grad():
+        mu, logvar = vae.encoder_moments(batch.observed)
+        mu2, logvar2 = grown.encoder_moments(batch.observed)
+        assert torch.allclose(mu2[:, :16], mu[:, :16], atol=1e-6) and torch.allclose(mu2[:, 19], mu[:, 16], atol=1e-6)
+        assert torch.allclose(logvar2[:, 19], logvar[:, 16], atol=1e-6)
+        assert float(mu2[:, 16:19].abs().max()) == 0 and float(logvar2[:, 16:19].abs().max()) == 0
+        z = torch.randn(4, 17, generator=torch.Generator().manual_seed(2))
+        z[:, 16] = torch.tensor([-2.0, -0.3, 0.4, 2.0])
+        zg = torch.cat([z[:, :16], torch.zeros(4, 3), z[:, 16:]], 1)
+        assert torch.allclose(grown.decoder.asymmetry_gate(zg), vae.decoder.asymmetry_gate(z))
+        old = vae.decode(z)
+        assert torch.allclose(grown.decode(zg), old, rtol=1e-5, atol=1e-6 * float(old.abs().max()))
+        # the gate's coordinate is still read by the gate alone
+        zg2 = zg.clone()
+        zg2[:, 19] = 10.0
+        full = grown.decode(zg2)
+        assert torch.allclose(grown.decode(zg).sum((1, 2)), full.sum((1, 2)), rtol=1e-5)
+
+
 def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
     """pipelines/grow_vae.py: the written checkpoint loads as the grown model (gate and
     latents) with the source's weights and a provenance naming it; the same seed gives the
