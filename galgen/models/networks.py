@@ -481,7 +481,7 @@ class FluxShapeGenerator(nn.Module):
         exactly point-symmetric, which a body of shared convolutions does not draw by
         itself (the bulges of ``sdss-vae-bd``'s reconstructions had a median asymmetry of
         0.02 where the real ones have 1e-4, and symmetrising them raised their likelihood
-        on 94% of 381 held-out bulges). ``"network"``: ``w = sigmoid(40 h(z))``, ``h`` a
+        on 94% of 381 held-out bulges). ``"network"``: ``w = sigmoid(gate_gain h(z))``, ``h`` a
         two-layer network starting at ``w = 0.5`` (the factor 40 makes Adam's steps on it
         40 times larger: with a factor 4 and lr 1e-4 it moved by 0.005 in 1,000 steps).
         ``"latent"``: ``w = sigmoid(4 z_k)``, ``z_k`` the input coordinate
@@ -490,6 +490,8 @@ class FluxShapeGenerator(nn.Module):
         coordinates (``seed_latents``).
     gate_coordinate : int, optional
         The input coordinate of the ``"latent"`` gate.
+    gate_gain : float, optional
+        The ``"network"`` gate's factor: ``w = sigmoid(gate_gain h(z))``.
 
     Examples
     --------
@@ -502,7 +504,8 @@ class FluxShapeGenerator(nn.Module):
     def __init__(self, size: int, in_features: int, width: int = 32, max_width: int = 256,
                  log_flux=(0.0, 1.0), template_sigma: float | None = None, profile: str = "gaussian",
                  warp_body: bool = False, softening: float = 0.25, seed_latents: bool = False,
-                 symmetry_gate: str | None = None, gate_coordinate: int | None = None):
+                 symmetry_gate: str | None = None, gate_coordinate: int | None = None,
+                 gate_gain: float = _GATE_GAIN):
         super().__init__()
         if symmetry_gate not in SYMMETRY_GATES:
             raise GalgenInputError(f"symmetry_gate: one of {list(SYMMETRY_GATES)}, got {symmetry_gate!r}")
@@ -546,7 +549,7 @@ class FluxShapeGenerator(nn.Module):
         self.register_buffer("offsets", torch.stack(torch.meshgrid(d, d, indexing="ij")), persistent=False)
         self.register_buffer("log_flux_mean", torch.tensor(mean))
         self.register_buffer("log_flux_std", torch.tensor(std))
-        self.symmetry_gate, self.gate_coordinate = symmetry_gate, gate_coordinate
+        self.symmetry_gate, self.gate_coordinate, self.gate_gain = symmetry_gate, gate_coordinate, float(gate_gain)
         if symmetry_gate == "latent":  # the gate's coordinate is read by the gate alone
             keep = torch.ones(in_features)
             keep[gate_coordinate] = 0.0
@@ -672,7 +675,7 @@ class FluxShapeGenerator(nn.Module):
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             if self.symmetry_gate == "network":
-                return torch.sigmoid(_GATE_GAIN * self.gate(z.float())[:, 0])
+                return torch.sigmoid(self.gate_gain * self.gate(z.float())[:, 0])
             if self.symmetry_gate == "latent":
                 return torch.sigmoid(LATENT_GATE_GAIN * z[:, self.gate_coordinate].float())
             return torch.ones(len(z), device=z.device)

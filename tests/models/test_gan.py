@@ -362,10 +362,36 @@ def test_symmetry_gate_of_the_gan_starts_half_open_closes_to_point_symmetry_and_
     assert any(not torch.equal(a, b) for a, b in zip(w0, gan.generator.gate.parameters()))
     clone = GAN.from_config(json.loads(json.dumps(gan.config)))
     clone.load_state_dict(gan.state_dict(), strict=True)
+    assert clone.generator.gate_gain == gan.generator.gate_gain == 4.0
     with pytest.raises(GalgenInputError, match="symmetry_gate"):
         _small(symmetry_gate="latent")
+    with pytest.raises(GalgenInputError, match="gate_gain"):
+        _small(symmetry_gate="network", gate_gain=0.0)
     with pytest.raises(GalgenInputError, match="symmetry_gate"):
         _small(head="softplus", symmetry_gate="network")
+
+
+def test_the_critics_symmetry_channel_is_the_inputs_antisymmetric_part():
+    """SNCritic(symmetry_channel=True) reads [u, u - R u]: with its first layer's weights on
+    u zeroed, every point-symmetric image scores as a blank one and a lopsided one does not;
+    GAN(critic_symmetry=True) builds it and keeps the option in its config."""
+    from galgen.models.networks import point_reflect
+
+    torch.manual_seed(9)
+    critic = SNCritic(S, width=8, features=16, spectral_norm=False, symmetry_channel=True).eval()
+    assert critic.features[0].in_channels == 2
+    with torch.no_grad():
+        critic.features[0].weight[:, 0] = 0.0
+        u = torch.randn(3, S, S)
+        sym = 0.5 * (u + point_reflect(u))
+        blank = critic(torch.zeros(3, S, S))
+        assert torch.allclose(critic(sym), blank, atol=1e-6)
+        assert not torch.allclose(critic(u), blank, atol=1e-3)
+    gan = _small(critic_symmetry=True)
+    assert gan.config["critic_symmetry"] is True and gan.critic.symmetry_channel
+    assert "critic_symmetry" not in _small().config and _small().critic.features[0].in_channels == 1
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
 
 
 def test_condition_bank_is_what_unconditioned_sampling_draws_and_old_checkpoints_load():
