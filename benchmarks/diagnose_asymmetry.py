@@ -21,6 +21,11 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
    type for the reconstructions (a latent gate's from ``VAE.gate_posterior``) and its
    quantiles over the flow prior's draws;
 
+5. each held-out galaxy's code drawn from its own posterior (``VAE.aggregate_posterior``
+   of the held-out galaxies, one draw each: what the flow prior is fitted to, on galaxies
+   it never saw), decoded: what a perfect prior could do with this decoder, beside the
+   flow prior's draws, with the C2ST of all eleven statistics of ``galgen evaluate``;
+
 each observed without noise through the PSFs of the held-out galaxies, with the
 quantiles of A and the W1 distance to the real galaxies beside its real-vs-real floor
 (as ``galgen evaluate``).
@@ -80,7 +85,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from galgen.data import CutoutFile, ObservationLoader
-    from galgen.evaluation.distances import compare_statistics
+    from galgen.evaluation.distances import c2st_statistics, compare_statistics
     from galgen.evaluation.statistics import morphology_statistics
     from galgen.models.base import sample_latents
     from galgen.models.networks import LATENT_GATE_GAIN
@@ -110,6 +115,7 @@ def main(argv=None):
                 rows = batch.index.cpu().numpy()
                 w = model.gate_posterior(z_rec[rows], batch)[0].clamp(3.4e-4, 1 - 3.4e-4)
                 z_rec[rows, -1] = torch.logit(w) / LATENT_GATE_GAIN
+        z_post = model.aggregate_posterior(loader.iter_batches(256), 1, generator=gen)[0]
         mean_logits = dec.shape.logits(z_prior).mean(0, keepdim=True)
         gate_rec, gate_prior = dec.asymmetry_gate(z_rec).numpy(), dec.asymmetry_gate(z_prior).numpy()
     shift = np.fft.fftfreq(real.shape[-1])
@@ -122,6 +128,7 @@ def main(argv=None):
         "flow prior": _observe(loader, _decoded(dec, z_prior, "full")),
         "flow prior, seed alone": _observe(loader, _decoded(dec, z_prior, "off")),
         "flow prior, mean body": _observe(loader, _decoded(dec, z_prior, "mean", mean_logits)),
+        "held-out posterior codes": _observe(loader, _decoded(dec, z_post, "full")),
     }
     stats = {}
     for name, images in sets.items():
@@ -142,6 +149,14 @@ def main(argv=None):
               + f"  Gini {entry['gini_median']:.4f}"
               + (f"  W1 A {entry['asymmetry_w1']:.3f} (floor {entry['asymmetry_w1_floor']:.3f})"
                  f" Gini {entry['gini_w1']:.3f} ({entry['gini_w1_floor']:.3f})" if name != "real" else ""))
+    names = ["flux", "sigma", "e1", "e2", "e", "r50", "concentration", "asymmetry", "smoothness", "gini", "m20"]
+    for name in ("flow prior", "held-out posterior codes"):  # is the prior or the decoder the limit?
+        c2st = c2st_statistics(stats["real"], stats[name], names=names, seed=args.seed)
+        cmp = compare_statistics(stats["real"], stats[name], names=names, seed=args.seed)["statistics"]
+        result["sets"][name]["c2st"] = c2st["accuracy"]
+        result["sets"][name]["w1_ratio"] = {k: cmp[k]["w1_ratio"] for k in names}
+        print(f"{name:34s} C2ST {c2st['accuracy']:.3f}  W1 / floor: "
+              + " ".join(f"{k} {cmp[k]['w1_ratio']:.2f}" for k in names))
     if dec.symmetry_gate is not None:  # a symmetry gate (FluxShapeGenerator(symmetry_gate=...))
         result["gate_flow_prior"] = {f"q{q}": float(np.percentile(gate_prior, q)) for q in QUANTILES}
         result["gate_flow_prior"]["fraction_below_0.05"] = float(np.mean(gate_prior < 0.05))
