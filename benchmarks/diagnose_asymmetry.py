@@ -86,7 +86,7 @@ def main(argv=None):
 
     from galgen.data import CutoutFile, ObservationLoader
     from galgen.evaluation.distances import c2st_statistics, compare_statistics
-    from galgen.evaluation.statistics import morphology_statistics
+    from galgen.evaluation.statistics import STATISTICS, morphology_statistics
     from galgen.models.base import sample_latents
     from galgen.models.networks import LATENT_GATE_GAIN
     from galgen.runtime import resolve_model
@@ -149,7 +149,7 @@ def main(argv=None):
               + f"  Gini {entry['gini_median']:.4f}"
               + (f"  W1 A {entry['asymmetry_w1']:.3f} (floor {entry['asymmetry_w1_floor']:.3f})"
                  f" Gini {entry['gini_w1']:.3f} ({entry['gini_w1_floor']:.3f})" if name != "real" else ""))
-    names = ["flux", "sigma", "e1", "e2", "e", "r50", "concentration", "asymmetry", "smoothness", "gini", "m20"]
+    names = list(STATISTICS)
     for name in ("flow prior", "held-out posterior codes"):  # is the prior or the decoder the limit?
         c2st = c2st_statistics(stats["real"], stats[name], names=names, seed=args.seed)
         cmp = compare_statistics(stats["real"], stats[name], names=names, seed=args.seed)["statistics"]
