@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Simulate a training set with GalSim (galgen.simulate.simulate). "
                                    "Deterministic: the same seed gives identical arrays; shards are disjoint "
                                    "and 'galgen merge' joins them into the unsharded file.")
-    p.add_argument("--survey", default="sdss", help="preset (sdss, lsst, hst) or survey YAML file [sdss]")
+    p.add_argument("--survey", default="sdss", help="preset (sdss, sdss-deep, lsst, hst) or survey YAML file [sdss]")
     p.add_argument("--n", type=_positive_int, default=1000, help="galaxies in the whole run [1000]")
     p.add_argument("--stamp", type=_positive_int, default=64, help="stamp size in detector pixels [64]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")

@@ -8,8 +8,8 @@ from galgen.simulate import available_surveys, load_survey
 
 
 def test_presets_present_and_documented():
-    assert {"sdss", "hst", "lsst"} <= set(available_surveys())
-    for name in ("sdss", "hst", "lsst"):
+    assert {"sdss", "sdss-deep", "hst", "lsst"} <= set(available_surveys())
+    for name in ("sdss", "sdss-deep", "hst", "lsst"):
         s = load_survey(name)
         assert s.sources, f"{name} has no literature sources"
         assert s.pixel_scale > 0 and s.gain > 0
@@ -82,3 +82,35 @@ def test_unknown_survey_name():
 def test_sources_are_strings():
     for name in available_surveys():
         assert all(isinstance(s, str) for s in load_survey(name).sources), name
+
+
+def test_deep_sdss_is_the_mean_of_forty_exposures_of_the_same_galaxies(tmp_path):
+    """``sdss-deep``: the galaxies, PSFs and units of ``sdss`` and 1/40 of its noise variance."""
+    import h5py
+    import numpy as np
+
+    from galgen.simulate import simulate
+
+    sdss, deep = load_survey("sdss"), load_survey("sdss-deep")
+    assert deep.sky_level == pytest.approx(sdss.sky_level) and deep.zero_point == sdss.zero_point
+    # mean of N exposures: ((m + sky) / g + (rn / g)^2) / N for every model value m
+    for m in (0.0, 50.0, 4000.0):
+        single = (m + sdss.sky_level) / sdss.gain + (sdss.read_noise / sdss.gain) ** 2
+        coadd = (m + deep.sky_level) / deep.gain + (deep.read_noise / deep.gain) ** 2
+        assert coadd == pytest.approx(single / 40, rel=1e-4)
+    arrays = {}
+    for name in ("sdss", "sdss-deep"):
+        path = simulate(tmp_path / f"{name}.h5", survey=name, n=24, stamp=32, seed=7, psf_size=25,
+                        morphology="rich", progress=False)
+        with h5py.File(path, "r") as f:
+            arrays[name] = {k: f[k][...] for k in ("noiseless", "intrinsic", "psf", "observed", "variance")}
+    a, b = arrays["sdss"], arrays["sdss-deep"]
+    for key in ("noiseless", "intrinsic", "psf"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    np.testing.assert_allclose(b["variance"], a["variance"] / 40, rtol=1e-4)
+    # the drawn noise has the stated variance: chi^2 per pixel ~ 1 in both, with a 6.3x smaller sigma
+    for arr in (a, b):
+        chi2 = ((arr["observed"] - arr["noiseless"]) ** 2 / arr["variance"]).mean()
+        assert 0.95 < chi2 < 1.05
+    ratio = np.std(b["observed"] - b["noiseless"]) / np.std(a["observed"] - a["noiseless"])
+    assert ratio == pytest.approx(40 ** -0.5, rel=0.05)
