@@ -47,7 +47,7 @@ def _reconstruction_scores(model, loader: ObservationLoader, batch_size: int) ->
     """Reduced chi-square of ``decode(encode(x))`` per galaxy; None for a model without an encoder."""
     out = []
     for batch in loader.iter_batches(batch_size):
-        guess = amortised_guess(model, batch.observed, batch.cond)
+        guess = amortised_guess(model, batch.observed, batch.cond, batch.observation)
         if guess is None:
             return None
         model_img = batch.observation.noiseless(model.decode(guess, batch.cond).float())
@@ -419,7 +419,7 @@ def _reconstruction_figure(model, loader, n_grid, noise, out, name):
     from .figures import reconstruction_grid
 
     batch = next(iter(loader.iter_batches(n_grid)))
-    guess = amortised_guess(model, batch.observed, batch.cond)
+    guess = amortised_guess(model, batch.observed, batch.cond, batch.observation)
     rec = batch.observation.noiseless(model.decode(guess, batch.cond).float())
     res = batch.observation.noise.whiten(batch.observed - rec, rec)
     reconstruction_grid(batch.observed.cpu().numpy(), rec.cpu().numpy(), res.cpu().numpy(), noise[:n_grid], out,

@@ -175,10 +175,10 @@ def initial_log_scale(model_images: torch.Tensor, observed: torch.Tensor, observ
     return torch.where(rescale, log_amp, torch.zeros_like(amp)).float()
 
 
-def _initial_codes(model, observed, cond, restarts, generator):
+def _initial_codes(model, observed, cond, restarts, generator, observation):
     B = len(observed)
     inits = []
-    guess = amortised_guess(model, observed, cond)
+    guess = amortised_guess(model, observed, cond, observation)
     if guess is not None:
         inits.append(guess)
     n_random = restarts + (0 if inits else 1)
@@ -260,7 +260,7 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     for p in model.parameters():
         p.requires_grad_(False)
     B = len(observed)
-    inits = _initial_codes(model, observed, cond, restarts, generator)
+    inits = _initial_codes(model, observed, cond, restarts, generator, observation)
     R = inits.shape[0]
     z = inits.reshape(R * B, -1).clone().requires_grad_(True)
     data = observed.repeat(R, 1, 1)

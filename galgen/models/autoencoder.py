@@ -53,6 +53,7 @@ class AutoEncoder(GenerativeModel):
         self.config = dict(kind="ae", stamp=stamp, latent_dim=latent_dim, oversampling=oversampling, width=width,
                            input_scale=float(input_scale), flux_scale=float(flux_scale))
         self.input_scale = float(input_scale)
+        self.encoder_noise_rms = self.input_scale  # the training data's noise rms (galgen train)
         self.latent_dim = int(latent_dim)
         self.encoder = Encoder(stamp, latent_dim, width=width)
         self.decoder = Decoder(stamp * oversampling, latent_dim, width=width, flux_scale=flux_scale)

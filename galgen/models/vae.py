@@ -195,6 +195,7 @@ class VAE(GenerativeModel):
             raise GalgenInputError(f"prior: unknown option(s) {unknown} (known: {sorted(_PRIOR_DEFAULTS)})")
         self.latent_dim = int(latent_dim)
         self.input_scale = float(input_scale)
+        self.encoder_noise_rms = self.input_scale  # the training data's noise rms (galgen train)
         features = max(64, 4 * self.latent_dim)
         self.encoder = Encoder(int(stamp), features, width=int(width))
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(features + self.cond_dim, 2 * self.latent_dim))

@@ -137,7 +137,7 @@ def simulate(out, *, survey="sdss", n: int = 1000, stamp: int = 64, seed: int = 
     out : str or os.PathLike
         Output cutout file (HDF5).
     survey : str, os.PathLike or Survey, optional
-        Preset name (``sdss``, ``lsst``, ``hst``) or survey YAML file.
+        Preset name (``sdss``, ``sdss-deep``, ``lsst``, ``hst``) or survey YAML file.
     n : int, optional
         Number of galaxies of the whole (unsharded) run.
     stamp : int, optional
