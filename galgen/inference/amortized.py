@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..errors import GalgenInputError
-from ..models.base import sample_latents
+from ..models.base import encoder_input, sample_latents
 from ..models.networks import Encoder
 from ..models.prior import LatentFlowPrior
 
@@ -93,7 +93,7 @@ def observation_features(observed: torch.Tensor, observation) -> tuple[torch.Ten
     return image, torch.cat([sigma.log()[:, None], flux[:, None], psf], 1)
 
 
-def encoder_features(model, observed: torch.Tensor) -> torch.Tensor | None:
+def encoder_features(model, observed: torch.Tensor, observation=None) -> torch.Tensor | None:
     """The model's amortised guess of ``z`` as features: its mean and, for a distribution, log variance.
 
     Parameters
@@ -102,13 +102,16 @@ def encoder_features(model, observed: torch.Tensor) -> torch.Tensor | None:
         Through the contract's ``encode`` (unconditional).
     observed : torch.Tensor
         ``(B, S, S)``.
+    observation : galgen.physics.Observation, optional
+        Their PSFs and noise: images deeper than the encoder's training data are
+        noise-matched first (:func:`galgen.models.encoder_input`).
 
     Returns
     -------
     torch.Tensor or None
         ``(B, d)`` or ``(B, 2 d)``; None for a model without an encoder.
     """
-    guess = model.encode(observed, None)
+    guess = model.encode(encoder_input(model, observed, observation), None)
     if guess is None:
         return None
     if not isinstance(guess, torch.distributions.Distribution):
@@ -199,7 +202,7 @@ class AmortizedPosterior(nn.Module):
         image, scalars = observation_features(observed, observation)
         feats = [scalars]
         if self.config["encoder_features"]:
-            enc = encoder_features(model, observed)
+            enc = encoder_features(model, observed, observation)
             if enc is None or enc.shape[1] != self.config["encoder_features"]:
                 raise GalgenInputError(f"amortised posterior: built on a model whose encoder gives "
                                        f"{self.config['encoder_features']} features; this one gives "

@@ -8,8 +8,8 @@ produce intrinsic (PSF-free) images that :class:`galgen.physics.Observation` obs
 """
 
 from .autoencoder import AutoEncoder
-from .base import (Batch, FlatPrior, GenerativeModel, LatentModel, StandardNormal, amortised_guess, good_pixels,
-                   make_optimizer, no_sync, sample_latents, standard_normal)
+from .base import (Batch, FlatPrior, GenerativeModel, LatentModel, StandardNormal, amortised_guess, encoder_input,
+                   good_pixels, make_optimizer, no_sync, sample_latents, standard_normal)
 from .networks import Decoder, Encoder, halvings
 from .registry import MODEL_KINDS, build_model, model_class
 from .prior import LatentFlowPrior
@@ -18,6 +18,6 @@ from .wgan import WGANGP, Critic
 from .adversarial import AdversarialModel
 from .gan import GAN, FluxShapeGenerator, SNCritic
 
-__all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "StandardNormal", "FlatPrior",
+__all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "encoder_input", "StandardNormal", "FlatPrior",
            "AutoEncoder", "VAE", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "LatentFlowPrior", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
            "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "make_optimizer", "no_sync"]

@@ -251,10 +251,7 @@ def amortised_guess(model, observed: torch.Tensor, cond=None, observation=None) 
         ``(B, latent_dim)`` float32 codes (the mean of an approximate posterior), or
         None when the model has no encoder.
     """
-    rms = model.encoder_noise_rms if isinstance(model, LatentModel) else None
-    if observation is not None and rms:
-        observed = _noise_matched(observed, observation.noise, float(rms))
-    guess = model.encode(observed, cond)
+    guess = model.encode(encoder_input(model, observed, observation), cond)
     if guess is None:
         return None
     if isinstance(guess, Distribution):
@@ -262,9 +259,37 @@ def amortised_guess(model, observed: torch.Tensor, cond=None, observation=None) 
     return guess.float()
 
 
-def _noise_matched(observed: torch.Tensor, noise, rms: float) -> torch.Tensor:
-    """``observed`` with noise added where the empty-sky variance is below ``_NOISE_MATCH * rms**2``."""
-    sky = noise.variance(torch.zeros_like(observed)).expand_as(observed).flatten(1).median(1).values
+@torch.no_grad()
+def encoder_input(model, observed: torch.Tensor, observation=None) -> torch.Tensor:
+    """The images as a model's encoder should see them: noise-matched to its training data.
+
+    Images whose empty-sky variance (the median over the stamp of the noise model's
+    variance of a blank image) is below 0.8 of ``model.encoder_noise_rms ** 2`` get
+    Gaussian noise with the difference of the two variances (a fixed seed, so the same
+    images give the same result); the other images, and all of them when ``observation``
+    is None or the model records no training noise, are returned as they are (the same
+    tensor). :func:`amortised_guess` and the encoder features of an amortised posterior
+    (:func:`galgen.inference.encoder_features`) encode these.
+
+    Parameters
+    ----------
+    model : LatentModel
+        Its :attr:`~LatentModel.encoder_noise_rms` (None: nothing to match).
+    observed : torch.Tensor
+        ``(B, S, S)`` detector images.
+    observation : galgen.physics.Observation, optional
+        Their PSFs and noise model.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, S, S)``.
+    """
+    rms = model.encoder_noise_rms if isinstance(model, LatentModel) else None
+    if observation is None or not rms:
+        return observed
+    rms = float(rms)
+    sky = observation.noise.variance(torch.zeros_like(observed)).expand_as(observed).flatten(1).median(1).values
     extra = torch.where(sky < _NOISE_MATCH * rms**2, rms**2 - sky, torch.zeros_like(sky))
     if not bool((extra > 0).any()):
         return observed

@@ -410,3 +410,24 @@ def test_the_second_search_holds_a_held_flux_scale():
     assert float(r.pareto_k[0]) <= 0.7 and float(r.ess[0]) > 200, (r.pareto_k, r.ess)
     assert abs(float((r.samples[0, 0, :, 0] > 0).float().mean()) - 0.5) < 0.12
     assert torch.equal(r.samples[1], samples[1]) and bool((mode[:, 2] == 0).all()), mode
+
+
+def test_encoder_features_are_those_of_the_noise_matched_images():
+    """Deeper than the encoder's training noise: the features of encoder_input's images; else unchanged."""
+    from galgen.inference.amortized import encoder_features
+    from galgen.models import VAE, encoder_input
+
+    vae = VAE(stamp=16, latent_dim=3, width=4, input_scale=1.0).eval()
+    x = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.1 + 2.0
+    with torch.no_grad():
+        deep = _pool(4, size=16, sigma=0.1)
+        matched = encoder_input(vae, x, deep)
+        assert not torch.equal(matched, x)
+        assert (matched - x).std().item() == pytest.approx(math.sqrt(1 - 0.01), rel=0.05)
+        post = vae.encode(matched)
+        expect = torch.cat([post.mean, post.variance.log()], 1)
+        assert torch.allclose(encoder_features(vae, x, deep), expect)
+        assert not torch.allclose(encoder_features(vae, x), expect)
+        shallow = _pool(4, size=16, sigma=1.0)
+        assert encoder_input(vae, x, shallow) is x
+        assert torch.equal(encoder_features(vae, x, shallow), encoder_features(vae, x))
