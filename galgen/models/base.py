@@ -268,8 +268,9 @@ def encoder_input(model, observed: torch.Tensor, observation=None) -> torch.Tens
     Gaussian noise with the difference of the two variances (a fixed seed, so the same
     images give the same result); the other images, and all of them when ``observation``
     is None or the model records no training noise, are returned as they are (the same
-    tensor). :func:`amortised_guess` and the encoder features of an amortised posterior
-    (:func:`galgen.inference.encoder_features`) encode these.
+    tensor). The added noise depends on the image's place in the batch, not on the image.
+    :func:`amortised_guess` and the encoder features of an amortised posterior
+    (:func:`galgen.inference.amortized.encoder_features`) encode these.
 
     Parameters
     ----------
