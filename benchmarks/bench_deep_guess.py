@@ -56,7 +56,7 @@ def main(argv=None):
     model = resolve_model(args.model, "cpu").eval()
     model = model.with_prior(model.map_prior) if model.map_prior else model
     rms = model.encoder_noise_rms
-    sky = batch.observation.noise.variance(torch.zeros_like(batch.observed)).flatten(1).median(1).values
+    sky = batch.observation.noise.sky_variance(batch.observed)
     result = {"model": args.model, "data": str(args.data or f"sdss-deep, rich, seed {args.seed}"), "n": args.n,
               "encoder_noise_rms": rms, "data_noise_rms_median": float(sky.sqrt().median()),
               "machine": machine_info(), "starts": {}}

@@ -83,9 +83,7 @@ def observation_features(observed: torch.Tensor, observation) -> tuple[torch.Ten
     B, S = observed.shape[0], observed.shape[-1]
     if observation.noise is None:
         raise GalgenInputError("observation: an amortised posterior needs the noise model of the observation")
-    var = observation.noise.variance(torch.zeros_like(observed))
-    sigma = var.reshape(var.shape[0] if var.ndim == 3 else 1, -1).median(1).values.clamp(min=1e-30).sqrt()
-    sigma = sigma.expand(B).to(observed.dtype)
+    sigma = observation.noise.sky_variance(observed).clamp(min=1e-30).sqrt().to(observed.dtype)
     image = torch.asinh(observed / (3 * sigma[:, None, None]))
     flux = torch.asinh(observed.sum((-2, -1)) / (sigma * S))
     psf = _psf_moments(observation.psf, observation.intrinsic_scale).to(observed.dtype)

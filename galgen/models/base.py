@@ -263,8 +263,8 @@ def amortised_guess(model, observed: torch.Tensor, cond=None, observation=None) 
 def encoder_input(model, observed: torch.Tensor, observation=None) -> torch.Tensor:
     """The images as a model's encoder should see them: noise-matched to its training data.
 
-    Images whose empty-sky variance (the median over the stamp of the noise model's
-    variance of a blank image) is below 0.8 of ``model.encoder_noise_rms ** 2`` get
+    Images whose empty-sky variance (``observation.noise.sky_variance``, which every noise
+    model has: the median over the stamp of the variance of a blank image) is below 0.8 of ``model.encoder_noise_rms ** 2`` get
     Gaussian noise with the difference of the two variances (a fixed seed, so the same
     images give the same result); the other images, and all of them when ``observation``
     is None or the model records no training noise, are returned as they are (the same
@@ -290,7 +290,7 @@ def encoder_input(model, observed: torch.Tensor, observation=None) -> torch.Tens
     if observation is None or not rms:
         return observed
     rms = float(rms)
-    sky = observation.noise.variance(torch.zeros_like(observed)).expand_as(observed).flatten(1).median(1).values
+    sky = observation.noise.sky_variance(observed)
     extra = torch.where(sky < _NOISE_MATCH * rms**2, rms**2 - sky, torch.zeros_like(sky))
     if not bool((extra > 0).any()):
         return observed

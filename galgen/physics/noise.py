@@ -96,6 +96,24 @@ class _NoiseModel:
                 setattr(new, name, t.to(device=device, dtype=None if keep else dtype))
         return new
 
+    def sky_variance(self, like: torch.Tensor) -> torch.Tensor:
+        """Per-image noise variance of an empty pixel: the median over the stamp of ``variance`` of a blank image.
+
+        Parameters
+        ----------
+        like : torch.Tensor
+            ``(B, H, W)`` images (their shape, dtype and device).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)``.
+        """
+        var = self.variance(torch.zeros_like(like))
+        # contiguous: torch 2.13 CPU returns 0 for the median of a stride-0 (expanded) view
+        flat = var.reshape(var.shape[0] if var.ndim == 3 else 1, -1).contiguous()
+        return flat.median(1).values.expand(like.shape[0])
+
     def __repr__(self):
         args = ", ".join(f"{shown}={_describe(getattr(self, name))}" for name, shown in self._tensors)
         return f"{type(self).__name__}({args})"

@@ -121,3 +121,17 @@ def test_observation_repr():
                          "noise=GaussianNoise(variance=float32[3, 8, 8], mask=bool[3, 8, 8]))")
     bare = Observation(gaussian_psf(0.7, 5, 0.2, dtype=torch.float64), pixel_scale=0.2)
     assert repr(bare) == "Observation(psf=float64[5, 5], pixel_scale=0.2, oversampling=1, stamp=None, noise=None)"
+
+
+def test_sky_variance_is_the_empty_pixel_variance_of_each_image():
+    from galgen.physics import CCDNoise, CorrelatedGaussianNoise, GaussianNoise
+
+    like = torch.zeros(3, 8, 8)
+    var = torch.full((3, 8, 8), 2.0) * torch.tensor([1.0, 4.0, 9.0])[:, None, None]
+    var[:, 3:5, 3:5] += 100.0  # a galaxy's Poisson variance in a few pixels: not the sky
+    assert torch.equal(GaussianNoise(var).sky_variance(like), torch.tensor([2.0, 8.0, 18.0]))
+    assert torch.equal(GaussianNoise(torch.full((8, 8), 3.0)).sky_variance(like), torch.full((3,), 3.0))
+    ccd = CCDNoise(136.58, 4.7, 5.5).sky_variance(like.double())
+    assert torch.allclose(ccd, torch.full((3,), 136.58 / 4.7 + (5.5 / 4.7) ** 2, dtype=torch.float64))
+    white = CorrelatedGaussianNoise(torch.full((8, 8), 0.5)).sky_variance(like)
+    assert torch.allclose(white, torch.full((3,), 0.5))
