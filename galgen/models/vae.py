@@ -92,6 +92,11 @@ class VAE(GenerativeModel):
         Base channel count of encoder and decoder.
     input_scale : float, optional
         Observations enter the encoder as ``asinh(x / input_scale)`` (about the sky rms).
+    encoder_noise_rms : float, optional
+        The lowest noise rms the encoder was trained on (:attr:`LatentModel.encoder_noise_rms`;
+        default ``input_scale``). ``galgen train`` sets it to the training file's noise rms:
+        it differs from ``input_scale`` when a model is fine-tuned on deeper data, and deeper
+        data than this are noise-matched before they are encoded.
     flux_scale : float, optional
         Initial decoder output scale (ADU per intrinsic pixel).
     beta : float, optional
@@ -167,7 +172,8 @@ class VAE(GenerativeModel):
     def __init__(self, stamp: int, latent_dim: int = 16, oversampling: int = 1, width: int = 32,
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
-                 seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None):
+                 seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None,
+                 encoder_noise_rms: float | None = None):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
@@ -183,7 +189,8 @@ class VAE(GenerativeModel):
         for name, value, least in checks:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise GalgenInputError(f"{name}: expected an integer >= {least}, got {value!r}")
-        for name, value in (("input_scale", input_scale), ("flux_scale", flux_scale)):
+        rms_checks = () if encoder_noise_rms is None else (("encoder_noise_rms", encoder_noise_rms),)
+        for name, value in (("input_scale", input_scale), ("flux_scale", flux_scale)) + rms_checks:
             if not isinstance(value, numbers.Real) or not math.isfinite(value) or not value > 0:
                 raise GalgenInputError(f"{name}: must be a positive number, got {value!r}")
         if not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
@@ -195,7 +202,8 @@ class VAE(GenerativeModel):
             raise GalgenInputError(f"prior: unknown option(s) {unknown} (known: {sorted(_PRIOR_DEFAULTS)})")
         self.latent_dim = int(latent_dim)
         self.input_scale = float(input_scale)
-        self.encoder_noise_rms = self.input_scale  # the training data's noise rms (galgen train)
+        # the training data's noise rms (galgen train)
+        self.encoder_noise_rms = self.input_scale if encoder_noise_rms is None else float(encoder_noise_rms)
         features = max(64, 4 * self.latent_dim)
         self.encoder = Encoder(int(stamp), features, width=int(width))
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(features + self.cond_dim, 2 * self.latent_dim))
@@ -233,6 +241,8 @@ class VAE(GenerativeModel):
             self.config.update(seed_latents=True)
         if symmetry_gate is not None:
             self.config.update(symmetry_gate=symmetry_gate)
+        if self.encoder_noise_rms != self.input_scale:
+            self.config.update(encoder_noise_rms=self.encoder_noise_rms)
 
     # -- encoder / decoder ----------------------------------------------------------------
     def encode(self, observed: torch.Tensor, cond=None) -> GaussianPosterior:

@@ -344,3 +344,57 @@ class Batch:
 
     def __len__(self) -> int:
         return self.observed.shape[0]
+
+    def shallower(self, factor, generator: torch.Generator | None = None) -> "Batch":
+        """The same galaxies observed less deeply: noise variance times ``factor``.
+
+        Gaussian noise with ``(factor - 1)`` times each pixel's variance is added to the
+        observed images and the variance maps are scaled by ``factor``, so the result is
+        distributed exactly as the galaxies observed with ``factor`` times the variance
+        (``factor`` exposures fewer in a coadd: a 40-exposure coadd with ``factor=40`` is
+        one exposure). Masked pixels are left as they are. Training on a mixture of depths
+        (``train.depth_mix``) draws a factor per galaxy.
+
+        Parameters
+        ----------
+        factor : float or torch.Tensor
+            ``>= 1``; a scalar or one per galaxy ``(B,)``.
+        generator : torch.Generator, optional
+            Source of the added noise.
+
+        Returns
+        -------
+        Batch
+            New observed images and observation (PSFs shared with this batch).
+
+        Raises
+        ------
+        GalgenInputError
+            A factor below 1, or a noise model other than per-pixel Gaussian.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from galgen.physics import Observation, GaussianNoise
+        >>> psf = torch.zeros(2, 5, 5); psf[:, 2, 2] = 1
+        >>> obs = Observation(psf, pixel_scale=0.4, stamp=8, noise=GaussianNoise(torch.ones(2, 8, 8)))
+        >>> b = Batch(torch.zeros(2, 8, 8), obs).shallower(torch.tensor([1.0, 4.0]))
+        >>> b.observation.noise.variance_map[:, 0, 0].tolist()
+        [1.0, 4.0]
+        """
+        noise = self.observation.noise
+        if not isinstance(noise, GaussianNoise):
+            raise GalgenInputError(f"shallower: needs per-pixel GaussianNoise (cutout files), got "
+                                   f"{type(noise).__name__}")
+        f = torch.as_tensor(factor, dtype=self.observed.dtype, device=self.observed.device)
+        if not bool((f >= 1).all()):
+            raise GalgenInputError(f"shallower: factor must be >= 1, got min {float(f.min()):.4g}")
+        f = f.reshape(-1, 1, 1) if f.ndim == 1 else f
+        var = noise.variance(self.observed)
+        extra = (var * (f - 1)).sqrt() * torch.randn(self.observed.shape, generator=generator,
+                                                        dtype=self.observed.dtype, device=self.observed.device)
+        if noise.mask is not None:
+            extra = torch.where(noise.mask, torch.zeros((), dtype=extra.dtype, device=extra.device), extra)
+        obs = copy.copy(self.observation)
+        obs.noise = GaussianNoise(noise.variance_map * f.to(noise.variance_map.dtype), noise.mask)
+        return Batch(observed=self.observed + extra, observation=obs, cond=self.cond, index=self.index)

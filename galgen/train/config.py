@@ -74,6 +74,23 @@ class TrainConfig:
     val_images : bool
         At every validation, write ``val_samples/step_<step>.png`` (held-out galaxies and
         generated ones observed like them; GANs only).
+    depth_mix : float
+        Train on a mixture of depths (1: the file's own, the default). Each training
+        galaxy of each step is seen with its noise variance multiplied by a factor drawn
+        log-uniformly in ``[1, depth_mix]`` (:meth:`galgen.physics.Batch.shallower`): a
+        file of 40-exposure coadds with ``depth_mix: 40`` teaches every depth from the
+        coadd's to one exposure's. Validation keeps the file's depth.
+    depth_mix_steps : int
+        With ``depth_mix``: a curriculum. The deepest factor drawn moves log-linearly from
+        ``depth_mix`` (step 0: every galaxy as shallow as ``depth_mix`` makes it) to 1 (the
+        file's depth) over these steps, so an encoder trained on shallow data meets deeper
+        images gradually (0: the whole range from the start).
+    snr_cap : float, optional
+        With ``depth_mix``: a galaxy whose signal-to-noise ratio in the file (the square
+        root of ``sum(observed**2 / variance)`` minus the pixel count) exceeds
+        ``snr_cap`` is seen at least as shallow as brings it down to ``snr_cap`` (at most
+        ``depth_mix`` times), so that the few brightest galaxies do not dominate a
+        Gaussian likelihood of deep images.
     """
 
     steps: int = 1000
@@ -99,6 +116,9 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool | None = None
     val_images: bool = True
+    depth_mix: float = 1.0
+    depth_mix_steps: int = 0
+    snr_cap: float | None = None
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimisation step ``step`` (counted from 0).
@@ -148,6 +168,12 @@ class TrainConfig:
             raise GalgenInputError(f"{where}.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise GalgenInputError(f"{where}.precision: one of auto, bf16, fp32; got {self.precision!r}")
+        if not (math.isfinite(self.depth_mix) and self.depth_mix >= 1):
+            raise GalgenInputError(f"{where}.depth_mix: must be >= 1 (1: the file's depth), got {self.depth_mix!r}")
+        if self.depth_mix_steps < 0:
+            raise GalgenInputError(f"{where}.depth_mix_steps: must be >= 0, got {self.depth_mix_steps!r}")
+        if self.snr_cap is not None and not self.snr_cap > 0:
+            raise GalgenInputError(f"{where}.snr_cap: must be > 0, got {self.snr_cap!r}")
         if self.num_workers < 0 or self.prior_epochs < 0 or self.prior_samples < 1:
             raise GalgenInputError(f"{where}: num_workers, prior_epochs must be >= 0 and prior_samples >= 1")
 

@@ -93,8 +93,11 @@ def train(config, data, out, *, resume: bool = False, overrides: dict | None = N
                                        f"{key} {value} ({data})")
         model_cfg.setdefault("input_scale", round(stats["noise_rms"], 6))
         model_cfg.setdefault("flux_scale", round(max(stats["peak"], 1e-3) / meta.oversampling**2, 6))
-        if "log_flux" in inspect.signature(model_class(model_cfg.get("kind", "")).__init__).parameters:
+        accepts = inspect.signature(model_class(model_cfg.get("kind", "")).__init__).parameters
+        if "log_flux" in accepts:
             model_cfg.setdefault("log_flux", [round(v, 6) for v in stats["log_flux"]])
+        if "encoder_noise_rms" in accepts:  # the lowest noise the encoder sees: the file's
+            model_cfg.setdefault("encoder_noise_rms", round(stats["noise_rms"], 6))
         torch.manual_seed(tc.seed)
         model = build_model(model_cfg)
         if conditions:

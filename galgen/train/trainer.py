@@ -38,7 +38,7 @@ from .data import TrainingData, epoch_order
 from .distributed import DistributedContext
 from .logs import TRAIN_LOG, VAL_LOG, CSVLog
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "depth_factors"]
 
 log = logging.getLogger("galgen.train")
 
@@ -49,6 +49,42 @@ _TRAJECTORY_KEYS = ("batch_size", "lr", "seed", "val_fraction", "optimizer", "lr
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return derive_seed(seed, int(step) * 101 + int(rank))
+
+
+def depth_factors(batch, depth_mix: float, snr_cap: float | None = None, deepest: float = 1.0) -> torch.Tensor:
+    """Per-galaxy variance factors of a training step on a mixture of depths.
+
+    Drawn log-uniformly in ``[deepest, depth_mix]`` (from torch's global generator, which
+    the trainer seeds per step); with ``snr_cap``, at least ``(snr / snr_cap) ** 2``
+    (capped at ``depth_mix``), where ``snr`` is the galaxy's signal-to-noise ratio in the
+    batch, ``sqrt(max(sum(observed**2 / variance) - n_pixels, 0))`` over its unmasked pixels.
+
+    Parameters
+    ----------
+    batch : galgen.physics.Batch
+    depth_mix : float
+        ``>= 1``.
+    snr_cap : float, optional
+    deepest : float, optional
+        The smallest factor, in ``[1, depth_mix]`` (``train.depth_mix_steps`` moves it
+        from ``depth_mix`` to 1).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` factors in ``[1, depth_mix]``, the observed images' dtype.
+    """
+    obs = batch.observed
+    u = torch.rand(obs.shape[0], device=obs.device, dtype=obs.dtype)
+    lo = math.log(min(max(float(deepest), 1.0), depth_mix))
+    f = torch.exp(lo + u * (math.log(depth_mix) - lo))
+    if snr_cap is not None:
+        noise = batch.observation.noise
+        chi2 = noise.chi2(obs, torch.zeros_like(obs))
+        good = obs[0].numel() if noise.mask is None else (~noise.mask).sum(dim=(-2, -1)).to(obs.dtype)
+        snr2 = (chi2 - good).clamp(min=0)
+        f = torch.maximum(f, (snr2 / float(snr_cap) ** 2).clamp(max=depth_mix))
+    return f.clamp(1.0, float(depth_mix))
 
 
 class Trainer:
@@ -236,6 +272,11 @@ class Trainer:
         lr = self._set_lr(self.step)
         batch = self._next_batch()
         torch.manual_seed(_step_seed(self.config.seed, self.step, self.ctx.rank))
+        if self.config.depth_mix > 1:
+            cfg = self.config
+            ramp = min(self.step / cfg.depth_mix_steps, 1.0) if cfg.depth_mix_steps else 1.0
+            deepest = cfg.depth_mix ** (1.0 - ramp)
+            batch = batch.shallower(depth_factors(batch, cfg.depth_mix, cfg.snr_cap, deepest))
         with self._autocast():
             metrics = self.model.training_step(batch, self.optimizers, self.step, sync=self.ctx.sync)
         loss = metrics["loss"].detach().float()
@@ -423,6 +464,14 @@ class Trainer:
         bar.close()
         return {"step": self.step, "best_val_loss": self.best_val, "val": last_val}
 
+    def _prior_batches(self):
+        """The training galaxies for the flow-prior fit, at the depths training ended on (``depth_mix``)."""
+        cfg = self.config
+        for batch in self.train_data.iter_batches(cfg.batch_size):
+            if cfg.depth_mix > 1:
+                batch = batch.shallower(depth_factors(batch, cfg.depth_mix, cfg.snr_cap))
+            yield batch
+
     def finish(self, quality: dict | None = None) -> Path | None:
         """Fit the VAE's latent prior (if any) and write ``model.pt``.
 
@@ -441,8 +490,8 @@ class Trainer:
         if hasattr(self.model, "fit_prior") and self.config.prior_epochs > 0:
             g = torch.Generator(device="cpu").manual_seed(self.config.seed)
             torch.manual_seed(_step_seed(self.config.seed, -2, 0))
-            codes, cond = self.model.aggregate_posterior(
-                self.train_data.iter_batches(self.config.batch_size), samples_per_galaxy=self.config.prior_samples)
+            codes, cond = self.model.aggregate_posterior(self._prior_batches(),
+                                                         samples_per_galaxy=self.config.prior_samples)
             if self.ctx.is_main:
                 hist = self.model.fit_prior(codes, cond, epochs=self.config.prior_epochs, generator=g)
                 best = hist.get("best_val_loss") if isinstance(hist, dict) else None

@@ -272,3 +272,34 @@ def test_physics_reads_no_files_and_points_to_the_new_homes():
         Observation.from_cutouts("x.h5")
     with pytest.raises(GalgenInputError, match="survey_observation"):
         Observation.from_survey("sdss")
+
+
+def test_shallower_batch_is_the_same_galaxies_observed_with_more_variance():
+    from galgen.physics import Batch
+
+    g = torch.Generator().manual_seed(4)
+    n, s = 6, 32
+    noiseless = 50 * torch.rand(n, s, s, generator=g, dtype=torch.float64)
+    var = 0.5 + torch.rand(n, s, s, generator=g, dtype=torch.float64)
+    mask = torch.zeros(n, s, s, dtype=torch.bool)
+    mask[:, :3, :3] = True
+    psf = torch.zeros(n, 5, 5, dtype=torch.float64)
+    psf[:, 2, 2] = 1
+    observed = noiseless + var.sqrt() * torch.randn(n, s, s, generator=g, dtype=torch.float64)
+    batch = Batch(observed, Observation(psf, pixel_scale=0.4, stamp=s, noise=GaussianNoise(var, mask)))
+    factor = torch.tensor([1.0, 2.0, 4.0, 10.0, 40.0, 40.0], dtype=torch.float64)
+    shallow = batch.shallower(factor, generator=g)
+    new_var = shallow.observation.noise.variance_map
+    assert torch.allclose(new_var, var * factor[:, None, None])
+    # the residual from the truth has exactly the new variance: chi2 per good pixel ~ 1 for each galaxy
+    good = (~mask[0]).sum().item()
+    chi2 = shallow.observation.noise.chi2(shallow.observed, noiseless) / good
+    assert torch.all((chi2 - 1).abs() < 5 * (2 / good) ** 0.5), chi2
+    assert torch.equal(shallow.observed[0], observed[0])  # factor 1: nothing added
+    assert torch.equal(shallow.observed[mask], observed[mask])  # masked pixels untouched
+    assert shallow.observation.psf is batch.observation.psf and batch.observation.noise.variance_map is var
+    with pytest.raises(GalgenInputError, match="factor must be >= 1"):
+        batch.shallower(0.5)
+    ccd = Batch(observed, Observation(psf, pixel_scale=0.4, stamp=s, noise=CCDNoise(10.0, 4.7, 5.5)))
+    with pytest.raises(GalgenInputError, match="GaussianNoise"):
+        ccd.shallower(2.0)

@@ -297,3 +297,68 @@ def test_gan_resume_is_exact_and_validation_reports_distances(sdss_tiny, tmp_pat
         ["step_000003.png", "step_000006.png"]
     model = load_model(tmp_path / "straight")
     assert model.kind == "gan" and model.sample(2).shape == (2, 32, 32)
+
+
+def test_depth_factors_are_log_uniform_and_cap_the_signal_to_noise(sdss_tiny):
+    from galgen.data import ObservationLoader
+    from galgen.train.trainer import depth_factors
+
+    batch = ObservationLoader(sdss_tiny).batch(torch.arange(64))
+    torch.manual_seed(0)
+    many = torch.cat([depth_factors(batch, 40.0) for _ in range(200)])
+    assert float(many.min()) >= 1 and float(many.max()) <= 40
+    u = many.log() / math.log(40)  # uniform on [0, 1]
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.all(depth_factors(batch, 40.0, deepest=40.0) == 40)  # the curriculum's first step
+    mid = torch.cat([depth_factors(batch, 40.0, deepest=4.0) for _ in range(50)])
+    assert float(mid.min()) >= 4 * (1 - 1e-6) and float(mid.max()) <= 40
+    noise = batch.observation.noise
+    snr = (noise.chi2(batch.observed, torch.zeros_like(batch.observed)) - 32 * 32).clamp(min=0).sqrt()
+    cap = float(snr.median())
+    f = torch.stack([depth_factors(batch, 1e6, snr_cap=cap) for _ in range(20)])
+    bright = snr > cap
+    # a bright galaxy is seen at least as shallow as brings it to the cap, never a faint one for that reason
+    assert torch.all(f[:, bright] >= (snr[bright] / cap) ** 2 * (1 - 1e-5))
+    shallow = batch.shallower((snr / cap).clamp(min=1) ** 2)
+    snr_after = (shallow.observation.noise.chi2(shallow.observed, torch.zeros_like(batch.observed))
+                 - 32 * 32).clamp(min=0).sqrt()
+    assert torch.all(snr_after[bright] < 1.5 * cap) and float(snr_after[bright].median()) > 0.6 * cap
+
+
+def test_training_on_a_mixture_of_depths_resumes_exactly_and_differs_from_the_files_depth(sdss_tiny, tmp_path):
+    mix = dict(depth_mix=10.0, snr_cap=50.0, depth_mix_steps=4)
+    cfg = write_config(tmp_path, **mix)
+    train(cfg, sdss_tiny, tmp_path / "straight")
+    train(cfg, sdss_tiny, tmp_path / "resumed", overrides={"steps": 3})
+    train(cfg, sdss_tiny, tmp_path / "resumed", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert states_equal(a["model"], b["model"])
+    train(write_config(tmp_path, "plain.yaml"), sdss_tiny, tmp_path / "plain")
+    plain = [r["loss"] for r in read_log(tmp_path / "plain" / "train_log.csv")]
+    mixed = [r["loss"] for r in read_log(tmp_path / "straight" / "train_log.csv")]
+    assert plain[0] != mixed[0]  # the same first batch, seen shallower
+    for bad, match in (({"depth_mix": 0.5}, "depth_mix: must be >= 1"), ({"snr_cap": -1.0}, "snr_cap: must be > 0"),
+                       ({"depth_mix_steps": -1}, "depth_mix_steps: must be >= 0")):
+        with pytest.raises(GalgenInputError, match=match):
+            train(write_config(tmp_path, "bad.yaml", **bad), sdss_tiny, tmp_path / "bad")
+
+
+def test_a_vae_records_the_noise_its_encoder_was_trained_on(sdss_tiny, tmp_path):
+    from galgen.train.data import TrainingData
+    import numpy as np
+
+    rms = TrainingData(sdss_tiny, np.arange(64)).statistics()["noise_rms"]
+    cfg = {"model": {"kind": "vae", "latent_dim": 4, "width": 4, "input_scale": 3 * rms},
+           "train": {**BASE["train"], "steps": 1}}
+    path = tmp_path / "vae.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train(path, sdss_tiny, tmp_path / "vae")
+    model = load_model(tmp_path / "vae")
+    assert model.input_scale == pytest.approx(3 * rms, rel=1e-5)
+    assert model.encoder_noise_rms == pytest.approx(rms, rel=0.02)  # the file's (training split), not input_scale
+    del cfg["model"]["input_scale"]
+    path.write_text(yaml.safe_dump(cfg))
+    train(path, sdss_tiny, tmp_path / "vae2")
+    model = load_model(tmp_path / "vae2")
+    assert model.encoder_noise_rms == model.input_scale and "encoder_noise_rms" not in model.config
