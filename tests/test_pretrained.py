@@ -9,13 +9,15 @@ from galgen.pretrained import model_card
 
 
 @pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"), ("sdss-vae-v1", "vae"),
-                                        ("sdss-gan-v1", "gan"), ("sdss-vae-bd", "vae"), ("sdss-vae-bd-v1", "vae")])
+                                        ("sdss-gan-v1", "gan"), ("sdss-vae-bd", "vae"), ("sdss-vae-bd-v1", "vae"),
+                                        ("sdss-gan-rich", "gan")])
 def test_pretrained_model_loads_and_samples(name, kind):
     assert name in galgen.available_pretrained()
     model = galgen.load_pretrained(name)
     assert model.kind == kind and model.config["stamp"] == 64
     # sdss-vae-bd's last stage trained on the first 20,000 galaxies of the 50,000 of its earlier ones
-    assert model.provenance["survey"] == "sdss" and model.provenance["n_train"] >= 19000
+    # sdss-gan-rich's last stage saw the same galaxies at sdss-deep depth (a mixture of depths)
+    assert model.provenance["survey"] in ("sdss", "sdss-deep") and model.provenance["n_train"] >= 19000
     card = model_card(name)
     assert card["kind"] == kind and "galgen simulate" in card["training_data_command"]
     assert card["steps"] == model.run_config["train"]["steps"] or card["steps"] > 0
@@ -66,3 +68,16 @@ def test_make_pretrained_takes_the_stages_of_an_installed_init_from_its_card(tmp
     # a best.pt of step 50 counts the wall time of step 50, not the run's end
     best = mod.training_stages(run / "best.pt", {**ck, "step": 50}, "sdss-vae-v1")
     assert best[-1]["steps"] == 50 and best[-1]["wall_s"] == 10.0
+
+
+def test_the_rich_gan_card_records_its_stages_and_the_population_targets_it_was_installed_on():
+    card = model_card("sdss-gan-rich")
+    assert [st["steps"] for st in card["stages"]] == [6000, 250]
+    assert card["config"]["train"]["depth_mix"] == 40.0
+    gen = card["quality"]["generation"]
+    assert set(gen) == {"gan-0 (held-out conditions)", "gan-0 (drawn conditions)"} and card["quality"]["n"] == 5000
+    for figures in gen.values():  # issue 15's targets, as measured when it was installed
+        st = figures["statistics"]
+        assert max(st["flux"]["ks"], st["sigma"]["ks"], st["e"]["ks"]) <= 0.10
+        assert abs(st["e"]["mean_gen"] - st["e"]["mean_real"]) <= 0.02
+        assert abs(st["sigma"]["mean_gen"] / st["sigma"]["mean_real"] - 1) <= 0.05
