@@ -362,3 +362,25 @@ def test_a_vae_records_the_noise_its_encoder_was_trained_on(sdss_tiny, tmp_path)
     train(path, sdss_tiny, tmp_path / "vae2")
     model = load_model(tmp_path / "vae2")
     assert model.encoder_noise_rms == model.input_scale and "encoder_noise_rms" not in model.config
+
+
+def test_a_depth_mixed_vae_fits_its_prior_to_codes_of_galaxies_at_the_training_depths(sdss_tiny, tmp_path):
+    import numpy as np
+
+    from galgen.models import VAE
+    from galgen.train import TrainConfig, TrainingData
+
+    data = TrainingData(sdss_tiny, np.arange(48))
+    model = VAE(32, latent_dim=4, width=4)
+    cfg = TrainConfig(steps=1, batch_size=16, device="cpu", depth_mix=10.0, prior_epochs=1)
+    trainer = Trainer(model, data, None, cfg, tmp_path / "run")
+    torch.manual_seed(0)
+    seen = list(trainer._prior_batches())
+    assert sum(len(b) for b in seen) == 48
+    file_var = data.batch(torch.arange(48)).observation.noise.variance_map
+    ratio = torch.cat([b.observation.noise.variance_map for b in seen]) / file_var
+    per_galaxy = ratio.flatten(1)
+    assert torch.allclose(per_galaxy, per_galaxy[:, :1].expand_as(per_galaxy), rtol=1e-5)  # one factor each
+    assert float(per_galaxy.min()) >= 1 - 1e-6 and float(per_galaxy.max()) <= 10 * (1 + 1e-6)
+    assert float(per_galaxy[:, 0].std()) > 0.5  # a mixture, not one depth
+    assert trainer.finish() is not None and bool(trainer.model.latent_flow.fitted)
