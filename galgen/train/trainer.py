@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import GalgenInputError, TrainingDiverged
+from ..models.base import good_pixels
 from ..runtime import derive_seed, resolve_device
 from ..checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig, plain_config
@@ -79,10 +80,8 @@ def depth_factors(batch, depth_mix: float, snr_cap: float | None = None, deepest
     lo = math.log(min(max(float(deepest), 1.0), depth_mix))
     f = torch.exp(lo + u * (math.log(depth_mix) - lo))
     if snr_cap is not None:
-        noise = batch.observation.noise
-        chi2 = noise.chi2(obs, torch.zeros_like(obs))
-        good = obs[0].numel() if noise.mask is None else (~noise.mask).sum(dim=(-2, -1)).to(obs.dtype)
-        snr2 = (chi2 - good).clamp(min=0)
+        chi2 = batch.observation.noise.chi2(obs, torch.zeros_like(obs))
+        snr2 = (chi2 - good_pixels(obs, batch.observation)).clamp(min=0)
         f = torch.maximum(f, (snr2 / float(snr_cap) ** 2).clamp(max=depth_mix))
     return f.clamp(1.0, float(depth_mix))
 
@@ -272,11 +271,7 @@ class Trainer:
         lr = self._set_lr(self.step)
         batch = self._next_batch()
         torch.manual_seed(_step_seed(self.config.seed, self.step, self.ctx.rank))
-        if self.config.depth_mix > 1:
-            cfg = self.config
-            ramp = min(self.step / cfg.depth_mix_steps, 1.0) if cfg.depth_mix_steps else 1.0
-            deepest = cfg.depth_mix ** (1.0 - ramp)
-            batch = batch.shallower(depth_factors(batch, cfg.depth_mix, cfg.snr_cap, deepest))
+        batch = self._at_training_depth(batch, self.step)
         with self._autocast():
             metrics = self.model.training_step(batch, self.optimizers, self.step, sync=self.ctx.sync)
         loss = metrics["loss"].detach().float()
@@ -464,13 +459,18 @@ class Trainer:
         bar.close()
         return {"step": self.step, "best_val_loss": self.best_val, "val": last_val}
 
+    def _at_training_depth(self, batch, step: int):
+        """``batch`` as step ``step`` sees it: made shallower per galaxy with ``depth_mix`` (else as it is)."""
+        cfg = self.config
+        if cfg.depth_mix <= 1:
+            return batch
+        ramp = min(step / cfg.depth_mix_steps, 1.0) if cfg.depth_mix_steps else 1.0
+        return batch.shallower(depth_factors(batch, cfg.depth_mix, cfg.snr_cap, cfg.depth_mix ** (1.0 - ramp)))
+
     def _prior_batches(self):
         """The training galaxies for the flow-prior fit, at the depths training ended on (``depth_mix``)."""
-        cfg = self.config
-        for batch in self.train_data.iter_batches(cfg.batch_size):
-            if cfg.depth_mix > 1:
-                batch = batch.shallower(depth_factors(batch, cfg.depth_mix, cfg.snr_cap))
-            yield batch
+        for batch in self.train_data.iter_batches(self.config.batch_size):
+            yield self._at_training_depth(batch, self.config.steps)
 
     def finish(self, quality: dict | None = None) -> Path | None:
         """Fit the VAE's latent prior (if any) and write ``model.pt``.
