@@ -117,7 +117,7 @@ def _cmd_evaluate(args):
         raise GalgenInputError("--model: give at least one model, or a --baseline")
     report = evaluate_models(args.model or [], args.data, args.out, n=args.n, seed=args.seed,
                              batch_size=args.batch_size, device=args.device, baseline=baseline,
-                             image_c2st=not args.no_image_c2st)
+                             image_c2st=not args.no_image_c2st, measure_on=args.measure_on)
     for label, t in report["targets"].items():
         summary = report["generation"][label]["summary"]
         w1, floor = (f"{v:.3f}" if v is not None else "-" for v in (summary["w1_mean"], summary["w1_floor_mean"]))
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=("sersic", "bulge-disk", "none"), default="sersic",
                    help="parametric baseline: fits of other held-out galaxies, redrawn [sersic]")
     p.add_argument("--no-image-c2st", action="store_true", help="skip the CNN classifier test on the stamps")
+    p.add_argument("--measure-on", choices=("auto", "noiseless", "observed"), default="auto",
+                   help="images the statistics are measured on: noise-free (simulated files), noisy with their "
+                        "variance (what a survey shows), or noise-free where the file has them [auto]")
     p.add_argument("--data", required=True, help="held-out cutout file")
     p.add_argument("--n", type=_positive_int, default=5000, help="galaxies evaluated [5000]")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")

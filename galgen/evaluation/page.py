@@ -71,9 +71,10 @@ def report_blocks(report: dict) -> list[tuple]:
     -------
     list of tuple
     """
+    images = {"noiseless": "noise-free", "observed": "noisy"}.get(report["measured_on"], report["measured_on"])
     b = [("h", 1, "galgen model quality"),
          ("p", f"{report['n']} held-out galaxies of `{report['data']}`; statistics measured on the "
-               f"{report['measured_on']} observed images (real and generated galaxies through the same PSFs "
+               f"{images} observed images (real and generated galaxies through the same PSFs "
                "and noise). W1: 1-D Wasserstein distance divided by the real sample's standard deviation; "
                "floor: the same distance between two disjoint halves of the real set (the generated set is "
                "compared with one half, at the same sample size). C2ST: held-out accuracy of a classifier "

@@ -136,7 +136,8 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     Returns
     -------
     dict of numpy.ndarray
-        ``intrinsic``, ``noiseless``, ``observed``.
+        ``intrinsic``, ``noiseless``, ``observed`` and ``variance`` (the noise variance
+        of each observed pixel, as a cutout file's ``variance``).
     """
     from ..physics import CCDNoise, Observation
 
@@ -154,7 +155,7 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         raise GalgenInputError(f"conditions: 'data' or 'model', got {conditions!r}")
     noise = CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
     gen = generator(device, seed)
-    out = {"intrinsic": [], "noiseless": [], "observed": []}
+    out = {"intrinsic": [], "noiseless": [], "observed": [], "variance": []}
     for batch in loader.iter_batches(batch_size):
         o = batch.observation
         obs = Observation(o.psf, pixel_scale=o.pixel_scale, oversampling=o.oversampling, stamp=o.stamp, noise=noise)
@@ -169,7 +170,8 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
                 z, s = latents[0][rows].to(device), latents[1][rows].to(device)
                 intr = model.decode(z, batch.cond).float() * s.exp().float()[:, None, None]
         noiseless, observed = obs.observe(intr, generator=gen)
-        for key, v in (("intrinsic", intr), ("noiseless", noiseless), ("observed", observed)):
+        for key, v in (("intrinsic", intr), ("noiseless", noiseless), ("observed", observed),
+                       ("variance", noise.variance(noiseless))):
             out[key].append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -235,14 +237,16 @@ def _targets(gen: dict, c2st: dict, names) -> dict:
 
 
 def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: int = 0, batch_size: int = 256,
-                    device="cpu", baseline: str | None = "sersic", image_c2st: bool = True) -> dict:
+                    device="cpu", baseline: str | None = "sersic", image_c2st: bool = True,
+                    measure_on: str = "auto") -> dict:
     """The quality report of generative models on held-out galaxies (``galgen evaluate``).
 
     Every model (each prior choice of a VAE separately) draws ``n`` galaxies, observed
     through the PSFs and noise of the first ``n`` held-out galaxies. The morphology
     statistics of :func:`~galgen.evaluation.statistics.morphology_statistics` are
-    measured on the noise-free observed images of both (the noisy ones where the file
-    holds no ``noiseless``), and compared by
+    measured on the noise-free observed images of both (the noisy ones, with their
+    variance maps, where the file holds no ``noiseless``; ``measure_on`` chooses), and
+    compared by
     :func:`~galgen.evaluation.distances.compare_statistics` (KS and normalised W1, each
     beside the same distance between two halves of the real set: the floor), by a
     classifier two-sample test on the statistics (and on the observed stamps with a small
@@ -277,6 +281,14 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         fewer than ``2 n`` galaxies).
     image_c2st : bool, optional
         Also run the CNN classifier test on the observed stamps.
+    measure_on : {"auto", "noiseless", "observed"}, optional
+        The images the statistics are measured on: the noise-free observed images
+        (``"noiseless"``; simulated files only), the noisy ones with their variance maps
+        (``"observed"``: noise terms subtracted from asymmetry and smoothness, galaxy
+        pixels found above the noise, as statmorph does on real images), or the first
+        where the file has its noise-free images (``"auto"``). The noise-free test is
+        the harsher one: it also sees structure below the noise, which no model learns
+        from noisy training images alone; the observed one compares what a survey shows.
 
     Returns
     -------
@@ -302,15 +314,16 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         n_file = len(f)
         n = min(n, n_file)
         scale = f.pixel_scale
-        on = "noiseless" if "noiseless" in f.keys else "observed"
+        on = _measured_on(measure_on, "noiseless" in f.keys, data)
         real_images = f.read(on, slice(0, n)).astype(np.float64)
+        real_var = f.read("variance", slice(0, n)).astype(np.float64) if on == "observed" else None
         real_observed = f.read("observed", slice(0, n))
         noise = _noise_sigma(f.read("variance", slice(0, n)))
         real_mask = f.read("mask", slice(0, n)).astype(bool) if "mask" in f.keys else None
         zero_point = f.attrs.get("zero_point")
     timing = {}
     t0 = time.perf_counter()
-    stats = {"real": morphology_statistics(real_images, scale, mask=real_mask)}
+    stats = {"real": morphology_statistics(real_images, scale, mask=real_mask, variance=real_var)}
     timing["statistics_real_s"] = time.perf_counter() - t0
     log.info("statistics of %d real galaxies: %.0f s", n, timing["statistics_real_s"])
     k, p_real = power_spectrum(real_images, scale)
@@ -363,7 +376,8 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         t0 = time.perf_counter()
         g = generated_observations(model, data, n=n, seed=seed, batch_size=batch_size, device=device,
                                    latents=latents, conditions=mode)
-        st = morphology_statistics(g[on].astype(np.float64), scale, mask=real_mask)
+        st = morphology_statistics(g[on].astype(np.float64), scale, mask=real_mask,
+                                   variance=g["variance"].astype(np.float64) if on == "observed" else None)
         stats[label] = st
         spectra[label] = power_spectrum(g[on].astype(np.float64), scale)[1]
         report["kinds"][label] = model.kind
@@ -392,6 +406,18 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         tmp.write_text(json.dumps(report, indent=2, default=_json_default))
     write_report(report, out)
     return report
+
+
+def _measured_on(choice: str, has_noiseless: bool, data) -> str:
+    """The images ``evaluate_models`` measures: ``"noiseless"`` or ``"observed"``."""
+    if choice not in ("auto", "noiseless", "observed"):
+        raise GalgenInputError(f"measure_on: 'auto', 'noiseless' or 'observed', got {choice!r}")
+    if choice == "noiseless" and not has_noiseless:
+        raise GalgenInputError(f"{data}: measure_on='noiseless' needs the simulator's noise-free images "
+                               "('noiseless'), which this file does not hold; use 'observed'")
+    if choice == "auto":
+        return "noiseless" if has_noiseless else "observed"
+    return choice
 
 
 def _write_statistics(stats: dict, path: Path) -> None:
