@@ -563,6 +563,9 @@ def _chunk(img, bad, var, rotation: str = "fourier"):
 
     # elliptical Petrosian radius and the Gini segmap
     elong, theta, _ = _covariance(nobg, cx, cy)
+    shapeless = ~(torch.isfinite(elong) & torch.isfinite(theta))  # no positive flux above the noise
+    failed |= shapeless
+    elong, theta = torch.where(shapeless, 1.0, elong), torch.where(shapeless, 0.0, theta)
     Le, Ae, de = _growth(img, good, cx, cy, elong, theta)
     rpe, bad_rpe = _petrosian(Le, Ae, de)
     failed |= bad_rpe

@@ -358,3 +358,26 @@ def test_bad_input_names_the_argument():
         power_spectrum(np.zeros((3, 3, 3, 3)), SCALE)
     with pytest.raises(GalgenInputError, match="mask"):
         power_spectrum(img[None], SCALE, mask=np.zeros((1, 64, 63)))
+
+
+def test_a_stamp_with_no_positive_flux_above_the_noise_fails_alone():
+    """A faint, extended draw (a VAE's N(0, I) prior) whose pixels above the noise sum to
+    less than zero has no second moments; it is flagged as failed, and the galaxies beside
+    it in the batch are measured as they are alone (it used to stop the whole batch)."""
+    from pathlib import Path
+
+    import galsim
+
+    bad = np.load(Path(__file__).with_name("shapeless_stamp.npz"))
+    rng = np.random.default_rng(0)
+    good = galsim.Exponential(half_light_radius=1.5, flux=2e4).drawImage(nx=64, ny=64, scale=0.396).array
+    var = np.full((64, 64), 30.0)
+    good = good + rng.normal(0, np.sqrt(var))
+    images = np.stack([bad["observed"], good]).astype(np.float64)
+    variance = np.stack([bad["variance"], var]).astype(np.float64)
+    st = morphology_statistics(images, 0.396, variance=variance)
+    alone = morphology_statistics(good[None], 0.396, variance=var[None])
+    assert st["flag"][0] == 2 and not st["ok"][0]
+    assert st["ok"][1]
+    for name in STATISTICS:
+        assert st[name][1] == pytest.approx(alone[name][0], rel=1e-9, abs=1e-12), name
