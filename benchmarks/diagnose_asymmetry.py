@@ -26,8 +26,9 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
    it never saw), decoded: what a perfect prior could do with this decoder, beside the
    flow prior's draws, with the C2ST of all eleven statistics of ``galgen evaluate``;
 
-each observed without noise through the PSFs of the held-out galaxies, with the
-quantiles of A and the W1 distance to the real galaxies beside its real-vs-real floor
+each observed without noise through the PSFs of the held-out galaxies (or, with
+``--measure-on observed``, with the survey's noise and measured with its variance, as
+``galgen evaluate --measure-on observed``), with the quantiles of A and the W1 distance to the real galaxies beside its real-vs-real floor
 (as ``galgen evaluate``).
 """
 
@@ -47,14 +48,20 @@ from common import finish, machine_info  # noqa: E402
 QUANTILES = (5, 16, 50, 84, 95)
 
 
-def _observe(loader, images, batch_size=256):
-    """Noise-free observations of intrinsic ``images`` (n, S, S) through the loader's PSFs."""
-    out = []
+def _observe(loader, images, batch_size=256, noise=None, generator=None):
+    """Observations of intrinsic ``images`` (n, S, S) through the loader's PSFs: noise-free,
+    or with ``noise`` (a noise model) drawn from ``generator``, then ``(images, variance)``."""
+    out, var = [], []
     for batch in loader.iter_batches(batch_size):
         rows = batch.index.cpu().numpy()
         with torch.no_grad():
-            out.append(batch.observation.noiseless(images[rows]).double().cpu().numpy())
-    return np.concatenate(out)
+            clean = batch.observation.noiseless(images[rows])
+            if noise is None:
+                out.append(clean.double().cpu().numpy())
+            else:
+                out.append(noise.sample(clean, generator=generator).double().cpu().numpy())
+                var.append(noise.variance(clean).double().cpu().numpy())
+    return np.concatenate(out) if noise is None else (np.concatenate(out), np.concatenate(var))
 
 
 def _decoded(decoder, z, body: str, mean_logits=None):
@@ -80,11 +87,15 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--measure-on", choices=("noiseless", "observed"), default="noiseless",
+                    help="statistics of the noise-free observed images, or of noisy ones (the file's noise "
+                         "model, CCD) with their variance maps, as galgen evaluate --measure-on [noiseless]")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from galgen.data import CutoutFile, ObservationLoader
+    from galgen.evaluation import survey_noise
     from galgen.evaluation.distances import c2st_statistics, compare_statistics
     from galgen.evaluation.statistics import STATISTICS, morphology_statistics
     from galgen.models.base import sample_latents
@@ -95,9 +106,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = resolve_model(args.model, "cpu").with_prior("flow")
     dec = model.decoder
+    noisy = args.measure_on == "observed"
     with CutoutFile(args.data) as f:
         n = min(args.n, len(f))
-        real = f.read("noiseless", slice(0, n)).astype(np.float64)
+        real = f.read("observed" if noisy else "noiseless", slice(0, n)).astype(np.float64)
+        real_var = f.read("variance", slice(0, n)).astype(np.float64) if noisy else None
         observed = torch.as_tensor(f.read("observed", slice(0, n)))
         scale = f.pixel_scale
         cat = f.catalog[:n]
@@ -118,25 +131,25 @@ def main(argv=None):
         z_post = model.aggregate_posterior(loader.iter_batches(256), 1, generator=gen)[0]
         mean_logits = dec.shape.logits(z_prior).mean(0, keepdim=True)
         gate_rec, gate_prior = dec.asymmetry_gate(z_rec).numpy(), dec.asymmetry_gate(z_prior).numpy()
-    shift = np.fft.fftfreq(real.shape[-1])
-    phase = np.exp(-2j * np.pi * 0.25 * (shift[None, :] + shift[:, None]))
-    sets = {
-        "real": real,
-        "real shifted 0.25 pixel": np.real(np.fft.ifft2(np.fft.fft2(real) * phase)),
-        "reconstruction": _observe(loader, _decoded(dec, z_rec, "full")),
-        "reconstruction, seed alone": _observe(loader, _decoded(dec, z_rec, "off")),
-        "flow prior": _observe(loader, _decoded(dec, z_prior, "full")),
-        "flow prior, seed alone": _observe(loader, _decoded(dec, z_prior, "off")),
-        "flow prior, mean body": _observe(loader, _decoded(dec, z_prior, "mean", mean_logits)),
-        "held-out posterior codes": _observe(loader, _decoded(dec, z_post, "full")),
-    }
+    noise = survey_noise(args.data) if noisy else None
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    sets = {"real": (real, real_var)}
+    if not noisy:  # the rotation's own asymmetry, on a galaxy that leaves the pixel grid
+        shift = np.fft.fftfreq(real.shape[-1])
+        phase = np.exp(-2j * np.pi * 0.25 * (shift[None, :] + shift[:, None]))
+        sets["real shifted 0.25 pixel"] = (np.real(np.fft.ifft2(np.fft.fft2(real) * phase)), None)
+    for name, z, body in (("reconstruction", z_rec, "full"), ("reconstruction, seed alone", z_rec, "off"),
+                          ("flow prior", z_prior, "full"), ("flow prior, seed alone", z_prior, "off"),
+                          ("flow prior, mean body", z_prior, "mean"), ("held-out posterior codes", z_post, "full")):
+        obs = _observe(loader, _decoded(dec, z, body, mean_logits), noise=noise, generator=noise_gen)
+        sets[name] = obs if noisy else (obs, None)
     stats = {}
-    for name, images in sets.items():
-        stats[name] = morphology_statistics(images, scale)
-        if name.startswith("real"):
+    for name, (images, var) in sets.items():
+        stats[name] = morphology_statistics(images, scale, variance=var)
+        if name.startswith("real") and not noisy:
             stats[name + " (bilinear)"] = morphology_statistics(images, scale, rotation="bilinear")
-    result = {"model": args.model, "data": str(args.data), "n": n, "machine": machine_info(), "sets": {},
-              "by_type": {}}
+    result = {"model": args.model, "data": str(args.data), "n": n, "measured_on": args.measure_on,
+              "machine": machine_info(), "sets": {}, "by_type": {}}
     for name, st in stats.items():
         entry = {f"asymmetry_q{q}": float(np.nanpercentile(st["asymmetry"], q)) for q in QUANTILES}
         entry["gini_median"] = float(np.nanmedian(st["gini"]))

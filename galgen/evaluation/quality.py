@@ -33,7 +33,7 @@ from .statistics import morphology_statistics
 
 log = logging.getLogger("galgen.evaluate")
 
-__all__ = ["reconstruction_chi2", "generated_observations", "morphology_statistics", "evaluate_models"]
+__all__ = ["reconstruction_chi2", "generated_observations", "survey_noise", "morphology_statistics", "evaluate_models"]
 
 
 def _holdout(data, n, device, conditions=()) -> ObservationLoader:
@@ -139,21 +139,16 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         ``intrinsic``, ``noiseless``, ``observed`` and ``variance`` (the noise variance
         of each observed pixel, as a cutout file's ``variance``).
     """
-    from ..physics import CCDNoise, Observation
+    from ..physics import Observation
 
     loader = _holdout(data, n, device, model.conditions)
     loader.check_grid(model.config.get("stamp", loader.stamp_size),
                       model.config.get("oversampling", loader.oversampling))
-    with CutoutFile(data) as f:
-        cat = f.catalog[:len(loader)]
-    for col in ("sky_level", "gain", "read_noise"):
-        if col not in cat.colnames:
-            raise GalgenInputError(f"{data}: catalog needs '{col}' to observe generated galaxies like real ones")
+    noise = survey_noise(data)
     if latents is not None and len(latents[0]) < len(loader):
         raise GalgenInputError(f"latents: {len(latents[0])} galaxies for {len(loader)} observations")
     if conditions not in ("data", "model"):
         raise GalgenInputError(f"conditions: 'data' or 'model', got {conditions!r}")
-    noise = CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
     gen = generator(device, seed)
     out = {"intrinsic": [], "noiseless": [], "observed": [], "variance": []}
     for batch in loader.iter_batches(batch_size):
@@ -174,6 +169,34 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
                        ("variance", noise.variance(noiseless))):
             out[key].append(v.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def survey_noise(data):
+    """The CCD noise of a cutout file's survey, to observe new galaxies as its galaxies were.
+
+    Parameters
+    ----------
+    data : str or os.PathLike
+        Cutout file whose catalog has ``sky_level``, ``gain`` and ``read_noise`` (those
+        of its first row are used: one survey per file).
+
+    Returns
+    -------
+    galgen.physics.CCDNoise
+
+    Raises
+    ------
+    galgen.errors.GalgenInputError
+        If the catalog lacks one of the columns.
+    """
+    from ..physics import CCDNoise
+
+    with CutoutFile(data) as f:
+        cat = f.catalog[:1]
+    for col in ("sky_level", "gain", "read_noise"):
+        if col not in cat.colnames:
+            raise GalgenInputError(f"{data}: catalog needs '{col}' to observe generated galaxies like real ones")
+    return CCDNoise(float(cat["sky_level"][0]), float(cat["gain"][0]), float(cat["read_noise"][0]))
 
 
 def parametric_fits(kind, data, rows, *, batch_size: int = 64, device="cpu", seed: int = 0):
