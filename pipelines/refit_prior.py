@@ -5,7 +5,8 @@
 
 The flow is fitted as ``galgen train`` fits it after training (the same
 :meth:`~galgen.models.VAE.aggregate_posterior` codes, ``prior_samples`` draws per galaxy
-and ``prior_epochs``); with a latent symmetry gate, the gate's coordinate of each code
+and ``prior_epochs``; ``--transforms`` and ``--hidden`` fit a flow of another size); with a
+latent symmetry gate, the gate's coordinate of each code
 comes from :meth:`~galgen.models.VAE.gate_posterior`. The written model keeps the
 source's configuration and provenance, with the refit recorded in it.
 """
@@ -23,6 +24,11 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=None, help="first N galaxies of the file (default all)")
     ap.add_argument("--samples", type=int, default=4, help="draws from each galaxy's posterior [4]")
     ap.add_argument("--epochs", type=int, default=60, help="epochs of the flow's fit [60]")
+    ap.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping [10]")
+    ap.add_argument("--transforms", type=int, default=None, help="a new flow with this many transforms "
+                                                                  "(default: the model's)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=None, help="a new flow with these hidden layer "
+                                                                        "sizes (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -34,23 +40,30 @@ def main(argv=None):
     from galgen.checkpoints import save_checkpoint
     from galgen.data import ObservationLoader
     from galgen.errors import GalgenInputError
-    from galgen.models import VAE
+    from galgen.models import VAE, LatentFlowPrior
     from galgen.runtime import resolve_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model = resolve_model(args.model, "cpu")
     if not isinstance(model, VAE):
         raise GalgenInputError(f"--model: {args.model} is not a VAE (no latent flow prior to fit)")
+    if args.transforms is not None or args.hidden is not None:  # another flow: the config follows
+        model.config["prior"] = {**model.config.get("prior", {}),
+                                 **({"transforms": args.transforms} if args.transforms is not None else {}),
+                                 **({"hidden": list(args.hidden)} if args.hidden is not None else {})}
+        model.latent_flow = LatentFlowPrior(model.latent_dim, model.cond_dim, **model.config["prior"])
     loader = ObservationLoader(args.data, None, model.conditions)
     n = len(loader) if args.n is None else min(args.n, len(loader))
     if n < len(loader):
         loader = ObservationLoader(args.data, np.arange(n), model.conditions)
     torch.manual_seed(args.seed)
     codes, cond = model.aggregate_posterior(loader.iter_batches(args.batch_size), samples_per_galaxy=args.samples)
-    hist = model.fit_prior(codes, cond, epochs=args.epochs, generator=torch.Generator().manual_seed(args.seed))
+    hist = model.fit_prior(codes, cond, epochs=args.epochs, patience=args.patience,
+                           generator=torch.Generator().manual_seed(args.seed))
     metrics = {**getattr(model, "metrics", {}), "prior_val_nll": hist.get("best_val_loss")}
     provenance = {**getattr(model, "provenance", {}),
                   "prior_refit": {"data": str(args.data), "n": n, "samples": args.samples, "epochs": args.epochs,
+                                  "patience": args.patience, "prior": model.config.get("prior"),
                                   "seed": args.seed, "from": str(getattr(model, "checkpoint_path", args.model))}}
     cfg = dict(getattr(model, "run_config", {}) or {})
     cfg = {**cfg, "model": model.config} if "model" in cfg else model.config
