@@ -308,10 +308,11 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         The images the statistics are measured on: the noise-free observed images
         (``"noiseless"``; simulated files only), the noisy ones with their variance maps
         (``"observed"``: noise terms subtracted from asymmetry and smoothness, galaxy
-        pixels found above the noise, as statmorph does on real images), or the first
-        where the file has its noise-free images (``"auto"``). The noise-free test is
-        the harsher one: it also sees structure below the noise, which no model learns
-        from noisy training images alone; the observed one compares what a survey shows.
+        pixels found above the noise, as statmorph does on real images), or the
+        noise-free ones where the file has them and the noisy ones otherwise
+        (``"auto"``). The noise-free test is the harsher one: it also sees structure
+        below the noise, which a model trained on noisy images learns only indirectly;
+        the observed one compares what a survey shows.
 
     Returns
     -------
