@@ -47,10 +47,9 @@ def main(argv=None):
     model = resolve_model(args.model, "cpu")
     if not isinstance(model, VAE):
         raise GalgenInputError(f"--model: {args.model} is not a VAE (no latent flow prior to fit)")
-    if args.transforms is not None or args.hidden is not None:  # another flow: the config follows
-        model.config["prior"] = {**model.config.get("prior", {}),
-                                 **({"transforms": args.transforms} if args.transforms is not None else {}),
-                                 **({"hidden": list(args.hidden)} if args.hidden is not None else {})}
+    size = {k: v for k, v in (("transforms", args.transforms), ("hidden", args.hidden)) if v is not None}
+    if size:  # another flow: the config follows
+        model.config["prior"] = {**model.config.get("prior", {}), **size}
         model.latent_flow = LatentFlowPrior(model.latent_dim, model.cond_dim, **model.config["prior"])
     loader = ObservationLoader(args.data, None, model.conditions)
     n = len(loader) if args.n is None else min(args.n, len(loader))

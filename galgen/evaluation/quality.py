@@ -340,9 +340,10 @@ def evaluate_models(models, data, out, *, n: int = 5000, n_grid: int = 8, seed: 
         scale = f.pixel_scale
         on = _measured_on(measure_on, "noiseless" in f.keys, data)
         real_images = f.read(on, slice(0, n)).astype(np.float64)
-        real_var = f.read("variance", slice(0, n)).astype(np.float64) if on == "observed" else None
+        variance = f.read("variance", slice(0, n))
+        real_var = variance.astype(np.float64) if on == "observed" else None
         real_observed = f.read("observed", slice(0, n))
-        noise = _noise_sigma(f.read("variance", slice(0, n)))
+        noise = _noise_sigma(variance)
         real_mask = f.read("mask", slice(0, n)).astype(bool) if "mask" in f.keys else None
         zero_point = f.attrs.get("zero_point")
     timing = {}
