@@ -23,10 +23,12 @@ from torch.distributions import Independent, Normal
 
 from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
-from .networks import LATENT_GATE_GAIN, SYMMETRY_GATES, Decoder, Encoder, FluxShapeGenerator, log_flux_start, point_reflect
+from .networks import (COMPANION_COORDINATES, LATENT_GATE_GAIN, SYMMETRY_GATES, Decoder, Encoder, FluxShapeGenerator,
+                       SeedCoordinates, log_flux_start)
 from .prior import LatentFlowPrior
 
-__all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk", "add_symmetry_gate", "add_latents"]
+__all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion",
+           "companion_codes", "warm_start_companion"]
 
 #: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
 LOGVAR_RANGE = (-12.0, 6.0)
@@ -141,6 +143,14 @@ class VAE(GenerativeModel):
         (``"network"``), or ``sigmoid(4 z_k)`` of the last latent coordinate (``"latent"``:
         the encoder sets it, a MAP fit moves it). :func:`add_symmetry_gate` adds one to a
         trained model.
+    companion : bool, optional
+        The flux-shape decoder draws a second galaxy beside the first (a Sersic profile
+        with its own flux fraction, position, size, shear and index:
+        :meth:`FluxShapeGenerator.companion_parameters
+        <galgen.models.networks.FluxShapeGenerator.companion_parameters>`). With
+        ``seed_latents`` its parameters are the last
+        :data:`~galgen.models.networks.COMPANION_COORDINATES` latent coordinates (before a
+        latent gate's). :func:`add_companion` adds one to a trained model.
 
     Attributes
     ----------
@@ -173,14 +183,15 @@ class VAE(GenerativeModel):
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
                  seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None,
-                 encoder_noise_rms: float | None = None):
+                 encoder_noise_rms: float | None = None, companion: bool = False):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
         if seed_profile not in ("sersic", "bulge-disk"):
             raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
-        if (seed_profile != "sersic" or seed_latents or symmetry_gate) and decoder != "flux-shape":
-            raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate: options of the flux-shape decoder; "
+        if (seed_profile != "sersic" or seed_latents or symmetry_gate or companion) and decoder != "flux-shape":
+            raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate/companion: options of the flux-shape "
+                                   f"decoder; "
                                    f"decoder is {decoder!r}")
         if symmetry_gate not in SYMMETRY_GATES:
             raise GalgenInputError(f"symmetry_gate: one of {list(SYMMETRY_GATES)}, got {symmetry_gate!r}")
@@ -210,10 +221,17 @@ class VAE(GenerativeModel):
         size, nin = int(stamp) * int(oversampling), self.latent_dim + self.cond_dim
         if decoder == "flux-shape":
             log_flux = log_flux_start(log_flux, flux_scale, size)
+            gate = self.latent_dim - 1 if symmetry_gate == "latent" else None
+            # the companion's coordinates: the last ones, before a latent gate's
+            own = (self.latent_dim if gate is None else gate) - COMPANION_COORDINATES
+            if companion and seed_latents and own < 0:
+                raise GalgenInputError(f"latent_dim: the companion needs {COMPANION_COORDINATES} coordinates "
+                                       f"beside the seed's, got latent_dim={self.latent_dim}")
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
                                               warp_body=True, seed_latents=bool(seed_latents),
-                                              symmetry_gate=symmetry_gate,
-                                              gate_coordinate=self.latent_dim - 1 if symmetry_gate == "latent" else None)
+                                              symmetry_gate=symmetry_gate, gate_coordinate=gate,
+                                              companion=bool(companion),
+                                              companion_coordinate=own if companion and seed_latents else None)
             # Its fits need second-order steps: from the same start on 32 held-out galaxies, Levenberg-
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
@@ -241,6 +259,8 @@ class VAE(GenerativeModel):
             self.config.update(seed_latents=True)
         if symmetry_gate is not None:
             self.config.update(symmetry_gate=symmetry_gate)
+        if companion:
+            self.config.update(companion=True)
         if self.encoder_noise_rms != self.input_scale:
             self.config.update(encoder_noise_rms=self.encoder_noise_rms)
 
@@ -523,7 +543,8 @@ class VAE(GenerativeModel):
     def gate_posterior(self, z: torch.Tensor, batch: Batch):
         """The latent symmetry gate's weight that best explains each galaxy, given the rest of its code.
 
-        With ``symmetry_gate="latent"`` the image is ``S + w A`` (:class:`~galgen.models.
+        With ``symmetry_gate="latent"`` the image is linear in the gate's weight ``w``
+        (``S + w A``, plus a companion that the gate does not touch: :class:`~galgen.models.
         networks.FluxShapeGenerator`), and no other part of the decoder reads the gate's
         coordinate, so ``-2 log p(x | z)`` is a parabola in ``w`` under Gaussian noise:
         three evaluations of the likelihood give its minimum ``w*`` and curvature ``a``,
@@ -555,12 +576,12 @@ class VAE(GenerativeModel):
         if self.config.get("symmetry_gate") != "latent":
             raise GalgenInputError("gate_posterior: the model has no latent symmetry gate")
         z = z.detach().clone()
-        z[:, self.latent_dim - 1] = 10.0  # w = 1 - 4e-18: the ungated image
-        with torch.no_grad():
-            full = self.decode(z, batch.cond).float()
-            symmetric = 0.5 * (full + point_reflect(full))
-            obs = batch.observation
-            m_sym, m_anti = obs.noiseless(symmetric), obs.noiseless(full - symmetric)
+        obs, ends = batch.observation, []
+        with torch.no_grad():  # the image is linear in w: its ends w = 4e-18 and 1 - 4e-18
+            for end in (-10.0, 10.0):
+                z[:, self.latent_dim - 1] = end
+                ends.append(obs.noiseless(self.decode(z, batch.cond).float()))
+            m_sym, m_anti = ends[0], ends[1] - ends[0]
             f0, fh, f1 = (-2 * obs.noise.log_prob(batch.observed, m_sym + w * m_anti) for w in (0.0, 0.5, 1.0))
         a = (2 * (f1 - 2 * fh + f0)).clamp_min(1e-12)
         b = f1 - f0 - a
@@ -993,3 +1014,253 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
             state[key] = source
     new.load_state_dict(state)
     return new.train(model.training)
+
+
+def add_companion(model: VAE, generator: torch.Generator | None = None) -> VAE:
+    """A copy of a trained seed-latent VAE whose decoder also draws a companion, to fine-tune from.
+
+    :func:`add_latents` adds the companion's
+    :data:`~galgen.models.networks.COMPANION_COORDINATES` coordinates (before a latent
+    gate's), which the encoder starts drawing from N(0, 1) and which no other part of
+    the decoder reads; the companion (``VAE(companion=True)``) starts faint (flux fraction
+    about 0.03 at ``z = 0``) wherever its position coordinates put it. Every other weight
+    is kept; the latent flow is new and unfitted.
+
+    Parameters
+    ----------
+    model : VAE
+        A trained VAE with the flux-shape decoder and ``seed_latents=True``, without a
+        companion.
+    generator : torch.Generator, optional
+        Draws the decoder's new (unread) input columns.
+
+    Returns
+    -------
+    VAE
+        With ``latent_dim + COMPANION_COORDINATES`` dimensions and ``companion=True``, in
+        the mode of ``model``.
+
+    Raises
+    ------
+    GalgenInputError
+        If ``model`` is not such a VAE.
+
+    Examples
+    --------
+    >>> vae = VAE(32, latent_dim=12, width=8, decoder="flux-shape", log_flux=(6.0, 1.0),
+    ...           seed_profile="bulge-disk", seed_latents=True).eval()
+    >>> pair = add_companion(vae).eval()
+    >>> pair.latent_dim, pair.config["companion"]
+    (19, True)
+    >>> z = torch.randn(2, 12)
+    >>> with torch.no_grad():  # the companion's coordinates at -inf flux: the same galaxies
+    ...     far = torch.tensor([[-1e3, 0, 0, 0, 0, 0, 0]]).expand(2, 7)
+    ...     same = pair.decode(torch.cat([z, far], 1))
+    >>> bool(torch.allclose(same, vae.decode(z), rtol=1e-5))
+    True
+    """
+    cfg = model.config if isinstance(model, VAE) else {}
+    if cfg.get("decoder") != "flux-shape" or not cfg.get("seed_latents") or cfg.get("companion"):
+        raise GalgenInputError("model: add_companion needs a VAE with the flux-shape decoder and seed_latents=True "
+                               f"and without a companion; got {type(model).__name__} with config {cfg!r}")
+    grown = add_latents(model, COMPANION_COORDINATES, generator=generator)
+    new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, "companion": True})
+    new = new.to(next(model.parameters()).device)
+    missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("decoder.companion.") for k in missing):
+        raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
+    return new.train(model.training)
+
+
+def _latent_companion(model) -> SeedCoordinates | None:
+    """The companion of a VAE's flux-shape decoder, if its parameters are latent coordinates."""
+    dec = model.decoder if isinstance(model, VAE) else None
+    comp = dec.companion if isinstance(dec, FluxShapeGenerator) else None
+    return comp if isinstance(comp, SeedCoordinates) else None
+
+
+def _companion_h_to_z(companion, h: torch.Tensor) -> torch.Tensor:
+    """The coordinates ``z`` whose companion parameters (:class:`SeedCoordinates`) are ``h``."""
+    return (h - companion.loc) / companion.log_scale.exp()
+
+
+@torch.no_grad()
+def companion_codes(model: VAE, batch: Batch, smoothing: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Companion coordinates that put each galaxy's companion on the brightest source in its residual.
+
+    Each galaxy is reconstructed without its companion (the encoder's mean, the companion's
+    flux fraction at ``sigmoid(-30)``, a latent gate at :meth:`VAE.gate_posterior`'s
+    weight) and observed; the residual ``observed - model`` is filtered with a Gaussian of
+    ``smoothing`` detector pixels and divided by the filtered noise
+    (``sqrt(K^2 * variance)``), a matched filter for a source of about that size. Its
+    highest peak (two pixels or more from the edge) is the source: its position is the
+    residual's centroid over the 3 x 3 pixels about the peak, its flux the residual's sum
+    within ``3 smoothing`` pixels, and its flux fraction ``flux / (model flux + flux)``
+    (clipped to ``[1e-3, 0.6]``). The companion's other parameters (size, shear, index)
+    are left at ``z = 0``. :func:`warm_start_companion` teaches the encoder these codes, so
+    that ELBO training starts with companions where the data have them: from ``z = 0``
+    the companion starts faint at the centre, and its gradient never reaches a galaxy
+    beyond its light (a fine-tune of 400 steps from :func:`add_companion` faded it to a
+    flux fraction of 0.007 in every galaxy).
+
+    Parameters
+    ----------
+    model : VAE
+        With the flux-shape decoder, ``seed_latents`` and a companion (:func:`add_companion`).
+    batch : Batch
+        Observed galaxies with their observation (PSF, noise).
+    smoothing : float, optional
+        Sigma of the matched filter, detector pixels.
+
+    Returns
+    -------
+    codes : torch.Tensor
+        ``(B, COMPANION_COORDINATES)`` float32: the companion's latent coordinates.
+    significance : torch.Tensor
+        ``(B,)`` float32: the source's matched-filter signal-to-noise ratio.
+
+    Raises
+    ------
+    GalgenInputError
+        If the model has no latent-coordinate companion.
+    """
+    dec = model.decoder
+    comp = _latent_companion(model)
+    if comp is None:
+        raise GalgenInputError("model: companion_codes needs a VAE with a companion in latent coordinates "
+                               "(seed_latents=True, companion=True; galgen.models.add_companion)")
+    obs = batch.observation
+    mu, _ = model.encoder_moments(batch.observed, batch.cond)
+    z = mu.float().clone()
+    h = comp.loc.expand(len(z), -1).clone()
+    h[:, 0] = -30.0  # no companion
+    z[:, comp.start:comp.start + comp.k] = _companion_h_to_z(comp, h)
+    if model.config.get("symmetry_gate") == "latent":
+        w = model.gate_posterior(z, batch)[0].clamp(_GATE_RANGE, 1 - _GATE_RANGE)
+        z[:, -1] = torch.logit(w) / LATENT_GATE_GAIN
+    intrinsic = model.decode(z, batch.cond).float()
+    recon = obs.noiseless(intrinsic)
+    observed = batch.observed.to(recon.dtype)
+    var = obs.noise.variance(recon)
+    good = torch.isfinite(var) & (var > 0)
+    r, var = torch.where(good, observed - recon, 0.0), torch.where(good, var, 0.0)
+    radius = max(1, math.ceil(3 * smoothing))
+    t = torch.arange(-radius, radius + 1, dtype=recon.dtype, device=recon.device)
+    k1 = torch.exp(-0.5 * (t / smoothing) ** 2)
+    k = (k1[:, None] * k1[None, :])[None, None]
+    signal = torch.nn.functional.conv2d(r[:, None], k, padding=radius)[:, 0]
+    noise = torch.nn.functional.conv2d(var[:, None], k * k, padding=radius)[:, 0].clamp_min(1e-30).sqrt()
+    snr = signal / noise
+    B, S = snr.shape[0], snr.shape[-1]
+    snr[:, :2], snr[:, -2:], snr[:, :, :2], snr[:, :, -2:] = -math.inf, -math.inf, -math.inf, -math.inf
+    significance, at = snr.flatten(1).max(1)
+    py, px = at // S, at % S
+    pix = torch.arange(S, device=recon.device)
+    dy, dx = pix[None, :, None] - py[:, None, None], pix[None, None, :] - px[:, None, None]
+    near = (dy.abs() <= 1) & (dx.abs() <= 1)
+    weight = torch.where(near, signal.clamp_min(0), 0.0)
+    total = weight.sum((1, 2)).clamp_min(1e-30)
+    cy = py + (weight * dy).sum((1, 2)) / total
+    cx = px + (weight * dx).sum((1, 2)) / total
+    flux = torch.where(dy**2 + dx**2 <= (3 * smoothing) ** 2, r, 0.0).sum((1, 2)).clamp_min(0)
+    fraction = (flux / (intrinsic.sum((1, 2)) + flux).clamp_min(1e-30)).clamp(1e-3, 0.6)
+    os_ = dec.size // S  # intrinsic pixels per detector pixel
+    a = dec.size / 2 - 1
+    offset = torch.stack([cx, cy], 1).to(recon.dtype) - float(S // 2)
+    offset = (offset * os_).clamp(-0.999 * a, 0.999 * a)
+    h = comp.loc.expand(B, -1).clone()
+    h[:, 0] = torch.logit(fraction)
+    h[:, 1:3] = a * torch.atanh(offset / a)
+    return _companion_h_to_z(comp, h).float(), significance.float()
+
+
+def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
+                         threshold: float = 5.0, smoothing: float = 1.5, generator: torch.Generator | None = None,
+                         log=None) -> dict:
+    """Teach a VAE's encoder where each galaxy's companion is, before ELBO training (in place).
+
+    The targets are :func:`companion_codes` of every galaxy in ``loader`` (computed once,
+    with the model as it is): galaxies whose residual source has a signal-to-noise ratio
+    of at least ``threshold`` get posterior means at those codes (flux fraction and
+    position; size, shear and index at 0) with narrow log-variances (-6 for the position,
+    -4 for the flux fraction, 0 for the rest); the others a companion of flux fraction
+    1e-3 with the prior's variance on every other coordinate. The encoder is trained by
+    Adam on the squared error to these targets plus the squared error of every other
+    posterior mean and log-variance to the encoder's outputs before it started (so the
+    rest of each code stays where it was). The decoder is not touched.
+
+    Parameters
+    ----------
+    model : VAE
+        With a latent-coordinate companion (:func:`add_companion`).
+    loader : galgen.data.ObservationLoader
+        The training galaxies.
+    epochs, batch_size, lr : optional
+        Passes over the galaxies (shuffled), batch size, Adam's learning rate.
+    threshold : float, optional
+        Least matched-filter signal-to-noise ratio of a companion.
+    smoothing : float, optional
+        Matched filter's sigma, detector pixels.
+    generator : torch.Generator, optional
+        Shuffles the galaxies.
+    log : callable, optional
+        Called with a progress line at the end of every epoch.
+
+    Returns
+    -------
+    dict
+        ``found`` (fraction of galaxies given a companion), ``loss`` (the mean loss of
+        the last epoch), ``steps``.
+
+    Raises
+    ------
+    GalgenInputError
+        If the model has no latent-coordinate companion.
+    """
+    comp = _latent_companion(model)
+    if comp is None:
+        raise GalgenInputError("model: warm_start_companion needs a VAE with a companion in latent coordinates")
+    was_training = model.training
+    model.eval()
+    n = len(loader)
+    own = slice(comp.start, comp.start + comp.k)
+    codes, sig, mu0, lv0 = [], [], [], []
+    for batch in loader.iter_batches(256):
+        c, s = companion_codes(model, batch, smoothing=smoothing)
+        with torch.no_grad():
+            m, v = model.encoder_moments(batch.observed, batch.cond)
+        codes.append(c), sig.append(s), mu0.append(m.float()), lv0.append(v.float())
+    codes, sig, mu0, lv0 = (torch.cat(t) for t in (codes, sig, mu0, lv0))
+    found = sig >= threshold
+    target_mu, target_lv = mu0.clone(), lv0.clone()
+    with torch.no_grad():
+        h = comp.loc.clone()
+        h[0] = math.log(1e-3 / (1 - 1e-3))
+        faint = _companion_h_to_z(comp, h)
+    target_mu[:, own] = torch.where(found[:, None], codes, faint.to(codes))
+    narrow = torch.zeros(comp.k, device=codes.device)
+    narrow[0], narrow[1:3] = -4.0, -6.0
+    target_lv[:, own] = torch.where(found[:, None], narrow, torch.zeros_like(narrow))
+    params = list(model.encoder.parameters()) + list(model.head.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    steps, last = 0, float("nan")
+    for epoch in range(int(epochs)):
+        order = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for i in range(0, n, batch_size):
+            rows = order[i:i + batch_size]
+            batch = loader.batch(rows)
+            mu, lv = model.encoder_moments(batch.observed, batch.cond)
+            rows = rows.to(codes.device)
+            loss = ((mu.float() - target_mu[rows]) ** 2 + (lv.float() - target_lv[rows]) ** 2).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count, steps = total + float(loss.detach()) * len(rows), count + len(rows), steps + 1
+        last = total / count
+        if log is not None:
+            log(f"companion warm start: epoch {epoch + 1}/{epochs}, loss {last:.4f}, "
+                f"{float(found.float().mean()):.3f} of the galaxies with a companion")
+    model.train(was_training)
+    return {"found": float(found.float().mean()), "loss": last, "steps": steps}

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -102,3 +104,69 @@ def test_decoder_layouts_agree_in_every_mode_of_differentiation():
     assert lhs == pytest.approx(rhs, rel=1e-4)
     batched = torch.func.vmap(lambda t: torch.func.jvp(dec, (z,), (t,))[1])(torch.stack([v, -2 * v]))
     torch.testing.assert_close(batched[1], -2 * tangent, rtol=1e-4, atol=1e-4 * float(tangent.abs().max()))
+
+
+def _companion_generator():
+    from galgen.models.networks import FluxShapeGenerator
+
+    torch.manual_seed(0)
+    g = FluxShapeGenerator(48, in_features=17, width=8, log_flux=(math.log(2000.0), 0.3), profile="bulge-disk",
+                           seed_latents=True, companion=True, companion_coordinate=9)
+    torch.nn.init.normal_(g.shape.out.weight, std=0.3)  # a body that draws something
+    return g.eval()
+
+
+def test_companion_keeps_the_flux_and_lies_where_its_parameters_say():
+    """FluxShapeGenerator(companion=True): image = F ((1 - f) shape + f C) sums to F; the
+    companion's light is centred on the centre pixel + (dx, dy) and has the drawn half-light
+    radius (a round exponential, measured on the image); its coordinates are read by nothing
+    else (body logits, flux and seed unchanged when they move)."""
+    g = _companion_generator()
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 17, generator=gen) * 0.5
+    with torch.no_grad():
+        g.companion.loc.copy_(torch.tensor([0.0, 6.0, -4.0, -0.7, 0.0, 0.0, -1.0]))  # compact, off the edges
+        g.companion.log_scale.zero_()
+        z[:, 9:16] = torch.randn(6, 7, generator=gen) * torch.tensor([1.0, 2.0, 2.0, 0.2, 0.0, 0.0, 0.0])
+        img = g(z)
+        p = g.companion_parameters(z)
+        comp = g.companion_image(z, p)
+        other = z.clone()
+        other[:, 9:16] = torch.randn(6, 7, generator=gen)
+        assert torch.equal(g.shape.logits(g._networks_input(z)), g.shape.logits(g._networks_input(other)))
+        assert torch.equal(g.log_flux(z), g.log_flux(other))
+        assert torch.equal(g.template(z), g.template(other))
+        off = z.clone()
+        off[:, 9] = -1e3  # flux fraction 0: the galaxy without its companion
+        alone = g(off)
+        flux = g.log_flux(z).exp()
+    assert torch.allclose(img.sum((1, 2)), flux, rtol=1e-5)
+    f = p["fraction"][:, None, None]
+    assert torch.allclose(img, (1 - f) * alone + f * flux[:, None, None] * comp, rtol=1e-4, atol=1e-6 * float(flux.max()))
+    assert torch.allclose(comp.sum((1, 2)), torch.ones(6), atol=1e-5)
+    pix = torch.arange(48, dtype=torch.float32) - 24
+    cx, cy = (comp * pix[None, None, :]).sum((1, 2)), (comp * pix[None, :, None]).sum((1, 2))
+    assert torch.allclose(cx, p["dx"], atol=0.05) and torch.allclose(cy, p["dy"], atol=0.05), (cx, p["dx"], cy, p["dy"])
+    # half-light radius: where the light of the pixels sorted by distance reaches half (round, g = 0)
+    r = torch.hypot(pix[None, None, :] - p["dx"][:, None, None], pix[None, :, None] - p["dy"][:, None, None])
+    r, order = r.flatten(1).sort(1)
+    cum = comp.flatten(1).gather(1, order).cumsum(1)
+    measured = r.gather(1, (cum < 0.5).sum(1, keepdim=True))[:, 0]
+    hlr = g.template_sigma * p["log_size"].exp()
+    assert torch.allclose(measured, hlr, rtol=0.12), (measured, hlr)
+
+
+def test_companion_coordinates_must_fit_beside_the_seed_and_the_gate():
+    from galgen.models.networks import FluxShapeGenerator
+
+    kw = dict(width=8, profile="bulge-disk", seed_latents=True, companion=True)
+    with pytest.raises(GalgenInputError, match="after the seed"):
+        FluxShapeGenerator(32, in_features=17, companion_coordinate=5, **kw)
+    with pytest.raises(GalgenInputError, match="must start in"):
+        FluxShapeGenerator(32, in_features=17, companion_coordinate=12, **kw)
+    with pytest.raises(GalgenInputError, match="gate's coordinate 12"):
+        FluxShapeGenerator(32, in_features=17, companion_coordinate=9, symmetry_gate="latent", gate_coordinate=12, **kw)
+    with pytest.raises(GalgenInputError, match="without companion=True"):
+        FluxShapeGenerator(32, in_features=17, companion_coordinate=9, width=8)
+    with pytest.raises(GalgenInputError, match="no companion"):
+        FluxShapeGenerator(32, in_features=8, width=8).companion_parameters(torch.zeros(1, 8))
