@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--warm-start", metavar="DATA",
                     help="with --companion: teach the encoder the companions of these training galaxies "
                          "(galgen.models.warm_start_companion), so that ELBO training starts with them")
-    ap.add_argument("--threshold", type=float, default=8.0,
+    ap.add_argument("--threshold", type=float, default=20.0,
                     help="least signal-to-noise ratio of a residual source given a companion (--warm-start)")
     ap.add_argument("--epochs", type=int, default=3, help="warm-start passes over DATA")
     ap.add_argument("--lr", type=float, default=1e-3, help="warm-start learning rate (Adam)")

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import GalgenInputError
 from ..physics.sersic import render_sersic, sersic_b
 
-__all__ = ["Encoder", "Decoder", "FluxShapeGenerator", "SeedCoordinates", "TEMPLATE_PROFILES", "COMPANION_COORDINATES", "halvings", "log_flux_start"]
+__all__ = ["Encoder", "CompanionLocator", "Decoder", "FluxShapeGenerator", "SeedCoordinates", "TEMPLATE_PROFILES", "COMPANION_COORDINATES", "halvings", "log_flux_start"]
 
 
 def halvings(size: int, smallest: int = 4) -> tuple[int, int]:
@@ -161,6 +161,77 @@ class Encoder(nn.Module):
             raise GalgenInputError(f"x: expected (B, {self.in_channels}, {self.size}, {self.size}), "
                                    f"got {tuple(x.shape)}")
         return self.head(self.features(x).flatten(1))
+
+
+class CompanionLocator(nn.Module):
+    """Where in a stamp a second galaxy lies: a soft-argmax over a per-pixel score map.
+
+    Three full-resolution 3 x 3 convolutions (dilations 1, 2, 4: a 15-pixel receptive
+    field; GroupNorm, SiLU) read the image and each pixel's coordinates; a 1 x 1
+    convolution scores every pixel, and the softmax of the scores weights the pixel
+    offsets (the position) and the features (a summary of what lies there); the scores
+    are multiplied by a learned gain (from 5). A position
+    regressed by a soft-argmax moves with the source by construction (translation
+    equivariance), which a flattening encoder has to learn: a width-8 one taught the
+    positions of 20,000 galaxies' companions for 1,900 steps still missed them by a
+    median 3.8 pixels.
+
+    Parameters
+    ----------
+    size : int
+        Stamp size.
+    width : int, optional
+        Channels.
+    in_channels : int, optional
+        Image channels.
+
+    Examples
+    --------
+    >>> loc = CompanionLocator(32)
+    >>> position, features = loc(torch.zeros(2, 32, 32))
+    >>> position.shape, features.shape
+    (torch.Size([2, 2]), torch.Size([2, 8]))
+    """
+
+    def __init__(self, size: int, width: int = 8, in_channels: int = 1):
+        super().__init__()
+        self.size, self.width = int(size), int(width)
+        layers, c = [], in_channels + 2
+        for d in (1, 2, 4):
+            layers += [nn.Conv2d(c, width, 3, padding=d, dilation=d), _GroupNorm(math.gcd(8, width), width), nn.SiLU()]
+            c = width
+        self.body = nn.Sequential(*layers)
+        self.score = nn.Conv2d(width, 1, 1)
+        # scores times a learned gain, from 5: a softmax of the unit-scale scores of a fresh
+        # layer is nearly uniform over the stamp (entropy 8.28 of 8.32 nats after 2,500 steps)
+        self.log_gain = nn.Parameter(torch.tensor(math.log(5.0)))
+        d = torch.arange(self.size, dtype=torch.float32) - self.size // 2
+        yy, xx = torch.meshgrid(d, d, indexing="ij")
+        self.register_buffer("offsets", torch.stack([xx, yy]).flatten(1), persistent=False)  # (2, S*S): x, y
+
+    def forward(self, x: torch.Tensor):
+        """Position and features of the source each stamp's scores pick.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(B, S, S)`` or ``(B, C, S, S)`` (the encoder's input scaling).
+
+        Returns
+        -------
+        position : torch.Tensor
+            ``(B, 2)``: ``(dx, dy)`` offset from the centre pixel, pixels.
+        features : torch.Tensor
+            ``(B, width)``: the features averaged with the same weights.
+        """
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            raise GalgenInputError(f"x: expected (B, C, {self.size}, {self.size}), got {tuple(x.shape)}")
+        grid = (self.offsets / (self.size / 2)).to(x.dtype).view(1, 2, self.size, self.size)
+        h = self.body(torch.cat([x, grid.expand(len(x), -1, -1, -1)], 1))
+        w = torch.softmax(self.log_gain.exp() * self.score(h).flatten(1), dim=1)  # (B, S*S)
+        return w @ self.offsets.to(w.dtype).T, torch.einsum("bp,bcp->bc", w, h.flatten(2))
 
 
 class Decoder(nn.Module):

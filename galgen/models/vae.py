@@ -23,8 +23,8 @@ from torch.distributions import Independent, Normal
 
 from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
-from .networks import (COMPANION_COORDINATES, LATENT_GATE_GAIN, SYMMETRY_GATES, Decoder, Encoder, FluxShapeGenerator,
-                       SeedCoordinates, log_flux_start)
+from .networks import (COMPANION_COORDINATES, LATENT_GATE_GAIN, SYMMETRY_GATES, CompanionLocator, Decoder, Encoder,
+                       FluxShapeGenerator, SeedCoordinates, log_flux_start)
 from .prior import LatentFlowPrior
 
 __all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion",
@@ -243,6 +243,12 @@ class VAE(GenerativeModel):
                 self.map_prior = "normal"
         else:
             self.decoder = Decoder(size, nin, width=int(width), flux_scale=flux_scale)
+        self.locator = self.locator_head = None
+        if companion and seed_latents:  # the companion's position: a soft-argmax, its other moments beside it
+            self.locator = CompanionLocator(int(stamp), width=8)
+            self.locator_head = nn.Linear(self.locator.width, 2 * COMPANION_COORDINATES)
+            nn.init.zeros_(self.locator_head.weight)
+            nn.init.zeros_(self.locator_head.bias)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
         self._prior_choice = None
         self._register_load_state_dict_pre_hook(_rename_flow_keys)
@@ -299,12 +305,33 @@ class VAE(GenerativeModel):
             ``(B, latent_dim)`` each; ``logvar`` clamped to ``[-12, 6]``.
         """
         weight = self.encoder.head.weight
-        h = self.encoder(torch.asinh(observed.to(weight.dtype) / self.input_scale))
+        x = torch.asinh(observed.to(weight.dtype) / self.input_scale)
+        h = self.encoder(x)
         c = self.condition_features(cond, len(observed))
         if c is not None:
             h = torch.cat([h, c.to(h.dtype)], 1)
         mu, logvar = self.head(h).chunk(2, dim=1)
+        if self.locator is not None:
+            mu, logvar = self._locate_companion(x, mu, logvar)
         return mu, logvar.clamp(*LOGVAR_RANGE)
+
+    def _locate_companion(self, x, mu, logvar):
+        """The companion's posterior moments: the head's plus the locator's; the position's
+        means are the locator's soft-argmax alone, in the decoder's companion coordinates."""
+        comp = self.decoder.companion
+        i, k = comp.start, comp.k
+        position, features = self.locator(x)
+        extra_mu, extra_lv = self.locator_head(features).chunk(2, dim=1)
+        a = self.decoder.size / 2 - 1
+        off = (position * (self.decoder.size // self.config["stamp"])).clamp(-0.999 * a, 0.999 * a)
+        loc, scale = comp.loc.detach()[1:3], comp.log_scale.detach()[1:3].exp()
+        at = torch.zeros_like(extra_mu)
+        at[:, 1:3] = (a * torch.atanh(off / a) - loc) / scale
+        head = torch.ones(k, dtype=mu.dtype, device=mu.device)
+        head[1:3] = 0.0  # the position is the locator's alone (with the head's too, the head learned it, badly)
+        mu = torch.cat([mu[:, :i], mu[:, i:i + k] * head + extra_mu + at, mu[:, i + k:]], 1)
+        logvar = torch.cat([logvar[:, :i], logvar[:, i:i + k] + extra_lv, logvar[:, i + k:]], 1)
+        return mu, logvar
 
     def decode(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         """Intrinsic images of latent codes.
@@ -1023,8 +1050,10 @@ def add_companion(model: VAE, generator: torch.Generator | None = None) -> VAE:
     :data:`~galgen.models.networks.COMPANION_COORDINATES` coordinates (before a latent
     gate's), which the encoder starts drawing from N(0, 1) and which no other part of
     the decoder reads; the companion (``VAE(companion=True)``) starts faint (flux fraction
-    about 0.03 at ``z = 0``) wherever its position coordinates put it. Every other weight
-    is kept; the latent flow is new and unfitted.
+    about 0.03 at ``z = 0``) wherever its position coordinates put it. The
+    encoder gains a :class:`~galgen.models.networks.CompanionLocator` for the companion's
+    position (a soft-argmax) and its other moments (a linear map of the located features,
+    starting at zero). Every other weight is kept; the latent flow is new and unfitted.
 
     Parameters
     ----------
@@ -1067,7 +1096,7 @@ def add_companion(model: VAE, generator: torch.Generator | None = None) -> VAE:
     new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, "companion": True})
     new = new.to(next(model.parameters()).device)
     missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("decoder.companion.") for k in missing):
+    if unexpected or any(not k.startswith(("decoder.companion.", "locator")) for k in missing):
         raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
     return new.train(model.training)
 
@@ -1175,19 +1204,21 @@ def companion_codes(model: VAE, batch: Batch, smoothing: float = 1.5) -> tuple[t
 
 
 def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
-                         threshold: float = 5.0, smoothing: float = 1.5, generator: torch.Generator | None = None,
+                         threshold: float = 20.0, smoothing: float = 1.5, generator: torch.Generator | None = None,
                          log=None) -> dict:
     """Teach a VAE's encoder where each galaxy's companion is, before ELBO training (in place).
 
     The targets are :func:`companion_codes` of every galaxy in ``loader`` (computed once,
-    with the model as it is): galaxies whose residual source has a signal-to-noise ratio
-    of at least ``threshold`` get posterior means at those codes (flux fraction and
-    position; size, shear and index at 0) with narrow log-variances (-6 for the position,
-    -4 for the flux fraction, 0 for the rest); the others a companion of flux fraction
-    1e-3 with the prior's variance on every other coordinate. The encoder is trained by
-    Adam on the squared error to these targets plus the squared error of every other
-    posterior mean and log-variance to the encoder's outputs before it started (so the
-    rest of each code stays where it was). The decoder is not touched.
+    with the model as it is) as posterior means: the flux fraction times
+    ``sigmoid(2 (snr - threshold))`` (at least 1e-3, so that it fades continuously below
+    the threshold), the position where the residual source has a signal-to-noise ratio of
+    at least ``threshold`` (weighted by ``min(snr / threshold, 4)``: the bright companions
+    first; elsewhere the position is not trained), size, shear and index
+    at 0; and log-variances -4 for the flux fraction, -6 for the position, 0 for the
+    rest. The encoder and its :class:`~galgen.models.networks.CompanionLocator` are
+    trained by Adam on the squared error to these targets plus the squared error of every
+    other posterior mean and log-variance to the encoder's outputs before it started (so
+    the rest of each code stays where it was). The decoder is not touched.
 
     Parameters
     ----------
@@ -1232,16 +1263,18 @@ def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int
         codes.append(c), sig.append(s), mu0.append(m.float()), lv0.append(v.float())
     codes, sig, mu0, lv0 = (torch.cat(t) for t in (codes, sig, mu0, lv0))
     found = sig >= threshold
+    with torch.no_grad():  # the flux fraction fades out below the threshold, continuously
+        fraction = torch.sigmoid(comp.loc[0] + comp.log_scale[0].exp() * codes[:, 0])
+        fraction = (fraction * torch.sigmoid(2 * (sig - threshold))).clamp_min(1e-3)
+        codes[:, 0] = (torch.logit(fraction) - comp.loc[0]) / comp.log_scale[0].exp()
     target_mu, target_lv = mu0.clone(), lv0.clone()
-    with torch.no_grad():
-        h = comp.loc.clone()
-        h[0] = math.log(1e-3 / (1 - 1e-3))
-        faint = _companion_h_to_z(comp, h)
-    target_mu[:, own] = torch.where(found[:, None], codes, faint.to(codes))
-    narrow = torch.zeros(comp.k, device=codes.device)
-    narrow[0], narrow[1:3] = -4.0, -6.0
-    target_lv[:, own] = torch.where(found[:, None], narrow, torch.zeros_like(narrow))
-    params = list(model.encoder.parameters()) + list(model.head.parameters())
+    target_mu[:, own] = codes
+    target_lv[:, own] = 0.0
+    target_lv[:, comp.start], target_lv[:, comp.start + 1:comp.start + 3] = -4.0, -6.0
+    # the position is learned where there is a companion (the brighter, the more), elsewhere left free
+    weight = torch.ones_like(target_mu)
+    weight[:, comp.start + 1:comp.start + 3] = (found * (sig / threshold).clamp(max=4.0))[:, None].to(weight)
+    params = [p for name, p in model.named_parameters() if not name.startswith(("decoder.", "latent_flow."))]
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
     steps, last = 0, float("nan")
@@ -1253,7 +1286,7 @@ def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int
             batch = loader.batch(rows)
             mu, lv = model.encoder_moments(batch.observed, batch.cond)
             rows = rows.to(codes.device)
-            loss = ((mu.float() - target_mu[rows]) ** 2 + (lv.float() - target_lv[rows]) ** 2).sum(1).mean()
+            loss = (weight[rows] * (mu.float() - target_mu[rows]) ** 2 + (lv.float() - target_lv[rows]) ** 2).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -604,9 +604,23 @@ def test_add_companion_puts_its_coordinates_before_a_latent_gate():
     companion give back w0)."""
     from galgen.models import add_symmetry_gate
 
+    from galgen.models import add_companion
+
     pair = _companion_vae()
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=9, width=8, decoder="flux-shape", seed_profile="bulge-disk", seed_latents=True,
+              log_flux=(math.log(5000.0), 0.3)).eval()
+    x = 100 * torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(7))
+    grown = add_companion(vae)
+    with torch.no_grad():  # the old coordinates' moments are kept
+        mu, lv = grown.encoder_moments(x)
+        mu0, lv0 = vae.encoder_moments(x)
+        position, _ = grown.locator(torch.asinh(x / vae.input_scale))
+    assert torch.allclose(mu[:, :9], mu0, atol=1e-5) and torch.allclose(lv[:, :9], lv0, atol=1e-5)
+    # the companion starts at the prior's moments, its position at the locator's soft-argmax
+    assert torch.equal(mu[:, [9, 12, 13, 14, 15]], torch.zeros(3, 5)) and torch.equal(lv[:, 9:], torch.zeros(3, 7))
+    assert torch.allclose(mu[:, 10:12], position / 8, atol=1e-3)  # the position's coordinates are offset / 8 px
     with pytest.raises(GalgenInputError, match="without a companion"):
-        from galgen.models import add_companion
         add_companion(pair)
     lat = add_symmetry_gate(_companion_vae(), "latent", generator=torch.Generator().manual_seed(0)).eval()
     assert lat.latent_dim == 17 and lat.decoder.companion.start == 9 and lat.decoder.gate_coordinate == 16
