@@ -25,6 +25,9 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
    of the held-out galaxies, one draw each: what the flow prior is fitted to, on galaxies
    it never saw), decoded: what a perfect prior could do with this decoder, beside the
    flow prior's draws, with the C2ST of all eleven statistics of ``galgen evaluate``;
+6. what the posterior codes would score if the galaxies of one type (irregulars, galaxies
+   with companions, both) were drawn right: their statistics swapped for the real ones
+   (the asymmetry alone, and all eleven), C2ST and asymmetry W1 / floor;
 
 each observed without noise through the PSFs of the held-out galaxies (or, with
 ``--measure-on observed``, with the survey's noise and measured with its variance, as
@@ -170,6 +173,18 @@ def main(argv=None):
         result["sets"][name]["w1_ratio"] = {k: cmp[k]["w1_ratio"] for k in names}
         print(f"{name:34s} C2ST {c2st['accuracy']:.3f}  W1 / floor: "
               + " ".join(f"{k} {cmp[k]['w1_ratio']:.2f}" for k in names))
+    post, result["swapped"] = stats["held-out posterior codes"], {}
+    for types in (("with companion",), ("irregular",), ("with companion", "irregular")):
+        sel = np.isin(label, types)
+        for what in ("asymmetry", "all"):  # which statistics of these galaxies are the real ones
+            swap = set(post) if what == "all" else {"asymmetry"}  # all: with the real ok / flag too
+            swapped = {k: np.where(sel, stats["real"][k], v) if k in swap else v for k, v in post.items()}
+            c2st = c2st_statistics(stats["real"], swapped, names=names, seed=args.seed)["accuracy"]
+            ratio = compare_statistics(stats["real"], swapped, names=names, seed=args.seed)["statistics"]
+            key = f"{' + '.join(types)}: {what}"
+            result["swapped"][key] = {"c2st": c2st, "asymmetry_w1_ratio": ratio["asymmetry"]["w1_ratio"]}
+            print(f"posterior codes, real {key:36s} C2ST {c2st:.3f}  asymmetry W1 / floor "
+                  f"{ratio['asymmetry']['w1_ratio']:.2f}")
     if dec.symmetry_gate is not None:  # a symmetry gate (FluxShapeGenerator(symmetry_gate=...))
         result["gate_flow_prior"] = {f"q{q}": float(np.percentile(gate_prior, q)) for q in QUANTILES}
         result["gate_flow_prior"]["fraction_below_0.05"] = float(np.mean(gate_prior < 0.05))
