@@ -5,9 +5,15 @@
         --out pipelines/runs/sdss-vae-bd-gate --init gated.pt
 
 Every weight of the source is kept (:func:`galgen.models.add_symmetry_gate`,
-:func:`galgen.models.add_latents`, :func:`galgen.models.add_companion`, applied in this order); the written checkpoint is a model file at step 0
-whose provenance names the source, which ``galgen train --init`` fine-tunes (with a
-config whose ``model`` section matches the grown model).
+:func:`galgen.models.add_latents`, :func:`galgen.models.add_companion`, applied in this order);
+the written checkpoint is a model file at step 0 whose provenance names the source, which
+``galgen train --init`` fine-tunes (with a config whose ``model`` section matches the grown
+model). With ``--companion --warm-start DATA`` the encoder is first taught where each
+training galaxy's companion is (:func:`galgen.models.warm_start_companion`; the companion
+fades in ELBO training without it):
+
+    python pipelines/grow_vae.py --from pipelines/runs/sdss-vae-bd-gate/model.pt --companion \
+        --warm-start sdss_rich_train_20k.h5 --epochs 8 --lr 3e-3 --out companion.pt
 """
 
 from __future__ import annotations

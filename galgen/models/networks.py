@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import GalgenInputError
 from ..physics.sersic import render_sersic, sersic_b
 
-__all__ = ["Encoder", "CompanionLocator", "Decoder", "FluxShapeGenerator", "SeedCoordinates", "TEMPLATE_PROFILES", "COMPANION_COORDINATES", "halvings", "log_flux_start"]
+__all__ = ["Encoder", "CompanionLocator", "Decoder", "FluxShapeGenerator", "SeedCoordinates", "TEMPLATE_PROFILES",
+           "COMPANION_COORDINATES", "halvings", "log_flux_start"]
 
 
 def halvings(size: int, smallest: int = 4) -> tuple[int, int]:

@@ -1286,7 +1286,8 @@ def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int
             batch = loader.batch(rows)
             mu, lv = model.encoder_moments(batch.observed, batch.cond)
             rows = rows.to(codes.device)
-            loss = (weight[rows] * (mu.float() - target_mu[rows]) ** 2 + (lv.float() - target_lv[rows]) ** 2).sum(1).mean()
+            err = weight[rows] * (mu.float() - target_mu[rows]) ** 2 + (lv.float() - target_lv[rows]) ** 2
+            loss = err.sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -142,7 +142,8 @@ def test_companion_keeps_the_flux_and_lies_where_its_parameters_say():
         flux = g.log_flux(z).exp()
     assert torch.allclose(img.sum((1, 2)), flux, rtol=1e-5)
     f = p["fraction"][:, None, None]
-    assert torch.allclose(img, (1 - f) * alone + f * flux[:, None, None] * comp, rtol=1e-4, atol=1e-6 * float(flux.max()))
+    expected = (1 - f) * alone + f * flux[:, None, None] * comp
+    assert torch.allclose(img, expected, rtol=1e-4, atol=1e-6 * float(flux.max()))
     assert torch.allclose(comp.sum((1, 2)), torch.ones(6), atol=1e-5)
     pix = torch.arange(48, dtype=torch.float32) - 24
     cx, cy = (comp * pix[None, None, :]).sum((1, 2)), (comp * pix[None, :, None]).sum((1, 2))

@@ -510,6 +510,15 @@ def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
     assert torch.equal(a.decoder.shape.out.weight, vae.decoder.shape.out.weight)
     with pytest.raises(SystemExit):
         grow.main(["--from", str(src), "--out", str(tmp_path / "c.pt")])
+    with pytest.raises(SystemExit):  # a warm start is the companion's
+        grow.main(["--from", str(src), "--out", str(tmp_path / "c.pt"), "--latents", "1", "--warm-start", "x.h5"])
+    seeded = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3),
+                 seed_profile="bulge-disk", seed_latents=True)
+    src = save_checkpoint(tmp_path / "seeded.pt", model_state=seeded.state_dict(), config=seeded.config)
+    grow.main(["--from", str(src), "--out", str(tmp_path / "d.pt"), "--symmetry-gate", "latent", "--companion"])
+    d = load_model(tmp_path / "d.pt")
+    assert d.config["companion"] and d.latent_dim == 18 and d.decoder.companion.start == 10
+    assert d.decoder.gate_coordinate == 17 and d.locator is not None
 
 
 def test_gate_posterior_recovers_the_weight_that_drew_the_galaxy():
@@ -646,19 +655,16 @@ def _fixed_code(vae, z0):
         vae.head[1].bias.copy_(torch.cat([z0, torch.zeros_like(z0)]))
 
 
-def test_companion_codes_find_a_companion_added_to_the_reconstruction():
-    """companion_codes: galaxies that are the VAE's reconstruction plus a second exponential
-    galaxy (30% of the flux, at a known offset) get codes that put the companion within a pixel
-    of it, with a flux fraction of the right order, and a high signal-to-noise ratio; the
-    reconstruction with noise alone has no source above 5 sigma."""
-    from galgen.models import companion_codes
+def _with_companions(vae, n, has):
+    """A companion-free code z0 that the encoder returns for every image, and n noisy
+    observations of its galaxy, those in ``has`` with a round exponential companion of 30% of
+    the flux 6-10 pixels away: (z0, offsets, observation, noise-free main galaxies, noisy
+    observed stamps)."""
     from galgen.physics import render_sersic
 
-    vae = _companion_vae()
     z0 = torch.zeros(16)
     z0[9] = -30.0
     _fixed_code(vae, z0)
-    n = 16
     g = torch.Generator().manual_seed(2)
     angle = 2 * math.pi * torch.rand(n, generator=g)
     sep = 6 + 4 * torch.rand(n, generator=g)
@@ -667,12 +673,24 @@ def test_companion_codes_find_a_companion_added_to_the_reconstruction():
     obs = Observation(psf, pixel_scale=1.0, stamp=32, noise=GaussianNoise(torch.full((n, 32, 32), 1.0)))
     with torch.no_grad():
         main = vae.decode(z0.expand(n, -1))
-        flux = main.sum((1, 2))
-        comp = render_sersic(torch.full((n,), 1.5), 1.0, size=32, scale=1.0, flux=0.3 * flux / 0.7,
+        comp = render_sersic(torch.full((n,), 1.5), 1.0, size=32, scale=1.0, flux=0.3 * main.sum((1, 2)) / 0.7 * has,
                              centre=offset + 16)
-        clean = obs.noiseless(main + comp)
         noise = torch.randn(n, 32, 32, generator=torch.Generator().manual_seed(3))
-        codes, snr = companion_codes(vae, Batch(observed=clean + noise, observation=obs))
+        return z0, offset, obs, main, obs.noiseless(main + comp) + noise, noise
+
+
+def test_companion_codes_find_a_companion_added_to_the_reconstruction():
+    """companion_codes: galaxies that are the VAE's reconstruction plus a second exponential
+    galaxy (30% of the flux, at a known offset) get codes that put the companion within a pixel
+    of it, with a flux fraction of the right order, and a high signal-to-noise ratio; the
+    reconstruction with noise alone has no source above 5 sigma."""
+    from galgen.models import companion_codes
+
+    vae = _companion_vae()
+    n = 16
+    z0, offset, obs, main, observed, noise = _with_companions(vae, n, torch.ones(n, dtype=torch.bool))
+    with torch.no_grad():
+        codes, snr = companion_codes(vae, Batch(observed=observed, observation=obs))
         _, snr_none = companion_codes(vae, Batch(observed=obs.noiseless(main) + noise, observation=obs))
     c = vae.decoder.companion
     h = c.loc + c.log_scale.exp() * codes
@@ -711,24 +729,10 @@ def test_warm_start_companion_teaches_the_encoder_the_residual_companions():
     from galgen.models import warm_start_companion
 
     vae = _companion_vae()
-    base = torch.zeros(16)
-    base[9] = -30.0
-    _fixed_code(vae, base)
     n = 32
-    g = torch.Generator().manual_seed(2)
-    angle = 2 * math.pi * torch.rand(n, generator=g)
-    sep = 6 + 4 * torch.rand(n, generator=g)
-    offset = torch.stack([sep * torch.cos(angle), sep * torch.sin(angle)], 1)
     has = torch.arange(n) % 2 == 0
-    psf = gaussian_psf(torch.full((n,), 1.5), 15, 1.0).float()
-    obs = Observation(psf, pixel_scale=1.0, stamp=32, noise=GaussianNoise(torch.full((n, 32, 32), 1.0)))
-    from galgen.physics import render_sersic
-
+    _, offset, obs, _, observed, _ = _with_companions(vae, n, has)
     with torch.no_grad():
-        main = vae.decode(base.expand(n, -1))
-        comp = render_sersic(torch.full((n,), 1.5), 1.0, size=32, scale=1.0,
-                             flux=0.3 * main.sum((1, 2)) / 0.7 * has, centre=offset + 16)
-        observed = obs.noiseless(main + comp) + torch.randn(n, 32, 32, generator=torch.Generator().manual_seed(3))
         before = vae.encode(observed).mean
     out = warm_start_companion(vae, _Loader(observed, obs), epochs=500, batch_size=16, lr=3e-3,
                                generator=torch.Generator().manual_seed(0))
