@@ -171,3 +171,21 @@ def test_companion_coordinates_must_fit_beside_the_seed_and_the_gate():
         FluxShapeGenerator(32, in_features=17, companion_coordinate=9, width=8)
     with pytest.raises(GalgenInputError, match="no companion"):
         FluxShapeGenerator(32, in_features=8, width=8).companion_parameters(torch.zeros(1, 8))
+
+
+def test_a_network_companion_starts_faint_and_keeps_the_flux():
+    """FluxShapeGenerator(companion=True) without companion coordinates: a network of the whole
+    code, starting at flux fraction sigmoid(-3.5) at the centre for every code; the image sums
+    to its flux, and the companion's parameters get gradients."""
+    from galgen.models.networks import FluxShapeGenerator
+
+    torch.manual_seed(0)
+    g = FluxShapeGenerator(32, in_features=8, width=8, log_flux=(math.log(500.0), 0.3), companion=True)
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    img = g(z)
+    p = g.companion_parameters(z)
+    assert torch.allclose(p["fraction"], torch.full((4,), 1 / (1 + math.exp(3.5))), rtol=1e-5)
+    assert torch.allclose(p["dx"], torch.zeros(4)) and torch.allclose(p["dy"], torch.zeros(4))
+    assert torch.allclose(img.sum((1, 2)), g.log_flux(z).exp(), rtol=1e-5)
+    (img[:, 20:, 20:].sum()).backward()
+    assert float(g.companion[2].weight.grad.abs().sum()) > 0
