@@ -102,7 +102,6 @@ def main(argv=None):
     from galgen.evaluation.distances import c2st_statistics, compare_statistics
     from galgen.evaluation.statistics import STATISTICS, morphology_statistics
     from galgen.models.base import sample_latents
-    from galgen.models.networks import LATENT_GATE_GAIN
     from galgen.runtime import resolve_model
     from galgen.simulate import morphology_label
 
@@ -129,8 +128,7 @@ def main(argv=None):
         if dec.symmetry_gate == "latent":  # reconstructions with each galaxy's best gate, as the ELBO draws them
             for batch in loader.iter_batches(256):
                 rows = batch.index.cpu().numpy()
-                w = model.gate_posterior(z_rec[rows], batch)[0].clamp(3.4e-4, 1 - 3.4e-4)
-                z_rec[rows, -1] = torch.logit(w) / LATENT_GATE_GAIN
+                z_rec[rows] = model.with_best_gate(z_rec[rows], batch)
         z_post = model.aggregate_posterior(loader.iter_batches(256), 1, generator=gen)[0]
         mean_logits = dec.shape.logits(z_prior).mean(0, keepdim=True)
         gate_rec, gate_prior = dec.asymmetry_gate(z_rec).numpy(), dec.asymmetry_gate(z_prior).numpy()

@@ -43,7 +43,6 @@ def main(argv=None):
 
     from galgen.data import CutoutFile, ObservationLoader
     from galgen.evaluation.statistics import morphology_statistics
-    from galgen.models.networks import LATENT_GATE_GAIN
     from galgen.runtime import resolve_model
 
     t0 = time.perf_counter()
@@ -60,10 +59,7 @@ def main(argv=None):
     batch = ObservationLoader(args.data, np.arange(n), (), in_memory=True).batch(torch.as_tensor(rows))
     obs, dec = batch.observation, model.decoder
     with torch.no_grad():
-        z0, _ = model.encoder_moments(batch.observed)
-        if model.config.get("symmetry_gate") == "latent":
-            w = model.gate_posterior(z0, batch)[0].clamp(1e-4, 1 - 1e-4)
-            z0[:, -1] = torch.logit(w) / LATENT_GATE_GAIN
+        z0 = model.with_best_gate(model.encoder_moments(batch.observed)[0], batch)
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=args.lr)
     for _ in range(args.steps):

@@ -444,8 +444,7 @@ class VAE(GenerativeModel):
         z = mu + eps * (0.5 * logvar).exp()
         kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1)
         if self.config.get("symmetry_gate") == "latent":  # the gate's weight: the likelihood's, per galaxy
-            w = self.gate_posterior(z, batch)[0].clamp(_GATE_RANGE, 1 - _GATE_RANGE)
-            z = torch.cat([z[:, :-1], (torch.logit(w) / LATENT_GATE_GAIN)[:, None].to(z.dtype)], 1)
+            z = self.with_best_gate(z, batch)
             kl = kl[:, :-1]
         kl = kl.sum(1)
         intrinsic = self.decode(z, batch.cond)
@@ -613,6 +612,30 @@ class VAE(GenerativeModel):
         a = (2 * (f1 - 2 * fh + f0)).clamp_min(1e-12)
         b = f1 - f0 - a
         return -b / (2 * a), a.rsqrt()
+
+    def with_best_gate(self, z: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``z`` with its latent gate's coordinate at the weight that best explains each galaxy.
+
+        The weight is :meth:`gate_posterior`'s ``w*``, clipped to the gate's range
+        ``(sigmoid(-8), sigmoid(8))``, as :meth:`elbo` draws each training galaxy.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, latent_dim)`` codes.
+        batch : Batch
+            The observed galaxies, with their observation.
+
+        Returns
+        -------
+        torch.Tensor
+            A new tensor (the other coordinates keep their gradients); ``z`` itself
+            without a latent gate.
+        """
+        if self.config.get("symmetry_gate") != "latent":
+            return z
+        w = self.gate_posterior(z, batch)[0].clamp(_GATE_RANGE, 1 - _GATE_RANGE)
+        return torch.cat([z[:, :-1], (torch.logit(w) / LATENT_GATE_GAIN)[:, None].to(z.dtype)], 1)
 
     def fit_prior(self, latents_or_batches, cond=None, *, samples_per_galaxy: int = 4, **options) -> dict:
         """Fit the flow prior to the aggregate posterior.
@@ -1164,9 +1187,7 @@ def companion_codes(model: VAE, batch: Batch, smoothing: float = 1.5) -> tuple[t
     h = comp.loc.expand(len(z), -1).clone()
     h[:, 0] = -30.0  # no companion
     z[:, comp.start:comp.start + comp.k] = _companion_h_to_z(comp, h)
-    if model.config.get("symmetry_gate") == "latent":
-        w = model.gate_posterior(z, batch)[0].clamp(_GATE_RANGE, 1 - _GATE_RANGE)
-        z[:, -1] = torch.logit(w) / LATENT_GATE_GAIN
+    z = model.with_best_gate(z, batch)
     intrinsic = model.decode(z, batch.cond).float()
     recon = obs.noiseless(intrinsic)
     observed = batch.observed.to(recon.dtype)
