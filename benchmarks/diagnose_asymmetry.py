@@ -93,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--measure-on", choices=("noiseless", "observed"), default="noiseless",
                     help="statistics of the noise-free observed images, or of noisy ones (the file's noise "
                          "model, CCD) with their variance maps, as galgen evaluate --measure-on [noiseless]")
+    ap.add_argument("--map-steps", type=int, default=0,
+                    help="also the held-out galaxies' MAP codes (galgen.inference.fit_map, the flow prior, Adam, "
+                         "this many steps from the encoder's guess, the flux in the code), decoded")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,6 +135,16 @@ def main(argv=None):
         z_post = model.aggregate_posterior(loader.iter_batches(256), 1, generator=gen)[0]
         mean_logits = dec.shape.logits(z_prior).mean(0, keepdim=True)
         gate_rec, gate_prior = dec.asymmetry_gate(z_rec).numpy(), dec.asymmetry_gate(z_prior).numpy()
+    code_sets = [("reconstruction", z_rec, "full"), ("reconstruction, seed alone", z_rec, "off"),
+                 ("flow prior", z_prior, "full"), ("flow prior, seed alone", z_prior, "off"),
+                 ("flow prior, mean body", z_prior, "mean"), ("held-out posterior codes", z_post, "full")]
+    if args.map_steps:
+        from galgen.inference import fit_map
+        z_map = torch.empty_like(z_rec)
+        for batch in loader.iter_batches(250):
+            z_map[batch.index.cpu()] = fit_map(model, batch.observed, batch.observation, optimizer="adam",
+                                               max_iter=args.map_steps, fit_flux=False).z.float()
+        code_sets.append(("held-out MAP codes", z_map, "full"))
     noise = survey_noise(args.data) if noisy else None
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     sets = {"real": (real, real_var)}
@@ -139,9 +152,7 @@ def main(argv=None):
         shift = np.fft.fftfreq(real.shape[-1])
         phase = np.exp(-2j * np.pi * 0.25 * (shift[None, :] + shift[:, None]))
         sets["real shifted 0.25 pixel"] = (np.real(np.fft.ifft2(np.fft.fft2(real) * phase)), None)
-    for name, z, body in (("reconstruction", z_rec, "full"), ("reconstruction, seed alone", z_rec, "off"),
-                          ("flow prior", z_prior, "full"), ("flow prior, seed alone", z_prior, "off"),
-                          ("flow prior, mean body", z_prior, "mean"), ("held-out posterior codes", z_post, "full")):
+    for name, z, body in code_sets:
         obs = _observe(loader, _decoded(dec, z, body, mean_logits), noise=noise, generator=noise_gen)
         sets[name] = obs if noisy else (obs, None)
     stats = {}
@@ -164,7 +175,7 @@ def main(argv=None):
               + (f"  W1 A {entry['asymmetry_w1']:.3f} (floor {entry['asymmetry_w1_floor']:.3f})"
                  f" Gini {entry['gini_w1']:.3f} ({entry['gini_w1_floor']:.3f})" if name != "real" else ""))
     names = list(STATISTICS)
-    for name in ("flow prior", "held-out posterior codes"):  # is the prior or the decoder the limit?
+    for name in ("flow prior", "held-out posterior codes", "held-out MAP codes")[:3 if args.map_steps else 2]:
         c2st = c2st_statistics(stats["real"], stats[name], names=names, seed=args.seed)
         cmp = compare_statistics(stats["real"], stats[name], names=names, seed=args.seed)["statistics"]
         result["sets"][name]["c2st"] = c2st["accuracy"]

@@ -7,8 +7,12 @@ The flow is fitted as ``galgen train`` fits it after training (the same
 :meth:`~galgen.models.VAE.aggregate_posterior` codes, ``prior_samples`` draws per galaxy
 and ``prior_epochs``; ``--transforms`` and ``--hidden`` fit a flow of another size); with a
 latent symmetry gate, the gate's coordinate of each code
-comes from :meth:`~galgen.models.VAE.gate_posterior`. The written model keeps the
-source's configuration and provenance, with the refit recorded in it.
+comes from :meth:`~galgen.models.VAE.gate_posterior`. With ``--codes map`` the flow is
+fitted instead to each galaxy's MAP code (:func:`galgen.inference.map_codes`: a fit of the
+code to the galaxy's data from the encoder's guess, ``--map-steps`` Adam steps at most):
+where the encoder has not learned a kind of galaxy the fit still gives it its code. ``--save-codes`` writes the codes (a tensor file) and ``--load-codes`` reads
+them back, so that flows of other sizes can be fitted to the same codes. The written
+model keeps the source's configuration and provenance, with the refit recorded in it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="checkpoint file to write")
     ap.add_argument("--n", type=int, default=None, help="first N galaxies of the file (default all)")
     ap.add_argument("--samples", type=int, default=4, help="draws from each galaxy's posterior [4]")
+    ap.add_argument("--codes", choices=("posterior", "map"), default="posterior",
+                    help="fit the flow to the encoder's posterior draws [posterior] or to MAP codes")
+    ap.add_argument("--map-steps", type=int, default=300, help="Adam steps of each MAP fit at most [300]")
+    ap.add_argument("--save-codes", help="write the codes the flow is fitted to (torch tensor file)")
+    ap.add_argument("--load-codes", help="fit the flow to these codes (a --save-codes file) instead")
     ap.add_argument("--epochs", type=int, default=60, help="epochs of the flow's fit [60]")
     ap.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping [10]")
     ap.add_argument("--transforms", type=int, default=None, help="a new flow with this many transforms "
@@ -56,12 +65,30 @@ def main(argv=None):
     if n < len(loader):
         loader = ObservationLoader(args.data, np.arange(n), model.conditions)
     torch.manual_seed(args.seed)
-    codes, cond = model.aggregate_posterior(loader.iter_batches(args.batch_size), samples_per_galaxy=args.samples)
+    if args.load_codes:
+        codes = torch.load(args.load_codes, weights_only=True)
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or codes.shape[1] != model.latent_dim:
+            raise GalgenInputError(f"--load-codes: {args.load_codes} holds no (N, {model.latent_dim}) tensor")
+        cond = None
+        if model.cond_dim:
+            raise GalgenInputError("--load-codes: a conditional model's codes need their conditions; refit it "
+                                   "from --data")
+    elif args.codes == "map":
+        from galgen.inference import map_codes
+        codes, cond = map_codes(model.eval(), loader.iter_batches(250), max_iter=args.map_steps,
+                                log=logging.getLogger("refit_prior").info)
+    else:
+        codes, cond = model.aggregate_posterior(loader.iter_batches(args.batch_size),
+                                                samples_per_galaxy=args.samples)
+    if args.save_codes:
+        torch.save(codes, args.save_codes)
     hist = model.fit_prior(codes, cond, epochs=args.epochs, patience=args.patience,
                            generator=torch.Generator().manual_seed(args.seed))
     metrics = {**getattr(model, "metrics", {}), "prior_val_nll": hist.get("best_val_loss")}
     provenance = {**getattr(model, "provenance", {}),
                   "prior_refit": {"data": str(args.data), "n": n, "samples": args.samples, "epochs": args.epochs,
+                                  "codes": "loaded" if args.load_codes else args.codes,
+                                  **({"map_steps": args.map_steps} if args.codes == "map" else {}),
                                   "patience": args.patience, "prior": model.config.get("prior"),
                                   "seed": args.seed, "from": str(getattr(model, "checkpoint_path", args.model))}}
     cfg = dict(getattr(model, "run_config", {}) or {})

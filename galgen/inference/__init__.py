@@ -10,9 +10,9 @@ from .fit import (POSTERIOR_METHODS, FitWriter, PosteriorResult, draw_log_scale,
                   marginal_log_prob, posterior_images, posterior_log_prob, sample_posterior, thin_draws)
 from .hmc import HMCResult, hmc_sample
 from .importance import importance_sample, laplace_approximation, psis
-from .map import OPTIMIZERS, STATUS, MAPResult, fit_map, initial_log_scale, latent_log_prior
+from .map import OPTIMIZERS, STATUS, MAPResult, fit_map, initial_log_scale, latent_log_prior, map_codes
 
-__all__ = ["fit_map", "MAPResult", "STATUS", "latent_log_prior", "initial_log_scale", "sample_posterior",
+__all__ = ["fit_map", "map_codes", "MAPResult", "STATUS", "latent_log_prior", "initial_log_scale", "sample_posterior",
            "thin_draws", "hmc_sample", "HMCResult", "split_rhat", "ess_bulk", "ess_tail", "summarize_chains",
            "fit_file", "FitWriter", "posterior_log_prob", "marginal_log_prob", "draw_log_scale", "posterior_images", "derived_quantities",
            "credible_intervals", "DERIVED_NAMES", "OPTIMIZERS", "POSTERIOR_METHODS", "PosteriorResult",

@@ -23,9 +23,10 @@ import torch
 
 from ..errors import GalgenInputError
 from ..models.base import LatentModel, amortised_guess, sample_latents
+from ..physics import Batch
 from .lm import levenberg_marquardt, rows_prior
 
-__all__ = ["MAPResult", "fit_map", "latent_log_prior", "initial_log_scale", "STATUS", "OPTIMIZERS"]
+__all__ = ["MAPResult", "fit_map", "map_codes", "latent_log_prior", "initial_log_scale", "STATUS", "OPTIMIZERS"]
 
 #: The optimisers of :func:`fit_map`: Levenberg-Marquardt (a handful of second-order
 #: steps per galaxy), Adam, and L-BFGS (``"auto"`` picks the model's ``map_optimizer``).
@@ -362,3 +363,62 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
                      residual=resid.cpu(), normalized_residual=norm.cpu(), chi2=chi2.cpu(), dof=dof.cpu(),
                      log_posterior=lp.view(R, B).gather(0, best[None])[0].cpu(), status=status,
                      n_iter=n_iter[pick.cpu()], wall_time=time.perf_counter() - t0)
+
+
+def map_codes(model, batches, *, optimizer: str = "adam", max_iter: int = 300, lr: float = 0.05,
+              log=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MAP latent codes of every galaxy of a data set, the flux in the code: what a prior can be fitted to.
+
+    An encoder's codes are the amortised guess of each galaxy's posterior; where the encoder
+    has not learned a kind of galaxy (a companion's light, an irregular's knots), a flow
+    prior fitted to them (:meth:`galgen.models.VAE.fit_prior`) never draws that kind, though
+    the decoder can draw it. A fit of each code to its galaxy's data (:func:`fit_map`, from
+    the encoder's guess, under the model's current prior, with no separate flux scale)
+    gives the prior codes that explain the galaxies: on 250 held-out rich-morphology
+    galaxies, MAP codes decoded and observed with noise have a CAS asymmetry within 1.3x
+    of its real-vs-real floor, the encoder's posterior draws 1.8x (docs/models.md).
+
+    Parameters
+    ----------
+    model : galgen.models.LatentModel
+        The model whose codes are fitted (eval mode; its parameters are not trained).
+    batches : iterable of galgen.models.Batch
+        The data set, e.g. ``ObservationLoader(...).iter_batches(250)``.
+    optimizer : {"adam", "lm", "lbfgs", "auto"}, optional
+        As :func:`fit_map`.
+    max_iter : int, optional
+        Iterations per batch at most (galaxies stop when converged).
+    lr : float, optional
+        Adam's step.
+    log : callable, optional
+        Called with a progress line after every batch (e.g. ``print``).
+
+    Returns
+    -------
+    codes : torch.Tensor
+        ``(N, latent_dim)`` float32 on the CPU, in the batches' order.
+    cond : torch.Tensor or None
+        The batches' raw conditions ``(N, C)``, or None when they carry none.
+
+    Raises
+    ------
+    GalgenInputError
+        An item that is not a Batch, or no batches.
+    """
+    codes, conds, n, t0, stuck = [], [], 0, time.perf_counter(), 0
+    for b in batches:
+        if not isinstance(b, Batch):
+            raise GalgenInputError(f"batches: expected galgen.models.Batch items, got {type(b).__name__}")
+        res = fit_map(model, b.observed, b.observation, cond=b.cond, optimizer=optimizer, max_iter=max_iter,
+                      lr=lr, fit_flux=False)
+        codes.append(res.z.float())
+        if b.cond is not None:
+            conds.append(torch.as_tensor(b.cond).cpu())
+        n += len(res.z)
+        stuck += int((res.status != 0).sum())
+        if log is not None:
+            log(f"map_codes: {n} galaxies in {time.perf_counter() - t0:.0f} s ({stuck} not converged in "
+                f"{max_iter} iterations)")
+    if not codes:
+        raise GalgenInputError("batches: no batches to fit")
+    return torch.cat(codes), (torch.cat(conds) if conds else None)

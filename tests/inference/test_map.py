@@ -18,7 +18,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def self_generated(n=12, seed=0):
+def self_generated(n=12, seed=0, variance=25.0):
     torch.manual_seed(seed)
     vae = VAE(32, latent_dim=4, width=8, flux_scale=200.0).eval()
     with torch.no_grad():  # a random decoder is a valid generative model of galaxies
@@ -26,7 +26,7 @@ def self_generated(n=12, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     z_true = torch.randn(n, 4, generator=g)
     psf = gaussian_psf(1.2, 15, 0.4)
-    obs = Observation(psf, pixel_scale=0.4, stamp=32, noise=GaussianNoise(torch.full((n, 32, 32), 25.0)))
+    obs = Observation(psf, pixel_scale=0.4, stamp=32, noise=GaussianNoise(torch.full((n, 32, 32), variance)))
     with torch.no_grad():
         _, data = obs.observe(vae.decode(z_true), generator=g)
     return vae, obs, data, z_true
@@ -55,3 +55,31 @@ def test_bad_pixels_flag_one_galaxy_without_losing_the_batch():
     assert bool(torch.isfinite(res.chi2[[0, 2, 3]]).all())
     with pytest.raises(GalgenInputError, match="stamp"):
         fit_map(vae, torch.zeros(2, 48, 48), obs)
+
+
+def test_map_codes_of_a_data_set_are_its_galaxies_fits():
+    """map_codes: batch by batch, each galaxy's code is its own MAP fit (as good as one
+    fit of the whole set: float differences of the batch size move a flat direction), which explains the data as well as the code that drew it (the
+    flux in the code), where the untrained encoder's guess does not; anything but Batch
+    items is refused."""
+    from galgen.inference import map_codes
+    from galgen.physics import Batch
+
+    vae, obs, data, z_true = self_generated(n=12, seed=2, variance=0.25)
+    vae = vae.with_prior("normal")
+    halves = [Batch(observed=data[i:i + 6], observation=obs.select(torch.arange(i, i + 6))) for i in (0, 6)]
+    lines = []
+    codes, cond = map_codes(vae, halves, max_iter=400, log=lines.append)
+    whole = fit_map(vae, data, obs, optimizer="adam", max_iter=400, fit_flux=False)
+    assert cond is None and codes.shape == (12, 4) and len(lines) == 2 and "12 galaxies" in lines[-1]
+    assert torch.allclose(codes[:6], whole.z[:6], atol=1e-5)  # the same batch, the same fit
+    with torch.no_grad():
+        chi2 = {k: obs.noise.chi2(data, obs.noiseless(vae.decode(z)))
+                for k, z in (("map", codes), ("whole", whole.z), ("truth", z_true), ("guess", vae.encode(data).mean))}
+    assert torch.allclose(chi2["map"], chi2["whole"], rtol=1.5e-2)
+    med = {k: float(v.median()) for k, v in chi2.items()}
+    assert med["map"] < 1.02 * med["truth"] and med["guess"] > 1.5 * med["truth"], med
+    with pytest.raises(GalgenInputError, match="Batch"):
+        map_codes(vae, [data])
+    with pytest.raises(GalgenInputError, match="no batches"):
+        map_codes(vae, [])

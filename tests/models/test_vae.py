@@ -746,3 +746,42 @@ def test_warm_start_companion_teaches_the_encoder_the_residual_companions():
     keep = torch.ones(16, dtype=torch.bool)
     keep[9:] = False
     assert float((after - before)[:, keep].abs().max()) < 0.1
+
+
+def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_thread):
+    """pipelines/refit_prior.py --codes map: the flow is fitted to the galaxies' MAP codes
+    (the codes written by --save-codes are map_codes' own), recorded in the provenance;
+    --load-codes fits the same flow to the same codes; codes of another width are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from galgen.checkpoints import load_model
+    from galgen.data import ObservationLoader
+    from galgen.inference import map_codes
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / "refit_prior.py"
+    spec = importlib.util.spec_from_file_location("refit_prior", script)
+    refit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refit)
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=4, width=8)
+    src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
+    common = ["--model", str(src), "--n", "16", "--epochs", "2", "--map-steps", "15"]
+    refit.main(common + ["--data", str(sdss_tiny), "--codes", "map", "--save-codes", str(tmp_path / "codes.pt"),
+                         "--out", str(tmp_path / "a.pt")])
+    codes = torch.load(tmp_path / "codes.pt", weights_only=True)
+    mine, _ = map_codes(load_model(src).eval(), ObservationLoader(sdss_tiny, np.arange(16), ()).iter_batches(250),
+                        max_iter=15)
+    assert codes.shape == (16, 4) and torch.allclose(codes, mine, atol=1e-5)
+    a = load_model(tmp_path / "a.pt")
+    assert a.provenance["prior_refit"]["codes"] == "map" and a.provenance["prior_refit"]["map_steps"] == 15
+    assert bool(a.latent_flow.fitted)
+    refit.main(common + ["--data", str(sdss_tiny), "--load-codes", str(tmp_path / "codes.pt"),
+                         "--out", str(tmp_path / "b.pt")])
+    b = load_model(tmp_path / "b.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.latent_flow.state_dict().values(),
+                                                  b.latent_flow.state_dict().values()))
+    torch.save(torch.zeros(16, 3), tmp_path / "wrong.pt")
+    with pytest.raises(GalgenInputError, match="wrong.pt"):
+        refit.main(common + ["--data", str(sdss_tiny), "--load-codes", str(tmp_path / "wrong.pt"),
+                             "--out", str(tmp_path / "c.pt")])
