@@ -258,8 +258,19 @@ def fit_map(model, observed: torch.Tensor, observation, *, cond=None, restarts: 
     max_iter = _DEFAULTS[optimizer]["max_iter"] if max_iter is None else int(max_iter)
     tol = _DEFAULTS[optimizer]["tol"] if tol is None else float(tol)
     model = _with_prior(model, prior)
-    for p in model.parameters():
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # frozen for the fit, as they were after it
+    for p, _ in flags:
         p.requires_grad_(False)
+    try:
+        return _fit_frozen(model, observed, observation, cond, restarts, generator, optimizer, lr, max_iter, tol,
+                           patience, fit_flux, t0)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _fit_frozen(model, observed, observation, cond, restarts, generator, optimizer, lr, max_iter, tol, patience,
+                fit_flux, t0):
     B = len(observed)
     inits = _initial_codes(model, observed, cond, restarts, generator, observation)
     R = inits.shape[0]
