@@ -28,6 +28,11 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
 6. what the posterior codes would score if the galaxies of one type (irregulars, galaxies
    with companions, both) were drawn right: their statistics swapped for the real ones
    (the asymmetry alone, and all eleven), C2ST and asymmetry W1 / floor;
+7. with ``--map-steps N``, the held-out galaxies' MAP codes
+   (:func:`galgen.inference.map_codes`, at most N Adam steps from the encoder's guess under
+   the flow prior), decoded, with their C2ST and W1 / floor: the codes that explain each
+   galaxy, beside the encoder's (a C2ST below 0.5 is the pairing: each draw is its real
+   galaxy's twin, so the classifier's held-out half holds the twins of what it learned);
 
 each observed without noise through the PSFs of the held-out galaxies (or, with
 ``--measure-on observed``, with the survey's noise and measured with its variance, as

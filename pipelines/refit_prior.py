@@ -11,7 +11,8 @@ comes from :meth:`~galgen.models.VAE.gate_posterior`. With ``--codes map`` the f
 fitted instead to each galaxy's MAP code (:func:`galgen.inference.map_codes`: a fit of the
 code to the galaxy's data from the encoder's guess, ``--map-steps`` Adam steps at most):
 where the encoder has not learned a kind of galaxy the fit still gives it its code. ``--save-codes`` writes the codes (a tensor file) and ``--load-codes`` reads
-them back, so that flows of other sizes can be fitted to the same codes. The written
+them back (several files: their codes together), so that flows of other sizes can be
+fitted to the same codes, or codes of several runs to one flow. The written
 model keeps the source's configuration and provenance, with the refit recorded in it.
 """
 
@@ -31,7 +32,8 @@ def main(argv=None):
                     help="fit the flow to the encoder's posterior draws [posterior] or to MAP codes")
     ap.add_argument("--map-steps", type=int, default=300, help="Adam steps of each MAP fit at most [300]")
     ap.add_argument("--save-codes", help="write the codes the flow is fitted to (torch tensor file)")
-    ap.add_argument("--load-codes", help="fit the flow to these codes (a --save-codes file) instead")
+    ap.add_argument("--load-codes", nargs="+", help="fit the flow to these codes instead (--save-codes files, "
+                                                    "concatenated)")
     ap.add_argument("--epochs", type=int, default=60, help="epochs of the flow's fit [60]")
     ap.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping [10]")
     ap.add_argument("--transforms", type=int, default=None, help="a new flow with this many transforms "
@@ -66,10 +68,11 @@ def main(argv=None):
         loader = ObservationLoader(args.data, np.arange(n), model.conditions)
     torch.manual_seed(args.seed)
     if args.load_codes:
-        codes = torch.load(args.load_codes, weights_only=True)
-        if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or codes.shape[1] != model.latent_dim:
-            raise GalgenInputError(f"--load-codes: {args.load_codes} holds no (N, {model.latent_dim}) tensor")
-        cond = None
+        parts = [torch.load(path, weights_only=True) for path in args.load_codes]
+        for path, part in zip(args.load_codes, parts):
+            if not isinstance(part, torch.Tensor) or part.ndim != 2 or part.shape[1] != model.latent_dim:
+                raise GalgenInputError(f"--load-codes: {path} holds no (N, {model.latent_dim}) tensor")
+        codes, cond = torch.cat(parts), None
         if model.cond_dim:
             raise GalgenInputError("--load-codes: a conditional model's codes need their conditions; refit it "
                                    "from --data")
@@ -87,7 +90,7 @@ def main(argv=None):
     metrics = {**getattr(model, "metrics", {}), "prior_val_nll": hist.get("best_val_loss")}
     provenance = {**getattr(model, "provenance", {}),
                   "prior_refit": {"data": str(args.data), "n": n, "samples": args.samples, "epochs": args.epochs,
-                                  "codes": "loaded" if args.load_codes else args.codes,
+                                  "codes": f"loaded from {', '.join(args.load_codes)}" if args.load_codes else args.codes,
                                   **({"map_steps": args.map_steps} if args.codes == "map" else {}),
                                   "patience": args.patience, "prior": model.config.get("prior"),
                                   "seed": args.seed, "from": str(getattr(model, "checkpoint_path", args.model))}}

@@ -751,7 +751,8 @@ def test_warm_start_companion_teaches_the_encoder_the_residual_companions():
 def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_thread):
     """pipelines/refit_prior.py --codes map: the flow is fitted to the galaxies' MAP codes
     (the codes written by --save-codes are map_codes' own), recorded in the provenance;
-    --load-codes fits the same flow to the same codes; codes of another width are refused."""
+    --load-codes fits the same flow to the same codes; a file of codes of another width
+    among them is refused by name."""
     import importlib.util
     from pathlib import Path
 
@@ -783,5 +784,5 @@ def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_
                                                   b.latent_flow.state_dict().values()))
     torch.save(torch.zeros(16, 3), tmp_path / "wrong.pt")
     with pytest.raises(GalgenInputError, match="wrong.pt"):
-        refit.main(common + ["--data", str(sdss_tiny), "--load-codes", str(tmp_path / "wrong.pt"),
-                             "--out", str(tmp_path / "c.pt")])
+        refit.main(common + ["--data", str(sdss_tiny), "--load-codes", str(tmp_path / "codes.pt"),
+                             str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "c.pt")])
