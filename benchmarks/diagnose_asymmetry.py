@@ -33,6 +33,9 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
    the flow prior), decoded, with their C2ST and W1 / floor: the codes that explain each
    galaxy, beside the encoder's (a C2ST below 0.5 is the pairing: each draw is its real
    galaxy's twin, so the classifier's held-out half holds the twins of what it learned);
+   and with ``--codes FILE ...``, codes drawn from the codes a flow was fitted to
+   (``pipelines/refit_prior.py --save-codes``), decoded: what a flow that fitted them exactly
+   would draw;
 
 each observed without noise through the PSFs of the held-out galaxies (or, with
 ``--measure-on observed``, with the survey's noise and measured with its variance, as
@@ -101,6 +104,10 @@ def main(argv=None):
     ap.add_argument("--map-steps", type=int, default=0,
                     help="also the held-out galaxies' MAP codes (galgen.inference.fit_map, the flow prior, Adam, "
                          "this many steps from the encoder's guess, the flux in the code), decoded")
+    ap.add_argument("--codes", nargs="+", default=(),
+                    help="also n codes drawn without replacement from these files (pipelines/refit_prior.py "
+                         "--save-codes: the codes its flow was fitted to), decoded: what a flow that fitted them "
+                         "exactly would draw")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,6 +157,12 @@ def main(argv=None):
             z_map[batch.index.cpu()] = fit_map(model, batch.observed, batch.observation, optimizer="adam",
                                                max_iter=args.map_steps, fit_flux=False).z.float()
         code_sets.append(("held-out MAP codes", z_map, "full"))
+    if args.codes:
+        pool = torch.cat([torch.load(path, weights_only=True).float() for path in args.codes])
+        if pool.ndim != 2 or pool.shape[1] != model.latent_dim or len(pool) < n:
+            raise SystemExit(f"--codes: expected at least {n} codes of {model.latent_dim} coordinates, got "
+                             f"{tuple(pool.shape)}")
+        code_sets.append(("fitted codes, resampled", pool[torch.randperm(len(pool), generator=gen)[:n]], "full"))
     noise = survey_noise(args.data) if noisy else None
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     sets = {"real": (real, real_var)}
@@ -180,7 +193,8 @@ def main(argv=None):
               + (f"  W1 A {entry['asymmetry_w1']:.3f} (floor {entry['asymmetry_w1_floor']:.3f})"
                  f" Gini {entry['gini_w1']:.3f} ({entry['gini_w1_floor']:.3f})" if name != "real" else ""))
     names = list(STATISTICS)
-    for name in ("flow prior", "held-out posterior codes", "held-out MAP codes")[:3 if args.map_steps else 2]:
+    for name in [k for k in ("flow prior", "held-out posterior codes", "held-out MAP codes",
+                             "fitted codes, resampled") if k in stats]:
         c2st = c2st_statistics(stats["real"], stats[name], names=names, seed=args.seed)
         cmp = compare_statistics(stats["real"], stats[name], names=names, seed=args.seed)["statistics"]
         result["sets"][name]["c2st"] = c2st["accuracy"]

@@ -72,7 +72,7 @@ def main(argv=None):
         for path, part in zip(args.load_codes, parts):
             if not isinstance(part, torch.Tensor) or part.ndim != 2 or part.shape[1] != model.latent_dim:
                 raise GalgenInputError(f"--load-codes: {path} holds no (N, {model.latent_dim}) tensor")
-        codes, cond = torch.cat(parts), None
+        codes, cond, n = torch.cat(parts), None, sum(len(part) for part in parts)
         if model.cond_dim:
             raise GalgenInputError("--load-codes: a conditional model's codes need their conditions; refit it "
                                    "from --data")
@@ -97,7 +97,8 @@ def main(argv=None):
     cfg = dict(getattr(model, "run_config", {}) or {})
     cfg = {**cfg, "model": model.config} if "model" in cfg else model.config
     save_checkpoint(args.out, model_state=model.state_dict(), config=cfg, provenance=provenance, metrics=metrics)
-    print(f"{args.out}: flow prior fitted to {len(codes)} codes of {n} galaxies (validation nll "
+    source = f"{len(args.load_codes)} file(s)" if args.load_codes else f"{n} galaxies"
+    print(f"{args.out}: flow prior fitted to {len(codes)} codes of {source} (validation nll "
           f"{hist.get('best_val_loss')})")
 
 

@@ -67,6 +67,14 @@ class TrainConfig:
         Epochs of the latent flow prior fit after training (VAE only).
     prior_samples : int
         Codes drawn from q(z|x) per galaxy for the flow fit (VAE only).
+    prior_codes : str
+        What the flow prior is fitted to (VAE only): ``posterior``, ``prior_samples`` draws
+        of each training galaxy's q(z|x); or ``map``, each galaxy's MAP code
+        (:func:`galgen.inference.map_codes`, at most ``prior_map_steps`` Adam steps from the
+        encoder's guess): codes that explain the galaxies where the encoder does not
+        (docs/models.md, "A flow prior fitted to MAP codes"), at the cost of the fits.
+    prior_map_steps : int
+        Adam steps of each MAP fit at most, with ``prior_codes: map``.
     tensorboard : bool
         Also write TensorBoard event files (needs the ``tensorboard`` package).
     progress : bool, optional
@@ -113,6 +121,8 @@ class TrainConfig:
     num_workers: int = 0
     prior_epochs: int = 50
     prior_samples: int = 4
+    prior_codes: str = "posterior"
+    prior_map_steps: int = 300
     tensorboard: bool = False
     progress: bool | None = None
     val_images: bool = True
@@ -174,6 +184,10 @@ class TrainConfig:
             raise GalgenInputError(f"{where}.depth_mix_steps: must be >= 0, got {self.depth_mix_steps!r}")
         if self.snr_cap is not None and not self.snr_cap > 0:
             raise GalgenInputError(f"{where}.snr_cap: must be > 0, got {self.snr_cap!r}")
+        if self.prior_codes not in ("posterior", "map"):
+            raise GalgenInputError(f"{where}.prior_codes: 'posterior' or 'map', got {self.prior_codes!r}")
+        if self.prior_map_steps < 1:
+            raise GalgenInputError(f"{where}.prior_map_steps: must be >= 1, got {self.prior_map_steps!r}")
         if self.num_workers < 0 or self.prior_epochs < 0 or self.prior_samples < 1:
             raise GalgenInputError(f"{where}: num_workers, prior_epochs must be >= 0 and prior_samples >= 1")
 

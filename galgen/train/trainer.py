@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import GalgenInputError, TrainingDiverged
+from ..inference.map import map_codes
 from ..models.base import good_pixels
 from ..runtime import derive_seed, resolve_device
 from ..checkpoints import load_checkpoint, save_checkpoint
@@ -490,8 +491,12 @@ class Trainer:
         if hasattr(self.model, "fit_prior") and self.config.prior_epochs > 0:
             g = torch.Generator(device="cpu").manual_seed(self.config.seed)
             torch.manual_seed(_step_seed(self.config.seed, -2, 0))
-            codes, cond = self.model.aggregate_posterior(self._prior_batches(),
-                                                         samples_per_galaxy=self.config.prior_samples)
+            if self.config.prior_codes == "map":
+                codes, cond = map_codes(self.model, self._prior_batches(), max_iter=self.config.prior_map_steps,
+                                        log=log.info)
+            else:
+                codes, cond = self.model.aggregate_posterior(self._prior_batches(),
+                                                             samples_per_galaxy=self.config.prior_samples)
             if self.ctx.is_main:
                 hist = self.model.fit_prior(codes, cond, epochs=self.config.prior_epochs, generator=g)
                 best = hist.get("best_val_loss") if isinstance(hist, dict) else None

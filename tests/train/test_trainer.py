@@ -384,3 +384,30 @@ def test_a_depth_mixed_vae_fits_its_prior_to_codes_of_galaxies_at_the_training_d
     assert float(per_galaxy.min()) >= 1 - 1e-6 and float(per_galaxy.max()) <= 10 * (1 + 1e-6)
     assert float(per_galaxy[:, 0].std()) > 0.5  # a mixture, not one depth
     assert trainer.finish() is not None and bool(trainer.model.latent_flow.fitted)
+
+
+def test_a_vae_can_fit_its_prior_to_the_training_galaxies_map_codes(sdss_tiny, tmp_path, caplog):
+    """prior_codes: map: the flow is fitted to each training galaxy's MAP code (one code per
+    galaxy, as map_codes gives them), not to draws of q(z|x); a bad value is a clear error."""
+    import logging
+
+    import numpy as np
+
+    from galgen.inference import map_codes
+    from galgen.models import VAE
+    from galgen.train import TrainConfig, TrainingData
+
+    data = TrainingData(sdss_tiny, np.arange(32))
+    torch.manual_seed(0)
+    model = VAE(32, latent_dim=4, width=4)
+    cfg = TrainConfig(steps=1, batch_size=16, device="cpu", prior_epochs=1, prior_codes="map", prior_map_steps=5)
+    trainer = Trainer(model, data, None, cfg, tmp_path / "run")
+    expect, _ = map_codes(model.eval(), trainer._prior_batches(), max_iter=5)
+    fitted = {}
+    model.latent_flow.fit = lambda z, ctx=None, **kw: fitted.setdefault("codes", z) is None or {}
+    with caplog.at_level(logging.INFO, logger="galgen.train"):
+        trainer.finish()
+    assert fitted["codes"].shape == (32, 4) and torch.allclose(fitted["codes"], expect, atol=1e-5)
+    assert any("map_codes: 32 galaxies" in r.getMessage() for r in caplog.records)
+    with pytest.raises(GalgenInputError, match="prior_codes"):
+        TrainConfig(prior_codes="mean").check()
