@@ -30,7 +30,8 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
    (the asymmetry alone, and all eleven), C2ST and asymmetry W1 / floor;
 7. with ``--map-steps N``, the held-out galaxies' MAP codes
    (:func:`galgen.inference.map_codes`, at most N Adam steps from the encoder's guess under
-   the flow prior), decoded, with their C2ST and W1 / floor: the codes that explain each
+   the flow prior, or ``--map-prior normal``: N(0, I)), decoded, with their C2ST and W1 /
+   floor: the codes that explain each
    galaxy, beside the encoder's (a C2ST below 0.5 is the pairing: each draw is its real
    galaxy's twin, so the classifier's held-out half holds the twins of what it learned);
    and with ``--codes FILE ...``, codes drawn from the codes a flow was fitted to
@@ -104,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--map-steps", type=int, default=0,
                     help="also the held-out galaxies' MAP codes (galgen.inference.fit_map, the flow prior, Adam, "
                          "this many steps from the encoder's guess, the flux in the code), decoded")
+    ap.add_argument("--map-prior", choices=("flow", "normal"), default="flow",
+                    help="the prior of those MAP fits: the model's flow [flow] or N(0, I)")
     ap.add_argument("--codes", nargs="+", default=(),
                     help="also n codes drawn without replacement from these files (pipelines/refit_prior.py "
                          "--save-codes: the codes its flow was fitted to), decoded: what a flow that fitted them "
@@ -151,11 +154,8 @@ def main(argv=None):
                  ("flow prior", z_prior, "full"), ("flow prior, seed alone", z_prior, "off"),
                  ("flow prior, mean body", z_prior, "mean"), ("held-out posterior codes", z_post, "full")]
     if args.map_steps:
-        from galgen.inference import fit_map
-        z_map = torch.empty_like(z_rec)
-        for batch in loader.iter_batches(250):
-            z_map[batch.index.cpu()] = fit_map(model, batch.observed, batch.observation, optimizer="adam",
-                                               max_iter=args.map_steps, fit_flux=False).z.float()
+        from galgen.inference import map_codes
+        z_map = map_codes(model.with_prior(args.map_prior), loader.iter_batches(250), max_iter=args.map_steps)[0]
         code_sets.append(("held-out MAP codes", z_map, "full"))
     if args.codes:
         pool = torch.cat([torch.load(path, weights_only=True).float() for path in args.codes])
