@@ -10,10 +10,11 @@ latent symmetry gate, the gate's coordinate of each code
 comes from :meth:`~galgen.models.VAE.gate_posterior`. With ``--codes map`` the flow is
 fitted instead to each galaxy's MAP code (:func:`galgen.inference.map_codes`: a fit of the
 code to the galaxy's data from the encoder's guess, ``--map-steps`` Adam steps at most):
-where the encoder has not learned a kind of galaxy the fit still gives it its code. ``--save-codes`` writes the codes (a tensor file) and ``--load-codes`` reads
-them back (several files: their codes together), so that flows of other sizes can be
-fitted to the same codes, or codes of several runs to one flow. The written
-model keeps the source's configuration and provenance, with the refit recorded in it.
+where the encoder has not learned a kind of galaxy the fit still gives it its code.
+``--save-codes`` writes the codes (a tensor file) and ``--load-codes`` reads them back
+(several files: their codes together), so that flows of other sizes can be fitted to the
+same codes, or codes of several runs to one flow. The written model keeps the source's
+configuration and provenance, with the refit recorded in it.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def main(argv=None):
     metrics = {**getattr(model, "metrics", {}), "prior_val_nll": hist.get("best_val_loss")}
     provenance = {**getattr(model, "provenance", {}),
                   "prior_refit": {"data": str(args.data), "n": n, "samples": args.samples, "epochs": args.epochs,
-                                  "codes": f"loaded from {', '.join(args.load_codes)}" if args.load_codes else args.codes,
-                                  **({"map_steps": args.map_steps} if args.codes == "map" else {}),
+                                  "codes": (f"loaded from {', '.join(args.load_codes)}" if args.load_codes
+                                            else args.codes),
+                                  **({"map_steps": args.map_steps} if args.codes == "map" and not args.load_codes
+                                     else {}),
                                   "patience": args.patience, "prior": model.config.get("prior"),
                                   "seed": args.seed, "from": str(getattr(model, "checkpoint_path", args.model))}}
     cfg = dict(getattr(model, "run_config", {}) or {})

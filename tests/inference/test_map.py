@@ -59,9 +59,9 @@ def test_bad_pixels_flag_one_galaxy_without_losing_the_batch():
 
 def test_map_codes_of_a_data_set_are_its_galaxies_fits():
     """map_codes: batch by batch, each galaxy's code is its own MAP fit (as good as one
-    fit of the whole set: float differences of the batch size move a flat direction), which explains the data as well as the code that drew it (the
-    flux in the code), where the untrained encoder's guess does not; anything but Batch
-    items is refused."""
+    fit of the whole set: float differences of the batch size move a flat direction),
+    which explains the data as well as the code that drew it (the flux in the code), where
+    the untrained encoder's guess does not; anything but Batch items is refused."""
     from galgen.inference import map_codes
     from galgen.physics import Batch
 
