@@ -31,9 +31,9 @@ a :class:`galgen.models.networks.FluxShapeGenerator` (``flux x softmax(body - se
 7. with ``--map-steps N``, the held-out galaxies' MAP codes
    (:func:`galgen.inference.map_codes`, at most N Adam steps from the encoder's guess under
    the flow prior, or ``--map-prior normal``: N(0, I)), decoded, with their C2ST and W1 /
-   floor: the codes that explain each
-   galaxy, beside the encoder's (a C2ST below 0.5 is the pairing: each draw is its real
-   galaxy's twin, so the classifier's held-out half holds the twins of what it learned);
+   floor: the codes that explain each galaxy, beside the encoder's (a C2ST below 0.5 is
+   the pairing: each draw is its real galaxy's twin, so the classifier's held-out half
+   holds the twins of what it learned);
    and with ``--codes FILE ...``, codes drawn from the codes a flow was fitted to
    (``pipelines/refit_prior.py --save-codes``), decoded: what a flow that fitted them exactly
    would draw;
@@ -103,8 +103,8 @@ def main(argv=None):
                     help="statistics of the noise-free observed images, or of noisy ones (the file's noise "
                          "model, CCD) with their variance maps, as galgen evaluate --measure-on [noiseless]")
     ap.add_argument("--map-steps", type=int, default=0,
-                    help="also the held-out galaxies' MAP codes (galgen.inference.fit_map, the flow prior, Adam, "
-                         "this many steps from the encoder's guess, the flux in the code), decoded")
+                    help="also the held-out galaxies' MAP codes (galgen.inference.map_codes: Adam, at most this "
+                         "many steps from the encoder's guess, the flux in the code), decoded")
     ap.add_argument("--map-prior", choices=("flow", "normal"), default="flow",
                     help="the prior of those MAP fits: the model's flow [flow] or N(0, I)")
     ap.add_argument("--codes", nargs="+", default=(),

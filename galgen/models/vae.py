@@ -322,11 +322,9 @@ class VAE(GenerativeModel):
         i, k = comp.start, comp.k
         position, features = self.locator(x)
         extra_mu, extra_lv = self.locator_head(features).chunk(2, dim=1)
-        a = self.decoder.size / 2 - 1
-        off = (position * (self.decoder.size // self.config["stamp"])).clamp(-0.999 * a, 0.999 * a)
-        loc, scale = comp.loc.detach()[1:3], comp.log_scale.detach()[1:3].exp()
         at = torch.zeros_like(extra_mu)
-        at[:, 1:3] = (a * torch.atanh(off / a) - loc) / scale
+        oversampling = self.decoder.size // self.config["stamp"]
+        at[:, 1:3] = _companion_position_z(comp, self.decoder.size, position * oversampling)
         head = torch.ones(k, dtype=mu.dtype, device=mu.device)
         head[1:3] = 0.0  # the position is the locator's alone (with the head's too, the head learned it, badly)
         mu = torch.cat([mu[:, :i], mu[:, i:i + k] * head + extra_mu + at, mu[:, i + k:]], 1)
@@ -1136,6 +1134,15 @@ def _companion_h_to_z(companion, h: torch.Tensor) -> torch.Tensor:
     return (h - companion.loc) / companion.log_scale.exp()
 
 
+def _companion_position_z(companion, size: int, offset: torch.Tensor) -> torch.Tensor:
+    """The position coordinates ``z[1:3]`` of a companion at ``offset`` ``(B, 2)`` (x, y intrinsic
+    pixels from the centre pixel), inverting ``a tanh(h / a)``, ``a = size / 2 - 1``, inside
+    the grid; the decoder's ``loc`` and ``scale`` held fixed (no gradient reaches them)."""
+    a = size / 2 - 1
+    h = a * torch.atanh(offset.clamp(-0.999 * a, 0.999 * a) / a)
+    return (h - companion.loc.detach()[1:3]) / companion.log_scale.detach()[1:3].exp()
+
+
 @torch.no_grad()
 def companion_codes(model: VAE, batch: Batch, smoothing: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Companion coordinates that put each galaxy's companion on the brightest source in its residual.
@@ -1214,14 +1221,12 @@ def companion_codes(model: VAE, batch: Batch, smoothing: float = 1.5) -> tuple[t
     cx = px + (weight * dx).sum((1, 2)) / total
     flux = torch.where(dy**2 + dx**2 <= (3 * smoothing) ** 2, r, 0.0).sum((1, 2)).clamp_min(0)
     fraction = (flux / (intrinsic.sum((1, 2)) + flux).clamp_min(1e-30)).clamp(1e-3, 0.6)
-    os_ = dec.size // S  # intrinsic pixels per detector pixel
-    a = dec.size / 2 - 1
-    offset = torch.stack([cx, cy], 1).to(recon.dtype) - float(S // 2)
-    offset = (offset * os_).clamp(-0.999 * a, 0.999 * a)
+    offset = (torch.stack([cx, cy], 1).to(recon.dtype) - float(S // 2)) * (dec.size // S)  # intrinsic pixels
     h = comp.loc.expand(B, -1).clone()
     h[:, 0] = torch.logit(fraction)
-    h[:, 1:3] = a * torch.atanh(offset / a)
-    return _companion_h_to_z(comp, h).float(), significance.float()
+    z = _companion_h_to_z(comp, h)
+    z[:, 1:3] = _companion_position_z(comp, dec.size, offset)
+    return z.float(), significance.float()
 
 
 def warm_start_companion(model: VAE, loader, *, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
