@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=1000, help="galaxies [1000]")
     p.add_argument("--survey", default=None, help="preset or survey YAML (default: the training data's survey)")
     p.add_argument("--seed", type=int, default=0, help="random seed [0]")
-    p.add_argument("--prior", choices=("flow", "normal"), default=None,
-                   help="VAE latent prior: the fitted flow (default when fitted) or N(0, I)")
+    p.add_argument("--prior", choices=("flow", "mixture", "normal"), default=None,
+                   help="VAE latent prior: the fitted flow (default when fitted), the code mixture (perturbed "
+                        "training galaxies, where fitted) or N(0, I)")
     p.add_argument("--cond", default=None,
                    help="conditions, e.g. 'mag=17.5,hlr=1.2' (conditional models; default: each galaxy draws a "
                         "row of the training conditions the model stores)")

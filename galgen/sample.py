@@ -91,7 +91,7 @@ def sample_to_file(model, out, *, n: int = 1000, survey=None, seed: int = 0, pri
     seed : int, optional
         Seed of the latent draws, PSFs and noise.
     prior : str, optional
-        One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``;
+        One of the model's ``prior_choices`` (a VAE's ``"flow"``, ``"mixture"`` or ``"normal"``;
         default the model's own: the flow when fitted).
     cond : str or dict, optional
         Conditions of a conditional model (``"mag=17.5,hlr=1.2"``); without them a

@@ -13,8 +13,13 @@ code to the galaxy's data from the encoder's guess, ``--map-steps`` Adam steps a
 where the encoder has not learned a kind of galaxy the fit still gives it its code.
 ``--save-codes`` writes the codes (a tensor file) and ``--load-codes`` reads them back
 (several files: their codes together), so that flows of other sizes can be fitted to the
-same codes, or codes of several runs to one flow. The written model keeps the source's
-configuration and provenance, with the refit recorded in it.
+same codes, or codes of several runs to one flow. ``--mixture`` also fits the code-mixture
+prior (:meth:`~galgen.models.VAE.fit_code_mixture`): a Gaussian at each galaxy's MAP code with
+its encoder's widths times ``--bandwidth`` (by default the factor at which its draws are as
+far from the codes as held-out codes are; the codes must be those of the first ``--n`` galaxies of ``--data``, in
+order: ``--codes map`` or their ``--load-codes``), and ``--keep-flow`` leaves the model's flow
+as it is. The written model keeps the source's configuration and provenance, with the refit
+recorded in it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ def main(argv=None):
     ap.add_argument("--save-codes", help="write the codes the flow is fitted to (torch tensor file)")
     ap.add_argument("--load-codes", nargs="+", help="fit the flow to these codes instead (--save-codes files, "
                                                     "concatenated)")
+    ap.add_argument("--mixture", action="store_true",
+                    help="also fit the code-mixture prior: a Gaussian at each MAP code with the encoder's widths")
+    ap.add_argument("--bandwidth", default="match", type=lambda v: v if v == "match" else float(v),
+                    help="factor on the mixture's widths, or 'match': draws as far from the codes as held-out "
+                         "codes are [match]")
+    ap.add_argument("--keep-flow", action="store_true", help="leave the model's flow prior as it is")
     ap.add_argument("--epochs", type=int, default=60, help="epochs of the flow's fit [60]")
     ap.add_argument("--patience", type=int, default=10, help="epochs without validation gain before stopping [10]")
     ap.add_argument("--transforms", type=int, default=None, help="a new flow with this many transforms "
@@ -86,11 +97,27 @@ def main(argv=None):
                                                 samples_per_galaxy=args.samples)
     if args.save_codes:
         torch.save(codes, args.save_codes)
-    hist = model.fit_prior(codes, cond, epochs=args.epochs, patience=args.patience,
-                           generator=torch.Generator().manual_seed(args.seed))
-    metrics = {**getattr(model, "metrics", {}), "prior_val_nll": hist.get("best_val_loss")}
+    if args.mixture:
+        if not (args.load_codes or args.codes == "map"):
+            raise GalgenInputError("--mixture: its centres are MAP codes (--codes map, or --load-codes of them)")
+        if len(codes) != len(loader):
+            raise GalgenInputError(f"--mixture: {len(codes)} codes for the {len(loader)} galaxies of --data "
+                                   f"{args.data} (--n {args.n}): the codes must be those galaxies', in order")
+        model.eval()
+        with torch.no_grad():
+            widths = torch.cat([(0.5 * model.encoder_moments(b.observed, b.cond)[1].float()).exp()
+                                for b in loader.iter_batches(args.batch_size)])
+        mix = model.fit_code_mixture(codes, widths, bandwidth=args.bandwidth,
+                                     generator=torch.Generator().manual_seed(args.seed))
+    hist = {} if args.keep_flow else model.fit_prior(codes, cond, epochs=args.epochs, patience=args.patience,
+                                                     generator=torch.Generator().manual_seed(args.seed))
+    metrics = {**getattr(model, "metrics", {}),
+               **({} if args.keep_flow else {"prior_val_nll": hist.get("best_val_loss")})}
     provenance = {**getattr(model, "provenance", {}),
                   "prior_refit": {"data": str(args.data), "n": n, "samples": args.samples, "epochs": args.epochs,
+                                  "flow": "kept" if args.keep_flow else "refitted",
+                                  **({"mixture": {"components": len(codes), "widths": "encoder", **mix}}
+                                     if args.mixture else {}),
                                   "codes": (f"loaded from {', '.join(args.load_codes)}" if args.load_codes
                                             else args.codes),
                                   **({"map_steps": args.map_steps} if args.codes == "map" and not args.load_codes
@@ -101,8 +128,12 @@ def main(argv=None):
     cfg = {**cfg, "model": model.config} if "model" in cfg else model.config
     save_checkpoint(args.out, model_state=model.state_dict(), config=cfg, provenance=provenance, metrics=metrics)
     source = f"{len(args.load_codes)} file(s)" if args.load_codes else f"{n} galaxies"
-    print(f"{args.out}: flow prior fitted to {len(codes)} codes of {source} (validation nll "
-          f"{hist.get('best_val_loss')})")
+    if not args.keep_flow:
+        print(f"{args.out}: flow prior fitted to {len(codes)} codes of {source} (validation nll "
+              f"{hist.get('best_val_loss')})")
+    if args.mixture:
+        print(f"{args.out}: code mixture of {len(codes)} components, bandwidth {mix['bandwidth']:.3g} x the "
+              f"encoder's widths (median {float(widths.median()):.3g})")
 
 
 if __name__ == "__main__":

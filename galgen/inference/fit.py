@@ -311,7 +311,7 @@ def fit_file(model, data, out, *, samples: int = 0, chains: int = 4, warmup: int
         MAP iterations at most (default: the optimiser's, see :func:`~galgen.inference.fit_map`).
     seed : int, optional
     prior : str, optional
-        One of the model's ``prior_choices`` (a VAE's ``"flow"`` or ``"normal"``);
+        One of the model's ``prior_choices`` (a VAE's ``"flow"``, ``"mixture"`` or ``"normal"``);
         default the model's ``map_prior``, else its own.
     metric : {"diag", "dense"}, optional
         HMC mass matrix adapted in warm-up (:func:`~galgen.inference.hmc_sample`); dense

@@ -12,7 +12,7 @@ from .base import (Batch, FlatPrior, GenerativeModel, LatentModel, StandardNorma
                    good_pixels, make_optimizer, no_sync, sample_latents, standard_normal)
 from .networks import Decoder, Encoder, halvings
 from .registry import MODEL_KINDS, build_model, model_class
-from .prior import LatentFlowPrior
+from .prior import CodeMixture, CodeMixturePrior, LatentFlowPrior
 from .vae import (VAE, add_companion, add_latents, add_symmetry_gate, companion_codes, reseed_bulge_disk,
                   warm_start_companion)
 from .wgan import WGANGP, Critic
@@ -20,5 +20,5 @@ from .adversarial import AdversarialModel
 from .gan import GAN, FluxShapeGenerator, SNCritic
 
 __all__ = ["LatentModel", "standard_normal", "sample_latents", "amortised_guess", "encoder_input", "StandardNormal", "FlatPrior",
-           "AutoEncoder", "VAE", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion", "companion_codes", "warm_start_companion", "LatentFlowPrior", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
+           "AutoEncoder", "VAE", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion", "companion_codes", "warm_start_companion", "LatentFlowPrior", "CodeMixturePrior", "CodeMixture", "WGANGP", "Critic", "AdversarialModel", "GAN", "FluxShapeGenerator", "SNCritic", "MODEL_KINDS", "build_model", "model_class",
            "Batch", "GenerativeModel", "Encoder", "Decoder", "good_pixels", "halvings", "make_optimizer", "no_sync"]

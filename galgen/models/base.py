@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, TransformedDistribution
+from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal, TransformedDistribution
 
 from ..errors import GalgenInputError
 from ..physics import Batch
@@ -156,6 +156,16 @@ def _standard_draws(dist: Distribution, shape: torch.Size, generator, temperatur
         return x
     if isinstance(dist, NormalizingFlow):
         return dist.transform.inv(_standard_draws(dist.base, shape, generator, temperature))
+    if isinstance(dist, MixtureSameFamily) and dist.batch_shape == () and isinstance(
+            dist.component_distribution, (Normal, Independent)):  # a component each, then its Gaussian
+        probs = dist.mixture_distribution.probs
+        gdev = generator.device if generator is not None else probs.device
+        k = torch.multinomial(probs.to(gdev), shape.numel(), replacement=True, generator=generator)
+        comps = dist.component_distribution
+        comps = comps.base_dist if isinstance(comps, Independent) else comps
+        k = k.to(comps.loc.device)
+        picked = Normal(comps.loc[k], comps.scale[k])
+        return _standard_draws(picked, torch.Size([]), generator, temperature).reshape(shape + dist.event_shape)
     if temperature != 1.0:
         raise GalgenInputError(f"temperature: {type(dist).__name__} has no Gaussian base noise to scale")
     seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
@@ -174,7 +184,9 @@ def sample_latents(prior: Distribution, n: int, *, generator: torch.Generator | 
     :meth:`torch.distributions.Distribution.sample` takes no generator; this does. For
     the distributions galgen's models return (normals, transformed normals, zuko flows)
     the draws are made from standard normal noise drawn with ``generator`` (on the
-    generator's device, then moved) and mapped through the distribution's transforms;
+    generator's device, then moved) and mapped through the distribution's transforms
+    (a mixture of Gaussians, :class:`~galgen.models.CodeMixture`: a component per draw,
+    then its noise, the temperature scaling its widths);
     any other distribution is sampled under the global random state re-seeded from
     ``generator`` (and restored afterwards).
 

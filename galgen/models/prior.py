@@ -1,4 +1,4 @@
-"""A normalizing-flow density over latent codes (zuko), fitted to a VAE's aggregate posterior.
+"""Densities over latent codes fitted to a VAE's aggregate posterior: a normalizing flow (zuko), a code mixture.
 
 A VAE trained with a N(0, I) prior does not fill that prior: the codes of real galaxies
 (the aggregate posterior, the mixture of q(z|x) over the data) occupy a smaller,
@@ -6,6 +6,12 @@ irregular region, and decoding draws from N(0, I) gives many implausible galaxie
 flow fitted to the aggregate posterior after training puts samples where real galaxies
 are, as in the best published galaxy VAEs (e.g. Lanusse et al. 2021). The flow is a
 zuko neural spline flow (or MAF), optionally conditional on a context vector.
+
+:class:`CodeMixturePrior` is the aggregate posterior itself: a mixture of Gaussians, one
+per training galaxy, at its code with its posterior's widths (Hoffman & Johnson 2016; the
+VampPrior of Tomczak & Welling 2018 with every training galaxy as a pseudo-input), its
+widths scaled so that its draws are as far from the training galaxies as new galaxies are.
+It keeps the joint structure of the codes that a flow smooths away.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import numbers
 
 import torch
 from torch import nn
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 from torch.distributions.transforms import AffineTransform, ComposeTransform
 from zuko.distributions import NormalizingFlow
 
 from ..errors import GalgenInputError
+from .base import sample_latents
 
 log = logging.getLogger("galgen.prior")
 
-__all__ = ["LatentFlowPrior", "FlowDistribution"]
+__all__ = ["LatentFlowPrior", "FlowDistribution", "CodeMixturePrior", "CodeMixture"]
 
 
 class FlowDistribution(NormalizingFlow):
@@ -378,3 +386,286 @@ class LatentFlowPrior(nn.Module):
         self.fitted.fill_(True)
         hist.update(best_val_loss=best, best_epoch=best_epoch, epochs=len(hist["val_loss"]))
         return hist
+
+
+#: Elements of the (batch, components) block of squared distances that CodeMixture.log_prob holds at once.
+_MIXTURE_BLOCK = 1 << 22
+
+
+class CodeMixture(MixtureSameFamily):
+    """Equal-weight mixture of diagonal Gaussians over codes: the density of a :class:`CodeMixturePrior`.
+
+    A :class:`torch.distributions.MixtureSameFamily` whose :meth:`log_prob` computes
+    the components' squared distances as matrix products, over blocks of components, so
+    that it holds ``B x block`` numbers at once (the parent's holds all ``B x N x D``),
+    in float64 (the expanded square cancels). 1,000 codes against 16,000 components of
+    17 dimensions, with the gradient: about 2 s on 2 CPU threads instead of 17 s.
+    :func:`galgen.models.sample_latents` draws from it reproducibly (a component per
+    draw, then its Gaussian with standard normal noise scaled by the temperature).
+
+    Parameters
+    ----------
+    centres : torch.Tensor
+        ``(N, D)`` component means.
+    scales : torch.Tensor
+        ``(N, D)`` positive component standard deviations.
+    """
+
+    def __init__(self, centres: torch.Tensor, scales: torch.Tensor):
+        n = len(centres)
+        super().__init__(Categorical(logits=torch.zeros(n, device=centres.device, dtype=centres.dtype)),
+                         Independent(Normal(centres, scales), 1), validate_args=False)
+        self.centres, self.scales = centres, scales
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of codes (differentiable in ``z``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, D)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` nats, in the dtype of ``z``.
+        """
+        zz = z.to(self.centres.dtype)
+        flat = zz.reshape(-1, zz.shape[-1])
+        d = flat.shape[1]
+        block = max(1, _MIXTURE_BLOCK // max(1, len(flat)))
+        const = -0.5 * d * math.log(2 * math.pi) - math.log(len(self.centres))
+        parts = []
+        flat = flat.double()  # the expanded square cancels: 0.1 nat errors in float32 at widths of 0.02
+        for s in range(0, len(self.centres), block):  # |(z - c) / s|^2 as two matrix products
+            c, prec = self.centres[s:s + block].double(), self.scales[s:s + block].double() ** -2
+            quad = (flat * flat) @ prec.T - 2 * flat @ (c * prec).T + (c * c * prec).sum(-1)[None]
+            parts.append(torch.logsumexp(-0.5 * quad.clamp_min(0) + 0.5 * prec.log().sum(-1)[None], 1))
+        lp = torch.logsumexp(torch.stack(parts, 1), 1) + const
+        return lp.reshape(zz.shape[:-1]).to(z.dtype)
+
+
+def _match_bandwidth(codes, scales, val_fraction, generator, iterations: int = 40) -> dict:
+    """The factor on ``scales`` at which draws are as far from the codes as held-out codes are."""
+    perm = torch.randperm(len(codes), generator=generator, device=generator.device).to(codes.device)
+    n_val = min(max(1, int(round(val_fraction * len(codes)))), len(codes) - 2)
+    val, rest = codes[perm[:n_val]], perm[n_val:]
+    centres, widths = codes[rest], scales[rest]
+    unit = centres.std(0).clamp_min(1e-12)
+    pick = torch.randint(len(rest), (n_val,), generator=generator, device=generator.device).to(codes.device)
+    eps = torch.randn(n_val, codes.shape[1], generator=generator, device=generator.device).to(codes)
+
+    def median_distance(x):
+        d = torch.cat([torch.cdist(part.double() / unit, centres.double() / unit).min(1).values
+                       for part in x.split(1024)])
+        return float(d.median())
+
+    target = median_distance(val)
+    lo, hi = math.log(1e-3), math.log(1e3)
+    for _ in range(iterations):  # the draws' distance grows with the factor
+        mid = 0.5 * (lo + hi)
+        if median_distance(centres[pick] + math.exp(mid) * widths[pick] * eps) < target:
+            lo = mid
+        else:
+            hi = mid
+    factor = math.exp(0.5 * (lo + hi))
+    return {"bandwidth": factor, "held_out_distance": target,
+            "draw_distance": median_distance(centres[pick] + factor * widths[pick] * eps)}
+
+
+class CodeMixturePrior(nn.Module):
+    """The aggregate posterior as a prior: one Gaussian per training galaxy's code.
+
+    ``p(z) = (1/N) sum_n N(z; c_n, diag(s_n^2))``, with ``c_n`` a training galaxy's code
+    (e.g. its MAP code, :func:`galgen.inference.map_codes`) and ``s_n`` its posterior's
+    widths (e.g. the encoder's). It is the prior that maximises the ELBO of the training
+    set (Hoffman & Johnson 2016) and keeps every joint structure of the codes (ellipticity
+    with size and profile, a companion with its host). With the posterior widths alone its
+    draws are the training galaxies again; :meth:`fit` widens them by a factor (the
+    bandwidth of a kernel density estimate) at which the draws are as far from the
+    training codes as new galaxies' codes are. The
+    centres and scales are buffers whose size is set by :meth:`fit` (and by a loaded
+    ``state_dict``); a module that was never fitted holds none (``fitted`` False).
+
+    Parameters
+    ----------
+    features : int
+        Latent dimension.
+
+    Attributes
+    ----------
+    centres, scales : torch.Tensor
+        ``(N, features)`` buffers (``N = 0`` before :meth:`fit`); ``scales`` are the
+        components' widths, the bandwidth included.
+    bandwidth : torch.Tensor
+        Scalar buffer: the factor :meth:`fit` put on the given scales.
+    fitted : torch.Tensor
+        Boolean scalar buffer.
+
+    Examples
+    --------
+    >>> prior = CodeMixturePrior(2)
+    >>> prior.fit(torch.tensor([[0.0, 0.0], [4.0, 0.0]]), 0.5, bandwidth=1.0)
+    {'bandwidth': 1.0}
+    >>> prior.sample(3, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 2])
+    >>> round(float(prior.log_prob(torch.zeros(1, 2))), 4)  # log(0.5 N(0; 0, 0.25 I))
+    -1.1447
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        self.register_buffer("centres", torch.zeros(0, self.features))
+        self.register_buffer("scales", torch.ones(0, self.features))
+        self.register_buffer("bandwidth", torch.tensor(1.0))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the number of components is the checkpoint's; checkpoints from before the mixture hold none
+        for name in ("centres", "scales", "bandwidth", "fitted"):
+            key = prefix + name
+            if key in state_dict:
+                if name in ("centres", "scales"):
+                    self._buffers[name] = torch.empty_like(state_dict[key], device=self._buffers[name].device)
+            else:
+                state_dict[key] = self._buffers[name].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def fit(self, codes: torch.Tensor, scales, *, bandwidth="match", val_fraction: float = 0.1,
+            max_components: int | None = None, generator: torch.Generator | None = None) -> dict:
+        """Set the components: one per code, its widths ``bandwidth * scales``.
+
+        With ``bandwidth="match"`` the factor is chosen so that the mixture's draws are as
+        far from the nearest training code as new galaxies are, the data-copying test of
+        Meehan, Chaudhuri & Dasgupta (2020) made neutral: a share ``val_fraction`` of the
+        codes is held out, and the factor is set (by bisection in its logarithm) where the
+        median distance of as many draws from the other codes' mixture to their nearest
+        code equals the held-out codes' median distance to theirs (every coordinate divided
+        by the codes' standard deviation). Narrower components would redraw the training
+        galaxies; wider ones blur the codes' joint structure. All the codes are then the
+        centres.
+
+        Parameters
+        ----------
+        codes : torch.Tensor
+            ``(N, features)`` finite codes, ``N >= 1`` (``N >= 10`` to match the bandwidth).
+        scales : torch.Tensor or float
+            ``(N, features)`` positive widths (each code's posterior standard deviations),
+            or one positive number for all.
+        bandwidth : "match" or float, optional
+            The factor on ``scales``, or ``"match"`` to choose it as above.
+        val_fraction : float, optional
+            Share of the codes held out to match the bandwidth, in ``(0, 1)``.
+        max_components : int, optional
+            Keep at most this many components (a random subset, drawn with ``generator``).
+        generator : torch.Generator, optional
+            For the subset, the held-out share and the draws (default: seeded with 0).
+
+        Returns
+        -------
+        dict
+            ``bandwidth`` (the factor), and with ``"match"`` the matched median distances
+            ``held_out_distance`` and ``draw_distance``.
+
+        Raises
+        ------
+        GalgenInputError
+            For codes or scales of the wrong shape, non-finite codes, non-positive scales
+            or a bad ``bandwidth``.
+        """
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or codes.shape[1] != self.features \
+                or not len(codes):
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise GalgenInputError(f"codes: expected a tensor of shape (N >= 1, {self.features}), got {shape}")
+        codes = codes.detach().to(device=self.centres.device, dtype=self.centres.dtype)
+        if not bool(torch.isfinite(codes).all()):
+            raise GalgenInputError("codes: must be finite")
+        scales = torch.as_tensor(scales).detach().to(device=codes.device, dtype=codes.dtype)
+        if scales.ndim == 0:
+            scales = scales.expand_as(codes)
+        if scales.shape != codes.shape:
+            raise GalgenInputError(f"scales: expected one number or shape {tuple(codes.shape)}, "
+                                   f"got {tuple(scales.shape)}")
+        if not bool((scales > 0).all()) or not bool(torch.isfinite(scales).all()):
+            raise GalgenInputError("scales: must be finite and > 0")
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        if max_components is not None and _positive_int(max_components, "max_components") < len(codes):
+            keep = torch.randperm(len(codes), generator=g, device=g.device)[:int(max_components)].to(codes.device)
+            codes, scales = codes[keep], scales[keep]
+        info = {}
+        if isinstance(bandwidth, str) and bandwidth == "match":
+            if not 0 < val_fraction < 1:
+                raise GalgenInputError(f"val_fraction: must be in (0, 1), got {val_fraction!r}")
+            if len(codes) < 10:
+                raise GalgenInputError(f"codes: matching the bandwidth needs at least 10 codes, got {len(codes)} "
+                                       "(pass a number as bandwidth)")
+            info = _match_bandwidth(codes, scales, val_fraction, g)
+            factor = info["bandwidth"]
+        elif isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool) and math.isfinite(bandwidth) \
+                and bandwidth > 0:
+            factor = float(bandwidth)
+        else:
+            raise GalgenInputError(f"bandwidth: 'match' or a positive number, got {bandwidth!r}")
+        self._buffers["centres"] = codes.clone()
+        self._buffers["scales"] = (factor * scales).contiguous()
+        self.bandwidth.fill_(factor)
+        self.fitted.fill_(True)
+        return {"bandwidth": factor, **{k: v for k, v in info.items() if k != "bandwidth"}}
+
+    def _check_fitted(self):
+        if not bool(self.fitted):
+            raise GalgenInputError("the code mixture is not fitted (CodeMixturePrior.fit)")
+
+    def distribution(self) -> CodeMixture:
+        """The mixture as a :class:`torch.distributions.Distribution`.
+
+        Returns
+        -------
+        CodeMixture
+            Batch shape ``()``, event shape ``(features,)``.
+
+        Raises
+        ------
+        GalgenInputError
+            Before :meth:`fit`.
+        """
+        self._check_fitted()
+        return CodeMixture(self.centres, self.scales)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of codes (differentiable in ``z``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, features)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` nats.
+        """
+        return self.distribution().log_prob(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Draw codes: a component each (uniformly), then its Gaussian.
+
+        Parameters
+        ----------
+        n : int
+            Number of codes.
+        generator : torch.Generator, optional
+            Source of randomness (the same seed, the same codes).
+        temperature : float, optional
+            Scale of the components' widths.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, features)``.
+        """
+        return sample_latents(self.distribution(), n, generator=generator, temperature=temperature)

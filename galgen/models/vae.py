@@ -25,7 +25,7 @@ from ..errors import GalgenInputError
 from .base import Batch, GenerativeModel, good_pixels, no_sync, sample_latents, standard_normal
 from .networks import (COMPANION_COORDINATES, LATENT_GATE_GAIN, SYMMETRY_GATES, CompanionLocator, Decoder, Encoder,
                        FluxShapeGenerator, SeedCoordinates, log_flux_start)
-from .prior import LatentFlowPrior
+from .prior import CodeMixturePrior, LatentFlowPrior
 
 __all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion",
            "companion_codes", "warm_start_companion"]
@@ -37,7 +37,7 @@ _GATE_RANGE = 1.0 / (1.0 + math.exp(2.0 * LATENT_GATE_GAIN))
 #: Decoders of the :class:`VAE` (its ``decoder`` option).
 VAE_DECODERS = ("conv", "flux-shape")
 _PRIOR_DEFAULTS = {"kind": "nsf", "transforms": 3, "hidden": [128, 128]}
-_PRIOR_LABELS = {"flow": "flow prior", "normal": "N(0,I)"}
+_PRIOR_LABELS = {"flow": "flow prior", "mixture": "code mixture", "normal": "N(0,I)"}
 
 
 class GaussianPosterior(Independent):
@@ -250,6 +250,7 @@ class VAE(GenerativeModel):
             nn.init.zeros_(self.locator_head.weight)
             nn.init.zeros_(self.locator_head.bias)
         self.latent_flow = LatentFlowPrior(self.latent_dim, self.cond_dim, **{**_PRIOR_DEFAULTS, **(prior or {})})
+        self.code_mixture = CodeMixturePrior(self.latent_dim)
         self._prior_choice = None
         self._register_load_state_dict_pre_hook(_rename_flow_keys)
         prior_config = {k: self.latent_flow.config[k] for k in _PRIOR_DEFAULTS}
@@ -675,23 +676,64 @@ class VAE(GenerativeModel):
         ctx = self.condition_features(cond, len(codes))
         return self.latent_flow.fit(codes, ctx, **options)
 
+    def fit_code_mixture(self, codes: torch.Tensor, scales, *, bandwidth="match", max_components: int | None = None,
+                         generator: torch.Generator | None = None) -> dict:
+        """Fit the code-mixture prior: a Gaussian at each training galaxy's code.
+
+        The aggregate posterior (:class:`~galgen.models.CodeMixturePrior`), with each
+        galaxy's MAP code (:func:`galgen.inference.map_codes`) and its encoder's widths
+        (:meth:`encoder_moments`) times a bandwidth at which its draws are as far from the
+        training codes as held-out codes are; ``with_prior("mixture")`` samples from it.
+        The flow prior is kept (and stays the default).
+
+        Parameters
+        ----------
+        codes : torch.Tensor
+            ``(N, latent_dim)``.
+        scales : torch.Tensor or float
+            ``(N, latent_dim)`` widths, or one for all.
+        bandwidth : "match" or float, optional
+            See :meth:`CodeMixturePrior.fit`.
+        max_components : int, optional
+            Keep a random subset of this many.
+        generator : torch.Generator, optional
+            For the subset and the bandwidth's match.
+
+        Returns
+        -------
+        dict
+            :meth:`CodeMixturePrior.fit`'s (``bandwidth`` and the matched distances).
+
+        Raises
+        ------
+        GalgenInputError
+            For a conditional model (the mixture is unconditional: its draws would ignore
+            the conditions asked for), or codes and scales of the wrong shape.
+        """
+        if self.cond_dim:
+            raise GalgenInputError("fit_code_mixture: the code mixture is unconditional and this VAE is "
+                                   f"conditioned on {list(self.conditions)}; use its flow prior")
+        return self.code_mixture.fit(codes, scales, bandwidth=bandwidth, max_components=max_components,
+                                     generator=generator)
+
     @property
     def prior_choices(self) -> dict:
-        """``{"flow": "flow prior", "normal": "N(0,I)"}``, or only ``normal`` before the flow is fitted.
+        """The priors :meth:`with_prior` accepts: ``flow`` and ``mixture`` once fitted, and ``normal``.
 
         Returns
         -------
         dict of str to str
+            Name -> label, e.g. ``{"flow": "flow prior", "normal": "N(0,I)"}``.
         """
-        names = ("flow", "normal") if bool(self.latent_flow.fitted) else ("normal",)
-        return {k: _PRIOR_LABELS[k] for k in names}
+        fitted = {"flow": bool(self.latent_flow.fitted), "mixture": bool(self.code_mixture.fitted)}
+        return {k: label for k, label in _PRIOR_LABELS.items() if fitted.get(k, True)}
 
     def with_prior(self, name: str) -> "VAE":
-        """The same VAE (sharing its weights) with its flow prior or N(0, I).
+        """The same VAE (sharing its weights) with its flow prior, its code mixture or N(0, I).
 
         Parameters
         ----------
-        name : {"flow", "normal"}
+        name : {"flow", "mixture", "normal"}
 
         Returns
         -------
@@ -700,12 +742,15 @@ class VAE(GenerativeModel):
         if name == "flow" and not bool(self.latent_flow.fitted):
             raise GalgenInputError("prior: the flow prior is not fitted yet (train to the end, or call "
                                    "fit_prior); use prior='normal' for N(0, I)")
+        if name == "mixture" and not bool(self.code_mixture.fitted):
+            raise GalgenInputError("prior: the code mixture is not fitted (pipelines/refit_prior.py --mixture, "
+                                   "or VAE.fit_code_mixture); use prior='flow' or 'normal'")
         if name not in _PRIOR_LABELS:
-            raise GalgenInputError(f"prior: 'flow' or 'normal', got {name!r}")
+            raise GalgenInputError(f"prior: one of {sorted(_PRIOR_LABELS)}, got {name!r}")
         return super().with_prior(name)
 
     def prior(self, cond=None):
-        """The prior over latent codes: the fitted flow, else N(0, I) (see :meth:`with_prior`).
+        """The prior over latent codes: the fitted flow, else N(0, I), or the one :meth:`with_prior` chose.
 
         Parameters
         ----------
@@ -716,13 +761,15 @@ class VAE(GenerativeModel):
         Returns
         -------
         torch.distributions.Distribution
-            A zuko flow (:meth:`LatentFlowPrior.distribution`) or
-            :func:`~galgen.models.standard_normal`.
+            A zuko flow (:meth:`LatentFlowPrior.distribution`), a
+            :class:`~galgen.models.CodeMixture` or :func:`~galgen.models.standard_normal`.
         """
         name = self._prior_choice or ("flow" if bool(self.latent_flow.fitted) else "normal")
         if name == "flow":
             n = len(cond) if isinstance(cond, torch.Tensor) and cond.ndim == 2 else 1
             return self.latent_flow.distribution(self.condition_features(cond, n))
+        if name == "mixture":
+            return self.code_mixture.distribution()
         w = self.head[1].weight
         return standard_normal(self.latent_dim, device=w.device, dtype=w.dtype)
 
@@ -737,7 +784,7 @@ class VAE(GenerativeModel):
         z : torch.Tensor
             ``(B, latent_dim)``.
         cond : torch.Tensor, optional
-        prior : {"flow", "normal"}, optional
+        prior : {"flow", "mixture", "normal"}, optional
 
         Returns
         -------
@@ -765,7 +812,7 @@ class VAE(GenerativeModel):
             Raw conditions ``(n, C)`` or ``(C,)``: the flow's context (unused by N(0, I)).
         generator : torch.Generator, optional
             Source of randomness.
-        prior : {"flow", "normal"}, optional
+        prior : {"flow", "mixture", "normal"}, optional
             Default: the flow when fitted, else N(0, I).
         temperature : float, optional
             Scale of the Gaussian noise (of N(0, I), or of the flow's base distribution).
@@ -795,7 +842,7 @@ class VAE(GenerativeModel):
             them draws them from its training set's (:meth:`draw_conditions`).
         generator : torch.Generator, optional
             Source of randomness (same seed, same galaxies).
-        prior : {"flow", "normal"}, optional
+        prior : {"flow", "mixture", "normal"}, optional
             Default: the flow when fitted, else N(0, I). ``"flow"`` before the flow is
             fitted is an error.
         temperature : float, optional

@@ -144,3 +144,120 @@ def test_bad_inputs():
     with pytest.raises(GalgenInputError, match="val_fraction"):
         prior.fit(torch.randn(20, 3), val_fraction=1.0)
     assert not bool(prior.fitted)
+
+
+# -- the code mixture -----------------------------------------------------------------------
+def test_code_mixture_density_matches_the_closed_form():
+    """CodeMixture.log_prob (blocked matrix products) equals torch's MixtureSameFamily in
+    float64, for narrow and wide components alike, and its gradient is the analytic one."""
+    from torch.distributions import MixtureSameFamily
+
+    from galgen.models import CodeMixturePrior
+    from galgen.models import prior as prior_module
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(300, 5, generator=g) * 3
+    scales = torch.rand(300, 5, generator=g) * 0.5 + 0.02
+    p = CodeMixturePrior(5)
+    p.fit(codes, scales, bandwidth=1.0)
+    z = (codes[:40] + 0.05 * torch.randn(40, 5, generator=g)).requires_grad_(True)
+    ref = MixtureSameFamily.log_prob(p.distribution(), z.double())
+    old = prior_module._MIXTURE_BLOCK
+    prior_module._MIXTURE_BLOCK = 40 * 7  # several blocks of 7 components
+    try:
+        lp = p.log_prob(z)
+    finally:
+        prior_module._MIXTURE_BLOCK = old
+    assert lp.dtype == torch.float32
+    assert torch.allclose(lp.double(), ref, atol=1e-4)
+    (grad,) = torch.autograd.grad(lp.sum(), z)
+    (ref_grad,) = torch.autograd.grad(MixtureSameFamily.log_prob(p.distribution(), z).sum(), z)
+    assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-3)
+
+
+def test_code_mixture_draws_are_its_components():
+    """Draws pick components uniformly and scatter with their widths (times the temperature);
+    the same generator gives the same draws."""
+    from galgen.models import CodeMixturePrior, sample_latents
+
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    scales = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.4, 0.4]])
+    p = CodeMixturePrior(2)
+    p.fit(codes, scales, bandwidth=1.0)
+    z = p.sample(6000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(z, sample_latents(p.distribution(), 6000, generator=torch.Generator().manual_seed(1)))
+    k = torch.cdist(z, codes).argmin(1)
+    counts = torch.bincount(k, minlength=3).float()
+    assert (counts / 6000 - 1 / 3).abs().max() < 0.03  # binomial sd 0.006
+    for i in range(3):
+        spread = (z[k == i] - codes[i]).std(0)
+        assert torch.allclose(spread, scales[i], rtol=0.1)
+    cold = p.sample(6000, generator=torch.Generator().manual_seed(1), temperature=0.5)
+    kc = torch.cdist(cold, codes).argmin(1)
+    assert torch.allclose((cold[kc == 2] - codes[2]).std(0), 0.5 * scales[2], rtol=0.1)
+
+
+def test_code_mixture_state_dict_sizes_itself_and_refuses_bad_input():
+    """A fresh module takes the number of components from a state_dict (an unfitted one, from
+    a state_dict without its keys: checkpoints from before the mixture); bad codes and scales
+    are refused by name; a subset keeps max_components of the codes."""
+    from galgen.models import CodeMixturePrior
+
+    p = CodeMixturePrior(3)
+    codes = torch.randn(50, 3)
+    p.fit(codes, 0.05, bandwidth=2.0)
+    q = CodeMixturePrior(3)
+    q.load_state_dict(p.state_dict())
+    assert bool(q.fitted) and torch.equal(q.centres, codes) and torch.equal(q.scales, torch.full((50, 3), 0.1))
+    assert float(q.bandwidth) == 2.0
+    r = CodeMixturePrior(3)
+    r.load_state_dict({})
+    assert not bool(r.fitted) and r.centres.shape == (0, 3)
+    with pytest.raises(GalgenInputError, match="not fitted"):
+        r.distribution()
+    with pytest.raises(GalgenInputError, match="codes"):
+        p.fit(torch.randn(5, 2), 0.1)
+    with pytest.raises(GalgenInputError, match="codes: must be finite"):
+        p.fit(torch.full((5, 3), float("nan")), 0.1)
+    with pytest.raises(GalgenInputError, match="scales"):
+        p.fit(torch.randn(5, 3), torch.zeros(5, 3))
+    with pytest.raises(GalgenInputError, match="scales"):
+        p.fit(torch.randn(5, 3), torch.ones(4, 3))
+    with pytest.raises(GalgenInputError, match="bandwidth"):
+        p.fit(codes, 0.1, bandwidth=-1.0)
+    with pytest.raises(GalgenInputError, match="at least 10 codes"):
+        p.fit(codes[:9], 0.1)
+    p.fit(codes, 0.1, max_components=20, bandwidth=1.0)
+    assert p.centres.shape == (20, 3)
+    assert all(bool((c == codes).all(1).any()) for c in p.centres)
+
+
+def test_matched_bandwidth_draws_are_as_new_as_fresh_samples():
+    """With bandwidth="match", draws from a mixture on 2,000 codes of a known density are
+    as far from the nearest code as fresh samples of that density are (the data-copying
+    test of Meehan et al. 2020, on samples the fit never saw), where the posterior widths
+    alone (bandwidth 1) redraw the codes (distances 10x smaller)."""
+    from galgen.models import CodeMixturePrior
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.distributions.Normal(torch.zeros(4), torch.tensor([1.0, 2.0, 0.5, 1.0]))
+
+    def draw(n):
+        return mix.sample((n,)) + torch.tensor([3.0, 0, 0, 0]) * (torch.rand(n, 1) < 0.3)
+
+    torch.manual_seed(1)
+    codes, fresh = draw(2000), draw(500)
+
+    def median_nn(x, centres):
+        unit = centres.std(0)
+        return float(torch.cdist(x / unit, centres / unit).min(1).values.median())
+
+    p = CodeMixturePrior(4)
+    info = p.fit(codes, 0.01, generator=g)
+    assert 0.9 < info["draw_distance"] / info["held_out_distance"] < 1.1
+    new = median_nn(fresh, codes)
+    matched = median_nn(p.sample(500, generator=torch.Generator().manual_seed(2)), codes)
+    assert 0.85 < matched / new < 1.15
+    p.fit(codes, 0.01, bandwidth=1.0)
+    copied = median_nn(p.sample(500, generator=torch.Generator().manual_seed(2)), codes)
+    assert copied / new < 0.1

@@ -786,3 +786,68 @@ def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_
     with pytest.raises(GalgenInputError, match="wrong.pt"):
         refit.main(common + ["--data", str(sdss_tiny), "--load-codes", str(tmp_path / "codes.pt"),
                              str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "c.pt")])
+
+
+def test_code_mixture_prior_is_a_prior_choice_that_survives_a_checkpoint(tmp_path):
+    """VAE.fit_code_mixture makes "mixture" a prior choice (not before); its draws decode near
+    the training codes' galaxies; a checkpoint holds it, and one from before the mixture (no
+    such keys) loads without it; a conditional VAE refuses it."""
+    from galgen.checkpoints import load_model
+
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=4, width=8)
+    assert "mixture" not in vae.prior_choices
+    with pytest.raises(GalgenInputError, match="code mixture is not fitted"):
+        vae.with_prior("mixture")
+    old = {k: v for k, v in vae.state_dict().items() if not k.startswith("code_mixture.")}
+    codes = torch.randn(30, 4)
+    assert vae.fit_code_mixture(codes, 0.01, bandwidth=1.0) == {"bandwidth": 1.0}
+    assert list(vae.prior_choices) == ["mixture", "normal"]
+    z = vae.sample_latents(200, prior="mixture", generator=torch.Generator().manual_seed(0))
+    assert float(torch.cdist(z, codes).min(1).values.max()) < 0.1  # 4 sd of 0.01 in 4-d: within 0.06
+    lp = vae.with_prior("mixture").prior().log_prob(codes[:3])
+    assert torch.allclose(lp, torch.full((3,), 4 * -math.log(0.01 * math.sqrt(2 * math.pi)) - math.log(30)),
+                          atol=0.05)  # each code's own component dominates (the others are > 100 sd away)
+    path = save_checkpoint(tmp_path / "m.pt", model_state=vae.state_dict(), config=vae.config)
+    back = load_model(path)
+    assert torch.equal(back.code_mixture.centres, codes) and "mixture" in back.prior_choices
+    fresh = VAE(32, latent_dim=4, width=8)
+    fresh.load_state_dict(old)
+    assert "mixture" not in fresh.prior_choices
+    cond = VAE(32, latent_dim=4, width=8, conditions=("mag",))
+    with pytest.raises(GalgenInputError, match="unconditional"):
+        cond.fit_code_mixture(codes, 0.01)
+
+
+def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_thread):
+    """pipelines/refit_prior.py --mixture --keep-flow: a component at each loaded MAP code with
+    the encoder's widths of its galaxy times the matched bandwidth; the flow untouched; codes that are not the galaxies'
+    refused by name."""
+    import importlib.util
+    from pathlib import Path
+
+    from galgen.checkpoints import load_model
+    from galgen.data import ObservationLoader
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / "refit_prior.py"
+    spec = importlib.util.spec_from_file_location("refit_prior", script)
+    refit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refit)
+    torch.manual_seed(0)
+    vae = VAE(32, latent_dim=4, width=8)
+    src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
+    codes = torch.randn(16, 4)
+    torch.save(codes, tmp_path / "codes.pt")
+    refit.main(["--model", str(src), "--data", str(sdss_tiny), "--n", "16", "--load-codes", str(tmp_path / "codes.pt"),
+                "--mixture", "--keep-flow", "--out", str(tmp_path / "m.pt")])
+    m = load_model(tmp_path / "m.pt")
+    batch = next(ObservationLoader(sdss_tiny, np.arange(16), ()).iter_batches(16))
+    with torch.no_grad():
+        widths = (0.5 * vae.eval().encoder_moments(batch.observed, batch.cond)[1]).exp()
+    b = m.provenance["prior_refit"]["mixture"]["bandwidth"]
+    assert torch.equal(m.code_mixture.centres, codes) and b == pytest.approx(float(m.code_mixture.bandwidth))
+    assert torch.allclose(m.code_mixture.scales, b * widths, rtol=1e-5)
+    assert not bool(m.latent_flow.fitted) and m.provenance["prior_refit"]["flow"] == "kept"
+    with pytest.raises(GalgenInputError, match="8 galaxies"):
+        refit.main(["--model", str(src), "--data", str(sdss_tiny), "--n", "8", "--load-codes",
+                    str(tmp_path / "codes.pt"), "--mixture", "--keep-flow", "--out", str(tmp_path / "x.pt")])
