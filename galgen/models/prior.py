@@ -10,8 +10,8 @@ zuko neural spline flow (or MAF), optionally conditional on a context vector.
 :class:`CodeMixturePrior` is the aggregate posterior itself: a mixture of Gaussians, one
 per training galaxy, at its code with its posterior's widths (Hoffman & Johnson 2016; the
 VampPrior of Tomczak & Welling 2018 with every training galaxy as a pseudo-input), its
-widths scaled so that its draws are as far from the training galaxies as new galaxies are.
-It keeps the joint structure of the codes that a flow smooths away.
+widths scaled so that its draws are as far from the training codes as new galaxies' codes
+are. It keeps the joint structure of the codes that a flow smooths away.
 """
 
 from __future__ import annotations
@@ -483,7 +483,9 @@ class CodeMixturePrior(nn.Module):
     with size and profile, a companion with its host). With the posterior widths alone its
     draws are the training galaxies again; :meth:`fit` widens them by a factor (the
     bandwidth of a kernel density estimate) at which the draws are as far from the
-    training codes as new galaxies' codes are. The
+    training codes as new galaxies' codes are, in code space: decoded, they can still be
+    far closer to a training galaxy than a new galaxy is (``benchmarks/diagnose_novelty.py``
+    measures it; docs/models.md). The
     centres and scales are buffers whose size is set by :meth:`fit` (and by a loaded
     ``state_dict``); a module that was never fitted holds none (``fitted`` False).
 
@@ -528,7 +530,8 @@ class CodeMixturePrior(nn.Module):
             key = prefix + name
             if key in state_dict:
                 if name in ("centres", "scales"):
-                    self._buffers[name] = torch.empty_like(state_dict[key], device=self._buffers[name].device)
+                    own = self._buffers[name]
+                    self._buffers[name] = torch.empty(state_dict[key].shape, device=own.device, dtype=own.dtype)
             else:
                 state_dict[key] = self._buffers[name].detach().clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -545,7 +548,10 @@ class CodeMixturePrior(nn.Module):
         median distance of as many draws from the other codes' mixture to their nearest
         code equals the held-out codes' median distance to theirs (every coordinate divided
         by the codes' standard deviation). Narrower components would redraw the training
-        galaxies; wider ones blur the codes' joint structure. All the codes are then the
+        galaxies; wider ones blur the codes' joint structure. The match is in code space,
+        not in the image: where the decoder is most sensitive to the coordinates the
+        posterior knows best, the decoded draws stay closer to their training galaxies
+        than new galaxies are. All the codes are then the
         centres.
 
         Parameters

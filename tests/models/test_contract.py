@@ -77,7 +77,7 @@ def test_vae_flow_prior_is_the_flow_module_and_samples_as_before():
     normal = vae.with_prior("normal")
     assert normal.decoder is vae.decoder  # shares the weights
     assert torch.equal(normal.prior().log_prob(z), standard_normal(3).log_prob(z))
-    with pytest.raises(GalgenInputError, match="'flow' or 'normal'"):
+    with pytest.raises(GalgenInputError, match=r"one of \['flow', 'mixture', 'normal'\]"):
         vae.with_prior("gaussian")
     with pytest.raises(GalgenInputError, match="not fitted"):
         VAE(16, latent_dim=3, width=4).with_prior("flow")

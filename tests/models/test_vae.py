@@ -12,6 +12,18 @@ from galgen.models import VAE, Batch, good_pixels
 from galgen.physics import GaussianNoise, Observation, gaussian_psf
 from galgen.train import load_checkpoint, save_checkpoint
 
+def _pipeline_script(name: str):
+    """The module of ``pipelines/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -168,7 +180,7 @@ def test_fit_prior_from_batches_then_sample_from_the_flow():
     assert torch.allclose(vae.prior().log_prob(z), vae.latent_flow.log_prob(z))
     normal = vae.with_prior("normal").prior().log_prob(z)
     assert torch.allclose(normal, torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1))
-    with pytest.raises(GalgenInputError, match="'flow' or 'normal'"):
+    with pytest.raises(GalgenInputError, match=r"one of \['flow', 'mixture', 'normal'\]"):
         vae.sample(2, prior="uniform")
     with pytest.raises(GalgenInputError, match="latents_or_batches"):
         vae.fit_prior(3)
@@ -490,15 +502,9 @@ def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
     """pipelines/grow_vae.py: the written checkpoint loads as the grown model (gate and
     latents) with the source's weights and a provenance naming it; the same seed gives the
     same file's weights; asking for nothing is refused."""
-    import importlib.util
-    from pathlib import Path
-
     from galgen.checkpoints import load_model
 
-    script = Path(__file__).resolve().parents[2] / "pipelines" / "grow_vae.py"
-    spec = importlib.util.spec_from_file_location("grow_vae", script)
-    grow = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grow)
+    grow = _pipeline_script("grow_vae")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3))
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
@@ -753,17 +759,11 @@ def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_
     (the codes written by --save-codes are map_codes' own), recorded in the provenance;
     --load-codes fits the same flow to the same codes; a file of codes of another width
     among them is refused by name."""
-    import importlib.util
-    from pathlib import Path
-
     from galgen.checkpoints import load_model
     from galgen.data import ObservationLoader
     from galgen.inference import map_codes
 
-    script = Path(__file__).resolve().parents[2] / "pipelines" / "refit_prior.py"
-    spec = importlib.util.spec_from_file_location("refit_prior", script)
-    refit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(refit)
+    refit = _pipeline_script("refit_prior")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=4, width=8)
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
@@ -823,16 +823,10 @@ def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_threa
     """pipelines/refit_prior.py --mixture --keep-flow: a component at each loaded MAP code with
     the encoder's widths of its galaxy times the matched bandwidth; the flow untouched; codes that are not the galaxies'
     refused by name."""
-    import importlib.util
-    from pathlib import Path
-
     from galgen.checkpoints import load_model
     from galgen.data import ObservationLoader
 
-    script = Path(__file__).resolve().parents[2] / "pipelines" / "refit_prior.py"
-    spec = importlib.util.spec_from_file_location("refit_prior", script)
-    refit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(refit)
+    refit = _pipeline_script("refit_prior")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=4, width=8)
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
