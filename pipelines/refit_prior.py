@@ -16,15 +16,28 @@ where the encoder has not learned a kind of galaxy the fit still gives it its co
 same codes, or codes of several runs to one flow. ``--mixture`` also fits the code-mixture
 prior (:meth:`~galgen.models.VAE.fit_code_mixture`): a Gaussian at each galaxy's MAP code with
 its encoder's widths times ``--bandwidth`` (by default the factor at which its draws are as
-far from the codes as held-out codes are; the codes must be those of the first ``--n`` galaxies of ``--data``, in
-order: ``--codes map`` or their ``--load-codes``), and ``--keep-flow`` leaves the model's flow
-as it is. The written model keeps the source's configuration and provenance, with the refit
+far from the codes as held-out codes are; the codes must be those of the first ``--n``
+galaxies of ``--data``, in order: ``--codes map`` or their ``--load-codes``), and
+``--keep-flow`` leaves the model's flow as it is. The written model keeps the source's configuration and provenance, with the refit
 recorded in it.
 """
 
 from __future__ import annotations
 
 import argparse
+
+
+def _bandwidth(value: str):
+    """``--bandwidth``: "match" or a positive number."""
+    if value == "match":
+        return value
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = float("nan")
+    if not factor > 0 or factor == float("inf"):
+        raise argparse.ArgumentTypeError(f"'match' or a positive number, got {value!r}")
+    return factor
 
 
 def main(argv=None):
@@ -42,7 +55,7 @@ def main(argv=None):
                                                     "concatenated)")
     ap.add_argument("--mixture", action="store_true",
                     help="also fit the code-mixture prior: a Gaussian at each MAP code with the encoder's widths")
-    ap.add_argument("--bandwidth", default="match", type=lambda v: v if v == "match" else float(v),
+    ap.add_argument("--bandwidth", default="match", type=_bandwidth,
                     help="factor on the mixture's widths, or 'match': draws as far from the codes as held-out "
                          "codes are [match]")
     ap.add_argument("--keep-flow", action="store_true", help="leave the model's flow prior as it is")

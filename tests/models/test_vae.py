@@ -821,8 +821,8 @@ def test_code_mixture_prior_is_a_prior_choice_that_survives_a_checkpoint(tmp_pat
 
 def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_thread):
     """pipelines/refit_prior.py --mixture --keep-flow: a component at each loaded MAP code with
-    the encoder's widths of its galaxy times the matched bandwidth; the flow untouched; codes that are not the galaxies'
-    refused by name."""
+    the encoder's widths of its galaxy times the matched bandwidth; the flow untouched; a bad
+    --bandwidth and codes that are not the galaxies' refused."""
     from galgen.checkpoints import load_model
     from galgen.data import ObservationLoader
 
@@ -842,6 +842,9 @@ def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_threa
     assert torch.equal(m.code_mixture.centres, codes) and b == pytest.approx(float(m.code_mixture.bandwidth))
     assert torch.allclose(m.code_mixture.scales, b * widths, rtol=1e-5)
     assert not bool(m.latent_flow.fitted) and m.provenance["prior_refit"]["flow"] == "kept"
+    with pytest.raises(SystemExit):  # argparse: "'match' or a positive number"
+        refit.main(["--model", str(src), "--data", str(sdss_tiny), "--n", "16", "--load-codes",
+                    str(tmp_path / "codes.pt"), "--mixture", "--bandwidth", "-2", "--out", str(tmp_path / "y.pt")])
     with pytest.raises(GalgenInputError, match="8 galaxies"):
         refit.main(["--model", str(src), "--data", str(sdss_tiny), "--n", "8", "--load-codes",
                     str(tmp_path / "codes.pt"), "--mixture", "--keep-flow", "--out", str(tmp_path / "x.pt")])
