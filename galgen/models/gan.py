@@ -23,7 +23,11 @@ generator averaging, Karras et al. 2020):
   ``min(ema, (1 + t) / (10 + t))``), which is what :meth:`GAN.sample`,
   :meth:`GAN.decode` and validation use;
 - optional **lazy R1** penalty ``r1_gamma / 2 * E ||grad D(real)||^2``, applied every
-  ``r1_every`` steps with its weight multiplied by ``r1_every``.
+  ``r1_every`` steps with its weight multiplied by ``r1_every``;
+- optionally a **generator taken from a trained VAE** (``head="vae"``,
+  :meth:`GAN.from_vae`): its flow prior maps ``z ~ N(0, I)`` to a code and its decoder
+  draws the galaxy (:class:`PriorDecoder`); the game then trains both (adversarial
+  fine-tuning of a likelihood-trained generator, as in VAE-GAN, Larsen et al. 2016).
 
 As for every galgen GAN, the critic never sees an intrinsic image: each generated
 galaxy is observed with the PSF, pixels and noise of a real galaxy of the batch, so
@@ -42,10 +46,12 @@ from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
 from .networks import Decoder, FluxShapeGenerator, halvings, log_flux_start, point_reflect
+from .vae import VAE
 
-__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "GAN_LOSSES"]
+__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "GAN_LOSSES"]
 
 #: Loss names the :class:`GAN` accepts.
+GAN_HEADS = ("flux-shape", "softplus", "vae")
 GAN_LOSSES = ("non-saturating", "hinge")
 
 
@@ -163,6 +169,68 @@ class SNCritic(nn.Module):
         return score
 
 
+class PriorDecoder(nn.Module):
+    """A VAE's flow prior and decoder as one generator: noise -> latent code -> intrinsic galaxy.
+
+    ``forward(eps)`` maps ``eps ~ N(0, I)`` through the inverse of the flow (the map
+    :meth:`LatentFlowPrior.sample` draws codes with, here differentiable in the flow's
+    weights) to a code ``z``, and decodes it. With the VAE's weights it draws exactly
+    the galaxies of the VAE's flow prior (``vae.sample``), so a GAN built on it starts
+    where the VAE is and the adversarial game trains both parts.
+
+    Parameters
+    ----------
+    flow : LatentFlowPrior
+        An unconditional, fitted flow prior.
+    decoder : torch.nn.Module
+        Maps ``(B, latent_dim)`` codes to ``(B, S, S)`` intrinsic images.
+
+    Examples
+    --------
+    >>> from galgen.models import VAE
+    >>> vae = VAE(32, latent_dim=4, width=8)
+    >>> _ = vae.fit_prior(torch.randn(64, 4), epochs=1)
+    >>> PriorDecoder(vae.latent_flow, vae.decoder)(torch.randn(2, 4)).shape
+    torch.Size([2, 32, 32])
+    """
+
+    def __init__(self, flow: nn.Module, decoder: nn.Module):
+        super().__init__()
+        if flow.context:
+            raise GalgenInputError("flow: a conditional flow prior cannot be a GAN's generator input")
+        self.flow, self.decoder = flow, decoder
+
+    def codes(self, eps: torch.Tensor) -> torch.Tensor:
+        """Latent codes of base noise (differentiable in ``eps`` and the flow's weights).
+
+        Parameters
+        ----------
+        eps : torch.Tensor
+            ``(B, latent_dim)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, latent_dim)`` codes in the decoder's units.
+        """
+        return self.flow.distribution().transform.inv(eps)
+
+    def forward(self, eps: torch.Tensor) -> torch.Tensor:
+        """Intrinsic images of base noise.
+
+        Parameters
+        ----------
+        eps : torch.Tensor
+            ``(B, latent_dim)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, S, S)`` non-negative images.
+        """
+        return self.decoder(self.codes(eps))
+
+
 class GAN(AdversarialModel):
     """GAN with a non-saturating or hinge loss and a spectral-norm critic, seen through the physics layer.
 
@@ -188,9 +256,14 @@ class GAN(AdversarialModel):
     loss : {"non-saturating", "hinge"}, optional
     spectral_norm : bool, optional
         Spectral normalisation of the critic.
-    head : {"flux-shape", "softplus"}, optional
-        Generator output: ``F * softmax(logits)`` (:class:`FluxShapeGenerator`) or the
-        VAE's softplus decoder (:class:`Decoder`).
+    head : {"flux-shape", "softplus", "vae"}, optional
+        Generator output: ``F * softmax(logits)`` (:class:`FluxShapeGenerator`), the
+        VAE's softplus decoder (:class:`Decoder`), or a VAE's flow prior and decoder
+        (:class:`PriorDecoder`, with ``vae``; see :meth:`from_vae`).
+    vae : dict, optional
+        With ``head="vae"``: the ``config`` of the unconditional VAE whose flow prior and
+        decoder form the generator (its weights come from :meth:`from_vae` or a
+        checkpoint); ``latent_dim``, ``stamp`` and ``oversampling`` must equal its own.
     ema : float, optional
         Decay of the generator's weight average (0: none; sampling uses the generator).
     r1_gamma : float, optional
@@ -232,7 +305,7 @@ class GAN(AdversarialModel):
                  spectral_norm: bool = True, head: str = "flux-shape", ema: float = 0.999, r1_gamma: float = 0.0,
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
-                 critic_symmetry: bool = False):
+                 critic_symmetry: bool = False, vae: dict | None = None):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -248,8 +321,9 @@ class GAN(AdversarialModel):
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
-        if head not in ("flux-shape", "softplus"):
-            raise GalgenInputError(f"head: must be 'flux-shape' or 'softplus', got {head!r}")
+        if head not in GAN_HEADS:
+            raise GalgenInputError(f"head: one of {list(GAN_HEADS)}, got {head!r}")
+        source = _generator_vae(vae, head, stamp, latent_dim, oversampling, self.cond_dim)
         if symmetry_gate not in (None, "network"):
             raise GalgenInputError(f"symmetry_gate: None or 'network' for a GAN, got {symmetry_gate!r}")
         if symmetry_gate and head != "flux-shape":
@@ -262,6 +336,8 @@ class GAN(AdversarialModel):
                            spectral_norm=bool(spectral_norm), head=head, ema=float(ema), r1_gamma=float(r1_gamma),
                            r1_every=int(r1_every), n_critic=int(n_critic), conditions=list(self.conditions),
                            profile=profile, warp_body=bool(warp_body))
+        if source is not None:
+            self.config.update(vae=dict(source.config))
         if symmetry_gate is not None:  # older checkpoints' configs stay as they were
             self.config.update(symmetry_gate=symmetry_gate, gate_gain=float(gate_gain))
         if critic_symmetry:
@@ -274,6 +350,8 @@ class GAN(AdversarialModel):
             self.generator = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=profile,
                                                 warp_body=warp_body, symmetry_gate=symmetry_gate,
                                                 gate_gain=float(gate_gain))
+        elif head == "vae":
+            self.generator = PriorDecoder(source.latent_flow, source.decoder)
         else:
             self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
@@ -289,6 +367,50 @@ class GAN(AdversarialModel):
     def sampling_generator(self) -> nn.Module:
         """The weight-averaged generator when ``ema > 0`` (what sampling and validation use)."""
         return self.generator_ema if self.generator_ema is not None else self.generator
+
+    @classmethod
+    def from_vae(cls, vae: VAE, **options) -> "GAN":
+        """A GAN whose generator is a trained VAE's flow prior and decoder, with a fresh critic.
+
+        Its samples are the VAE's flow-prior samples (same ``z``, same galaxy) until the
+        adversarial game moves the generator: a likelihood-trained generator that a critic
+        looking through the physics layer then fine-tunes (VAE-GAN, Larsen et al. 2016).
+
+        Parameters
+        ----------
+        vae : galgen.models.VAE
+            Unconditional, with a fitted flow prior.
+        **options
+            GAN options (:class:`GAN`) other than ``stamp``, ``latent_dim``,
+            ``oversampling``, ``head`` and ``vae``; ``input_scale`` defaults to the VAE's.
+
+        Returns
+        -------
+        GAN
+            On the VAE's device and dtype.
+
+        Raises
+        ------
+        GalgenInputError
+            A conditional VAE, one whose flow is not fitted, or an option fixed by the VAE.
+        """
+        if not isinstance(vae, VAE):
+            raise GalgenInputError(f"vae: expected a galgen VAE, got {type(vae).__name__}")
+        if not bool(vae.latent_flow.fitted):
+            raise GalgenInputError("vae: its flow prior is not fitted (pipelines/refit_prior.py, VAE.fit_prior)")
+        fixed = sorted({"stamp", "latent_dim", "oversampling", "head", "vae"} & set(options))
+        if fixed:
+            raise GalgenInputError(f"options: {fixed} come from the VAE")
+        options.setdefault("input_scale", vae.input_scale)
+        w = vae.head[1].weight
+        gan = cls(vae.config["stamp"], latent_dim=vae.latent_dim, oversampling=vae.config["oversampling"],
+                  head="vae", vae=vae.config, **options).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for generator in (gan.generator, gan.generator_ema):
+                if generator is not None:
+                    generator.flow.load_state_dict(vae.latent_flow.state_dict())
+                    generator.decoder.load_state_dict(vae.decoder.state_dict())
+        return gan
 
     @torch.no_grad()
     def update_ema(self, t: int) -> float:
@@ -377,15 +499,21 @@ class GAN(AdversarialModel):
 
     # -- training ----------------------------------------------------------------------------
 
-    def make_optimizers(self, lr: float = 1e-4, betas=(0.5, 0.999), **options) -> dict:
+    def make_optimizers(self, lr: float = 1e-4, betas=(0.5, 0.999), critic_lr_scale: float = 1.0,
+                        **options) -> dict:
         """Adam optimisers of the critic and of the generator.
 
         Parameters
         ----------
         lr : float, optional
-            Learning rate of both (1e-4 as in the SN galaxy GAN of Lanusse et al.).
+            Learning rate of the generator, and of the critic times ``critic_lr_scale``
+            (1e-4 for both as in the SN galaxy GAN of Lanusse et al.).
         betas : tuple of float, optional
             Adam betas (the DCGAN value ``(0.5, 0.999)``).
+        critic_lr_scale : float, optional
+            The critic's learning rate over the generator's (the two time-scale update
+            rule, Heusel et al. 2017: a critic that learns faster than a pretrained
+            generator moves).
         **options
             ``name`` (``adam`` or ``adamw``) and options of the optimiser.
 
@@ -398,7 +526,10 @@ class GAN(AdversarialModel):
         name = options.pop("name", "adam")
         if name == "sgd":
             raise GalgenInputError("optimizer.name: the GAN trains with Adam (or AdamW), not SGD")
-        return {"critic": make_optimizer(self.critic.parameters(), lr, name, betas=betas, **options),
+        if not (isinstance(critic_lr_scale, (int, float)) and critic_lr_scale > 0):
+            raise GalgenInputError(f"optimizer.critic_lr_scale: must be a positive number, got {critic_lr_scale!r}")
+        return {"critic": make_optimizer(self.critic.parameters(), lr * float(critic_lr_scale), name, betas=betas,
+                                         **options),
                 "generator": make_optimizer(self.generator.parameters(), lr, name, betas=betas, **options)}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
@@ -486,3 +617,21 @@ class GAN(AdversarialModel):
         scores = self.critic(u, None if feats is None else torch.cat([feats, feats])).float()
         return {"critic_real": scores[:n], "critic_fake": scores[n:],
                 "observed_fakes": fake}
+
+
+def _generator_vae(config, head, stamp, latent_dim, oversampling, cond_dim):
+    """The VAE (untrained weights) whose flow and decoder a ``head="vae"`` GAN generates with."""
+    if head != "vae":
+        if config is not None:
+            raise GalgenInputError(f"vae: an option of head='vae', not of head={head!r}")
+        return None
+    if not isinstance(config, dict) or config.get("kind", "vae") != "vae":
+        raise GalgenInputError(f"vae: head='vae' needs the config dict of a VAE, got {config!r}")
+    source = VAE.from_config(config)
+    if source.cond_dim or cond_dim:
+        raise GalgenInputError("conditions: a GAN with head='vae' is unconditional, and so must its VAE be")
+    for name, mine, theirs in (("stamp", stamp, source.config["stamp"]), ("latent_dim", latent_dim,
+                               source.latent_dim), ("oversampling", oversampling, source.config["oversampling"])):
+        if int(mine) != int(theirs):
+            raise GalgenInputError(f"{name}: {mine} differs from the VAE's {theirs} (GAN.from_vae sets it)")
+    return source

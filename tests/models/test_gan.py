@@ -478,3 +478,108 @@ def test_a_tiny_gan_learns_sizes_and_fluxes_through_psfs_and_noise():
             checkpoints[step + 1] = _distances(gan)
     ks_flux, ks_size = min(checkpoints.values(), key=max)
     assert ks_flux < 0.2 and ks_size < 0.2, (ks0, checkpoints)
+
+
+# -- a generator taken from a VAE ---------------------------------------------------------------
+
+
+def _fitted_vae(stamp=S, latent_dim=4, seed=0):
+    from galgen.models import VAE
+
+    torch.manual_seed(seed)
+    vae = VAE(stamp, latent_dim=latent_dim, width=8, input_scale=SKY, flux_scale=20.0)
+    codes = torch.randn(200, latent_dim) * torch.linspace(0.3, 2.0, latent_dim) + 0.5
+    vae.fit_prior(codes, epochs=3, generator=torch.Generator().manual_seed(seed))
+    return vae
+
+
+def test_a_gan_from_a_vae_draws_the_vaes_flow_prior_galaxies_and_its_game_trains_flow_and_decoder():
+    """GAN.from_vae: with the same generator, the GAN's samples are the VAE's flow-prior
+    samples, bit for bit, before and after a config + state_dict round trip; its codes are
+    the flow's draws; one training step moves the flow and the decoder through the physics
+    layer, the critic at critic_lr_scale times the generator's rate."""
+    from galgen.models import PriorDecoder, build_model
+
+    vae = _fitted_vae()
+    gan = GAN.from_vae(vae, width=8, critic_symmetry=True, r1_gamma=1.0, ema=0.9)
+    assert isinstance(gan.generator, PriorDecoder) and gan.input_scale == SKY
+    assert torch.equal(gan.sample(6, generator=torch.Generator().manual_seed(3)),
+                       vae.sample(6, generator=torch.Generator().manual_seed(3)))
+    eps = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(gan.generator.codes(eps),
+                          vae.latent_flow.sample(5, generator=torch.Generator().manual_seed(4)), atol=1e-5)
+    clone = build_model(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    assert torch.equal(clone.sample(6, generator=torch.Generator().manual_seed(3)),
+                       vae.sample(6, generator=torch.Generator().manual_seed(3)))
+    opts = gan.make_optimizers(lr=1e-3, critic_lr_scale=4.0)
+    assert opts["critic"].param_groups[0]["lr"] == pytest.approx(4e-3)
+    assert opts["generator"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    flow0 = [p.detach().clone() for p in gan.generator.flow.parameters()]
+    dec0 = [p.detach().clone() for p in gan.generator.decoder.parameters()]
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    metrics = gan.training_step(batch, opts, 0)
+    assert all(torch.isfinite(v) for v in metrics.values()) and "generator_loss" in metrics
+    assert any(not torch.equal(a, b) for a, b in zip(flow0, gan.generator.flow.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(dec0, gan.generator.decoder.parameters()))
+
+
+def test_a_gan_from_a_vae_refuses_what_it_cannot_be():
+    from galgen.models import VAE
+
+    vae = _fitted_vae()
+    with pytest.raises(GalgenInputError, match="flow prior is not fitted"):
+        GAN.from_vae(VAE(S, latent_dim=4, width=8))
+    with pytest.raises(GalgenInputError, match="latent_dim"):
+        GAN.from_vae(vae, latent_dim=8)
+    with pytest.raises(GalgenInputError, match="latent_dim: 8 differs"):
+        GAN(S, latent_dim=8, head="vae", vae=vae.config)
+    with pytest.raises(GalgenInputError, match="vae: an option of head='vae'"):
+        GAN(S, latent_dim=4, vae=vae.config)
+    with pytest.raises(GalgenInputError, match="config dict of a VAE"):
+        GAN(S, latent_dim=4, head="vae")
+    cond = VAE(S, latent_dim=4, width=8, conditions=("mag",))
+    with pytest.raises(GalgenInputError, match="unconditional"):
+        GAN(S, latent_dim=4, head="vae", vae=cond.config)
+    with pytest.raises(GalgenInputError, match="critic_lr_scale"):
+        GAN.from_vae(vae, width=8).make_optimizers(critic_lr_scale=0.0)
+
+
+def test_vae_to_gan_script_writes_a_run_that_galgen_train_fine_tunes(tmp_path, sdss_tiny):
+    """pipelines/vae_to_gan.py writes init.pt (the VAE's generator, a seeded critic) and a
+    config.yaml whose train.init is it; galgen train runs from it, the generator starting as
+    the VAE's (the first step's EMA average is the VAE's galaxies plus one small step); a
+    recipe of another kind is refused by name."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from galgen.checkpoints import load_model, save_checkpoint
+    from galgen.train.run import train
+
+    script = Path(__file__).resolve().parents[2] / "pipelines" / "vae_to_gan.py"
+    spec = importlib.util.spec_from_file_location("vae_to_gan", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vae = _fitted_vae(stamp=32)
+    src = save_checkpoint(tmp_path / "vae.pt", model_state=vae.state_dict(), config=vae.config)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"kind": "gan", "head": "vae", "width": 8, "ema": 0.99},
+                                      "train": {"steps": 2, "batch_size": 8, "lr": 1e-4, "val_every": 2,
+                                                "max_val": 8, "log_every": 1, "checkpoint_every": 2}}))
+    module.main(["--vae", str(src), "--config", str(recipe), "--out", str(tmp_path / "init")])
+    init = load_model(tmp_path / "init" / "init.pt")
+    assert torch.equal(init.sample(4, generator=torch.Generator().manual_seed(0)),
+                       vae.sample(4, generator=torch.Generator().manual_seed(0)))
+    config = yaml.safe_load((tmp_path / "init" / "config.yaml").read_text())
+    assert config["train"]["init"] == str((tmp_path / "init" / "init.pt").resolve())
+    assert config["model"]["vae"] == json.loads(json.dumps(vae.config))
+    train(tmp_path / "init" / "config.yaml", sdss_tiny, tmp_path / "run")
+    run = load_model(tmp_path / "run" / "model.pt")
+    assert run.provenance["init"].endswith("init.pt")
+    assert not torch.equal(run.sample(4, generator=torch.Generator().manual_seed(0)),
+                           init.sample(4, generator=torch.Generator().manual_seed(0)))
+    recipe.write_text(yaml.safe_dump({"model": {"kind": "vae"}}))
+    with pytest.raises(GalgenInputError, match="recipe.yaml: model.kind must be 'gan'"):
+        module.main(["--vae", str(src), "--config", str(recipe), "--out", str(tmp_path / "bad")])
