@@ -61,6 +61,26 @@ def training_stages(path, ck, init_card=None) -> list:
         path, ck = init, load_checkpoint(init)
 
 
+def run_stage(run: Path) -> dict:
+    """One training stage from a run directory's ``config.yaml`` and ``train_log.csv``."""
+    import yaml
+
+    from galgen.errors import GalgenInputError
+
+    try:
+        train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+        log = read_log(run / TRAIN_LOG)
+    except (OSError, KeyError, TypeError, GalgenInputError) as exc:
+        raise SystemExit(f"--stages: {run} is not a training run directory ({exc})") from None
+    if not log:
+        raise SystemExit(f"--stages: {run / TRAIN_LOG} is empty")
+    steps = int(log[-1]["step"])
+    return {"run": str(run), "steps": steps, "images_seen": steps * int(train["batch_size"]),
+            "wall_s": float(log[-1]["wall_s"]),
+            "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min", "batch_size")
+                      if train.get(k) is not None}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--run", required=True, help="training run directory (with model.pt)")
@@ -79,17 +99,30 @@ def main():
     ap.add_argument("--earlier", default=None,
                     help="a checkpoint of the run the recorded chain started from, where the chain does not lead "
                          "there (e.g. a run's init file later replaced): its stages are put first")
+    ap.add_argument("--stages", nargs="+", default=None,
+                    help="run directories (config.yaml, train_log.csv) of the training stages in order, after "
+                         "--init-card's, for chains whose intermediate files (grown or converted checkpoints) "
+                         "were not kept; replaces the chain the checkpoint records")
+    ap.add_argument("--weights", default=None,
+                    help="install this checkpoint instead of the run's: one made from the run's final model "
+                         "without training (e.g. its prior refitted by pipelines/refit_prior.py)")
     ap.add_argument("--checkpoint", default="model.pt",
                     help="the run's checkpoint to install: model.pt (final), or e.g. best.pt, whose optimiser "
                          "state is dropped [model.pt]")
     args = ap.parse_args()
     run = Path(args.run)
-    src = run / args.checkpoint
+    src = Path(args.weights) if args.weights else run / args.checkpoint
     load_model(src)  # refuses unsafe or inconsistent files
     ck = load_checkpoint(src)
     if ck["optimizer"] is not None and args.checkpoint == "model.pt":
         raise SystemExit(f"{src}: holds optimiser state; install a final model.pt")
-    stages = training_stages(src, ck, args.init_card)
+    if args.stages:
+        from galgen.pretrained import model_card
+
+        stages = [*(model_card(args.init_card)["stages"] if args.init_card else []),
+                  *(run_stage(Path(d)) for d in args.stages)]
+    else:
+        stages = training_stages(src, ck, args.init_card)
     if args.earlier:
         stages = [*training_stages(args.earlier, load_checkpoint(args.earlier)), *stages]
     card = {
@@ -106,7 +139,9 @@ def main():
         key = args.quality_key or args.name
         card["quality"] = {"data": q["data"], "n": q["n"],
                            "reconstruction": q["reconstruction"].get(key),
-                           "generation": {k: v for k, v in q["generation"].items() if k.startswith(key)}}
+                           "generation": {k: v for k, v in q["generation"].items() if k.startswith(key)},
+                           **{part: {k: v for k, v in q[part].items() if k.startswith(key)}
+                              for part in ("c2st", "targets") if isinstance(q.get(part), dict)}}
     if args.diagnostics:
         card["diagnostics"] = json.loads(Path(args.diagnostics).read_text())
     if args.note:

@@ -10,7 +10,7 @@ from galgen.pretrained import model_card
 
 @pytest.mark.parametrize("name, kind", [("sdss-vae", "vae"), ("sdss-gan", "gan"), ("sdss-vae-v1", "vae"),
                                         ("sdss-gan-v1", "gan"), ("sdss-vae-bd", "vae"), ("sdss-vae-bd-v1", "vae"),
-                                        ("sdss-gan-rich", "gan")])
+                                        ("sdss-gan-rich", "gan"), ("sdss-vae-bd-comp", "vae")])
 def test_pretrained_model_loads_and_samples(name, kind):
     assert name in galgen.available_pretrained()
     model = galgen.load_pretrained(name)
@@ -28,7 +28,7 @@ def test_pretrained_model_loads_and_samples(name, kind):
         assert bool(model.latent_flow.fitted)
 
 
-@pytest.mark.parametrize("name", ["sdss-vae-bd", "sdss-vae-bd-v1"])
+@pytest.mark.parametrize("name", ["sdss-vae-bd", "sdss-vae-bd-v1", "sdss-vae-bd-comp"])
 def test_bulge_disk_vae_fits_with_lm_and_normal_prior_and_samples_from_its_flow(name):
     model = galgen.load_pretrained(name)
     assert model.config["seed_profile"] == "bulge-disk" and model.config["seed_latents"]
@@ -81,3 +81,44 @@ def test_the_rich_gan_card_records_its_stages_and_the_population_targets_it_was_
         assert max(st["flux"]["ks"], st["sigma"]["ks"], st["e"]["ks"]) <= 0.10
         assert abs(st["e"]["mean_gen"] - st["e"]["mean_real"]) <= 0.02
         assert abs(st["sigma"]["mean_gen"] / st["sigma"]["mean_real"] - 1) <= 0.05
+
+
+def test_the_companion_vae_card_records_its_stages_and_the_evaluation_targets_it_was_installed_on():
+    """sdss-vae-bd-comp: sdss-vae-bd's stages, then the gate's and the companion's runs; its
+    flow prior met the C2ST target on 5,000 held-out rich galaxies, its reconstructions the
+    chi2/pixel interval, when installed; it samples its flow by default and holds the code
+    mixture as a choice."""
+    card = model_card("sdss-vae-bd-comp")
+    assert card["stages"][:-2] == model_card("sdss-vae-bd")["stages"]
+    assert [st["steps"] for st in card["stages"][-2:]] == [2000, 2000]
+    assert card["quality"]["n"] == 5000
+    assert card["quality"]["c2st"]["vae-0 (flow prior)"]["accuracy"] <= 0.60
+    assert 0.95 <= card["quality"]["reconstruction"]["median"] <= 1.15
+    model = galgen.load_pretrained("sdss-vae-bd-comp")
+    assert model.config["companion"] and model.config["symmetry_gate"] == "latent" and model.latent_dim == 24
+    assert list(model.prior_choices) == ["flow", "mixture", "normal"]
+    z = model.sample_latents(2000, generator=torch.Generator().manual_seed(0))
+    flow = model.latent_flow.sample(2000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z, flow)
+
+
+def test_make_pretrained_stages_from_run_directories(tmp_path):
+    """--stages: each run directory's steps, images and wall time from its config and log; a
+    directory without them is refused by name."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "make_pretrained.py"
+    spec = importlib.util.spec_from_file_location("make_pretrained", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 32, "lr": 1e-4}}))
+    (run / "train_log.csv").write_text("step,epoch,images,wall_s\n50,0,1600,10.0\n120,0,3840,30.5\n")
+    assert mod.run_stage(run) == {"run": str(run), "steps": 120, "images_seen": 3840, "wall_s": 30.5,
+                                  "train": {"lr": 1e-4, "batch_size": 32}}
+    with pytest.raises(SystemExit, match="not a training run directory"):
+        mod.run_stage(tmp_path)
