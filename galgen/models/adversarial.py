@@ -18,11 +18,14 @@ spectral-norm critic, flux/shape generator head, EMA, lazy R1).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import GalgenInputError
+from ..physics import source_noise, split_variance
 from .base import Batch, GenerativeModel, sample_latents, standard_normal
 
 __all__ = ["AdversarialModel"]
@@ -47,6 +50,11 @@ class AdversarialModel(GenerativeModel):
     stamp: int = 0
     oversampling: int = 1
     input_scale: float = 1.0
+    #: How fakes observed like a real batch get their noise: ``"variance-map"`` draws it
+    #: from the real galaxies' variance maps; ``"own"`` splits those maps into a background
+    #: and a source term (:func:`galgen.physics.split_variance`) and gives each fake the
+    #: Poisson noise of its own light (:meth:`fake_observation`).
+    fake_noise: str = "variance-map"
 
     # -- generator -----------------------------------------------------------------------
 
@@ -187,6 +195,35 @@ class AdversarialModel(GenerativeModel):
         _, noisy = observation.observe(intrinsic.to(dtype), generator=generator)
         return intrinsic, noisy
 
+    def fake_observation(self, batch: Batch):
+        """The observation that fakes made for a real batch go through: its PSFs, and its noise.
+
+        With ``fake_noise = "variance-map"`` the batch's own observation. With ``"own"`` the
+        same PSFs and mask, and noise of the fakes' own light over each galaxy's
+        background (:func:`galgen.physics.split_variance`, :func:`galgen.physics.source_noise`):
+        a variance map that holds its galaxy's Poisson term would otherwise give a fake
+        the real galaxy's shape in its noise, which the critic can tell apart.
+
+        Parameters
+        ----------
+        batch : Batch
+
+        Returns
+        -------
+        galgen.physics.Observation
+        """
+        obs = batch.observation
+        var = getattr(obs.noise, "variance_map", None)
+        if self.fake_noise != "own" or var is None or var.ndim != 3:
+            return obs
+        mask = getattr(obs.noise, "mask", None)
+        background, inverse_gain = split_variance(var, batch.observed, mask)
+        if not bool(inverse_gain > 0):  # maps of the background alone: nothing of the galaxies in them
+            return obs
+        fake = copy.copy(obs)
+        fake.noise = source_noise(background, inverse_gain, mask)
+        return fake
+
     @staticmethod
     def _batch_size(observation):
         psf = getattr(observation, "psf", None)
@@ -289,7 +326,7 @@ class AdversarialModel(GenerativeModel):
         feats = self.condition_features(batch.cond, n)
         gen = torch.Generator(device=batch.observed.device)
         gen.manual_seed(_validation_seed(batch.index))
-        return self._observe_fakes(batch.observation, feats, n, generator=gen)
+        return self._observe_fakes(self.fake_observation(batch), feats, n, generator=gen)
 
     def validation_panels(self, batch: Batch, n: int = 8) -> tuple[dict, np.ndarray]:
         """Stamps for the validation sample grid: real, and fakes observed like them.

@@ -278,6 +278,11 @@ class GAN(AdversarialModel):
         Seed profile of the flux-shape head (see :class:`FluxShapeGenerator`).
     warp_body : bool, optional
         Shear the flux-shape head's body with its seed (see :class:`FluxShapeGenerator`).
+    fake_noise : {"variance-map", "own"}, optional
+        Noise of the fakes observed like a batch: drawn from the real galaxies' variance
+        maps, or the Poisson noise of the fakes' own light over each galaxy's background
+        (:meth:`AdversarialModel.fake_observation`; for variance maps that hold their
+        galaxy's Poisson term, as simulated files do).
     critic_symmetry : bool, optional
         The critic also sees each image's part that is not point-symmetric about the
         centre pixel (:class:`SNCritic` ``symmetry_channel``).
@@ -305,7 +310,7 @@ class GAN(AdversarialModel):
                  spectral_norm: bool = True, head: str = "flux-shape", ema: float = 0.999, r1_gamma: float = 0.0,
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
-                 critic_symmetry: bool = False, vae: dict | None = None):
+                 critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map"):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -321,6 +326,8 @@ class GAN(AdversarialModel):
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
+        if fake_noise not in ("variance-map", "own"):
+            raise GalgenInputError(f"fake_noise: 'variance-map' or 'own', got {fake_noise!r}")
         if head not in GAN_HEADS:
             raise GalgenInputError(f"head: one of {list(GAN_HEADS)}, got {head!r}")
         source = _generator_vae(vae, head, stamp, latent_dim, oversampling, self.cond_dim)
@@ -338,6 +345,9 @@ class GAN(AdversarialModel):
                            profile=profile, warp_body=bool(warp_body))
         if source is not None:
             self.config.update(vae=dict(source.config))
+        if fake_noise != "variance-map":  # older checkpoints' configs stay as they were
+            self.config.update(fake_noise=fake_noise)
+        self.fake_noise = fake_noise
         if symmetry_gate is not None:  # older checkpoints' configs stay as they were
             self.config.update(symmetry_gate=symmetry_gate, gate_gain=float(gate_gain))
         if critic_symmetry:
@@ -560,10 +570,10 @@ class GAN(AdversarialModel):
         opt_c, opt_g = optimizers["critic"], optimizers["generator"]
         torch.clear_autocast_cache()
         n = len(batch)
-        obs = batch.observation
+        obs = self.fake_observation(batch)
         feats = self.condition_features(batch.cond, n)
         both = None if feats is None else torch.cat([feats, feats])
-        mask = getattr(obs.noise, "mask", None)
+        mask = getattr(batch.observation.noise, "mask", None)
 
         with torch.no_grad():
             _, fake = self._observe_fakes(obs, feats, n, raw=True)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import GalgenInputError
 
-__all__ = ["GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise"]
+__all__ = ["GaussianNoise", "CCDNoise", "CorrelatedGaussianNoise", "split_variance", "source_noise"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -490,3 +490,81 @@ class CorrelatedGaussianNoise(_NoiseModel):
         """
         p = self._p(data)
         return -0.5 * (self.chi2(data, model) + torch.log(p).sum() + p.numel() * _LOG_2PI)
+
+
+def split_variance(variance: torch.Tensor, observed: torch.Tensor, mask=None, quantile: float = 0.01):
+    """Split variance maps that hold each galaxy's own Poisson noise into a background and a source term.
+
+    A detector's variance is ``background + max(signal, 0) / gain`` (GalSim's ``CCDNoise``,
+    galgen's simulated files, most pipelines' variance planes), so a variance map carries
+    the imprint of *its* galaxy. Noise drawn from it for another image (a GAN's fake
+    observed like galaxy ``i``) puts that galaxy's shape into the noise, which a critic can
+    see. The background of each map is a low quantile of its unmasked pixels (1%: the
+    median of a stamp that a large galaxy fills, or of its border, holds the galaxy's light;
+    the minimum follows noise in estimated maps); ``1 / gain`` is pooled over the batch from the source-dominated pixels
+    (``variance - background > background`` and ``observed > 0``):
+    ``sum(variance - background) / sum(observed)``, 0 where no pixel is source-dominated
+    (maps of the background alone).
+
+    Parameters
+    ----------
+    variance, observed : torch.Tensor
+        ``(B, S, S)`` variance maps and the observed images they belong to.
+    mask : torch.Tensor, optional
+        ``(B, S, S)`` or ``(S, S)`` boolean, True = excluded.
+    quantile : float, optional
+        Quantile of each map's unmasked pixels taken as its background.
+
+    Returns
+    -------
+    background : torch.Tensor
+        ``(B,)`` variance of an empty pixel.
+    inverse_gain : torch.Tensor
+        Scalar, ``>= 0``: the source term per unit signal.
+
+    Examples
+    --------
+    >>> signal = torch.zeros(1, 16, 16); signal[0, 6:10, 6:10] = 400.0
+    >>> bg, k = split_variance(4.0 + signal / 5.0, signal)
+    >>> float(bg[0]), round(float(k), 6)
+    (4.0, 0.2)
+    """
+    if variance.ndim != 3 or observed.shape != variance.shape:
+        raise GalgenInputError(f"variance, observed: expected two (B, S, S) tensors of one shape, got "
+                               f"{tuple(variance.shape)} and {tuple(observed.shape)}")
+    v, x = variance.double(), observed.detach().double().to(variance.device)
+    bad = torch.zeros_like(v, dtype=torch.bool) if mask is None else \
+        torch.broadcast_to(_mask_or_none(mask, v), v.shape)
+    background = torch.where(bad, torch.nan, v).flatten(1).nanquantile(quantile, dim=1)
+    background = torch.where(torch.isnan(background), v.flatten(1).min(dim=1).values, background)
+    excess = v - background[:, None, None]
+    use = ~bad & (excess > background[:, None, None]) & (x > 0)
+    signal = x[use].sum()
+    inverse_gain = excess[use].sum() / signal if bool(signal > 0) else torch.zeros((), dtype=v.dtype)
+    return background.to(variance.dtype), inverse_gain.clamp(min=0).to(variance.dtype)
+
+
+def source_noise(background: torch.Tensor, inverse_gain, mask=None):
+    """The noise of images whose variance is ``background + max(signal, 0) * inverse_gain``.
+
+    With a source term, a :class:`CCDNoise` (Poisson electrons at ``gain = 1 /
+    inverse_gain`` over a sky that gives the background variance); without one, a
+    :class:`GaussianNoise` of the background. Fakes observed with it carry noise of their
+    own light (see :func:`split_variance`).
+
+    Parameters
+    ----------
+    background : torch.Tensor
+        ``(B,)`` variance of an empty pixel.
+    inverse_gain : float or torch.Tensor
+        Scalar ``>= 0``.
+    mask : torch.Tensor, optional
+
+    Returns
+    -------
+    CCDNoise or GaussianNoise
+    """
+    k = float(inverse_gain)
+    if not k > 0:
+        return GaussianNoise(background[:, None, None].clone(), mask)
+    return CCDNoise(background.double() / k, 1.0 / k, 0.0, mask)

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Can a GAN critic tell a generator's observed galaxies from real ones? The critic alone, the generator frozen.
+
+    python benchmarks/diagnose_critic.py --model pipelines/runs/sdss-vae-bd-comp-map/model.pt \
+        --data rich_train_20k.h5 --steps 300 --width 8 --lr 1e-4 --r1-gamma 1 --json critic.json
+
+Before a GAN fine-tunes a good generator (:meth:`galgen.models.GAN.from_vae`), it is worth
+knowing whether its critic can see what is wrong with it at all: in the game the generator
+moves with the critic, so the critic's training loss stays near ``2 ln 2`` whether it sees
+nothing or the generator keeps up. Here the generator (a VAE's flow prior and decoder, or
+a GAN's averaged generator) is frozen, a fresh :class:`galgen.models.SNCritic` of the
+recipe's options is trained with the non-saturating loss and lazy R1 on the first
+``--n-train`` galaxies of ``--data`` against fakes observed like them (the batch's PSFs and
+noise), and every ``--every`` steps its loss and accuracy (real scored > 0, fake < 0) on
+``--n-held`` other galaxies of the file and fixed fakes are reported: accuracy 0.5 means
+the critic sees no difference (yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish, machine_info  # noqa: E402
+
+
+def held_out_scores(gan, batches, seed: int = 1):
+    """Critic loss and accuracy on held-out galaxies and fakes observed like them (fixed noise)."""
+    g = torch.Generator().manual_seed(seed)
+    real, fake = [], []
+    with torch.no_grad():
+        for b in batches:
+            mask = getattr(b.observation.noise, "mask", None)
+            _, fakes = gan.observe_fakes(b.observation, generator=g)
+            real.append(gan.critic(gan.critic_input(b.observed, mask)).float())
+            fake.append(gan.critic(gan.critic_input(fakes, mask)).float())
+    dr, df = torch.cat(real), torch.cat(fake)
+    accuracy = 0.5 * (float((dr > 0).float().mean()) + float((df < 0).float().mean()))
+    return float(gan.critic_loss(dr, df)), accuracy
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a VAE with a fitted flow prior, or a GAN")
+    ap.add_argument("--data", required=True, help="cutout file of real galaxies (training set)")
+    ap.add_argument("--n-train", type=int, default=6400, help="first N galaxies train the critic [6400]")
+    ap.add_argument("--n-held", type=int, default=512, help="the file's last N galaxies score it [512]")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--r1-gamma", type=float, default=1.0)
+    ap.add_argument("--r1-every", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    from galgen.checkpoints import load_model
+    from galgen.data import ObservationLoader
+    from galgen.errors import GalgenInputError
+    from galgen.models import GAN, VAE
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    source = load_model(args.model)
+    options = dict(width=args.width, critic_symmetry=True, r1_gamma=args.r1_gamma, r1_every=args.r1_every, ema=0.0)
+    if isinstance(source, VAE):
+        gan = GAN.from_vae(source, **options)
+    elif isinstance(source, GAN) and not source.cond_dim:
+        gan = GAN.from_config({**source.config, **options})
+        gan.generator.load_state_dict(source.sampling_generator.state_dict())
+    else:
+        raise GalgenInputError(f"--model: {args.model} is neither a VAE nor an unconditional GAN")
+    for p in gan.generator.parameters():
+        p.requires_grad_(False)
+    n = len(ObservationLoader(args.data, None, ()))
+    if args.n_train + args.n_held > n:
+        raise GalgenInputError(f"--n-train + --n-held: {args.n_train + args.n_held} > the {n} galaxies of {args.data}")
+    train = ObservationLoader(args.data, np.arange(args.n_train), ())
+    held = list(ObservationLoader(args.data, np.arange(n - args.n_held, n), ()).iter_batches(256))
+    opt = torch.optim.Adam(gan.critic.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    rows, step, t0 = [], 0, time.perf_counter()
+    loss0, acc0 = held_out_scores(gan, held)
+    rows.append({"step": 0, "held_out_loss": loss0, "held_out_accuracy": acc0, "wall_s": 0.0})
+    while step < args.steps:
+        for b in train.iter_batches(args.batch_size):
+            mask = getattr(b.observation.noise, "mask", None)
+            with torch.no_grad():
+                _, fake = gan.observe_fakes(b.observation)
+            u_real = gan.critic_input(b.observed, mask)
+            scores = gan.critic(torch.cat([u_real, gan.critic_input(fake, mask)])).float()
+            loss = gan.critic_loss(scores[:len(b)], scores[len(b):])
+            if args.r1_gamma > 0 and step % args.r1_every == 0:
+                loss = loss + 0.5 * args.r1_gamma * args.r1_every * gan.r1_penalty(u_real)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % args.every == 0 or step == args.steps:
+                loss_h, acc_h = held_out_scores(gan, held)
+                rows.append({"step": step, "held_out_loss": loss_h, "held_out_accuracy": acc_h,
+                             "wall_s": time.perf_counter() - t0})
+                print(f"step {step}: held-out critic loss {loss_h:.4f} (2 ln 2 = 1.3863), accuracy {acc_h:.3f} "
+                      f"({rows[-1]['wall_s']:.0f} s)", flush=True)
+            if step >= args.steps:
+                break
+    result = {"model": args.model, "data": args.data, "n_train": args.n_train, "n_held": args.n_held,
+              "width": args.width, "lr": args.lr, "r1_gamma": args.r1_gamma, "r1_every": args.r1_every,
+              "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads, "rows": rows,
+              "machine": machine_info()}
+    finish(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
