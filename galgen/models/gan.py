@@ -278,6 +278,9 @@ class GAN(AdversarialModel):
         Seed profile of the flux-shape head (see :class:`FluxShapeGenerator`).
     warp_body : bool, optional
         Shear the flux-shape head's body with its seed (see :class:`FluxShapeGenerator`).
+    train_parts : {"all", "flow"}, optional
+        With ``head="vae"``: the game trains the flow prior and the decoder, or the flow
+        alone (the decoder keeps the VAE's weights; only the distribution of codes moves).
     fake_noise : {"variance-map", "own"}, optional
         Noise of the fakes observed like a batch: drawn from the real galaxies' variance
         maps, or the Poisson noise of the fakes' own light over each galaxy's background
@@ -310,7 +313,8 @@ class GAN(AdversarialModel):
                  spectral_norm: bool = True, head: str = "flux-shape", ema: float = 0.999, r1_gamma: float = 0.0,
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
-                 critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map"):
+                 critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
+                 train_parts: str = "all"):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -326,6 +330,8 @@ class GAN(AdversarialModel):
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
+        if train_parts not in ("all", "flow") or (train_parts == "flow" and head != "vae"):
+            raise GalgenInputError(f"train_parts: 'all', or 'flow' with head='vae', got {train_parts!r}")
         if fake_noise not in ("variance-map", "own"):
             raise GalgenInputError(f"fake_noise: 'variance-map' or 'own', got {fake_noise!r}")
         if head not in GAN_HEADS:
@@ -347,6 +353,8 @@ class GAN(AdversarialModel):
             self.config.update(vae=dict(source.config))
         if fake_noise != "variance-map":  # older checkpoints' configs stay as they were
             self.config.update(fake_noise=fake_noise)
+        if train_parts != "all":
+            self.config.update(train_parts=train_parts)
         self.fake_noise = fake_noise
         if symmetry_gate is not None:  # older checkpoints' configs stay as they were
             self.config.update(symmetry_gate=symmetry_gate, gate_gain=float(gate_gain))
@@ -367,6 +375,9 @@ class GAN(AdversarialModel):
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
                                cond_dim=self.cond_dim, spectral_norm=bool(spectral_norm),
                                symmetry_channel=bool(critic_symmetry))
+        if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
+            for p in self.generator.decoder.parameters():
+                p.requires_grad_(False)
         self.generator_ema = None
         if self.ema > 0:
             self.generator_ema = copy.deepcopy(self.generator)
@@ -540,7 +551,8 @@ class GAN(AdversarialModel):
             raise GalgenInputError(f"optimizer.critic_lr_scale: must be a positive number, got {critic_lr_scale!r}")
         return {"critic": make_optimizer(self.critic.parameters(), lr * float(critic_lr_scale), name, betas=betas,
                                          **options),
-                "generator": make_optimizer(self.generator.parameters(), lr, name, betas=betas, **options)}
+                "generator": make_optimizer([p for p in self.generator.parameters() if p.requires_grad], lr, name,
+                                            betas=betas, **options)}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
         """One critic update and, every ``n_critic`` steps, one generator update and EMA step.

@@ -583,3 +583,23 @@ def test_vae_to_gan_script_writes_a_run_that_galgen_train_fine_tunes(tmp_path, s
     recipe.write_text(yaml.safe_dump({"model": {"kind": "vae"}}))
     with pytest.raises(GalgenInputError, match="recipe.yaml: model.kind must be 'gan'"):
         module.main(["--vae", str(src), "--config", str(recipe), "--out", str(tmp_path / "bad")])
+
+
+def test_a_gan_from_a_vae_can_train_its_flow_alone():
+    """train_parts="flow": the game's generator step moves the flow prior, never the decoder
+    (it keeps the VAE's weights, and its parameters are not the optimiser's); refused
+    without head='vae'."""
+    vae = _fitted_vae()
+    gan = GAN.from_vae(vae, width=8, ema=0.9, train_parts="flow")
+    opts = gan.make_optimizers(lr=1e-3)
+    trained = {id(p) for g in opts["generator"].param_groups for p in g["params"]}
+    assert trained == {id(p) for p in gan.generator.flow.parameters()}
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    flow0 = [p.detach().clone() for p in gan.generator.flow.parameters()]
+    gan.training_step(batch, opts, 0)
+    assert any(not torch.equal(a, b) for a, b in zip(flow0, gan.generator.flow.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(vae.decoder.state_dict().values(),
+                                                 gan.generator.decoder.state_dict().values()))
+    assert GAN.from_config(gan.config).config["train_parts"] == "flow"
+    with pytest.raises(GalgenInputError, match="train_parts"):
+        GAN(S, latent_dim=4, train_parts="flow")
