@@ -47,7 +47,8 @@ def held_out_scores(gan, batches, seed: int = 1):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a VAE with a fitted flow prior, or a GAN")
+    ap.add_argument("--model", required=True, help="a VAE with a fitted flow prior, or a GAN (file, run "
+                                                   "directory or pretrained name)")
     ap.add_argument("--data", required=True, help="cutout file of real galaxies (training set)")
     ap.add_argument("--n-train", type=int, default=6400, help="first N galaxies train the critic [6400]")
     ap.add_argument("--n-held", type=int, default=512, help="the file's last N galaxies score it [512]")
@@ -62,14 +63,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from galgen.checkpoints import load_model
     from galgen.data import ObservationLoader
     from galgen.errors import GalgenInputError
     from galgen.models import GAN, VAE
+    from galgen.runtime import resolve_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    source = load_model(args.model)
+    source = resolve_model(args.model, "cpu")
     options = dict(width=args.width, critic_symmetry=True, r1_gamma=args.r1_gamma, r1_every=args.r1_every, ema=0.0)
     if isinstance(source, VAE):
         gan = GAN.from_vae(source, **options)
