@@ -50,8 +50,9 @@ from .vae import VAE
 
 __all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "GAN_LOSSES"]
 
-#: Loss names the :class:`GAN` accepts.
+#: Generator heads the :class:`GAN` accepts.
 GAN_HEADS = ("flux-shape", "softplus", "vae")
+#: Loss names the :class:`GAN` accepts.
 GAN_LOSSES = ("non-saturating", "hinge")
 
 
