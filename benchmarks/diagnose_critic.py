@@ -12,7 +12,8 @@ a GAN's averaged generator) is frozen, a fresh :class:`galgen.models.SNCritic` o
 recipe's options is trained with the non-saturating loss and lazy R1 on the first
 ``--n-train`` galaxies of ``--data`` against fakes observed like them (the batch's PSFs and
 noise), and every ``--every`` steps its loss and accuracy (real scored > 0, fake < 0) on
-``--n-held`` other galaxies of the file and fixed fakes are reported: accuracy 0.5 means
+``--n-held`` other galaxies of the file and the fakes of the GAN's validation (the same
+every time) are reported: accuracy 0.5 means
 the critic sees no difference (yet).
 """
 
@@ -30,17 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish, machine_info  # noqa: E402
 
 
-def held_out_scores(gan, batches, seed: int = 1):
-    """Critic loss and accuracy on held-out galaxies and fakes observed like them (fixed noise)."""
-    g = torch.Generator().manual_seed(seed)
-    real, fake = [], []
-    with torch.no_grad():
-        for b in batches:
-            mask = getattr(b.observation.noise, "mask", None)
-            _, fakes = gan.observe_fakes(b.observation, generator=g)
-            real.append(gan.critic(gan.critic_input(b.observed, mask)).float())
-            fake.append(gan.critic(gan.critic_input(fakes, mask)).float())
-    dr, df = torch.cat(real), torch.cat(fake)
+def held_out_scores(gan, batches):
+    """Critic loss and accuracy on held-out galaxies and their fixed fakes (:meth:`GAN.validation_step`)."""
+    steps = [gan.validation_step(b) for b in batches]
+    dr = torch.cat([st["critic_real"] for st in steps])
+    df = torch.cat([st["critic_fake"] for st in steps])
     accuracy = 0.5 * (float((dr > 0).float().mean()) + float((df < 0).float().mean()))
     return float(gan.critic_loss(dr, df)), accuracy
 

@@ -47,11 +47,7 @@ def training_stages(path, ck, init_card=None) -> list:
                ] if (run / TRAIN_LOG).exists() else []
         train = ck["config"]["train"]
         if int(ck["step"]) > 0:  # a converted checkpoint trained no steps of its own
-            stages.insert(0, {"run": str(run), "steps": int(ck["step"]),
-                              "images_seen": int(ck["step"]) * int(train["batch_size"]),
-                              "wall_s": float(log[-1]["wall_s"]) if log else None,
-                              "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min",
-                                                                  "batch_size") if train.get(k) is not None}})
+            stages.insert(0, _stage(run, int(ck["step"]), train, log))
         init = ck["provenance"].get("reseeded_from") or ck["provenance"].get("init")
         if init and init_card:
             return [*model_card(init_card)["stages"], *stages]
@@ -74,9 +70,13 @@ def run_stage(run: Path) -> dict:
         raise SystemExit(f"--stages: {run} is not a training run directory ({exc})") from None
     if not log:
         raise SystemExit(f"--stages: {run / TRAIN_LOG} is empty")
-    steps = int(log[-1]["step"])
+    return _stage(run, int(log[-1]["step"]), train, log)
+
+
+def _stage(run: Path, steps: int, train: dict, log: list) -> dict:
+    """A card's record of a stage: its steps, images, wall time (the log's last row) and rates."""
     return {"run": str(run), "steps": steps, "images_seen": steps * int(train["batch_size"]),
-            "wall_s": float(log[-1]["wall_s"]),
+            "wall_s": float(log[-1]["wall_s"]) if log else None,
             "train": {k: train.get(k) for k in ("lr", "lr_schedule", "lr_warmup", "lr_min", "batch_size")
                       if train.get(k) is not None}}
 

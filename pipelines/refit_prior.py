@@ -18,8 +18,8 @@ prior (:meth:`~galgen.models.VAE.fit_code_mixture`): a Gaussian at each galaxy's
 its encoder's widths times ``--bandwidth`` (by default the factor at which its draws are as
 far from the codes as held-out codes are; the codes must be those of the first ``--n``
 galaxies of ``--data``, in order: ``--codes map`` or their ``--load-codes``), and
-``--keep-flow`` leaves the model's flow as it is. The written model keeps the source's configuration and provenance, with the refit
-recorded in it.
+``--keep-flow`` leaves the model's flow as it is. The written model keeps the source's
+configuration and provenance, with the refit recorded in it.
 """
 
 from __future__ import annotations

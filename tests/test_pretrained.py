@@ -43,23 +43,11 @@ def test_unknown_pretrained_name():
         galgen.load_pretrained("hst-diffusion")
 
 
-def _make_pretrained():
-    """The module of pipelines/make_pretrained.py (the scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "pipelines" / "make_pretrained.py"
-    spec = importlib.util.spec_from_file_location("make_pretrained", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_make_pretrained_takes_the_stages_of_an_installed_init_from_its_card(tmp_path):
+def test_make_pretrained_takes_the_stages_of_an_installed_init_from_its_card(tmp_path, pipeline_script):
     """A run fine-tuned from an installed model lists that model's stages, then its own."""
     from galgen.errors import GalgenInputError as InputError
 
-    mod = _make_pretrained()
+    mod = pipeline_script("make_pretrained")
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_log.csv").write_text("step,epoch,images,wall_s\n50,0,3200,10.0\n100,0,6400,21.5\n")
@@ -108,12 +96,12 @@ def test_the_companion_vae_card_records_its_stages_and_the_evaluation_targets_it
     assert torch.equal(z, flow)
 
 
-def test_make_pretrained_stages_from_run_directories(tmp_path):
+def test_make_pretrained_stages_from_run_directories(tmp_path, pipeline_script):
     """--stages: each run directory's steps, images and wall time from its config and log; a
     directory without them is refused by name."""
     import yaml
 
-    mod = _make_pretrained()
+    mod = pipeline_script("make_pretrained")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 32, "lr": 1e-4}}))

@@ -501,8 +501,9 @@ def split_variance(variance: torch.Tensor, observed: torch.Tensor, mask=None, qu
     observed like galaxy ``i``) puts that galaxy's shape into the noise, which a critic can
     see. The background of each map is a low quantile of its unmasked pixels (1%: the
     median of a stamp that a large galaxy fills, or of its border, holds the galaxy's light;
-    the minimum follows noise in estimated maps); ``1 / gain`` is pooled over the batch from the source-dominated pixels
-    (``variance - background > background`` and ``observed > 0``):
+    the minimum follows noise in estimated maps); ``1 / gain`` is pooled over the batch
+    from the source-dominated pixels (``variance - background > background`` and
+    ``observed > 0``):
     ``sum(variance - background) / sum(observed)``, 0 where no pixel is source-dominated
     (maps of the background alone).
 

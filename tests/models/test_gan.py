@@ -545,23 +545,17 @@ def test_a_gan_from_a_vae_refuses_what_it_cannot_be():
         GAN.from_vae(vae, width=8).make_optimizers(critic_lr_scale=0.0)
 
 
-def test_vae_to_gan_script_writes_a_run_that_galgen_train_fine_tunes(tmp_path, sdss_tiny):
+def test_vae_to_gan_script_writes_a_run_that_galgen_train_fine_tunes(tmp_path, sdss_tiny, pipeline_script):
     """pipelines/vae_to_gan.py writes init.pt (the VAE's generator, a seeded critic) and a
     config.yaml whose train.init is it; galgen train runs from it, the generator starting as
     the VAE's (the first step's EMA average is the VAE's galaxies plus one small step); a
     recipe of another kind is refused by name."""
-    import importlib.util
-    from pathlib import Path
-
     import yaml
 
     from galgen.checkpoints import load_model, save_checkpoint
     from galgen.train.run import train
 
-    script = Path(__file__).resolve().parents[2] / "pipelines" / "vae_to_gan.py"
-    spec = importlib.util.spec_from_file_location("vae_to_gan", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = pipeline_script("vae_to_gan")
     vae = _fitted_vae(stamp=32)
     src = save_checkpoint(tmp_path / "vae.pt", model_state=vae.state_dict(), config=vae.config)
     recipe = tmp_path / "recipe.yaml"

@@ -12,18 +12,6 @@ from galgen.models import VAE, Batch, good_pixels
 from galgen.physics import GaussianNoise, Observation, gaussian_psf
 from galgen.train import load_checkpoint, save_checkpoint
 
-def _pipeline_script(name: str):
-    """The module of ``pipelines/<name>.py`` (the scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "pipelines" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -498,13 +486,13 @@ def test_added_latents_go_before_a_latent_gate_which_stays_last():
         assert torch.allclose(grown.decode(zg).sum((1, 2)), full.sum((1, 2)), rtol=1e-5)
 
 
-def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path):
+def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path, pipeline_script):
     """pipelines/grow_vae.py: the written checkpoint loads as the grown model (gate and
     latents) with the source's weights and a provenance naming it; the same seed gives the
     same file's weights; asking for nothing is refused."""
     from galgen.checkpoints import load_model
 
-    grow = _pipeline_script("grow_vae")
+    grow = pipeline_script("grow_vae")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=10, width=8, decoder="flux-shape", log_flux=(math.log(5000.0), 0.3))
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
@@ -754,7 +742,7 @@ def test_warm_start_companion_teaches_the_encoder_the_residual_companions():
     assert float((after - before)[:, keep].abs().max()) < 0.1
 
 
-def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_thread):
+def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_thread, pipeline_script):
     """pipelines/refit_prior.py --codes map: the flow is fitted to the galaxies' MAP codes
     (the codes written by --save-codes are map_codes' own), recorded in the provenance;
     --load-codes fits the same flow to the same codes; a file of codes of another width
@@ -763,7 +751,7 @@ def test_refit_prior_script_fits_the_flow_to_map_codes(tmp_path, sdss_tiny, one_
     from galgen.data import ObservationLoader
     from galgen.inference import map_codes
 
-    refit = _pipeline_script("refit_prior")
+    refit = pipeline_script("refit_prior")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=4, width=8)
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
@@ -819,14 +807,14 @@ def test_code_mixture_prior_is_a_prior_choice_that_survives_a_checkpoint(tmp_pat
         cond.fit_code_mixture(codes, 0.01)
 
 
-def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_thread):
+def test_refit_prior_script_fits_the_code_mixture(tmp_path, sdss_tiny, one_thread, pipeline_script):
     """pipelines/refit_prior.py --mixture --keep-flow: a component at each loaded MAP code with
     the encoder's widths of its galaxy times the matched bandwidth; the flow untouched; a bad
     --bandwidth and codes that are not the galaxies' refused."""
     from galgen.checkpoints import load_model
     from galgen.data import ObservationLoader
 
-    refit = _pipeline_script("refit_prior")
+    refit = pipeline_script("refit_prior")
     torch.manual_seed(0)
     vae = VAE(32, latent_dim=4, width=8)
     src = save_checkpoint(tmp_path / "src.pt", model_state=vae.state_dict(), config=vae.config)
