@@ -15,6 +15,14 @@ noise), and every ``--every`` steps its loss and accuracy (real scored > 0, fake
 ``--n-held`` other galaxies of the file and the fakes of the GAN's validation (the same
 every time) are reported: accuracy 0.5 means
 the critic sees no difference (yet).
+
+``--fakes noiseless`` or ``--fakes intrinsic`` replaces the generator by the truth: each
+real galaxy's own noise-free stamp (the file's ``noiseless``, GalSim's rendering), or its
+intrinsic image observed through galgen's physics layer, with the fakes' noise
+(``--fake-noise``, :meth:`galgen.models.AdversarialModel.fake_observation`). The fakes
+are then the real galaxies themselves: a critic that tells them apart sees the noise
+model or the physics layer, which no generator can fix, and which a game would make it
+chase with the galaxies' morphology.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -31,11 +40,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish, machine_info  # noqa: E402
 
 
-def held_out_scores(gan, batches):
-    """Critic loss and accuracy on held-out galaxies and their fixed fakes (:meth:`GAN.validation_step`)."""
-    steps = [gan.validation_step(b) for b in batches]
-    dr = torch.cat([st["critic_real"] for st in steps])
-    df = torch.cat([st["critic_fake"] for st in steps])
+def truth_fakes(gan, batch, truth, through_physics, generator=None):
+    """The real galaxies of ``batch`` as fakes: ``truth`` their noise-free stamps, or their intrinsic
+    images then observed through the physics layer, with the fakes' noise."""
+    obs = gan.fake_observation(batch)
+    clean = obs.noiseless(truth) if through_physics else truth
+    return obs.noise.sample(clean, generator=generator)
+
+
+@torch.no_grad()
+def held_out_scores(gan, batches, fakes=None):
+    """Critic loss and accuracy on held-out galaxies and their fixed fakes (:meth:`GAN.validation_step`,
+    or ``fakes(batch, generator)`` with a generator seeded per batch)."""
+    dr, df = [], []
+    for i, b in enumerate(batches):
+        if fakes is None:
+            st = gan.validation_step(b)
+            dr.append(st["critic_real"])
+            df.append(st["critic_fake"])
+            continue
+        mask = getattr(b.observation.noise, "mask", None)
+        fake = fakes(b, torch.Generator().manual_seed(1000 + i))
+        dr.append(gan.critic(gan.critic_input(b.observed, mask)).float())
+        df.append(gan.critic(gan.critic_input(fake, mask)).float())
+    dr, df = torch.cat(dr), torch.cat(df)
     accuracy = 0.5 * (float((dr > 0).float().mean()) + float((df < 0).float().mean()))
     return float(gan.critic_loss(dr, df)), accuracy
 
@@ -56,6 +84,11 @@ def main(argv=None):
     ap.add_argument("--r1-every", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fakes", choices=("model", "noiseless", "intrinsic"), default="model",
+                    help="the model's galaxies, or the real galaxies' own noise-free stamps or intrinsic images "
+                         "through the physics layer [model]")
+    ap.add_argument("--fake-noise", choices=("variance-map", "own"), default="variance-map",
+                    help="noise of the fakes (GAN fake_noise) [variance-map]")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from galgen.data import ObservationLoader
@@ -66,7 +99,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     source = resolve_model(args.model, "cpu")
-    options = dict(width=args.width, critic_symmetry=True, r1_gamma=args.r1_gamma, r1_every=args.r1_every, ema=0.0)
+    options = dict(width=args.width, critic_symmetry=True, r1_gamma=args.r1_gamma, r1_every=args.r1_every, ema=0.0,
+                   fake_noise=args.fake_noise)
     if isinstance(source, VAE):
         gan = GAN.from_vae(source, **options)
     elif isinstance(source, GAN) and not source.cond_dim:
@@ -81,15 +115,29 @@ def main(argv=None):
         raise GalgenInputError(f"--n-train + --n-held: {args.n_train + args.n_held} > the {n} galaxies of {args.data}")
     train = ObservationLoader(args.data, np.arange(args.n_train), ())
     held = list(ObservationLoader(args.data, np.arange(n - args.n_held, n), ()).iter_batches(256))
+    fakes = None
+    if args.fakes != "model":
+        key = "noiseless" if args.fakes == "noiseless" else "intrinsic"
+        with h5py.File(args.data, "r") as f:
+            if key not in f:
+                raise GalgenInputError(f"--fakes {args.fakes}: {args.data} has no '{key}' images")
+            rows = np.r_[np.arange(args.n_train), np.arange(n - args.n_held, n)]
+            images = torch.from_numpy(np.concatenate([f[key][: args.n_train], f[key][n - args.n_held:]]))
+        where = np.full(n, -1)
+        where[rows] = np.arange(len(rows))
+
+        def fakes(batch, generator=None):
+            return truth_fakes(gan, batch, images[where[batch.index.numpy()]], key == "intrinsic", generator)
+
     opt = torch.optim.Adam(gan.critic.parameters(), lr=args.lr, betas=(0.5, 0.999))
     rows, step, t0 = [], 0, time.perf_counter()
-    loss0, acc0 = held_out_scores(gan, held)
+    loss0, acc0 = held_out_scores(gan, held, fakes)
     rows.append({"step": 0, "held_out_loss": loss0, "held_out_accuracy": acc0, "wall_s": 0.0})
     while step < args.steps:
         for b in train.iter_batches(args.batch_size):
             mask = getattr(b.observation.noise, "mask", None)
             with torch.no_grad():
-                _, fake = gan.observe_fakes(b.observation)
+                fake = gan.observe_fakes(gan.fake_observation(b))[1] if fakes is None else fakes(b)
             u_real = gan.critic_input(b.observed, mask)
             scores = gan.critic(torch.cat([u_real, gan.critic_input(fake, mask)])).float()
             loss = gan.critic_loss(scores[:len(b)], scores[len(b):])
@@ -100,7 +148,7 @@ def main(argv=None):
             opt.step()
             step += 1
             if step % args.every == 0 or step == args.steps:
-                loss_h, acc_h = held_out_scores(gan, held)
+                loss_h, acc_h = held_out_scores(gan, held, fakes)
                 rows.append({"step": step, "held_out_loss": loss_h, "held_out_accuracy": acc_h,
                              "wall_s": time.perf_counter() - t0})
                 print(f"step {step}: held-out critic loss {loss_h:.4f} (2 ln 2 = 1.3863), accuracy {acc_h:.3f} "
@@ -109,7 +157,8 @@ def main(argv=None):
                 break
     result = {"model": args.model, "data": args.data, "n_train": args.n_train, "n_held": args.n_held,
               "width": args.width, "lr": args.lr, "r1_gamma": args.r1_gamma, "r1_every": args.r1_every,
-              "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads, "rows": rows,
+              "batch_size": args.batch_size, "fakes": args.fakes, "fake_noise": args.fake_noise, "seed": args.seed,
+              "threads": args.threads, "rows": rows,
               "machine": machine_info()}
     finish(result, args.json)
 

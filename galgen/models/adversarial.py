@@ -190,10 +190,16 @@ class AdversarialModel(GenerativeModel):
         return self._observe_fakes(observation, self.condition_features(cond, n), n, generator)
 
     def _observe_fakes(self, observation, feats, n, generator=None, raw: bool = False):
-        intrinsic = self._generate(self._latent(n, generator), feats, raw=raw)
-        dtype = torch.promote_types(torch.float32, observation.psf.dtype)
-        _, noisy = observation.observe(intrinsic.to(dtype), generator=generator)
+        _, intrinsic, _, noisy = self._fakes(observation, feats, n, generator, raw)
         return intrinsic, noisy
+
+    def _fakes(self, observation, feats, n, generator=None, raw: bool = False):
+        """Latent vectors, intrinsic, noiseless and noisy detector images of ``n`` fakes."""
+        z = self._latent(n, generator)
+        intrinsic = self._generate(z, feats, raw=raw)
+        dtype = torch.promote_types(torch.float32, observation.psf.dtype)
+        clean, noisy = observation.observe(intrinsic.to(dtype), generator=generator)
+        return z, intrinsic, clean, noisy
 
     def fake_observation(self, batch: Batch):
         """The observation that fakes made for a real batch go through: its PSFs, and its noise.
@@ -279,26 +285,33 @@ class AdversarialModel(GenerativeModel):
         u = self.critic_input(observed, mask)
         return self.critic(u, self.condition_features(cond, u.shape[0])).float()
 
-    def _generator_update(self, obs, feats, n, mask, opt_g, critic_params, sync, loss_fn) -> torch.Tensor:
+    def _generator_update(self, obs, feats, n, mask, opt_g, critic_params, sync, loss_fn, penalty=None) -> dict:
         """One generator step on fresh fakes observed like the batch, the critic frozen.
 
         The critic's parameters neither receive nor change gradients (frozen weights also
         bypass autocast's cast cache); ``loss_fn`` maps the critic's float32 scores of
-        the fakes to the generator's loss. Returns the detached loss.
+        the fakes to the generator's loss. ``penalty(z, feats, observation, noiseless)``,
+        if given, returns a ``(loss, metrics)`` pair added to it. Returns the detached
+        metrics: ``generator_loss`` (the adversarial part) and the penalty's.
         """
         opt_g.zero_grad(set_to_none=True)
         for p in critic_params:
             p.requires_grad_(False)
         try:
-            _, fake = self._observe_fakes(obs, feats, n, raw=True)
+            z, _, clean, fake = self._fakes(obs, feats, n, raw=True)
             g_loss = loss_fn(self.critic(self.critic_input(fake, mask), feats).float())
+            metrics = {"generator_loss": g_loss.detach()}
+            if penalty is not None:
+                extra, more = penalty(z, feats, obs, clean)
+                g_loss = g_loss + extra
+                metrics.update(more)
             g_loss.backward()
         finally:
             for p in critic_params:
                 p.requires_grad_(True)
         sync([p for p in self.generator.parameters() if p.requires_grad])
         opt_g.step()
-        return g_loss.detach()
+        return metrics
 
     # -- validation diagnostics -------------------------------------------------------------
 

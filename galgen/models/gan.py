@@ -287,6 +287,16 @@ class GAN(AdversarialModel):
         maps, or the Poisson noise of the fakes' own light over each galaxy's background
         (:meth:`AdversarialModel.fake_observation`; for variance maps that hold their
         galaxy's Poisson term, as simulated files do).
+    anchor : float, optional
+        With ``head="vae"``: weight of a trust region around the generator the game
+        starts from (the VAE's flow prior and decoder, kept frozen as
+        ``generator_anchor``). Each generator step adds
+        ``anchor / 2 * mean_i chi2_i``, where ``chi2_i`` is the chi-square between the
+        generated galaxy and the start's galaxy of the same ``z``, both observed
+        noise-free like galaxy ``i`` of the batch, in units of its noise (the
+        negative log-likelihood of the new galaxy's observation under the start's): the
+        critic can move the galaxies only by what it gains over a few chi-square per
+        galaxy (KL-regularised fine-tuning). 0: none.
     critic_symmetry : bool, optional
         The critic also sees each image's part that is not point-symmetric about the
         centre pixel (:class:`SNCritic` ``symmetry_channel``).
@@ -315,7 +325,7 @@ class GAN(AdversarialModel):
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
-                 train_parts: str = "all"):
+                 train_parts: str = "all", anchor: float = 0.0):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -326,13 +336,17 @@ class GAN(AdversarialModel):
                                 ("r1_gamma", r1_gamma, float(r1_gamma) >= 0),
                                 ("r1_every", r1_every, int(r1_every) >= 1),
                                 ("n_critic", n_critic, int(n_critic) >= 1),
-                                ("gate_gain", gate_gain, float(gate_gain) > 0)):
+                                ("gate_gain", gate_gain, float(gate_gain) > 0),
+                                ("anchor", anchor, float(anchor) >= 0)):
             if not ok:
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
         if train_parts not in ("all", "flow") or (train_parts == "flow" and head != "vae"):
             raise GalgenInputError(f"train_parts: 'all', or 'flow' with head='vae', got {train_parts!r}")
+        if float(anchor) > 0 and head != "vae":
+            raise GalgenInputError(f"anchor: a trust region around a VAE's generator, an option of head='vae', "
+                                   f"not of head={head!r}")
         if fake_noise not in ("variance-map", "own"):
             raise GalgenInputError(f"fake_noise: 'variance-map' or 'own', got {fake_noise!r}")
         if head not in GAN_HEADS:
@@ -356,6 +370,9 @@ class GAN(AdversarialModel):
             self.config.update(fake_noise=fake_noise)
         if train_parts != "all":
             self.config.update(train_parts=train_parts)
+        self.anchor = float(anchor)
+        if self.anchor > 0:
+            self.config.update(anchor=self.anchor)
         self.fake_noise = fake_noise
         if symmetry_gate is not None:  # older checkpoints' configs stay as they were
             self.config.update(symmetry_gate=symmetry_gate, gate_gain=float(gate_gain))
@@ -378,6 +395,11 @@ class GAN(AdversarialModel):
                                symmetry_channel=bool(critic_symmetry))
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
+                p.requires_grad_(False)
+        self.generator_anchor = None
+        if self.anchor > 0:  # the generator the game starts from (from_vae or a checkpoint fills its weights)
+            self.generator_anchor = copy.deepcopy(self.generator)
+            for p in self.generator_anchor.parameters():
                 p.requires_grad_(False)
         self.generator_ema = None
         if self.ema > 0:
@@ -428,7 +450,7 @@ class GAN(AdversarialModel):
         gan = cls(vae.config["stamp"], latent_dim=vae.latent_dim, oversampling=vae.config["oversampling"],
                   head="vae", vae=vae.config, **options).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            for generator in (gan.generator, gan.generator_ema):
+            for generator in (gan.generator, gan.generator_ema, gan.generator_anchor):
                 if generator is not None:
                     generator.flow.load_state_dict(vae.latent_flow.state_dict())
                     generator.decoder.load_state_dict(vae.decoder.state_dict())
@@ -578,7 +600,8 @@ class GAN(AdversarialModel):
         -------
         dict of str to torch.Tensor
             Detached scalars: ``loss`` (the critic's), ``d_real``, ``d_fake`` (mean
-            scores), ``r1`` on R1 steps, ``generator_loss`` on generator steps.
+            scores), ``r1`` on R1 steps, ``generator_loss`` (and with ``anchor``,
+            ``anchor_chi2``, the mean chi-square to the start) on generator steps.
         """
         opt_c, opt_g = optimizers["critic"], optimizers["generator"]
         torch.clear_autocast_cache()
@@ -607,10 +630,18 @@ class GAN(AdversarialModel):
         metrics["loss"] = loss.detach()
 
         if (int(step) + 1) % self.n_critic == 0:
-            metrics["generator_loss"] = self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
-                                                               self.generator_loss)
+            metrics.update(self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
+                                                  self.generator_loss, self._anchor_penalty if self.anchor else None))
             self.update_ema(int(step) // self.n_critic)
         return metrics
+
+    def _anchor_penalty(self, z, feats, observation, noiseless):
+        """``anchor / 2 * mean chi2`` of the fakes against the start's galaxies of the same ``z``."""
+        with torch.no_grad():
+            start = self.generator_anchor(z if feats is None else torch.cat([z, feats.to(z.dtype)], dim=1))
+            start = observation.noiseless(start.to(noiseless.dtype))
+        chi2 = observation.noise.chi2(noiseless, start)
+        return 0.5 * self.anchor * chi2.float().mean(), {"anchor_chi2": chi2.detach().float().mean()}
 
     @torch.no_grad()
     def validation_step(self, batch: Batch) -> dict:

@@ -292,8 +292,8 @@ class WGANGP(AdversarialModel):
 
         # generator update through the physics layer, the critic frozen
         if (int(step) + 1) % self.n_critic == 0:
-            metrics["generator_loss"] = self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
-                                                               lambda d_fake: -d_fake.mean())
+            metrics.update(self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
+                                                  lambda d_fake: -d_fake.mean()))
         return metrics
 
     @torch.no_grad()

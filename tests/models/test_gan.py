@@ -597,3 +597,48 @@ def test_a_gan_from_a_vae_can_train_its_flow_alone():
     assert GAN.from_config(gan.config).config["train_parts"] == "flow"
     with pytest.raises(GalgenInputError, match="train_parts"):
         GAN(S, latent_dim=4, train_parts="flow")
+
+
+def test_the_anchor_is_the_chi2_of_the_fakes_against_the_vaes_galaxies_and_holds_the_generator_near_it():
+    """anchor > 0: a frozen copy of the start (the VAE's generator) that the game never moves;
+    the penalty's chi2 is 0 while the generator is the start, equals the noise model's chi2 of
+    the two noise-free observations of the same z (recomputed here), and a strong anchor keeps
+    the generator's galaxies closer to the start than no anchor after the same steps."""
+    vae = _fitted_vae()
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+
+    def run(anchor, steps=6):
+        torch.manual_seed(0)
+        gan = GAN.from_vae(vae, width=8, ema=0.0, anchor=anchor)
+        opts = gan.make_optimizers(lr=3e-3)
+        logs = [gan.training_step(batch, opts, t) for t in range(steps)]
+        g = torch.Generator().manual_seed(5)
+        moved = (gan.sample(16, generator=g) - vae.sample(16, generator=torch.Generator().manual_seed(5)))
+        return gan, logs, float(moved.square().sum() / SKY**2 / 16)
+
+    gan, logs, moved_anchored = run(100.0)
+    assert float(logs[0]["anchor_chi2"]) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(vae.decoder.state_dict().values(),
+                                                 gan.generator_anchor.decoder.state_dict().values()))
+    assert not any(p.requires_grad for p in gan.generator_anchor.parameters())
+    _, free_logs, moved_free = run(0.0)
+    assert "anchor_chi2" not in free_logs[0]
+    assert moved_anchored < 0.5 * moved_free
+    # the penalty is the noise model's chi2 of the two noise-free observations of the same z
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
+    obs = batch.observation
+    with torch.no_grad():
+        clean = obs.noiseless(gan.generator(z))
+        loss, metrics = gan._anchor_penalty(z, None, obs, clean)
+        start = obs.noiseless(vae.decoder(vae.latent_flow.distribution().transform.inv(z)))
+    chi2 = ((clean - start) ** 2 / SKY**2).sum((1, 2))
+    assert float(chi2.mean()) > 0
+    assert float(metrics["anchor_chi2"]) == pytest.approx(float(chi2.mean()), rel=1e-4)
+    assert float(loss) == pytest.approx(50.0 * float(chi2.mean()), rel=1e-4)
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    assert clone.config["anchor"] == 100.0
+    with pytest.raises(GalgenInputError, match="anchor: a trust region"):
+        GAN(S, latent_dim=4, anchor=1.0)
+    with pytest.raises(GalgenInputError, match="anchor: out of range"):
+        GAN.from_vae(vae, anchor=-1.0)
