@@ -23,6 +23,11 @@ intrinsic image observed through galgen's physics layer, with the fakes' noise
 are then the real galaxies themselves: a critic that tells them apart sees the noise
 model or the physics layer, which no generator can fix, and which a game would make it
 chase with the galaxies' morphology.
+
+``--explain`` asks what the trained critic's score follows: on the held-out galaxies, its
+mean by simulated feature (spiral arms, bar, clumps, companion, dust lane, lopsidedness, or
+none) and its rank correlation with each morphology statistic, among the real and among the
+fake galaxies.
 """
 
 from __future__ import annotations
@@ -49,23 +54,81 @@ def truth_fakes(gan, batch, truth, through_physics, generator=None):
 
 
 @torch.no_grad()
-def held_out_scores(gan, batches, fakes=None):
-    """Critic loss and accuracy on held-out galaxies and their fixed fakes (:meth:`GAN.validation_step`,
-    or ``fakes(batch, generator)`` with a generator seeded per batch)."""
-    dr, df = [], []
+def held_out(gan, batches, fakes=None):
+    """Critic scores of held-out galaxies and of their fixed fakes (:meth:`GAN.validation_step`, or
+    ``fakes(batch, generator)`` with a generator seeded per batch), and the fakes."""
+    dr, df, images = [], [], []
     for i, b in enumerate(batches):
         if fakes is None:
             st = gan.validation_step(b)
             dr.append(st["critic_real"])
             df.append(st["critic_fake"])
+            images.append(st["observed_fakes"])
             continue
         mask = getattr(b.observation.noise, "mask", None)
-        fake = fakes(b, torch.Generator().manual_seed(1000 + i))
+        images.append(fakes(b, torch.Generator().manual_seed(1000 + i)))
         dr.append(gan.critic(gan.critic_input(b.observed, mask)).float())
-        df.append(gan.critic(gan.critic_input(fake, mask)).float())
-    dr, df = torch.cat(dr), torch.cat(df)
+        df.append(gan.critic(gan.critic_input(images[-1], mask)).float())
+    return torch.cat(dr), torch.cat(df), torch.cat(images)
+
+
+def held_out_scores(gan, batches, fakes=None):
+    """Critic loss and accuracy on held-out galaxies and their fixed fakes (:func:`held_out`)."""
+    dr, df, _ = held_out(gan, batches, fakes)
     accuracy = 0.5 * (float((dr > 0).float().mean()) + float((df < 0).float().mean()))
     return float(gan.critic_loss(dr, df)), accuracy
+
+
+#: Catalog flags of the simulated rich morphology (galgen.simulate) that :func:`explain` groups by.
+FEATURES = {"spiral arms": ("arm_m", 0), "bar": ("bar_frac", 0), "clumpy irregular": ("irregular", 0),
+            "companion": ("comp_flux_ratio", 0), "dust lane": ("dust_tau", 0), "lopsided": ("lop_a1", 0)}
+
+
+def explain(gan, batches, fakes, data, rows, pixel_scale):
+    """What the trained critic's score follows on held-out galaxies.
+
+    The mean score and the fraction called real of the real galaxies by simulated feature
+    (a galaxy with none of them is "plain"), and the Spearman correlation of the score with
+    each morphology statistic (:func:`galgen.evaluation.statistics.morphology_statistics`,
+    measured on the noisy stamps with their variance) among the real, among the fake and
+    among all galaxies.
+    """
+    from scipy.stats import spearmanr
+
+    from galgen.evaluation.statistics import morphology_statistics
+
+    dr, df, fake = held_out(gan, batches, fakes)
+    dr, df = dr.numpy(), df.numpy()
+    real = torch.cat([b.observed for b in batches]).numpy()
+    var = torch.cat([b.observation.noise.variance_map for b in batches]).numpy()
+    out = {"by_feature": {}, "spearman": {}}
+    with h5py.File(data, "r") as f:
+        cat = f["catalog"][rows]
+    flags = {k: np.asarray(cat[col]) > lim for k, (col, lim) in FEATURES.items() if col in cat.dtype.names}
+    if flags:
+        flags["plain"] = ~np.any(np.stack(list(flags.values())), axis=0)
+    for k, m in flags.items():
+        out["by_feature"][k] = {"n": int(m.sum()), "mean_score": float(dr[m].mean()) if m.any() else None,
+                                "called_real": float((dr[m] > 0).mean()) if m.any() else None}
+    out["fakes"] = {"n": len(df), "mean_score": float(df.mean()), "called_real": float((df > 0).mean())}
+    sr = morphology_statistics(real, pixel_scale, variance=var)
+    sf = morphology_statistics(fake.numpy(), pixel_scale, variance=var)
+    for k in sr:
+        a, b = np.asarray(sr[k], float), np.asarray(sf[k], float)
+        if a.shape != dr.shape or k in ("ok", "flag"):
+            continue
+        ka, kb = np.isfinite(a), np.isfinite(b)
+        out["spearman"][k] = {"real": float(spearmanr(a[ka], dr[ka])[0]), "fake": float(spearmanr(b[kb], df[kb])[0]),
+                              "all": float(spearmanr(np.r_[a[ka], b[kb]], np.r_[dr[ka], df[kb]])[0]),
+                              "median_real": float(np.nanmedian(a)), "median_fake": float(np.nanmedian(b))}
+    for k, v in out["by_feature"].items():
+        print(f"real, {k}: n {v['n']}, mean score {v['mean_score']:+.3f}, called real {v['called_real']:.2f}")
+    print(f"fakes: n {out['fakes']['n']}, mean score {out['fakes']['mean_score']:+.3f}, "
+          f"called real {out['fakes']['called_real']:.2f}")
+    for k, v in out["spearman"].items():
+        print(f"{k}: Spearman(score, statistic) real {v['real']:+.3f}, fake {v['fake']:+.3f}, all {v['all']:+.3f} "
+              f"(median real {v['median_real']:.4g}, fake {v['median_fake']:.4g})")
+    return out
 
 
 def main(argv=None):
@@ -89,6 +152,9 @@ def main(argv=None):
                          "through the physics layer [model]")
     ap.add_argument("--fake-noise", choices=("variance-map", "own"), default="variance-map",
                     help="noise of the fakes (GAN fake_noise) [variance-map]")
+    ap.add_argument("--explain", action="store_true",
+                    help="after training: the critic's held-out scores by simulated feature and their rank "
+                         "correlation with each morphology statistic")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from galgen.data import ObservationLoader
@@ -160,6 +226,9 @@ def main(argv=None):
               "batch_size": args.batch_size, "fakes": args.fakes, "fake_noise": args.fake_noise, "seed": args.seed,
               "threads": args.threads, "rows": rows,
               "machine": machine_info()}
+    if args.explain:
+        held_rows = np.arange(n - args.n_held, n)
+        result["explain"] = explain(gan, held, fakes, args.data, held_rows, float(train.pixel_scale))
     finish(result, args.json)
 
 
