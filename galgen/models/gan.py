@@ -45,7 +45,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
-from .networks import Decoder, FluxShapeGenerator, halvings, log_flux_start, point_reflect
+from .networks import Decoder, FluxShapeGenerator, azimuthal_mean, halvings, log_flux_start, point_reflect
 from .vae import VAE
 
 __all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "GAN_LOSSES"]
@@ -110,6 +110,11 @@ class SNCritic(nn.Module):
         galaxy apart, which a stack of 3x3 convolutions of width 8 does not compare: the
         GANs drew galaxies with a median CAS asymmetry of 0.14-0.17 where the simulated
         ones have 0.014. In this channel a lopsided galaxy is a local feature.
+    highpass : bool, optional
+        Replace the input by its part that is not round, ``u - A u``
+        (:func:`~galgen.models.networks.azimuthal_mean`): the critic sees arms, bars,
+        clumps, companions and ellipticity, not the radial profile, so that it cannot
+        take "less concentrated" for "has features".
 
     Examples
     --------
@@ -120,8 +125,9 @@ class SNCritic(nn.Module):
 
     def __init__(self, stamp: int, width: int = 32, features: int = 128, cond_dim: int = 0,
                  spectral_norm: bool = True, max_width: int = 256, minibatch_std: int = 4,
-                 symmetry_channel: bool = False):
+                 symmetry_channel: bool = False, highpass: bool = False):
         super().__init__()
+        self.highpass = bool(highpass)
         sn = _sn if spectral_norm else (lambda m: m)
         n, seed = halvings(stamp)
         self.stamp, self.cond_dim = int(stamp), int(cond_dim)
@@ -157,6 +163,8 @@ class SNCritic(nn.Module):
         """
         if u.ndim != 3 or u.shape[-1] != self.stamp or u.shape[-2] != self.stamp:
             raise GalgenInputError(f"u: expected (B, {self.stamp}, {self.stamp}), got {tuple(u.shape)}")
+        if self.highpass:
+            u = u - azimuthal_mean(u)
         x = torch.stack([u, u - point_reflect(u)], 1) if self.symmetry_channel else u[:, None]
         f = self.features(x)
         if self.minibatch_std > 1:
@@ -300,6 +308,9 @@ class GAN(AdversarialModel):
     critic_symmetry : bool, optional
         The critic also sees each image's part that is not point-symmetric about the
         centre pixel (:class:`SNCritic` ``symmetry_channel``).
+    critic_highpass : bool, optional
+        The critic sees each image's part that is not round about the centre pixel, not its
+        radial profile (:class:`SNCritic` ``highpass``).
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -325,7 +336,7 @@ class GAN(AdversarialModel):
                  r1_every: int = 16, n_critic: int = 1, conditions=(), profile: str = "gaussian",
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
-                 train_parts: str = "all", anchor: float = 0.0):
+                 train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -378,6 +389,8 @@ class GAN(AdversarialModel):
             self.config.update(symmetry_gate=symmetry_gate, gate_gain=float(gate_gain))
         if critic_symmetry:
             self.config.update(critic_symmetry=True)
+        if critic_highpass:
+            self.config.update(critic_highpass=True)
         self.stamp, self.latent_dim, self.oversampling = int(stamp), int(latent_dim), int(oversampling)
         self.input_scale, self.loss, self.ema = float(input_scale), loss, float(ema)
         self.r1_gamma, self.r1_every, self.n_critic = float(r1_gamma), int(r1_every), int(n_critic)
@@ -392,7 +405,7 @@ class GAN(AdversarialModel):
             self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
                                cond_dim=self.cond_dim, spectral_norm=bool(spectral_norm),
-                               symmetry_channel=bool(critic_symmetry))
+                               symmetry_channel=bool(critic_symmetry), highpass=bool(critic_highpass))
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
                 p.requires_grad_(False)

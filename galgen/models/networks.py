@@ -902,3 +902,36 @@ class FluxShapeGenerator(nn.Module):
                 f = p["fraction"][:, None, None]
                 shape = (1 - f) * shape + f * self.companion_image(z, p)
             return shape * self.log_flux(z).exp()[:, None, None]
+
+
+def azimuthal_mean(images: torch.Tensor) -> torch.Tensor:
+    """Each image's azimuthal average about pixel ``(H//2, W//2)``, as an image.
+
+    Pixels are grouped by their distance to the centre rounded to whole pixels; every pixel
+    receives the mean of its ring. ``images - azimuthal_mean(images)`` keeps what is not
+    round (arms, bars, clumps, companions, ellipticity) and drops the radial profile (size,
+    concentration).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(..., H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape.
+
+    Examples
+    --------
+    >>> x = torch.zeros(5, 5); x[2, 3] = 4.0
+    >>> azimuthal_mean(x)[2, 1].item(), azimuthal_mean(x)[2, 2].item()  # ring 1: 8 pixels
+    (0.5, 0.0)
+    """
+    h, w = images.shape[-2:]
+    y = torch.arange(h, device=images.device, dtype=images.dtype) - h // 2
+    x = torch.arange(w, device=images.device, dtype=images.dtype) - w // 2
+    ring = torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2).round().long().flatten()
+    member = torch.nn.functional.one_hot(ring).to(images.dtype)  # (H*W, rings)
+    profile = images.flatten(-2) @ (member / member.sum(0))
+    return (profile @ member.T).view(images.shape)

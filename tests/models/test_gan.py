@@ -642,3 +642,35 @@ def test_the_anchor_is_the_chi2_of_the_fakes_against_the_vaes_galaxies_and_holds
         GAN(S, latent_dim=4, anchor=1.0)
     with pytest.raises(GalgenInputError, match="anchor: out of range"):
         GAN.from_vae(vae, anchor=-1.0)
+
+
+def test_the_highpass_critic_cannot_see_a_radial_profile():
+    """azimuthal_mean is each ring's mean (so u - A u averages to 0 on every ring and a
+    ring-constant image is removed exactly); a critic with highpass=True scores an image
+    and the same image plus any round profile identically, and still sees ellipticity."""
+    from galgen.models.networks import azimuthal_mean
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 32, 32, generator=g)
+    r = torch.sqrt((torch.arange(32.0) - 16)[:, None] ** 2 + (torch.arange(32.0) - 16)[None, :] ** 2)
+    ring = r.round().long()
+    rest = u - azimuthal_mean(u)
+    for k in (0, 1, 5, 12):
+        assert rest[:, ring == k].mean(dim=1).abs().max() < 1e-5
+        assert torch.allclose(azimuthal_mean(u)[:, ring == k], u[:, ring == k].mean(1, keepdim=True), atol=1e-5)
+    profile = 50.0 * torch.exp(-(r.round() ** 2) / 8.0)  # constant on each ring
+    assert torch.allclose(azimuthal_mean(profile), profile, atol=1e-4)
+    critic = SNCritic(32, width=8, features=16, symmetry_channel=True, highpass=True)
+    plain = SNCritic(32, width=8, features=16, symmetry_channel=True)
+    plain.load_state_dict(critic.state_dict())
+    critic.eval(), plain.eval()  # no power iteration between the calls compared
+    with torch.no_grad():
+        yy, xx = torch.meshgrid(torch.arange(32.0) - 16, torch.arange(32.0) - 16, indexing="ij")
+        ellipse = 50.0 * torch.exp(-(xx**2 / 2.0 + yy**2 / 18.0) / 2)
+
+        def change(net, v):
+            return float((net(u + v) - net(u)).abs().max())
+
+        assert change(critic, profile) < 1e-5 < 1e-3 < change(plain, profile)
+        assert change(critic, ellipse) > 1e-3
+    assert GAN(S, latent_dim=4, width=8, critic_highpass=True).critic.highpass
