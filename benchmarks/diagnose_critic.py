@@ -67,8 +67,8 @@ def held_out(gan, batches, fakes=None):
             continue
         mask = getattr(b.observation.noise, "mask", None)
         images.append(fakes(b, torch.Generator().manual_seed(1000 + i)))
-        dr.append(gan.critic(gan.critic_input(b.observed, mask)).float())
-        df.append(gan.critic(gan.critic_input(images[-1], mask)).float())
+        dr.append(gan.critic_score(b.observed, mask=mask))
+        df.append(gan.critic_score(images[-1], mask=mask))
     return torch.cat(dr), torch.cat(df), torch.cat(images)
 
 

@@ -38,7 +38,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from galgen.data import ObservationLoader
     from galgen.errors import GalgenInputError
-    from galgen.models import GAN
+    from galgen.models import GAN, PriorDecoder
     from galgen.runtime import resolve_model
 
     torch.set_num_threads(args.threads)
@@ -50,7 +50,7 @@ def main(argv=None):
     z = torch.randn(args.n, vae.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     rows = []
     with torch.no_grad():
-        start = obs.noiseless(vae.decoder(vae.latent_flow.distribution().transform.inv(z)))
+        start = obs.noiseless(PriorDecoder(vae.latent_flow, vae.decoder)(z))
         for name in args.checkpoints:
             gan = resolve_model(name, "cpu")
             if not isinstance(gan, GAN) or gan.config.get("head") != "vae":

@@ -649,10 +649,10 @@ class GAN(AdversarialModel):
         return metrics
 
     def _anchor_penalty(self, z, feats, observation, noiseless):
-        """``anchor / 2 * mean chi2`` of the fakes against the start's galaxies of the same ``z``."""
+        """``anchor / 2 * mean chi2`` of the fakes against the start's galaxies of the same ``z``
+        (``feats`` is None: a ``head="vae"`` GAN is unconditional)."""
         with torch.no_grad():
-            start = self.generator_anchor(z if feats is None else torch.cat([z, feats.to(z.dtype)], dim=1))
-            start = observation.noiseless(start.to(noiseless.dtype))
+            start = observation.noiseless(self.generator_anchor(z).to(noiseless.dtype))
         chi2 = observation.noise.chi2(noiseless, start)
         return 0.5 * self.anchor * chi2.float().mean(), {"anchor_chi2": chi2.detach().float().mean()}
 
