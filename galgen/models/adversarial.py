@@ -285,6 +285,23 @@ class AdversarialModel(GenerativeModel):
         u = self.critic_input(observed, mask)
         return self.critic(u, self.condition_features(cond, u.shape[0])).float()
 
+    def critic_terms(self, u: torch.Tensor, feats=None) -> torch.Tensor:
+        """The critic's scores as its loss sees them (one critic: ``(B,)``).
+
+        Parameters
+        ----------
+        u : torch.Tensor
+            ``(B, S, S)`` critic inputs (:meth:`critic_input`).
+        feats : torch.Tensor, optional
+            Standardised conditions.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)``, or ``(B, k)`` for a model that trains ``k`` critics on their own losses.
+        """
+        return self.critic(u, feats)
+
     def _generator_update(self, obs, feats, n, mask, opt_g, critic_params, sync, loss_fn, penalty=None) -> dict:
         """One generator step on fresh fakes observed like the batch, the critic frozen.
 
@@ -299,7 +316,7 @@ class AdversarialModel(GenerativeModel):
             p.requires_grad_(False)
         try:
             z, _, clean, fake = self._fakes(obs, feats, n, raw=True)
-            g_loss = loss_fn(self.critic(self.critic_input(fake, mask), feats).float())
+            g_loss = loss_fn(self.critic_terms(self.critic_input(fake, mask), feats).float())
             metrics = {"generator_loss": g_loss.detach()}
             if penalty is not None:
                 extra, more = penalty(z, feats, obs, clean)

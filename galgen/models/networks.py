@@ -904,13 +904,50 @@ class FluxShapeGenerator(nn.Module):
             return shape * self.log_flux(z).exp()[:, None, None]
 
 
+def _rings(h: int, w: int, device, dtype) -> torch.Tensor:
+    """``(H*W, rings)`` one-hot membership of each pixel in its ring about ``(H//2, W//2)``."""
+    y = torch.arange(h, device=device, dtype=dtype) - h // 2
+    x = torch.arange(w, device=device, dtype=dtype) - w // 2
+    ring = torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2).round().long().flatten()
+    return torch.nn.functional.one_hot(ring).to(dtype)
+
+
+def ring_profile(images: torch.Tensor) -> torch.Tensor:
+    """Each image's azimuthal average about pixel ``(H//2, W//2)``, as a radial profile.
+
+    Pixels are grouped by their distance to the centre rounded to whole pixels; ring ``k``
+    holds the pixels at distance ``k`` (ring 0 is the centre pixel alone), out to the
+    corners.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(..., H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., rings)``, the mean of each ring; ``rings = round(hypot(H//2, W//2)) + 1``
+        for an image whose far corner is ``(0, 0)``.
+
+    Examples
+    --------
+    >>> x = torch.zeros(5, 5); x[2, 3] = 4.0
+    >>> ring_profile(x)
+    tensor([0.0000, 0.5000, 0.0000, 0.0000])
+    """
+    member = _rings(*images.shape[-2:], images.device, images.dtype)
+    return images.flatten(-2) @ (member / member.sum(0))
+
+
 def azimuthal_mean(images: torch.Tensor) -> torch.Tensor:
     """Each image's azimuthal average about pixel ``(H//2, W//2)``, as an image.
 
     Pixels are grouped by their distance to the centre rounded to whole pixels; every pixel
-    receives the mean of its ring. ``images - azimuthal_mean(images)`` keeps what is not
-    round (arms, bars, clumps, companions, ellipticity) and drops the radial profile (size,
-    concentration).
+    receives the mean of its ring (:func:`ring_profile`). ``images - azimuthal_mean(images)``
+    keeps what is not round (arms, bars, clumps, companions, ellipticity) and drops the
+    radial profile (size, concentration). The map is an orthogonal projection of the pixel
+    space: applied twice it changes nothing, and what it keeps is orthogonal to what it drops.
 
     Parameters
     ----------
@@ -928,10 +965,5 @@ def azimuthal_mean(images: torch.Tensor) -> torch.Tensor:
     >>> azimuthal_mean(x)[2, 1].item(), azimuthal_mean(x)[2, 2].item()  # ring 1: 8 pixels
     (0.5, 0.0)
     """
-    h, w = images.shape[-2:]
-    y = torch.arange(h, device=images.device, dtype=images.dtype) - h // 2
-    x = torch.arange(w, device=images.device, dtype=images.dtype) - w // 2
-    ring = torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2).round().long().flatten()
-    member = torch.nn.functional.one_hot(ring).to(images.dtype)  # (H*W, rings)
-    profile = images.flatten(-2) @ (member / member.sum(0))
-    return (profile @ member.T).view(images.shape)
+    member = _rings(*images.shape[-2:], images.device, images.dtype)
+    return (ring_profile(images) @ member.T).view(images.shape)

@@ -674,3 +674,60 @@ def test_the_highpass_critic_cannot_see_a_radial_profile():
         assert change(critic, profile) < 1e-5 < 1e-3 < change(plain, profile)
         assert change(critic, ellipse) > 1e-3
     assert GAN(S, latent_dim=4, width=8, critic_highpass=True).critic.highpass
+
+
+def test_the_profile_critic_sees_the_radial_profile_alone_and_trains_on_its_own_loss():
+    """SNCritic(highpass=True, profile=True): the second score changes with a round profile
+    and not with a non-round image (zero mean on every ring), the first the other way
+    round; forward returns their sum and parts=True both; the two inputs are orthogonal,
+    so the R1 penalty of the sum is the sum of the two critics' penalties; a GAN with
+    critic_profile trains each critic on its own loss (the loss of the (B, 2) scores is
+    the sum of the two logistic losses) and logs the profile critic's scores."""
+    from galgen.models.networks import azimuthal_mean, ring_profile
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(4, 32, 32, generator=g)
+    r = torch.sqrt((torch.arange(32.0) - 16)[:, None] ** 2 + (torch.arange(32.0) - 16)[None, :] ** 2)
+    round_ = 3.0 * torch.exp(-(r.round() ** 2) / 8.0)
+    wiggle = torch.randn(32, 32, generator=g)
+    wiggle = 3.0 * (wiggle - azimuthal_mean(wiggle))
+    assert torch.allclose(ring_profile(u)[:, 5], u[:, r.round() == 5].mean(1), atol=1e-5)
+    critic = SNCritic(32, width=8, features=16, highpass=True, profile=True)
+    critic.eval()
+    with torch.no_grad():
+        base = critic(u, parts=True)
+        assert base.shape == (4, 2)
+        assert torch.allclose(critic(u), base.sum(1), atol=1e-5)
+        d_round, d_wiggle = critic(u + round_, parts=True) - base, critic(u + wiggle, parts=True) - base
+    assert float(d_round[:, 0].abs().max()) < 1e-5 < 1e-3 < float(d_round[:, 1].abs().max())
+    assert float(d_wiggle[:, 1].abs().max()) < 1e-5 < 1e-3 < float(d_wiggle[:, 0].abs().max())
+
+    def r1(score_of):
+        x = u.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(score_of(x).sum(), x)
+        return float(grad.square().sum())
+
+    total = r1(lambda x: critic(x))
+    assert total == pytest.approx(r1(lambda x: critic(x, parts=True)[:, 0]) + r1(lambda x: critic(x, parts=True)[:, 1]),
+                                  rel=1e-4)
+    with pytest.raises(GalgenInputError, match="profile: a critic of the radial profile"):
+        SNCritic(32, width=8, features=16, profile=True)
+
+    gan = GAN(S, latent_dim=4, width=8, critic_highpass=True, critic_profile=True, ema=0.0, spectral_norm=False)
+    d_real, d_fake = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    assert float(gan.critic_loss(d_real, d_fake)) == pytest.approx(
+        float(gan.critic_loss(d_real[:, 0], d_fake[:, 0]) + gan.critic_loss(d_real[:, 1], d_fake[:, 1])), rel=1e-6)
+    assert float(gan.generator_loss(d_fake)) == pytest.approx(
+        float(gan.generator_loss(d_fake[:, 0]) + gan.generator_loss(d_fake[:, 1])), rel=1e-6)
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    before = {k: v.clone() for k, v in gan.critic.state_dict().items()}
+    logs = gan.training_step(batch, gan.make_optimizers(lr=1e-3), 0)
+    assert {"d_real_profile", "d_fake_profile"} <= set(logs)
+    after = gan.critic.state_dict()
+    for part in ("profile_net.0.weight", "profile_out.weight", "out.weight", "features.0.weight"):
+        assert not torch.equal(before[part], after[part]), part
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    assert clone.config["critic_profile"] and clone.critic.profile
+    with pytest.raises(GalgenInputError, match="critic_profile: .* set critic_highpass"):
+        GAN(S, latent_dim=4, width=8, critic_profile=True)
