@@ -104,7 +104,7 @@ def _reconstruction_summary(chi2: np.ndarray, loader: ObservationLoader) -> dict
 
 
 def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: int = 256, device="cpu",
-                           latents=None, conditions: str = "data") -> dict:
+                           latents=None, conditions: str = "data", images=None) -> dict:
     """Draw ``n`` galaxies and observe them through the PSFs and noise of held-out galaxies.
 
     Galaxy ``i`` gets the PSF of held-out galaxy ``i`` and CCD noise with the survey's
@@ -132,6 +132,11 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         ``i`` (``"data"``), or conditions drawn from the training set's that the model
         stores (``"model"``, :meth:`galgen.models.GenerativeModel.draw_conditions`: the
         population as ``galgen sample`` draws it without ``--cond``).
+    images : array_like, optional
+        ``(n, S * oversampling, S * oversampling)`` intrinsic images to observe instead of
+        a model's (e.g. the file's own ``intrinsic``: the held-out galaxies observed anew,
+        which separates what the noise model does from what the model does); ``model``
+        is then ignored and may be None.
 
     Returns
     -------
@@ -141,9 +146,16 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
     """
     from ..physics import Observation
 
-    loader = _holdout(data, n, device, model.conditions)
-    loader.check_grid(model.config.get("stamp", loader.stamp_size),
-                      model.config.get("oversampling", loader.oversampling))
+    loader = _holdout(data, n, device, () if images is not None else model.conditions)
+    if images is not None:
+        images = torch.as_tensor(np.asarray(images))
+        size = loader.stamp_size * loader.oversampling
+        if images.ndim != 3 or images.shape[0] < len(loader) or tuple(images.shape[1:]) != (size, size):
+            raise GalgenInputError(f"images: expected ({len(loader)}, {size}, {size}) intrinsic images for {data}, "
+                                   f"got {tuple(images.shape)}")
+    else:
+        loader.check_grid(model.config.get("stamp", loader.stamp_size),
+                          model.config.get("oversampling", loader.oversampling))
     noise = survey_noise(data)
     if latents is not None and len(latents[0]) < len(loader):
         raise GalgenInputError(f"latents: {len(latents[0])} galaxies for {len(loader)} observations")
@@ -155,7 +167,9 @@ def generated_observations(model, data, *, n: int, seed: int = 0, batch_size: in
         o = batch.observation
         obs = Observation(o.psf, pixel_scale=o.pixel_scale, oversampling=o.oversampling, stamp=o.stamp, noise=noise)
         with torch.no_grad():
-            if latents is None:
+            if images is not None:
+                intr = images[batch.index.cpu()].to(device=device, dtype=torch.float32)
+            elif latents is None:
                 cond = batch.cond
                 if conditions == "model" and model.cond_dim:
                     cond = model.draw_conditions(len(batch), gen)

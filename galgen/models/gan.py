@@ -350,6 +350,12 @@ class GAN(AdversarialModel):
         (run 8 of docs/models.md: Gini W1 4.66x its floor on 5,000 galaxies); trained on
         the profiles alone, this one can only ask for the profiles of the data, not read
         "less concentrated" as "has arms".
+    critic_warmup : int, optional
+        Steps in which only the critic trains before the generator's first update. A
+        generator started from a trained VAE otherwise moves from the first steps on,
+        under a critic that cannot yet tell its galaxies from the data: Adam normalises
+        the gradient, so a near-random critic moves it by whole steps in random
+        directions.
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -376,7 +382,7 @@ class GAN(AdversarialModel):
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
-                 critic_profile: bool = False):
+                 critic_profile: bool = False, critic_warmup: int = 0):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -388,7 +394,8 @@ class GAN(AdversarialModel):
                                 ("r1_every", r1_every, int(r1_every) >= 1),
                                 ("n_critic", n_critic, int(n_critic) >= 1),
                                 ("gate_gain", gate_gain, float(gate_gain) > 0),
-                                ("anchor", anchor, float(anchor) >= 0)):
+                                ("anchor", anchor, float(anchor) >= 0),
+                                ("critic_warmup", critic_warmup, int(critic_warmup) >= 0)):
             if not ok:
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
@@ -422,6 +429,9 @@ class GAN(AdversarialModel):
         if train_parts != "all":
             self.config.update(train_parts=train_parts)
         self.anchor, self.critic_profile = float(anchor), bool(critic_profile)
+        self.critic_warmup = int(critic_warmup)
+        if self.critic_warmup:
+            self.config.update(critic_warmup=self.critic_warmup)
         if self.anchor > 0:
             self.config.update(anchor=self.anchor)
         self.fake_noise = fake_noise
@@ -645,7 +655,8 @@ class GAN(AdversarialModel):
         without gradient and observed with the batch's PSFs, noise and conditions, plus
         ``r1_gamma / 2 * r1_every * R1`` when ``step % r1_every == 0``; the generator
         then minimises :meth:`generator_loss` on fresh fakes through the physics layer,
-        the critic's weights frozen, and the weight average follows.
+        the critic's weights frozen, and the weight average follows (from step
+        ``critic_warmup`` on: before, the critic trains alone).
 
         Parameters
         ----------
@@ -661,8 +672,10 @@ class GAN(AdversarialModel):
         -------
         dict of str to torch.Tensor
             Detached scalars: ``loss`` (the critic's), ``d_real``, ``d_fake`` (mean
-            scores), ``r1`` on R1 steps, ``generator_loss`` (and with ``anchor``,
-            ``anchor_chi2``, the mean chi-square to the start) on generator steps.
+            scores), ``accuracy`` (the fraction of real scores above 0 and fake ones
+            below, over both), ``r1`` on R1 steps, ``generator_loss`` (and with
+            ``anchor``, ``anchor_chi2``, the mean chi-square to the start) on generator
+            steps.
         """
         opt_c, opt_g = optimizers["critic"], optimizers["generator"]
         torch.clear_autocast_cache()
@@ -679,7 +692,9 @@ class GAN(AdversarialModel):
         scores = self.critic_terms(torch.cat([u_real, u_fake]), both).float()
         d_real, d_fake = scores[:n], scores[n:]
         loss = self.critic_loss(d_real, d_fake)
-        metrics = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        total = scores.detach().sum(1) if scores.ndim == 2 else scores.detach()
+        metrics = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach(),
+                   "accuracy": ((total[:n] > 0).float().mean() + (total[n:] < 0).float().mean()) / 2}
         if scores.ndim == 2:  # the profile critic's own scores (critic_profile)
             metrics.update(d_real_profile=d_real[:, 1].mean().detach(), d_fake_profile=d_fake[:, 1].mean().detach())
         if self.r1_gamma > 0 and int(step) % self.r1_every == 0:
@@ -692,10 +707,11 @@ class GAN(AdversarialModel):
         opt_c.step()
         metrics["loss"] = loss.detach()
 
-        if (int(step) + 1) % self.n_critic == 0:
+        game = int(step) - self.critic_warmup
+        if game >= 0 and (game + 1) % self.n_critic == 0:
             metrics.update(self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
                                                   self.generator_loss, self._anchor_penalty if self.anchor else None))
-            self.update_ema(int(step) // self.n_critic)
+            self.update_ema(game // self.n_critic)
         return metrics
 
     def critic_terms(self, u: torch.Tensor, feats=None) -> torch.Tensor:

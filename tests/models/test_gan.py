@@ -731,3 +731,26 @@ def test_the_profile_critic_sees_the_radial_profile_alone_and_trains_on_its_own_
     assert clone.config["critic_profile"] and clone.critic.profile
     with pytest.raises(GalgenInputError, match="critic_profile: .* set critic_highpass"):
         GAN(S, latent_dim=4, width=8, critic_profile=True)
+
+
+def test_critic_warmup_trains_the_critic_alone_first():
+    """critic_warmup=W: the generator keeps its weights (and no generator loss is logged) for
+    the first W steps while the critic trains; the first generator update comes at step
+    W + n_critic - 1; the logged accuracy is the fraction of scores on the right side of 0."""
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    torch.manual_seed(0)
+    gan = GAN(S, latent_dim=4, width=8, ema=0.0, n_critic=2, critic_warmup=3, spectral_norm=False)
+    opts = gan.make_optimizers(lr=1e-3)
+    start = copy.deepcopy(gan.generator.state_dict())
+    critic_start = copy.deepcopy(gan.critic.state_dict())
+    logs = [gan.training_step(batch, opts, t) for t in range(4)]
+    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in start.items())
+    assert not all(torch.equal(v, gan.critic.state_dict()[k]) for k, v in critic_start.items())
+    assert not any("generator_loss" in m for m in logs)
+    assert all(0.0 <= float(m["accuracy"]) <= 1.0 for m in logs)
+    logs.append(gan.training_step(batch, opts, 4))
+    assert "generator_loss" in logs[-1]
+    assert not all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in start.items())
+    assert GAN.from_config(json.loads(json.dumps(gan.config))).critic_warmup == 3
+    with pytest.raises(GalgenInputError, match="critic_warmup: out of range"):
+        GAN(S, latent_dim=4, critic_warmup=-1)

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Where does a generated population's miss come from: the noise model, the decoder or the prior?
+
+    python benchmarks/diagnose_generation_misses.py --vae sdss-vae-bd-comp --data rich_5k.h5 \
+        --n 5000 --gan runs/gan-vae/model.pt --json misses.json
+
+``galgen evaluate`` compares the morphology statistics of a model's galaxies with the
+held-out ones'. A statistic beyond its floor there can come from three places, and this
+script measures each on the same held-out galaxies, observed the same way (their PSFs, the
+survey's CCD noise, :func:`galgen.evaluation.generated_observations`):
+
+- ``truth``: simulated galaxies' own intrinsic images, observed anew: those of the next
+  ``n`` galaxies of the file where it has ``2 n`` (otherwise the same ``n``, whose
+  statistics then pair up with the real ones: W1 below the floor and a C2ST below
+  chance). What is left here is the noise model's (galgen's CCD noise against the file's
+  simulated one).
+- ``reconstruction``: the VAE's decoder at the encoder's mean code of each held-out
+  galaxy. What is added here is the decoder's: what it cannot draw of a galaxy it has seen.
+- ``prior`` (each of the VAE's priors) and every ``--gan``: drawn galaxies. What is added
+  here is the prior's (or the game's).
+
+Per set: the W1 / floor of every statistic and the C2ST of the statistics (as
+``galgen evaluate --measure-on observed``), and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish, machine_info  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--vae", required=True, help="VAE (checkpoint, run directory or pretrained name)")
+    ap.add_argument("--data", required=True, help="held-out simulated cutout file (with intrinsic images)")
+    ap.add_argument("--gan", action="append", default=[], help="GAN(s) to measure beside the VAE's priors")
+    ap.add_argument("--n", type=int, default=1000, help="held-out galaxies [1000]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    from galgen.data import CutoutFile, ObservationLoader
+    from galgen.errors import GalgenInputError
+    from galgen.evaluation import generated_observations, morphology_statistics
+    from galgen.evaluation.distances import c2st_statistics, compare_statistics
+    from galgen.runtime import resolve_model
+
+    torch.set_num_threads(args.threads)
+    with CutoutFile(args.data) as f:
+        if "intrinsic" not in f.keys:
+            raise GalgenInputError(f"--data: {args.data} holds no intrinsic images (a simulated file does)")
+        n = min(args.n, len(f))
+        scale = f.pixel_scale
+        real = f.read("observed", slice(0, n)).astype(np.float64)
+        real_var = f.read("variance", slice(0, n)).astype(np.float64)
+        mask = f.read("mask", slice(0, n)).astype(bool) if "mask" in f.keys else None
+        other = len(f) >= 2 * n
+        intrinsic = f.read("intrinsic", slice(n, 2 * n) if other else slice(0, n))
+    vae = resolve_model(args.vae, "cpu")
+    if vae.kind != "vae" or vae.cond_dim:
+        raise GalgenInputError(f"--vae: {args.vae} is a {vae.kind} with {vae.cond_dim} conditions; an "
+                               f"unconditional VAE is needed")
+
+    def observe(**how):
+        return generated_observations(how.pop("model", None), args.data, n=n, seed=args.seed,
+                                      batch_size=args.batch_size, **how)
+
+    with torch.no_grad():
+        loader = ObservationLoader(args.data, np.arange(n), in_memory=True)
+        codes = torch.cat([vae.encode(b.observed).mean for b in loader.iter_batches(args.batch_size)])
+    sets = [("truth" + ("" if other else " (the same galaxies)"), dict(images=intrinsic)),
+            ("reconstruction", dict(model=vae, latents=(codes, torch.zeros(n))))]
+    sets += [(f"prior ({label})", dict(model=vae.with_prior(choice))) for choice, label in vae.prior_choices.items()]
+    sets += [(f"gan {spec}", dict(model=resolve_model(spec, "cpu"))) for spec in args.gan]
+
+    t0 = time.perf_counter()
+    stats = {"real": morphology_statistics(real, scale, mask=mask, variance=real_var)}
+    print(f"real: {n} galaxies measured in {time.perf_counter() - t0:.0f} s", flush=True)
+    result = {"vae": args.vae, "data": str(args.data), "n": n, "seed": args.seed, "sets": {}}
+    names = None
+    for label, how in sets:
+        t0 = time.perf_counter()
+        g = observe(**how)
+        st = morphology_statistics(g["observed"].astype(np.float64), scale, mask=mask,
+                                   variance=g["variance"].astype(np.float64))
+        cmp = compare_statistics(stats["real"], st, seed=args.seed)["statistics"]
+        c2st = c2st_statistics(stats["real"], st, seed=args.seed)
+        names = names or [k for k in cmp if isinstance(cmp[k], dict) and "w1_ratio" in cmp[k]]
+        result["sets"][label] = {
+            "c2st": c2st["accuracy"], "c2st_floor": c2st["floor"],
+            "w1_ratio": {k: cmp[k]["w1_ratio"] for k in names},
+            "median_real": {k: cmp[k]["median_real"] for k in names},
+            "median": {k: cmp[k]["median_gen"] for k in names}, "seconds": time.perf_counter() - t0}
+        worst = sorted(((cmp[k]["w1_ratio"], k) for k in names), reverse=True)[:4]
+        print(f"{label}: C2ST {c2st['accuracy']:.3f} (floor {c2st['floor']:.3f}); W1/floor "
+              + ", ".join(f"{k} {r:.2f}" for r, k in worst) + f"; {time.perf_counter() - t0:.0f} s", flush=True)
+    print("medians (real / " + " / ".join(result["sets"]) + "):")
+    for k in names:
+        print(f"  {k}: {next(iter(result['sets'].values()))['median_real'][k]:.4g} / "
+              + " / ".join(f"{s['median'][k]:.4g}" for s in result["sets"].values()))
+    result["machine"] = machine_info()
+    finish(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
