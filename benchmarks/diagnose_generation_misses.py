@@ -16,6 +16,9 @@ survey's CCD noise, :func:`galgen.evaluation.generated_observations`):
   simulated one).
 - ``reconstruction``: the VAE's decoder at the encoder's mean code of each held-out
   galaxy. What is added here is the decoder's: what it cannot draw of a galaxy it has seen.
+- ``reconstruction (MAP codes)`` with ``--codes``: the decoder at given codes of the
+  first galaxies of ``--data`` (e.g. the MAP codes of training galaxies a prior was
+  fitted to, with ``--data`` their training file): the decoder at its best.
 - ``prior`` (each of the VAE's priors) and every ``--gan``: drawn galaxies. What is added
   here is the prior's (or the game's).
 
@@ -42,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--vae", required=True, help="VAE (checkpoint, run directory or pretrained name)")
     ap.add_argument("--data", required=True, help="held-out simulated cutout file (with intrinsic images)")
     ap.add_argument("--gan", action="append", default=[], help="GAN(s) to measure beside the VAE's priors")
+    ap.add_argument("--codes", help="torch file of (N, latent_dim) codes of the first N galaxies of --data")
     ap.add_argument("--n", type=int, default=1000, help="held-out galaxies [1000]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -79,6 +83,12 @@ def main(argv=None):
         codes = torch.cat([vae.encode(b.observed).mean for b in loader.iter_batches(args.batch_size)])
     sets = [("truth" + ("" if other else " (the same galaxies)"), dict(images=intrinsic)),
             ("reconstruction", dict(model=vae, latents=(codes, torch.zeros(n))))]
+    if args.codes:
+        given = torch.load(args.codes, weights_only=True, map_location="cpu")
+        if not isinstance(given, torch.Tensor) or given.ndim != 2 or given.shape[1] != vae.latent_dim \
+                or len(given) < n:
+            raise GalgenInputError(f"--codes: {args.codes} must hold a ({n}+, {vae.latent_dim}) tensor of codes")
+        sets.append(("reconstruction (MAP codes)", dict(model=vae, latents=(given[:n].float(), torch.zeros(n)))))
     sets += [(f"prior ({label})", dict(model=vae.with_prior(choice))) for choice, label in vae.prior_choices.items()]
     sets += [(f"gan {spec}", dict(model=resolve_model(spec, "cpu"))) for spec in args.gan]
 
