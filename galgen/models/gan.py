@@ -49,7 +49,7 @@ from .networks import (Decoder, FluxShapeGenerator, azimuthal_mean, halvings, lo
                        ring_profile)
 from .vae import VAE
 
-__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "GAN_LOSSES"]
+__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES"]
 
 #: Generator heads the :class:`GAN` accepts.
 GAN_HEADS = ("flux-shape", "softplus", "vae")
@@ -210,6 +210,73 @@ class SNCritic(nn.Module):
         return score
 
 
+class DetailModulation(nn.Module):
+    """Small-scale structure drawn on a galaxy: ``x * exp(m)``, rescaled to ``x``'s flux.
+
+    ``m`` is a map from a small convolutional network that sees the galaxy (on a
+    logarithmic stretch about its peak) and a coarse field made from its latent code (so
+    that where clumps and arms fall depends on the code), bounded to ``|m| < 2``. The
+    light is redistributed, never created: the flux, and a pixel's sign, are the
+    galaxy's. The last layer starts at zero, so the module starts as the identity: on a
+    trained VAE's galaxies it adds only what a game teaches it (the clumps, arms and
+    lopsidedness the decoder draws too smooth, ``benchmarks/diagnose_generation_misses.py``).
+
+    Parameters
+    ----------
+    latent_dim : int
+        Size of the codes.
+    width : int, optional
+        Channels of the hidden layers.
+    coarse : int, optional
+        Side of the code's field before it is upsampled to the stamp.
+    channels : int, optional
+        Channels of the code's field.
+
+    Examples
+    --------
+    >>> detail = DetailModulation(4)
+    >>> x = torch.rand(2, 16, 16)
+    >>> torch.equal(detail(x, torch.randn(2, 4)), x)  # the identity until trained
+    True
+    """
+
+    def __init__(self, latent_dim: int, width: int = 16, coarse: int = 8, channels: int = 4):
+        super().__init__()
+        self.coarse, self.channels = int(coarse), int(channels)
+        self.field = nn.Linear(int(latent_dim), self.channels * self.coarse**2)
+        self.net = nn.Sequential(nn.Conv2d(1 + self.channels, width, 3, padding=1), _lrelu(),
+                                 nn.Conv2d(width, width, 3, padding=2, dilation=2), _lrelu(),
+                                 nn.Conv2d(width, width, 3, padding=1), _lrelu(),
+                                 nn.Conv2d(width, 1, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The galaxies with their modulation.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``(B, S, S)`` intrinsic images.
+        z : torch.Tensor
+            ``(B, latent_dim)`` their codes.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, S, S)``, with each image's flux.
+        """
+        peak = images.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+        stretch = torch.asinh(images / (1e-2 * peak))[:, None] / 5.0
+        field = self.field(z.to(images.dtype)).view(-1, self.channels, self.coarse, self.coarse)
+        field = nn.functional.interpolate(field, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        m = self.net(torch.cat([stretch, field], 1))[:, 0]
+        m = 2.0 * torch.tanh(m / 2.0)
+        out = images * torch.exp(m)
+        flux = images.sum(dim=(1, 2), keepdim=True)
+        return out * (flux / out.sum(dim=(1, 2), keepdim=True).where(flux != 0, torch.ones_like(flux)))
+
+
 class PriorDecoder(nn.Module):
     """A VAE's flow prior and decoder as one generator: noise -> latent code -> intrinsic galaxy.
 
@@ -225,6 +292,8 @@ class PriorDecoder(nn.Module):
         An unconditional, fitted flow prior.
     decoder : torch.nn.Module
         Maps ``(B, latent_dim)`` codes to ``(B, S, S)`` intrinsic images.
+    detail : DetailModulation, optional
+        Small-scale structure drawn on the decoder's galaxies (starts as the identity).
 
     Examples
     --------
@@ -235,11 +304,12 @@ class PriorDecoder(nn.Module):
     torch.Size([2, 32, 32])
     """
 
-    def __init__(self, flow: nn.Module, decoder: nn.Module):
+    def __init__(self, flow: nn.Module, decoder: nn.Module, detail: nn.Module | None = None):
         super().__init__()
         if flow.context:
             raise GalgenInputError("flow: a conditional flow prior cannot be a GAN's generator input")
         self.flow, self.decoder = flow, decoder
+        self.detail = detail
 
     def codes(self, eps: torch.Tensor) -> torch.Tensor:
         """Latent codes of base noise (differentiable in ``eps`` and the flow's weights).
@@ -269,7 +339,9 @@ class PriorDecoder(nn.Module):
         torch.Tensor
             ``(B, S, S)`` non-negative images.
         """
-        return self.decoder(self.codes(eps))
+        z = self.codes(eps)
+        images = self.decoder(z)
+        return images if self.detail is None else self.detail(images, z)
 
 
 class GAN(AdversarialModel):
@@ -319,9 +391,15 @@ class GAN(AdversarialModel):
         Seed profile of the flux-shape head (see :class:`FluxShapeGenerator`).
     warp_body : bool, optional
         Shear the flux-shape head's body with its seed (see :class:`FluxShapeGenerator`).
-    train_parts : {"all", "flow"}, optional
-        With ``head="vae"``: the game trains the flow prior and the decoder, or the flow
-        alone (the decoder keeps the VAE's weights; only the distribution of codes moves).
+    train_parts : {"all", "flow", "detail"}, optional
+        With ``head="vae"``: the game trains the flow prior and the decoder (and
+        ``detail``), the flow alone (the decoder keeps the VAE's weights; only the
+        distribution of codes moves), or ``detail`` alone (the VAE's galaxies stay; the
+        game draws only their small-scale structure).
+    detail : bool, optional
+        With ``head="vae"``: a :class:`DetailModulation` redistributes the light of each
+        of the VAE's galaxies (flux kept), starting as the identity: structure smaller
+        than the decoder draws (clumps, arms, lopsidedness).
     fake_noise : {"variance-map", "own"}, optional
         Noise of the fakes observed like a batch: drawn from the real galaxies' variance
         maps, or the Poisson noise of the fakes' own light over each galaxy's background
@@ -382,7 +460,7 @@ class GAN(AdversarialModel):
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
-                 critic_profile: bool = False, critic_warmup: int = 0):
+                 critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -400,8 +478,13 @@ class GAN(AdversarialModel):
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
             raise GalgenInputError(f"loss: must be one of {list(GAN_LOSSES)}, got {loss!r}")
-        if train_parts not in ("all", "flow") or (train_parts == "flow" and head != "vae"):
-            raise GalgenInputError(f"train_parts: 'all', or 'flow' with head='vae', got {train_parts!r}")
+        if detail and head != "vae":
+            raise GalgenInputError(f"detail: small-scale structure on a VAE's galaxies, an option of head='vae', "
+                                   f"not of head={head!r}")
+        if train_parts not in ("all", "flow", "detail") or (train_parts != "all" and head != "vae") \
+                or (train_parts == "detail" and not detail):
+            raise GalgenInputError(f"train_parts: 'all', 'flow' with head='vae', or 'detail' with detail=True, "
+                                   f"got {train_parts!r}")
         if float(anchor) > 0 and head != "vae":
             raise GalgenInputError(f"anchor: a trust region around a VAE's generator, an option of head='vae', "
                                    f"not of head={head!r}")
@@ -430,6 +513,8 @@ class GAN(AdversarialModel):
             self.config.update(train_parts=train_parts)
         self.anchor, self.critic_profile = float(anchor), bool(critic_profile)
         self.critic_warmup = int(critic_warmup)
+        if detail:
+            self.config.update(detail=True)
         if self.critic_warmup:
             self.config.update(critic_warmup=self.critic_warmup)
         if self.anchor > 0:
@@ -455,7 +540,8 @@ class GAN(AdversarialModel):
                                                 warp_body=warp_body, symmetry_gate=symmetry_gate,
                                                 gate_gain=float(gate_gain))
         elif head == "vae":
-            self.generator = PriorDecoder(source.latent_flow, source.decoder)
+            self.generator = PriorDecoder(source.latent_flow, source.decoder,
+                                          DetailModulation(self.latent_dim) if detail else None)
         else:
             self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
@@ -464,6 +550,9 @@ class GAN(AdversarialModel):
                                profile=bool(critic_profile))
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
+                p.requires_grad_(False)
+        if train_parts == "detail":  # the VAE's galaxies stay; the game draws their small-scale structure
+            for p in list(self.generator.decoder.parameters()) + list(self.generator.flow.parameters()):
                 p.requires_grad_(False)
         self.generator_anchor = None
         if self.anchor > 0:  # the generator the game starts from (from_vae or a checkpoint fills its weights)

@@ -754,3 +754,47 @@ def test_critic_warmup_trains_the_critic_alone_first():
     assert GAN.from_config(json.loads(json.dumps(gan.config))).critic_warmup == 3
     with pytest.raises(GalgenInputError, match="critic_warmup: out of range"):
         GAN(S, latent_dim=4, critic_warmup=-1)
+
+
+def test_detail_modulation_redistributes_light_and_the_game_trains_it_alone():
+    """DetailModulation starts as the identity (so GAN.from_vae(detail=True) draws the VAE's
+    galaxies bit for bit); once its last layer is nonzero it changes the images but keeps
+    each one's flux and the sign of every pixel, and stays within exp(+-2) of the input
+    before the flux rescaling; with train_parts='detail' a game step changes only the
+    detail module (the VAE's flow and decoder keep their weights); options are refused
+    where they do not apply."""
+    from galgen.models import DetailModulation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, S, S, generator=g) + 0.01
+    z = torch.randn(3, 4, generator=g)
+    detail = DetailModulation(4, width=8)
+    assert torch.equal(detail(x, z), x)
+    with torch.no_grad():
+        detail.net[-1].weight.normal_(0, 0.5, generator=g)
+        y = detail(x, z)
+    assert not torch.allclose(y, x)
+    assert torch.allclose(y.sum((1, 2)), x.sum((1, 2)), rtol=1e-5)
+    assert bool((y > 0).all())
+    ratio = (y / x) / (y / x).amax(dim=(1, 2), keepdim=True)
+    assert float(ratio.amin()) > math.exp(-4) - 1e-6
+
+    vae = _fitted_vae()
+    gan = GAN.from_vae(vae, width=8, ema=0.0, detail=True, train_parts="detail", spectral_norm=False)
+    eps = torch.randn(5, 4, generator=g)
+    with torch.no_grad():
+        assert torch.equal(gan.generator(eps), vae.decoder(gan.generator.codes(eps)))
+    frozen = {k: v.clone() for k, v in gan.generator.state_dict().items() if not k.startswith("detail.")}
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    opts = gan.make_optimizers(lr=1e-2)
+    before = copy.deepcopy(gan.generator.detail.state_dict())
+    for t in range(2):
+        gan.training_step(batch, opts, t)
+    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in frozen.items())
+    assert not all(torch.equal(v, gan.generator.detail.state_dict()[k]) for k, v in before.items())
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    with pytest.raises(GalgenInputError, match="detail: small-scale structure"):
+        GAN(S, latent_dim=4, detail=True)
+    with pytest.raises(GalgenInputError, match="train_parts: .*'detail' with detail=True"):
+        GAN.from_vae(vae, width=8, train_parts="detail")
