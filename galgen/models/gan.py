@@ -399,7 +399,9 @@ class GAN(AdversarialModel):
     detail : bool, optional
         With ``head="vae"``: a :class:`DetailModulation` redistributes the light of each
         of the VAE's galaxies (flux kept), starting as the identity: structure smaller
-        than the decoder draws (clumps, arms, lopsidedness).
+        than the decoder draws (clumps, arms, lopsidedness). Measured (run 12 of
+        docs/models.md, ``train_parts="detail"``): flux, size and ellipticity stay and the
+        game learns lopsidedness, but it also spreads the light (lower Gini).
     fake_noise : {"variance-map", "own"}, optional
         Noise of the fakes observed like a batch: drawn from the real galaxies' variance
         maps, or the Poisson noise of the fakes' own light over each galaxy's background
@@ -424,16 +426,16 @@ class GAN(AdversarialModel):
     critic_profile : bool, optional
         With ``critic_highpass``, a second critic scores the radial profiles, each critic
         on its own loss (:class:`SNCritic` ``profile``); the generator's loss is the sum
-        of both critics' losses. The high-pass critic alone leaves the profiles to drift
-        (run 8 of docs/models.md: Gini W1 4.66x its floor on 5,000 galaxies); trained on
-        the profiles alone, this one can only ask for the profiles of the data, not read
-        "less concentrated" as "has arms".
+        of both critics' losses. Trained on the profiles alone, this one can only ask for
+        the profiles of the data, not read "less concentrated" as "has arms". Measured
+        (run 10 of docs/models.md, from a VAE): the concentration stays, but the Gini
+        still falls (W1 2.53x its floor on 1,000 galaxies against the start's 1.46x).
     critic_warmup : int, optional
         Steps in which only the critic trains before the generator's first update. A
         generator started from a trained VAE otherwise moves from the first steps on,
-        under a critic that cannot yet tell its galaxies from the data: Adam normalises
-        the gradient, so a near-random critic moves it by whole steps in random
-        directions.
+        under a critic that cannot yet tell its galaxies from the data, by Adam's
+        whole steps. Measured (run 11 of docs/models.md): a game begun against a critic
+        at 0.56-0.61 batch accuracy moves the galaxies the same way as without.
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape

@@ -927,8 +927,8 @@ def ring_profile(images: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        ``(..., rings)``, the mean of each ring; ``rings = round(hypot(H//2, W//2)) + 1``
-        for an image whose far corner is ``(0, 0)``.
+        ``(..., rings)``, the mean of each ring; ``rings`` is the largest rounded
+        distance plus one (46 on a 64 x 64 stamp).
 
     Examples
     --------
