@@ -11,6 +11,7 @@ and the VAE's decoder with ``decoder="flux-shape"``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -904,12 +905,17 @@ class FluxShapeGenerator(nn.Module):
             return shape * self.log_flux(z).exp()[:, None, None]
 
 
-def _rings(h: int, w: int, device, dtype) -> torch.Tensor:
-    """``(H*W, rings)`` one-hot membership of each pixel in its ring about ``(H//2, W//2)``."""
-    y = torch.arange(h, device=device, dtype=dtype) - h // 2
-    x = torch.arange(w, device=device, dtype=dtype) - w // 2
-    ring = torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2).round().long().flatten()
-    return torch.nn.functional.one_hot(ring).to(dtype)
+@functools.lru_cache(maxsize=16)
+def _rings(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H*W, rings)`` one-hot membership of each pixel in its ring about ``(H//2, W//2)``, and
+    the same divided by each ring's size: built once per grid, device and dtype (the rings
+    found in float64, whatever the images' precision), never written to."""
+    with torch.inference_mode(False):  # usable by autograd even if first built under inference mode
+        y = torch.arange(h, dtype=torch.float64) - h // 2
+        x = torch.arange(w, dtype=torch.float64) - w // 2
+        ring = torch.sqrt(y[:, None] ** 2 + x[None, :] ** 2).round().long().flatten()
+        member = torch.nn.functional.one_hot(ring).to(torch.float64)
+        return member.to(device=device, dtype=dtype), (member / member.sum(0)).to(device=device, dtype=dtype)
 
 
 def ring_profile(images: torch.Tensor) -> torch.Tensor:
@@ -936,8 +942,7 @@ def ring_profile(images: torch.Tensor) -> torch.Tensor:
     >>> ring_profile(x)
     tensor([0.0000, 0.5000, 0.0000, 0.0000])
     """
-    member = _rings(*images.shape[-2:], images.device, images.dtype)
-    return images.flatten(-2) @ (member / member.sum(0))
+    return images.flatten(-2) @ _rings(*images.shape[-2:], images.device, images.dtype)[1]
 
 
 def azimuthal_mean(images: torch.Tensor) -> torch.Tensor:
@@ -965,5 +970,5 @@ def azimuthal_mean(images: torch.Tensor) -> torch.Tensor:
     >>> azimuthal_mean(x)[2, 1].item(), azimuthal_mean(x)[2, 2].item()  # ring 1: 8 pixels
     (0.5, 0.0)
     """
-    member = _rings(*images.shape[-2:], images.device, images.dtype)
-    return (ring_profile(images) @ member.T).view(images.shape)
+    member, share = _rings(*images.shape[-2:], images.device, images.dtype)
+    return ((images.flatten(-2) @ share) @ member.T).view(images.shape)
