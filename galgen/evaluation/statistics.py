@@ -95,6 +95,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GalgenInputError
+from ..models.networks import gini_coefficient
 
 __all__ = ["STATISTICS", "morphology_statistics", "power_spectrum"]
 
@@ -474,21 +475,6 @@ def _detection(img, good, var):
     return _flood(seed, above, h * w)
 
 
-def _gini(values, use):
-    """Gini coefficient of ``|values|`` over the ``use`` entries of each row (NaN for fewer than 2).
-
-    The unused entries are pushed to the end of each sorted row and counted out.
-    """
-    n, m = values.shape
-    vals = torch.where(use, values.abs(), torch.full_like(values, float("inf"))).sort(1).values
-    vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
-    cnt = use.sum(1).to(values.dtype)
-    idx = torch.arange(1, m + 1, dtype=values.dtype, device=values.device)[None]
-    tot = vals.sum(1)
-    g = ((2 * idx - cnt[:, None] - 1) * vals).sum(1) / ((cnt - 1) * tot).clamp_min(1e-300)
-    return torch.where((cnt > 1) & (tot > 0), g, torch.full_like(g, float("nan")))
-
-
 def _chunk(img, bad, var, rotation: str = "fourier"):
     """Non-parametric statistics of one chunk of images (torch float64)."""
     n, h, w = img.shape
@@ -583,7 +569,7 @@ def _chunk(img, bad, var, rotation: str = "fourier"):
     failed |= (n_seg == 0) | (n_above == h * w)
 
     # Gini: masked pixels left out, pushed to the end of the sort
-    gini = _gini(img.reshape(n, -1), (gseg & good).reshape(n, -1))
+    gini = gini_coefficient(img, gseg & good)
 
     # M20 about the centre that minimises the second moment
     gim = torch.where(gseg, img, torch.zeros_like(img))

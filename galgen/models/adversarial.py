@@ -307,8 +307,9 @@ class AdversarialModel(GenerativeModel):
 
         The critic's parameters neither receive nor change gradients (frozen weights also
         bypass autocast's cast cache); ``loss_fn`` maps the critic's float32 scores of
-        the fakes to the generator's loss. ``penalty(z, feats, observation, noiseless)``,
-        if given, returns a ``(loss, metrics)`` pair added to it. Returns the detached
+        the fakes to the generator's loss. ``penalty(z, feats, observation, noiseless, observed)``
+        (the fakes noise-free and with their noise), if given, returns a ``(loss, metrics)``
+        pair added to it. Returns the detached
         metrics: ``generator_loss`` (the adversarial part) and the penalty's.
         """
         opt_g.zero_grad(set_to_none=True)
@@ -319,7 +320,7 @@ class AdversarialModel(GenerativeModel):
             g_loss = loss_fn(self.critic_terms(self.critic_input(fake, mask), feats).float())
             metrics = {"generator_loss": g_loss.detach()}
             if penalty is not None:
-                extra, more = penalty(z, feats, obs, clean)
+                extra, more = penalty(z, feats, obs, clean, fake)
                 g_loss = g_loss + extra
                 metrics.update(more)
             g_loss.backward()

@@ -45,11 +45,12 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
-from .networks import (Decoder, FluxShapeGenerator, azimuthal_mean, halvings, log_flux_start, point_reflect,
-                       ring_profile)
+from .networks import (Decoder, FluxShapeGenerator, azimuthal_mean, detection_mask, gini_coefficient, halvings,
+                       light_concentration, log_flux_start, point_reflect, ring_profile)
 from .vae import VAE
 
-__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES"]
+__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES",
+           "quantile_distance"]
 
 #: Generator heads the :class:`GAN` accepts.
 GAN_HEADS = ("flux-shape", "softplus", "vae")
@@ -436,6 +437,14 @@ class GAN(AdversarialModel):
         under a critic that cannot yet tell its galaxies from the data, by Adam's
         whole steps. Measured (run 11 of docs/models.md): a game begun against a critic
         at 0.56-0.61 batch accuracy moves the galaxies the same way as without.
+    match_statistics : float, optional
+        Weight of a statistics-matching term beside the critic (feature matching on
+        physical statistics): each generator step adds ``match_statistics`` times the sum,
+        over the Gini coefficient and the concentration of the observed fakes and of the
+        batch's galaxies (:meth:`matched_statistics`), of the Wasserstein-1 distance
+        between their batch distributions in units of the data's spread
+        (:func:`quantile_distance`). The critic then cannot pay the generator in
+        concentration for what it asks elsewhere. 0: none.
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -462,7 +471,8 @@ class GAN(AdversarialModel):
                  warp_body: bool = False, symmetry_gate: str | None = None, gate_gain: float = 4.0,
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
-                 critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False):
+                 critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False,
+                 match_statistics: float = 0.0):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -475,6 +485,7 @@ class GAN(AdversarialModel):
                                 ("n_critic", n_critic, int(n_critic) >= 1),
                                 ("gate_gain", gate_gain, float(gate_gain) > 0),
                                 ("anchor", anchor, float(anchor) >= 0),
+                                ("match_statistics", match_statistics, float(match_statistics) >= 0),
                                 ("critic_warmup", critic_warmup, int(critic_warmup) >= 0)):
             if not ok:
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
@@ -514,6 +525,9 @@ class GAN(AdversarialModel):
         if train_parts != "all":
             self.config.update(train_parts=train_parts)
         self.anchor, self.critic_profile = float(anchor), bool(critic_profile)
+        self.match_statistics = float(match_statistics)
+        if self.match_statistics > 0:
+            self.config.update(match_statistics=self.match_statistics)
         self.critic_warmup = int(critic_warmup)
         if detail:
             self.config.update(detail=True)
@@ -800,8 +814,13 @@ class GAN(AdversarialModel):
 
         game = int(step) - self.critic_warmup
         if game >= 0 and (game + 1) % self.n_critic == 0:
+            targets = None
+            if self.match_statistics > 0:
+                with torch.no_grad():
+                    targets = self.matched_statistics(batch.observed, mask)
+            penalty = self._penalty(targets) if (self.anchor or self.match_statistics) else None
             metrics.update(self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
-                                                  self.generator_loss, self._anchor_penalty if self.anchor else None))
+                                                  self.generator_loss, penalty))
             self.update_ema(game // self.n_critic)
         return metrics
 
@@ -821,13 +840,52 @@ class GAN(AdversarialModel):
         """
         return self.critic(u, feats, parts=True) if self.critic_profile else self.critic(u, feats)
 
-    def _anchor_penalty(self, z, feats, observation, noiseless):
+    def _anchor_penalty(self, z, feats, observation, noiseless, observed=None):
         """``anchor / 2 * mean chi2`` of the fakes against the start's galaxies of the same ``z``
         (``feats`` is None: a ``head="vae"`` GAN is unconditional)."""
         with torch.no_grad():
             start = observation.noiseless(self.generator_anchor(z).to(noiseless.dtype))
         chi2 = observation.noise.chi2(noiseless, start)
         return 0.5 * self.anchor * chi2.float().mean(), {"anchor_chi2": chi2.detach().float().mean()}
+
+    def matched_statistics(self, observed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The morphology statistics ``match_statistics`` matches, of detector images.
+
+        Gini coefficient (:func:`~galgen.models.networks.gini_coefficient`) and
+        concentration (:func:`~galgen.models.networks.light_concentration`) of each
+        image's detected pixels (:func:`~galgen.models.networks.detection_mask`), about
+        the centre pixel; differentiable in ``observed``.
+
+        Parameters
+        ----------
+        observed : torch.Tensor
+            ``(B, S, S)`` detector images (ADU), noisy.
+        mask : torch.Tensor, optional
+            ``(B, S, S)`` or ``(S, S)`` boolean, True = pixel excluded (set to 0).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, 2)``: Gini, concentration (NaN where undefined).
+        """
+        x = observed if mask is None else torch.where(mask, torch.zeros_like(observed), observed)
+        use = detection_mask(x)
+        return torch.stack([gini_coefficient(x, use), light_concentration(x, use)], 1)
+
+    def _penalty(self, targets):
+        """The generator's extra terms: the anchor's, and ``match_statistics`` times the
+        distance of the fakes' :meth:`matched_statistics` to the batch's (``targets``)."""
+        def penalty(z, feats, observation, noiseless, observed):
+            loss, metrics = 0.0, {}
+            if self.anchor:
+                loss, metrics = self._anchor_penalty(z, feats, observation, noiseless)
+            if targets is not None:
+                dist = quantile_distance(self.matched_statistics(observed.to(targets.dtype)), targets)
+                ok = torch.isfinite(dist)
+                loss = loss + self.match_statistics * torch.where(ok, dist, torch.zeros_like(dist)).sum()
+                metrics.update(match_gini=dist[0].detach(), match_concentration=dist[1].detach())
+            return loss, metrics
+        return penalty
 
     @torch.no_grad()
     def validation_step(self, batch: Batch) -> dict:
@@ -857,6 +915,35 @@ class GAN(AdversarialModel):
         scores = self.critic(u, None if feats is None else torch.cat([feats, feats])).float()
         return {"critic_real": scores[:n], "critic_fake": scores[n:],
                 "observed_fakes": fake}
+
+
+def quantile_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Wasserstein-1 distance between the columns of two samples, in units of ``y``'s spread.
+
+    Each column's ``K = min(len(x), len(y))`` quantiles at ``(k + 1/2) / K`` (NaN values left
+    out): ``mean_k |q_x(k) - q_y(k)| / std_k q_y(k)``. Differentiable in ``x`` (not in
+    the spread); how far a batch of fakes' statistics lies from the data's.
+
+    Parameters
+    ----------
+    x, y : torch.Tensor
+        ``(N, k)`` and ``(M, k)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(k,)``; NaN for a column with no finite value.
+
+    Examples
+    --------
+    >>> y = torch.linspace(0, 1, 101)[:, None]
+    >>> round(float(quantile_distance(y + 0.1, y)[0]), 2)  # 0.1 / 0.29, the spread of U(0, 1)
+    0.34
+    """
+    k = min(len(x), len(y))
+    q = (torch.arange(k, dtype=x.dtype, device=x.device) + 0.5) / k
+    qx, qy = torch.nanquantile(x, q, dim=0), torch.nanquantile(y.to(x.dtype), q, dim=0)
+    return (qx - qy).abs().mean(0) / qy.std(0).detach().clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def _per_galaxy(loss: torch.Tensor) -> torch.Tensor:

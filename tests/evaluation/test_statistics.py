@@ -10,7 +10,8 @@ from scipy.optimize import brentq
 from scipy.special import gammainc, gammaincinv
 
 from galgen.errors import GalgenInputError
-from galgen.evaluation.statistics import STATISTICS, _gini, morphology_statistics, power_spectrum
+from galgen.evaluation.statistics import STATISTICS, morphology_statistics, power_spectrum
+from galgen.models.networks import gini_coefficient as _gini
 
 SCALE = 0.2
 STAMP = 128

@@ -189,3 +189,62 @@ def test_a_network_companion_starts_faint_and_keeps_the_flux():
     assert torch.allclose(img.sum((1, 2)), g.log_flux(z).exp(), rtol=1e-5)
     (img[:, 20:, 20:].sum()).backward()
     assert float(g.companion[2].weight.grad.abs().sum()) > 0
+
+
+def test_gini_coefficient_moves_with_the_light_and_drops_unused_pixels():
+    """The values 1..n have the Gini of the mean-difference form, sum_ij |x_i - x_j| /
+    (2 n (n - 1) mean), computed here independently of the sorted form; unused pixels do
+    not count (two used: {1, 2} -> 1/3; none: NaN); the gradient raises the Gini when light
+    moves from the faintest pixel to the brightest."""
+    from galgen.models.networks import gini_coefficient
+
+    n = 10
+    ramp = torch.arange(1.0, n + 1, dtype=torch.float64)[None]
+    mad = sum(abs(i - j) for i in range(1, n + 1) for j in range(1, n + 1))
+    expected = mad / (2 * n * (n - 1) * ramp.mean().item())
+    assert gini_coefficient(ramp).item() == pytest.approx(expected, rel=1e-12)
+    use = torch.zeros_like(ramp, dtype=torch.bool)
+    use[0, :2] = True
+    assert gini_coefficient(ramp, use).item() == pytest.approx(1.0 / 3.0, rel=1e-12)  # {1, 2}
+    assert math.isnan(gini_coefficient(ramp, use & False).item())
+    x = ramp.clone().requires_grad_(True)
+    gini_coefficient(x).backward()
+    assert x.grad[0, -1] > 0 > x.grad[0, 0]  # brighter brightest / fainter faintest: higher Gini
+
+
+def test_light_concentration_follows_the_analytic_sersic_growth_curves():
+    """5 log10(r80 / r20) of GalSim's Sersic profiles (n = 1, 2.5, 4; 128 x 128, half-light
+    radius 6 px) against the analytic curve of growth, gamma(2n, b r^(1/n)), whose radii are
+    gammaincinv(2n, f)^n up to a common scale: within 0.1 (the stamp's truncation and
+    pixelisation); more concentrated profiles score higher."""
+    import galsim
+    from scipy.special import gammaincinv
+
+    from galgen.models.networks import light_concentration
+
+    got = []
+    for n in (1.0, 2.5, 4.0):
+        prof = galsim.Sersic(n, half_light_radius=6.0)
+        im = torch.from_numpy(prof.drawImage(nx=128, ny=128, scale=1.0, use_true_center=False).array.astype("f8"))
+        frac = float(im.sum())  # light inside the stamp: the curve of growth's total
+        r80, r20 = (gammaincinv(2 * n, f * frac) ** n for f in (0.8, 0.2))
+        got.append(light_concentration(im[None])[0].item())
+        assert got[-1] == pytest.approx(5 * math.log10(r80 / r20), abs=0.1), n
+    assert got[0] < got[1] < got[2]
+
+
+def test_detection_mask_finds_the_galaxy_and_few_noise_pixels():
+    """On pure unit noise about 2.3% of the pixels pass (a one-sided 2 sigma cut of the 3 x 3
+    mean; neighbours correlate, so the bound is loose); every pixel of a bright square
+    passes; the centre always counts; no gradient."""
+    from galgen.models.networks import detection_mask
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(32, 64, 64, generator=g)
+    frac = detection_mask(noise).float().mean().item()
+    assert 0.01 < frac < 0.05
+    x = noise.clone()
+    x[:, 24:40, 24:40] += 3.0
+    assert bool(detection_mask(x)[:, 25:39, 25:39].all())
+    assert bool(detection_mask(torch.zeros(2, 16, 16))[:, 7:10, 7:10].all())
+    assert not detection_mask(x.requires_grad_(True)).requires_grad
