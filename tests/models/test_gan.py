@@ -811,8 +811,10 @@ def _sersic_like(index, stamp=32, re=3.0):
 
 
 def test_match_statistics_pulls_the_fakes_gini_and_concentration_to_the_batchs():
-    """match_statistics: the matched statistics are evaluation-like Gini and concentration of
-    the detected pixels (each rises with the Sersic-like index); descending the penalty's
+    """match_statistics: the matched statistics are evaluation-like Gini, concentration and
+    half-light radius (the first two rise with the Sersic-like index at a fixed half-light
+    radius, which the third measures), the Gini's gradient orthogonal to every round image
+    (it cannot move the radial profile); descending the penalty's
     distance alone moves the indices of 32 galaxies started at n = 1 towards the batch's
     n = 3 (the distance falls at least 5x); a training step logs both distances; the option enters
     the config only when set, and a negative weight is refused."""
@@ -822,7 +824,8 @@ def test_match_statistics_pulls_the_fakes_gini_and_concentration_to_the_batchs()
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(32, 32, 32, generator=g, dtype=torch.float64)
     stats = gan.matched_statistics(_sersic_like(torch.tensor([1.0, 2.0, 3.0])) + noise[:3])
-    assert bool((stats[1:] > stats[:-1]).all())  # Gini and concentration rise with n
+    assert bool((stats[1:, :2] > stats[:-1, :2]).all())  # Gini and concentration rise with n
+    assert stats[:, 2].numpy() == pytest.approx(3.0, abs=0.5)  # the half-light radius stays (3 px)
     targets = gan.matched_statistics(_sersic_like(torch.full((32,), 3.0)) + noise)
     index = torch.full((32,), 1.0, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([index], lr=0.05)
@@ -834,12 +837,19 @@ def test_match_statistics_pulls_the_fakes_gini_and_concentration_to_the_batchs()
         dist.backward()
         opt.step()
     assert float(dist.detach()) < 0.2 * first
-    assert 2.3 < float(index.mean()) < 3.7
+    assert 2.3 < float(index.detach().mean()) < 3.7
+    # the Gini's gradient reaches only the part of an image that is not round about the centre
+    from galgen.models.networks import azimuthal_mean
+
+    x = (_sersic_like(torch.full((4,), 2.0)) + noise[:4]).requires_grad_(True)
+    gan.matched_statistics(x)[:, 0].sum().backward()
+    assert float(x.grad.abs().max()) > 0
+    assert float(azimuthal_mean(x.grad).abs().max()) < 1e-9 * float(x.grad.abs().max()) + 1e-15
     # in a game step
     batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
     small = _small(match_statistics=2.0)
     logs = [small.training_step(batch, small.make_optimizers(lr=1e-3), t) for t in range(1)]
-    assert {"match_gini", "match_concentration"} <= set(logs[0])
+    assert {"match_gini", "match_concentration", "match_r50"} <= set(logs[0])
     assert small.config["match_statistics"] == 2.0 and "match_statistics" not in _small().config
     assert GAN.from_config(json.loads(json.dumps(small.config))).match_statistics == 2.0
     with pytest.raises(GalgenInputError, match="match_statistics"):

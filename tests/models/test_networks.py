@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,3 +249,44 @@ def test_detection_mask_finds_the_galaxy_and_few_noise_pixels():
     assert bool(detection_mask(x)[:, 25:39, 25:39].all())
     assert bool(detection_mask(torch.zeros(2, 16, 16))[:, 7:10, 7:10].all())
     assert not detection_mask(x.requires_grad_(True)).requires_grad
+
+
+def test_gini_mask_gives_the_evaluations_gini_of_sersic_galaxies():
+    """The Gini on gini_mask (statmorph's Gini segmap about the centroid, 3 x 3 sub-pixels)
+    of noise-free GalSim Sersic profiles (n = 1, 2.5, 4; axis ratio 1 and 0.5) lies within
+    0.01 of the evaluation's (morphology_statistics: about the asymmetry centre, 7 x 7
+    sub-pixels); of 120 PSF-convolved noisy Sersic galaxies (n 0.7-4, half-light radius
+    0.6-2.5", S/N from a few to hundreds) it ranks them as the evaluation does (Spearman
+    > 0.85) within a median 0.015; the map holds the centre and is one bounded region."""
+    import galsim
+    from scipy.stats import spearmanr
+
+    from galgen.evaluation import morphology_statistics
+    from galgen.models.networks import gini_coefficient, gini_mask
+
+    ims = np.stack([galsim.Sersic(n, half_light_radius=1.2).shear(q=q, beta=30 * galsim.degrees)
+                    .drawImage(nx=64, ny=64, scale=0.396, use_true_center=False).array.astype("f8")
+                    for n in (1.0, 2.5, 4.0) for q in (1.0, 0.5)])
+    x = torch.from_numpy(ims)
+    mask = gini_mask(x)
+    got = gini_coefficient(x, mask).numpy()
+    assert np.abs(got - morphology_statistics(ims, 0.396)["gini"]).max() < 0.01
+    assert bool(mask[:, 32, 32].all())
+    grown = torch.nn.functional.max_pool2d(mask[:, None].double(), 3, 1, 1)[:, 0] > 0
+    assert bool((grown & ~mask).any(dim=(1, 2)).all())  # a bounded region
+    rng = np.random.default_rng(0)
+    noisy = []
+    for _ in range(120):
+        gal = galsim.Sersic(rng.uniform(0.7, 4.0), half_light_radius=rng.uniform(0.6, 2.5))
+        gal = gal.shear(q=rng.uniform(0.3, 1.0), beta=rng.uniform(0, 180) * galsim.degrees)
+        gal = galsim.Convolve(gal.withFlux(10 ** rng.uniform(3.5, 5.0)), galsim.Moffat(3.5, fwhm=1.4))
+        im = gal.drawImage(nx=64, ny=64, scale=0.396).array.astype("f8")
+        noisy.append(im + rng.normal(0.0, 10.0, im.shape))
+    noisy = np.stack(noisy)
+    ref = morphology_statistics(noisy, 0.396, variance=np.full_like(noisy, 100.0))
+    xn = torch.from_numpy(noisy)
+    got = gini_coefficient(xn, gini_mask(xn)).numpy()
+    ok = ref["ok"]
+    assert ok.sum() > 110
+    assert spearmanr(got[ok], ref["gini"][ok])[0] > 0.85
+    assert np.median(np.abs(got[ok] - ref["gini"][ok])) < 0.015
