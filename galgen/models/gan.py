@@ -441,14 +441,14 @@ class GAN(AdversarialModel):
         Weight of a statistics-matching term beside the critic (feature matching on
         physical statistics): each generator step adds ``match_statistics`` times the sum,
         over the Gini coefficient, the concentration and the half-light radius of the
-        observed fakes and of the batch's galaxies (:meth:`matched_statistics`), of the Wasserstein-1 distance
-        between their batch distributions in units of the data's spread
+        observed fakes and of the batch's galaxies (:meth:`matched_statistics`), of the
+        Wasserstein-1 distance between their batch distributions in units of the data's spread
         (:func:`quantile_distance`), so that the critic cannot pay the generator in
-        light concentration. 0: none. Measured (runs 13-17 of docs/models.md, from a
+        light concentration. 0: none. Measured (runs 13-18 of docs/models.md, from a
         VAE): with the Gini of the evaluation's segmentation the galaxies shrink unless the
         Gini's gradient is kept off the radial profile (as it now is), and even then the
-        Gini falls as without matching (0.491 against the data's 0.503); no run beat its
-        VAE start.
+        Gini falls as without matching (0.491-0.493 against the data's 0.503, at weights 1
+        and 10: a batch of 64 cannot resolve the shift); no run beat its VAE start.
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -822,7 +822,7 @@ class GAN(AdversarialModel):
             if self.match_statistics > 0:
                 with torch.no_grad():
                     targets = self.matched_statistics(batch.observed, mask)
-            penalty = self._penalty(targets) if (self.anchor or self.match_statistics) else None
+            penalty = self._penalty(targets, mask) if (self.anchor or self.match_statistics) else None
             metrics.update(self._generator_update(obs, feats, n, mask, opt_g, critic_params, sync,
                                                   self.generator_loss, penalty))
             self.update_ema(game // self.n_critic)
@@ -889,15 +889,16 @@ class GAN(AdversarialModel):
         conc = 5 * torch.log10(radii[:, 2] / radii[:, 0].clamp_min(torch.finfo(x.dtype).tiny))
         return torch.stack([gini_coefficient(x_gini, gini_mask(x)), conc, radii[:, 1]], 1)
 
-    def _penalty(self, targets):
+    def _penalty(self, targets, mask=None):
         """The generator's extra terms: the anchor's, and ``match_statistics`` times the
-        distance of the fakes' :meth:`matched_statistics` to the batch's (``targets``)."""
+        distance of the fakes' :meth:`matched_statistics` to the batch's (``targets``), the
+        batch's excluded pixels (``mask``) left out of both."""
         def penalty(z, feats, observation, noiseless, observed):
             loss, metrics = 0.0, {}
             if self.anchor:
                 loss, metrics = self._anchor_penalty(z, feats, observation, noiseless)
             if targets is not None:
-                dist = quantile_distance(self.matched_statistics(observed.to(targets.dtype)), targets)
+                dist = quantile_distance(self.matched_statistics(observed.to(targets.dtype), mask), targets)
                 ok = torch.isfinite(dist)
                 loss = loss + self.match_statistics * torch.where(ok, dist, torch.zeros_like(dist)).sum()
                 metrics.update(match_gini=dist[0].detach(), match_concentration=dist[1].detach(),
