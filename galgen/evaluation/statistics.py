@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GalgenInputError
-from ..models.networks import gini_coefficient
+from ..models.networks import connected_region, gini_coefficient
 
 __all__ = ["STATISTICS", "morphology_statistics", "power_spectrum"]
 
@@ -359,18 +359,6 @@ class _Rotation:
         return self._rotate(self.var, self.vspec, cx, cy)
 
 
-def _flood(seed, allowed, max_iter: int):
-    """8-connected region of ``allowed`` reachable from ``seed`` (iterated 3 x 3 dilation)."""
-    region = seed & allowed
-    for _ in range(max_iter):
-        grown = F.max_pool2d(region[:, None].to(torch.float32), 3, 1, 1)[:, 0] > 0
-        grown &= allowed
-        if torch.equal(grown, region):
-            break
-        region = grown
-    return region
-
-
 def _argmax_mask(x):
     n = x.shape[0]
     flat = x.reshape(n, -1)
@@ -472,7 +460,7 @@ def _detection(img, good, var):
     yy, xx = _grid(h, w, img.dtype, img.device)
     central = ((yy - h // 2).abs() <= h / 4) & ((xx - w // 2).abs() <= w / 4)
     seed = _argmax_mask(torch.where(central & above, sm, torch.full_like(sm, -float("inf"))))
-    return _flood(seed, above, h * w)
+    return connected_region(seed, above, h * w)
 
 
 def _chunk(img, bad, var, rotation: str = "fourier"):
@@ -563,7 +551,7 @@ def _chunk(img, bad, var, rotation: str = "fourier"):
     thresh = (wth * sm).sum((1, 2)) / ann_area
     above = sm >= thresh[:, None, None]
     seed = _argmax_mask(sm)
-    gseg = _flood(seed, above, h * w)
+    gseg = connected_region(seed, above, h * w)
     n_above, n_seg = above.sum((1, 2)), gseg.sum((1, 2))
     flag = torch.where(n_above > n_seg, torch.maximum(flag, torch.ones_like(flag)), flag)
     failed |= (n_seg == 0) | (n_above == h * w)

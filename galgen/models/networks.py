@@ -1237,12 +1237,43 @@ def gini_mask(images: torch.Tensor, eta: float = 0.2, sub: int = 3, max_grow: in
     thresh = (ring * smooth).sum((1, 2)) / ring.sum((1, 2)).clamp_min(tiny)
     above = smooth >= thresh[:, None, None]
     flat = smooth.flatten(1)
-    region = torch.zeros_like(flat, dtype=torch.bool)
-    region[torch.arange(b, device=dev), flat.argmax(1)] = True
-    region = region.view_as(above) & above
-    for _ in range(int(max_grow)):
-        grown = torch.nn.functional.max_pool2d(region[:, None].to(dt), 3, 1, 1)[:, 0] > 0
-        grown &= above
+    peak = torch.zeros_like(flat, dtype=torch.bool)
+    peak[torch.arange(b, device=dev), flat.argmax(1)] = True
+    return connected_region(peak.view_as(above), above, int(max_grow))
+
+
+def connected_region(seed: torch.Tensor, allowed: torch.Tensor, max_iter: int | None = None) -> torch.Tensor:
+    """The 8-connected region of ``allowed`` pixels reachable from ``seed`` (a flood fill).
+
+    Grown by iterated 3 x 3 dilations within ``allowed`` until it stops changing.
+
+    Parameters
+    ----------
+    seed : torch.Tensor
+        ``(B, H, W)`` boolean, where each region starts.
+    allowed : torch.Tensor
+        ``(B, H, W)`` boolean, the pixels a region may hold.
+    max_iter : int, optional
+        At most this many dilations (default ``H * W``, enough for any region).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, H, W)`` boolean.
+
+    Examples
+    --------
+    >>> allowed = torch.tensor([[[1, 1, 0, 1], [0, 1, 0, 1], [0, 0, 1, 0]]], dtype=torch.bool)
+    >>> seed = torch.zeros_like(allowed); seed[0, 0, 0] = True
+    >>> connected_region(seed, allowed).int()
+    tensor([[[1, 1, 0, 1],
+             [0, 1, 0, 1],
+             [0, 0, 1, 0]]], dtype=torch.int32)
+    """
+    region = seed & allowed
+    for _ in range(seed.shape[-2] * seed.shape[-1] if max_iter is None else int(max_iter)):
+        grown = torch.nn.functional.max_pool2d(region[:, None].to(torch.float32), 3, 1, 1)[:, 0] > 0
+        grown &= allowed
         if torch.equal(grown, region):
             break
         region = grown
