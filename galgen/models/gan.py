@@ -46,7 +46,7 @@ from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
 from .networks import (Decoder, FluxShapeGenerator, azimuthal_mean, detection_mask, gini_coefficient, gini_mask,
-                       growth_radii, halvings, log_flux_start, point_reflect, ring_profile)
+                       growth_radii, halvings, light_concentration, log_flux_start, point_reflect, ring_profile)
 from .vae import VAE
 
 __all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES",
@@ -885,9 +885,8 @@ class GAN(AdversarialModel):
         round_part = azimuthal_mean(x)
         x_gini = x - (round_part - round_part.detach())  # same values; gradient only off the radial profile
         use = detection_mask(x)
-        radii = growth_radii(x, use)
-        conc = 5 * torch.log10(radii[:, 2] / radii[:, 0].clamp_min(torch.finfo(x.dtype).tiny))
-        return torch.stack([gini_coefficient(x_gini, gini_mask(x)), conc, radii[:, 1]], 1)
+        return torch.stack([gini_coefficient(x_gini, gini_mask(x, detected=use)), light_concentration(x, use),
+                            growth_radii(x, use, (0.5,))[:, 0]], 1)
 
     def _penalty(self, targets, mask=None):
         """The generator's extra terms: the anchor's, and ``match_statistics`` times the

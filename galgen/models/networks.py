@@ -1145,7 +1145,8 @@ def light_concentration(images: torch.Tensor, use: torch.Tensor | None = None) -
     return 5 * torch.log10(r[:, 1] / r[:, 0].clamp_min(torch.finfo(images.dtype).tiny))
 
 
-def gini_mask(images: torch.Tensor, eta: float = 0.2, sub: int = 3, max_grow: int = 64) -> torch.Tensor:
+def gini_mask(images: torch.Tensor, eta: float = 0.2, sub: int = 3, max_grow: int = 64,
+              detected: torch.Tensor | None = None) -> torch.Tensor:
     """The pixels the Gini coefficient is measured on: statmorph's Gini segmentation map.
 
     As :func:`galgen.evaluation.morphology_statistics` (Lotz et al. 2004; Rodriguez-Gomez
@@ -1169,6 +1170,9 @@ def gini_mask(images: torch.Tensor, eta: float = 0.2, sub: int = 3, max_grow: in
         Sub-pixels per side of the apertures.
     max_grow : int, optional
         Dilation steps of the connected region (64 reach any pixel of a 64 x 64 stamp).
+    detected : torch.Tensor, optional
+        ``(B, H, W)`` boolean: :func:`detection_mask` of ``images`` where the caller has
+        it already (computed here otherwise).
 
     Returns
     -------
@@ -1189,7 +1193,7 @@ def gini_mask(images: torch.Tensor, eta: float = 0.2, sub: int = 3, max_grow: in
     yy = torch.arange(h, dtype=dt, device=dev)[:, None].expand(h, w)
     xx = torch.arange(w, dtype=dt, device=dev)[None, :].expand(h, w)
     tiny = torch.finfo(dt).tiny
-    light = torch.where(detection_mask(x), x, torch.zeros_like(x))
+    light = torch.where(detection_mask(x) if detected is None else detected, x, torch.zeros_like(x))
     tot = light.sum((1, 2)).clamp_min(tiny)
     cx, cy = (light * xx).sum((1, 2)) / tot, (light * yy).sum((1, 2)) / tot
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
