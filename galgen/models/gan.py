@@ -45,8 +45,9 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from ..errors import GalgenInputError
 from .adversarial import AdversarialModel
 from .base import Batch, make_optimizer, no_sync
-from .networks import (Decoder, FluxShapeGenerator, azimuthal_mean, detection_mask, gini_coefficient, gini_mask,
-                       growth_radii, halvings, light_concentration, log_flux_start, point_reflect, ring_profile)
+from .networks import (MORPHOLOGY_VECTOR, Decoder, FluxShapeGenerator, azimuthal_mean, detection_mask,
+                       gini_coefficient, gini_mask, growth_radii, halvings, light_concentration, log_flux_start,
+                       morphology_vector, point_reflect, ring_profile)
 from .vae import VAE
 
 __all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES",
@@ -127,6 +128,15 @@ class SNCritic(nn.Module):
         other; ``forward(u, cond)`` returns their sum, the critic's log-odds for a
         logistic loss. The two inputs are orthogonal projections of ``u``, so the R1
         penalty of the sum is the sum of the two critics' penalties.
+    statistics : bool, optional
+        One more separate critic: a multilayer perceptron on the morphology statistics of
+        the detector image (:func:`~galgen.models.networks.morphology_vector` of
+        ``sinh(u)``: Gini, M20, concentration, half-light radius, flux, ellipticity, size,
+        asymmetry), standardised by :meth:`fit_statistics_scale`. It sees what the
+        evaluation's two-sample test sees, jointly, and learns the data's distribution of
+        it over many batches (a batch of 64 cannot resolve a shift of 0.2 of a statistic's
+        spread; a critic trained on thousands of them can). Its score is a further column
+        of ``forward(u, cond, parts=True)``.
 
     Examples
     --------
@@ -137,7 +147,8 @@ class SNCritic(nn.Module):
 
     def __init__(self, stamp: int, width: int = 32, features: int = 128, cond_dim: int = 0,
                  spectral_norm: bool = True, max_width: int = 256, minibatch_std: int = 4,
-                 symmetry_channel: bool = False, highpass: bool = False, profile: bool = False):
+                 symmetry_channel: bool = False, highpass: bool = False, profile: bool = False,
+                 statistics: bool = False):
         super().__init__()
         if profile and not highpass:
             raise GalgenInputError("profile: a critic of the radial profile beside a highpass one; set highpass too")
@@ -166,8 +177,59 @@ class SNCritic(nn.Module):
                                              sn(nn.Linear(features, features)), _lrelu())
             self.profile_out = sn(nn.Linear(features, 1))
             self.profile_embed = sn(nn.Linear(self.cond_dim, features, bias=False)) if self.cond_dim else None
+        self.statistics = bool(statistics)
+        self.stats_net = self.stats_out = self.stats_embed = None
+        if self.statistics:
+            k = len(MORPHOLOGY_VECTOR)
+            self.stats_net = nn.Sequential(sn(nn.Linear(k, features)), _lrelu(),
+                                           sn(nn.Linear(features, features)), _lrelu())
+            self.stats_out = sn(nn.Linear(features, 1))
+            self.stats_embed = sn(nn.Linear(self.cond_dim, features, bias=False)) if self.cond_dim else None
+            self.register_buffer("stats_centre", torch.zeros(k))
+            self.register_buffer("stats_scale", torch.ones(k))
+            self.register_buffer("stats_fitted", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, u: torch.Tensor, cond: torch.Tensor | None = None, parts: bool = False) -> torch.Tensor:
+    @torch.no_grad()
+    def fit_statistics_scale(self, u: torch.Tensor) -> None:
+        """Set the standardisation of the statistics critic's input from real critic inputs.
+
+        Each statistic's median and 1.4826 x median absolute deviation over ``u``'s
+        galaxies (a robust centre and spread; stored with the weights).
+
+        Parameters
+        ----------
+        u : torch.Tensor
+            ``(B, S, S)`` critic inputs of real galaxies (``B`` of 64 or more).
+        """
+        if not self.statistics:
+            raise GalgenInputError("fit_statistics_scale: this critic has no statistics critic (statistics=False)")
+        v = morphology_vector(torch.sinh(u.detach()).float())
+        centre = v.nanmedian(0).values
+        scale = 1.4826 * (v - centre).abs().nanmedian(0).values
+        ok = torch.isfinite(centre) & torch.isfinite(scale) & (scale > 0)
+        self.stats_centre.copy_(torch.where(ok, centre, torch.zeros_like(centre)))
+        self.stats_scale.copy_(torch.where(ok, scale, torch.ones_like(scale)))
+        self.stats_fitted.fill_(True)
+
+    def statistics_input(self, u: torch.Tensor) -> torch.Tensor:
+        """The statistics critic's input: standardised, clipped statistics of ``sinh(u)``.
+
+        Parameters
+        ----------
+        u : torch.Tensor
+            ``(B, S, S)`` critic inputs.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, 9)``, undefined statistics at 0 (the data's median), each within +-8
+            spreads; differentiable in ``u``.
+        """
+        v = (morphology_vector(torch.sinh(u).float()) - self.stats_centre) / self.stats_scale
+        return torch.where(torch.isfinite(v), v, torch.zeros_like(v)).clamp(-8.0, 8.0).to(u.dtype)
+
+    def forward(self, u: torch.Tensor, cond: torch.Tensor | None = None, parts: bool = False,
+                statistics: torch.Tensor | None = None) -> torch.Tensor:
         """Score critic inputs.
 
         Parameters
@@ -177,26 +239,41 @@ class SNCritic(nn.Module):
         cond : torch.Tensor, optional
             ``(B, cond_dim)`` standardised conditions (required when ``cond_dim > 0``).
         parts : bool, optional
-            With ``profile``, return the two critics' scores (non-round part, radial
-            profile) instead of their sum.
+            With ``profile`` or ``statistics``, return each critic's score (image or
+            non-round part, radial profile, statistics) instead of their sum.
+        statistics : torch.Tensor, optional
+            ``(B, 9)``: the statistics critic's input (:meth:`statistics_input`), where the
+            caller has it (its R1 penalty takes gradients with respect to it); computed
+            from ``u`` otherwise.
 
         Returns
         -------
         torch.Tensor
-            ``(B,)`` scores, or ``(B, 2)`` with ``parts`` and ``profile``.
+            ``(B,)`` scores, or ``(B, k)`` with ``parts``, one column per critic.
         """
         if u.ndim != 3 or u.shape[-1] != self.stamp or u.shape[-2] != self.stamp:
             raise GalgenInputError(f"u: expected (B, {self.stamp}, {self.stamp}), got {tuple(u.shape)}")
         if self.cond_dim and cond is None:
             raise GalgenInputError("cond: this critic needs conditions")
-        score = self._score(u - azimuthal_mean(u) if self.highpass else u, cond)
-        if not self.profile:
-            return score
-        h = self.profile_net(ring_profile(u))
-        second = self.profile_out(h)[:, 0]
-        if self.profile_embed is not None:
-            second = second + (self.profile_embed(cond.to(h.dtype)) * h).sum(dim=1)
-        return torch.stack([score, second], 1) if parts else score + second
+        scores = [self._score(u - azimuthal_mean(u) if self.highpass else u, cond)]
+        if self.profile:
+            scores.append(self._mlp_score(ring_profile(u), self.profile_net, self.profile_out, self.profile_embed,
+                                          cond))
+        if self.statistics:
+            s = self.statistics_input(u) if statistics is None else statistics
+            scores.append(self._mlp_score(s, self.stats_net, self.stats_out, self.stats_embed, cond))
+        if len(scores) == 1:
+            return scores[0]
+        return torch.stack(scores, 1) if parts else sum(scores)
+
+    @staticmethod
+    def _mlp_score(v, net, out, embed, cond):
+        """Score of a perceptron critic on the vectors ``v`` (with a projection head for conditions)."""
+        h = net(v)
+        score = out(h)[:, 0]
+        if embed is not None:
+            score = score + (embed(cond.to(h.dtype)) * h).sum(dim=1)
+        return score
 
     def _score(self, u, cond):
         """The convolutional critic's score of ``u``."""
@@ -449,6 +526,15 @@ class GAN(AdversarialModel):
         Gini's gradient is kept off the radial profile (as it now is), and even then the
         Gini falls as without matching (0.491-0.493 against the data's 0.503, at weights 1
         and 10: a batch of 64 cannot resolve the shift); no run beat its VAE start.
+    critic_statistics : bool, optional
+        One more critic, on its own loss: a perceptron on the morphology statistics of each
+        observed image (:class:`SNCritic` ``statistics``;
+        :func:`~galgen.models.networks.morphology_vector`: Gini, M20, concentration,
+        half-light radius, flux, ellipticity, size, asymmetry). Where ``match_statistics``
+        compares each batch's marginals, this critic learns the data's joint distribution
+        of the statistics over the whole run, so that a shift smaller than a batch's
+        sampling noise still moves the generator. Its R1 penalty is taken with respect to
+        the statistics.
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -476,7 +562,7 @@ class GAN(AdversarialModel):
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
                  critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False,
-                 match_statistics: float = 0.0):
+                 match_statistics: float = 0.0, critic_statistics: bool = False):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -551,6 +637,9 @@ class GAN(AdversarialModel):
                 raise GalgenInputError("critic_profile: a critic of the radial profile beside the high-pass one; "
                                        "set critic_highpass too")
             self.config.update(critic_profile=True)
+        self.critic_statistics = bool(critic_statistics)
+        if self.critic_statistics:
+            self.config.update(critic_statistics=True)
         self.stamp, self.latent_dim, self.oversampling = int(stamp), int(latent_dim), int(oversampling)
         self.input_scale, self.loss, self.ema = float(input_scale), loss, float(ema)
         self.r1_gamma, self.r1_every, self.n_critic = float(r1_gamma), int(r1_every), int(n_critic)
@@ -567,7 +656,7 @@ class GAN(AdversarialModel):
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
                                cond_dim=self.cond_dim, spectral_norm=bool(spectral_norm),
                                symmetry_channel=bool(critic_symmetry), highpass=bool(critic_highpass),
-                               profile=bool(critic_profile))
+                               profile=bool(critic_profile), statistics=self.critic_statistics)
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
                 p.requires_grad_(False)
@@ -716,10 +805,15 @@ class GAN(AdversarialModel):
             Scalar, float32.
         """
         u = u_real.detach().requires_grad_(True)
+        inputs, stats = [u], None
+        if self.critic_statistics:  # the statistics critic's gradient with respect to its own input
+            with torch.no_grad():
+                stats = self.critic.statistics_input(u_real.detach())
+            inputs.append(stats.requires_grad_(True))
         with torch.enable_grad():
-            score = self.critic(u, feats)
-            (grad,) = torch.autograd.grad(score.float().sum(), u, create_graph=True)
-        return grad.float().square().flatten(1).sum(dim=1).mean()
+            score = self.critic(u, feats, statistics=stats)
+            grads = torch.autograd.grad(score.float().sum(), inputs, create_graph=True)
+        return sum(g.float().square().flatten(1).sum(dim=1).mean() for g in grads)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -797,6 +891,8 @@ class GAN(AdversarialModel):
         with torch.no_grad():
             _, fake = self._observe_fakes(obs, feats, n, raw=True)
             u_real, u_fake = self.critic_input(batch.observed, mask), self.critic_input(fake, mask)
+            if self.critic_statistics and not bool(self.critic.stats_fitted):
+                self.critic.fit_statistics_scale(u_real)
         opt_c.zero_grad(set_to_none=True)
         scores = self.critic_terms(torch.cat([u_real, u_fake]), both).float()
         d_real, d_fake = scores[:n], scores[n:]
@@ -804,8 +900,11 @@ class GAN(AdversarialModel):
         total = scores.detach().sum(1) if scores.ndim == 2 else scores.detach()
         metrics = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach(),
                    "accuracy": ((total[:n] > 0).float().mean() + (total[n:] < 0).float().mean()) / 2}
-        if scores.ndim == 2:  # the profile critic's own scores (critic_profile)
-            metrics.update(d_real_profile=d_real[:, 1].mean().detach(), d_fake_profile=d_fake[:, 1].mean().detach())
+        if scores.ndim == 2:  # the other critics' own scores (critic_profile, critic_statistics)
+            names = (["profile"] if self.critic_profile else []) + (["statistics"] if self.critic_statistics else [])
+            for j, name in enumerate(names, 1):
+                metrics.update({f"d_real_{name}": d_real[:, j].mean().detach(),
+                                f"d_fake_{name}": d_fake[:, j].mean().detach()})
         if self.r1_gamma > 0 and int(step) % self.r1_every == 0:
             r1 = self.r1_penalty(u_real, feats)
             loss = loss + 0.5 * self.r1_gamma * self.r1_every * r1
@@ -829,7 +928,8 @@ class GAN(AdversarialModel):
         return metrics
 
     def critic_terms(self, u: torch.Tensor, feats=None) -> torch.Tensor:
-        """The scores the losses see: ``(B,)``, or ``(B, 2)`` with ``critic_profile``.
+        """The scores the losses see: ``(B,)``, or ``(B, k)``, one column per critic, with
+        ``critic_profile`` or ``critic_statistics``.
 
         Parameters
         ----------
@@ -842,7 +942,8 @@ class GAN(AdversarialModel):
         -------
         torch.Tensor
         """
-        return self.critic(u, feats, parts=True) if self.critic_profile else self.critic(u, feats)
+        several = self.critic_profile or self.critic_statistics
+        return self.critic(u, feats, parts=True) if several else self.critic(u, feats)
 
     def _anchor_penalty(self, z, feats, observation, noiseless, observed=None):
         """``anchor / 2 * mean chi2`` of the fakes against the start's galaxies of the same ``z``

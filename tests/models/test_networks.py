@@ -290,3 +290,52 @@ def test_gini_mask_gives_the_evaluations_gini_of_sersic_galaxies():
     assert ok.sum() > 110
     assert spearmanr(got[ok], ref["gini"][ok])[0] > 0.85
     assert np.median(np.abs(got[ok] - ref["gini"][ok])) < 0.015
+
+
+def test_morphology_vector_ranks_galaxies_as_the_evaluation_does():
+    """morphology_vector on 120 PSF-convolved noisy GalSim Sersic galaxies (n 0.7-4, half-light
+    radius 0.6-2.5", axis ratio 0.3-1, S/N from a few to hundreds): each column ranks them
+    as the evaluation's statistic (Spearman > 0.9 for r50, flux,
+    e1, e2 in 0.90-1.0 here, measured; > 0.85 for Gini and M20, > 0.75 for the size against
+    HSM's and > 0.6 for the concentration, 0.73 here, whose aperture differs most); a noise-free sheared galaxy has e1 of the
+    shear's sign and no e2 or asymmetry; a companion raises the asymmetry, and the noise's
+    share is subtracted (symmetric noisy galaxies: median asymmetry within 0.02 of 0);
+    every column is differentiable."""
+    import galsim
+    from scipy.stats import spearmanr
+
+    from galgen.evaluation import morphology_statistics
+    from galgen.models.networks import MORPHOLOGY_VECTOR, morphology_vector
+
+    rng = np.random.default_rng(1)
+    noisy = []
+    for _ in range(120):
+        gal = galsim.Sersic(rng.uniform(0.7, 4.0), half_light_radius=rng.uniform(0.6, 2.5))
+        gal = gal.shear(q=rng.uniform(0.3, 1.0), beta=rng.uniform(0, 180) * galsim.degrees)
+        gal = galsim.Convolve(gal.withFlux(10 ** rng.uniform(3.5, 5.0)), galsim.Moffat(3.5, fwhm=1.4))
+        im = gal.drawImage(nx=64, ny=64, scale=0.396, use_true_center=False).array.astype("f8")
+        noisy.append(im + rng.normal(0.0, 10.0, im.shape))
+    noisy = np.stack(noisy)
+    ref = morphology_statistics(noisy, 0.396, variance=np.full_like(noisy, 100.0))
+    x = torch.from_numpy(noisy).requires_grad_(True)
+    v = morphology_vector(x)
+    got = v.detach().numpy()
+    ok = ref["ok"] & np.isfinite(got).all(1)
+    assert ok.sum() > 110
+    names = dict(gini="gini", m20="m20", concentration="concentration", log_r50="r50", log_flux="flux",
+                 e1="e1", e2="e2", log_size="sigma")
+    for j, col in enumerate(MORPHOLOGY_VECTOR):
+        if col in names:
+            rho = spearmanr(got[ok, j], ref[names[col]][ok])[0]
+            floor = {"concentration": 0.6, "log_size": 0.75, "gini": 0.85, "m20": 0.85}.get(col, 0.9)
+            assert rho > floor, (col, rho)
+    assert abs(float(np.median(got[ok, MORPHOLOGY_VECTOR.index("asymmetry")]))) < 0.02
+    v.nan_to_num(0.0).sum().backward()
+    assert bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
+    clean = galsim.Exponential(half_light_radius=1.2).shear(e1=0.3, e2=0.0)
+    im = clean.drawImage(nx=64, ny=64, scale=0.396, use_true_center=False).array.astype("f8")
+    lopsided = im + (0.3 * clean.shift(2.0, 0.0)).drawImage(nx=64, ny=64, scale=0.396, use_true_center=False).array
+    v = morphology_vector(torch.from_numpy(np.stack([im, -im.T.copy(), lopsided])))
+    e1, e2, asym = (MORPHOLOGY_VECTOR.index(c) for c in ("e1", "e2", "asymmetry"))
+    assert float(v[0, e1]) > 0.1 and abs(float(v[0, e2])) < 0.01 and abs(float(v[0, asym])) < 0.01
+    assert float(v[2, asym]) > 0.05
