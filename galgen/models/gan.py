@@ -137,6 +137,9 @@ class SNCritic(nn.Module):
         it over many batches (a batch of 64 cannot resolve a shift of 0.2 of a statistic's
         spread; a critic trained on thousands of them can). Its score is a further column
         of ``forward(u, cond, parts=True)``.
+    image : bool, optional
+        The convolutional critic of the image. ``False`` (with ``statistics``): the
+        statistics critic alone, which sees only what the morphology statistics measure.
 
     Examples
     --------
@@ -148,28 +151,34 @@ class SNCritic(nn.Module):
     def __init__(self, stamp: int, width: int = 32, features: int = 128, cond_dim: int = 0,
                  spectral_norm: bool = True, max_width: int = 256, minibatch_std: int = 4,
                  symmetry_channel: bool = False, highpass: bool = False, profile: bool = False,
-                 statistics: bool = False):
+                 statistics: bool = False, image: bool = True):
         super().__init__()
         if profile and not highpass:
             raise GalgenInputError("profile: a critic of the radial profile beside a highpass one; set highpass too")
+        if not image and (not statistics or highpass or profile or symmetry_channel):
+            raise GalgenInputError("image: a critic without the convolutional one must be the statistics critic "
+                                   "alone (statistics=True; no highpass, profile or symmetry_channel)")
+        self.image = bool(image)
         self.highpass, self.profile = bool(highpass), bool(profile)
         sn = _sn if spectral_norm else (lambda m: m)
         n, seed = halvings(stamp)
         self.stamp, self.cond_dim = int(stamp), int(cond_dim)
         self.symmetry_channel = bool(symmetry_channel)
-        layers, c = [], 2 if self.symmetry_channel else 1
-        for i in range(n):
-            cout = min(width * 2**i, max_width)
-            layers += [sn(nn.Conv2d(c, cout, 3, padding=1)), _lrelu(),
-                       sn(nn.Conv2d(cout, cout, 4, stride=2, padding=1)), _lrelu()]
-            c = cout
-        self.features = nn.Sequential(*layers)
         self.minibatch_std = int(minibatch_std)
-        extra = 1 if self.minibatch_std > 1 else 0
-        self.final = nn.Sequential(sn(nn.Conv2d(c + extra, c, 3, padding=1)), _lrelu())
-        self.head = sn(nn.Linear(c * seed * seed, features))
-        self.out = sn(nn.Linear(features, 1))
-        self.embed = sn(nn.Linear(self.cond_dim, features, bias=False)) if self.cond_dim else None
+        self.features = self.final = self.head = self.out = self.embed = None
+        if self.image:
+            layers, c = [], 2 if self.symmetry_channel else 1
+            for i in range(n):
+                cout = min(width * 2**i, max_width)
+                layers += [sn(nn.Conv2d(c, cout, 3, padding=1)), _lrelu(),
+                           sn(nn.Conv2d(cout, cout, 4, stride=2, padding=1)), _lrelu()]
+                c = cout
+            self.features = nn.Sequential(*layers)
+            extra = 1 if self.minibatch_std > 1 else 0
+            self.final = nn.Sequential(sn(nn.Conv2d(c + extra, c, 3, padding=1)), _lrelu())
+            self.head = sn(nn.Linear(c * seed * seed, features))
+            self.out = sn(nn.Linear(features, 1))
+            self.embed = sn(nn.Linear(self.cond_dim, features, bias=False)) if self.cond_dim else None
         self.profile_net = self.profile_out = self.profile_embed = None
         if self.profile:
             rings = ring_profile(torch.zeros(self.stamp, self.stamp)).shape[-1]
@@ -255,7 +264,7 @@ class SNCritic(nn.Module):
             raise GalgenInputError(f"u: expected (B, {self.stamp}, {self.stamp}), got {tuple(u.shape)}")
         if self.cond_dim and cond is None:
             raise GalgenInputError("cond: this critic needs conditions")
-        scores = [self._score(u - azimuthal_mean(u) if self.highpass else u, cond)]
+        scores = [self._score(u - azimuthal_mean(u) if self.highpass else u, cond)] if self.image else []
         if self.profile:
             scores.append(self._mlp_score(ring_profile(u), self.profile_net, self.profile_out, self.profile_embed,
                                           cond))
@@ -535,6 +544,9 @@ class GAN(AdversarialModel):
         of the statistics over the whole run, so that a shift smaller than a batch's
         sampling noise still moves the generator. Its R1 penalty is taken with respect to
         the statistics.
+    critic_image : bool, optional
+        ``False`` (with ``critic_statistics``): no convolutional critic; the statistics
+        critic alone plays the game (:class:`SNCritic` ``image``).
     symmetry_gate : {None, "network"}, optional
         Weight the part of each generated image that is not point-symmetric about the
         centre pixel by ``w = sigmoid(gate_gain h(z))`` (:class:`FluxShapeGenerator`, flux-shape
@@ -562,7 +574,7 @@ class GAN(AdversarialModel):
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
                  critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False,
-                 match_statistics: float = 0.0, critic_statistics: bool = False):
+                 match_statistics: float = 0.0, critic_statistics: bool = False, critic_image: bool = True):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -640,6 +652,8 @@ class GAN(AdversarialModel):
         self.critic_statistics = bool(critic_statistics)
         if self.critic_statistics:
             self.config.update(critic_statistics=True)
+        if not critic_image:
+            self.config.update(critic_image=False)
         self.stamp, self.latent_dim, self.oversampling = int(stamp), int(latent_dim), int(oversampling)
         self.input_scale, self.loss, self.ema = float(input_scale), loss, float(ema)
         self.r1_gamma, self.r1_every, self.n_critic = float(r1_gamma), int(r1_every), int(n_critic)
@@ -656,7 +670,8 @@ class GAN(AdversarialModel):
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
                                cond_dim=self.cond_dim, spectral_norm=bool(spectral_norm),
                                symmetry_channel=bool(critic_symmetry), highpass=bool(critic_highpass),
-                               profile=bool(critic_profile), statistics=self.critic_statistics)
+                               profile=bool(critic_profile), statistics=self.critic_statistics,
+                               image=bool(critic_image))
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
                 p.requires_grad_(False)
@@ -812,8 +827,8 @@ class GAN(AdversarialModel):
             inputs.append(stats.requires_grad_(True))
         with torch.enable_grad():
             score = self.critic(u, feats, statistics=stats)
-            grads = torch.autograd.grad(score.float().sum(), inputs, create_graph=True)
-        return sum(g.float().square().flatten(1).sum(dim=1).mean() for g in grads)
+            grads = torch.autograd.grad(score.float().sum(), inputs, create_graph=True, allow_unused=True)
+        return sum(g.float().square().flatten(1).sum(dim=1).mean() for g in grads if g is not None)
 
     # -- training ----------------------------------------------------------------------------
 

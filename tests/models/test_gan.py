@@ -861,7 +861,8 @@ def test_statistics_critic_learns_the_datas_statistics_and_pulls_the_generator_t
     real batch. Trained on noisy Sersic-like galaxies of index 3 (real) against index 1
     (fake), it tells them apart, and its score's gradient moves a fake's index towards 3;
     the R1 penalty is taken with respect to its input (finite, positive); a game step logs
-    its scores; the option enters the config only when set."""
+    its scores; the option enters the config only when set; without the convolutional critic
+    (critic_image=False) the statistics critic plays alone, and only with it."""
     torch.manual_seed(0)
     critic = SNCritic(32, width=8, features=32, spectral_norm=False, statistics=True)
     g = torch.Generator().manual_seed(0)
@@ -897,3 +898,10 @@ def test_statistics_critic_learns_the_datas_statistics_and_pulls_the_generator_t
     again = GAN.from_config(json.loads(json.dumps(gan.config)))
     again.load_state_dict(gan.state_dict())
     assert torch.equal(again.critic.stats_centre, gan.critic.stats_centre)
+    # the statistics critic alone (critic_image=False): no convolutional weights, one score
+    alone = _small(critic_statistics=True, critic_image=False, r1_gamma=1.0, r1_every=1)
+    assert alone.critic.features is None and alone.config["critic_image"] is False
+    log = alone.training_step(batch, alone.make_optimizers(lr=1e-3), 0)
+    assert float(log["r1"]) > 0 and alone.critic_terms(alone.critic_input(batch.observed)).shape == (8,)
+    with pytest.raises(GalgenInputError, match="image"):
+        _small(critic_image=False)

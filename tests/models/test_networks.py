@@ -251,6 +251,22 @@ def test_detection_mask_finds_the_galaxy_and_few_noise_pixels():
     assert not detection_mask(x.requires_grad_(True)).requires_grad
 
 
+def _noisy_sersics(seed, use_true_center, n=120):
+    """``n`` PSF-convolved GalSim Sersic galaxies on 64 x 64 SDSS pixels with Gaussian noise of
+    rms 10 ADU: n 0.7-4, half-light radius 0.6-2.5", axis ratio 0.3-1, 10^3.5-10^5 ADU."""
+    import galsim
+
+    rng = np.random.default_rng(seed)
+    noisy = []
+    for _ in range(n):
+        gal = galsim.Sersic(rng.uniform(0.7, 4.0), half_light_radius=rng.uniform(0.6, 2.5))
+        gal = gal.shear(q=rng.uniform(0.3, 1.0), beta=rng.uniform(0, 180) * galsim.degrees)
+        gal = galsim.Convolve(gal.withFlux(10 ** rng.uniform(3.5, 5.0)), galsim.Moffat(3.5, fwhm=1.4))
+        im = gal.drawImage(nx=64, ny=64, scale=0.396, use_true_center=use_true_center).array.astype("f8")
+        noisy.append(im + rng.normal(0.0, 10.0, im.shape))
+    return np.stack(noisy)
+
+
 def test_gini_mask_gives_the_evaluations_gini_of_sersic_galaxies():
     """The Gini on gini_mask (statmorph's Gini segmap about the centroid, 3 x 3 sub-pixels)
     of noise-free GalSim Sersic profiles (n = 1, 2.5, 4; axis ratio 1 and 0.5) lies within
@@ -274,15 +290,7 @@ def test_gini_mask_gives_the_evaluations_gini_of_sersic_galaxies():
     assert bool(mask[:, 32, 32].all())
     grown = torch.nn.functional.max_pool2d(mask[:, None].double(), 3, 1, 1)[:, 0] > 0
     assert bool((grown & ~mask).any(dim=(1, 2)).all())  # a bounded region
-    rng = np.random.default_rng(0)
-    noisy = []
-    for _ in range(120):
-        gal = galsim.Sersic(rng.uniform(0.7, 4.0), half_light_radius=rng.uniform(0.6, 2.5))
-        gal = gal.shear(q=rng.uniform(0.3, 1.0), beta=rng.uniform(0, 180) * galsim.degrees)
-        gal = galsim.Convolve(gal.withFlux(10 ** rng.uniform(3.5, 5.0)), galsim.Moffat(3.5, fwhm=1.4))
-        im = gal.drawImage(nx=64, ny=64, scale=0.396).array.astype("f8")
-        noisy.append(im + rng.normal(0.0, 10.0, im.shape))
-    noisy = np.stack(noisy)
+    noisy = _noisy_sersics(0, use_true_center=True)
     ref = morphology_statistics(noisy, 0.396, variance=np.full_like(noisy, 100.0))
     xn = torch.from_numpy(noisy)
     got = gini_coefficient(xn, gini_mask(xn)).numpy()
@@ -295,11 +303,11 @@ def test_gini_mask_gives_the_evaluations_gini_of_sersic_galaxies():
 def test_morphology_vector_ranks_galaxies_as_the_evaluation_does():
     """morphology_vector on 120 PSF-convolved noisy GalSim Sersic galaxies (n 0.7-4, half-light
     radius 0.6-2.5", axis ratio 0.3-1, S/N from a few to hundreds): each column ranks them
-    as the evaluation's statistic (Spearman > 0.9 for r50, flux,
-    e1, e2 in 0.90-1.0 here, measured; > 0.85 for Gini and M20, > 0.75 for the size against
-    HSM's and > 0.6 for the concentration, 0.73 here, whose aperture differs most); a noise-free sheared galaxy has e1 of the
-    shear's sign and no e2 or asymmetry; a companion raises the asymmetry, and the noise's
-    share is subtracted (symmetric noisy galaxies: median asymmetry within 0.02 of 0);
+    as the evaluation's statistic does (Spearman > 0.9 for r50, flux, e1, e2; > 0.85 for
+    Gini and M20; > 0.75 for the size against HSM's; > 0.6 for the concentration, measured
+    0.73, whose aperture differs most); a noise-free sheared galaxy has e1 of the shear's
+    sign and no e2 or asymmetry; a companion raises the asymmetry, and the noise's share is
+    subtracted (symmetric noisy galaxies: median asymmetry within 0.02 of 0);
     every column is differentiable."""
     import galsim
     from scipy.stats import spearmanr
@@ -307,15 +315,7 @@ def test_morphology_vector_ranks_galaxies_as_the_evaluation_does():
     from galgen.evaluation import morphology_statistics
     from galgen.models.networks import MORPHOLOGY_VECTOR, morphology_vector
 
-    rng = np.random.default_rng(1)
-    noisy = []
-    for _ in range(120):
-        gal = galsim.Sersic(rng.uniform(0.7, 4.0), half_light_radius=rng.uniform(0.6, 2.5))
-        gal = gal.shear(q=rng.uniform(0.3, 1.0), beta=rng.uniform(0, 180) * galsim.degrees)
-        gal = galsim.Convolve(gal.withFlux(10 ** rng.uniform(3.5, 5.0)), galsim.Moffat(3.5, fwhm=1.4))
-        im = gal.drawImage(nx=64, ny=64, scale=0.396, use_true_center=False).array.astype("f8")
-        noisy.append(im + rng.normal(0.0, 10.0, im.shape))
-    noisy = np.stack(noisy)
+    noisy = _noisy_sersics(1, use_true_center=False)
     ref = morphology_statistics(noisy, 0.396, variance=np.full_like(noisy, 100.0))
     x = torch.from_numpy(noisy).requires_grad_(True)
     v = morphology_vector(x)
