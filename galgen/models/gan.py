@@ -203,7 +203,8 @@ class SNCritic(nn.Module):
         """Set the standardisation of the statistics critic's input from real critic inputs.
 
         Each statistic's median and 1.4826 x median absolute deviation over ``u``'s
-        galaxies (a robust centre and spread; stored with the weights).
+        galaxies (a robust centre and spread; stored with the weights). Under
+        ``torch.distributed`` every replica takes rank 0's, so that all critics stay one.
 
         Parameters
         ----------
@@ -218,6 +219,9 @@ class SNCritic(nn.Module):
         ok = torch.isfinite(centre) & torch.isfinite(scale) & (scale > 0)
         self.stats_centre.copy_(torch.where(ok, centre, torch.zeros_like(centre)))
         self.stats_scale.copy_(torch.where(ok, scale, torch.ones_like(scale)))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in (self.stats_centre, self.stats_scale):
+                torch.distributed.broadcast(t, src=0)
         self.stats_fitted.fill_(True)
 
     def statistics_input(self, u: torch.Tensor) -> torch.Tensor:

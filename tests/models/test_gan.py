@@ -905,3 +905,38 @@ def test_statistics_critic_learns_the_datas_statistics_and_pulls_the_generator_t
     assert float(log["r1"]) > 0 and alone.critic_terms(alone.critic_input(batch.observed)).shape == (8,)
     with pytest.raises(GalgenInputError, match="image"):
         _small(critic_image=False)
+
+
+_STATS_SCALE_WORKER = '''
+import torch, torch.distributed as dist
+from galgen.models import SNCritic
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+critic = SNCritic(32, width=8, features=16, spectral_norm=False, statistics=True)
+r = torch.arange(32) - 16.0
+blob = 5 * torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / 20)
+u = torch.asinh(torch.randn(64, 32, 32, generator=torch.Generator().manual_seed(rank)) + blob * (1 + rank))
+critic.fit_statistics_scale(u)
+out = [torch.zeros(9) for _ in range(2)]
+dist.all_gather(out, critic.stats_centre.float())
+if rank == 0:
+    print("EQUAL" if torch.equal(out[0], out[1]) else "DIFFERENT")
+dist.destroy_process_group()
+'''
+
+
+def test_statistics_scale_is_one_across_replicas(tmp_path):
+    """Under torchrun each replica sees its own first batch; the statistics critic's
+    standardisation is rank 0's on every replica (two gloo processes whose batches differ)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_STATS_SCALE_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[:4000]
+    assert "EQUAL" in res.stdout
