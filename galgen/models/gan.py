@@ -830,7 +830,7 @@ class GAN(AdversarialModel):
                 stats = self.critic.statistics_input(u_real.detach())
             inputs.append(stats.requires_grad_(True))
         with torch.enable_grad():
-            score = self.critic(u, feats, statistics=stats)
+            score = self.critic(u, feats) if stats is None else self.critic(u, feats, statistics=stats)
             grads = torch.autograd.grad(score.float().sum(), inputs, create_graph=True, allow_unused=True)
         return sum(g.float().square().flatten(1).sum(dim=1).mean() for g in grads if g is not None)
 
