@@ -1033,7 +1033,9 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     new coordinates would sit at a saddle where neither side learns). Every other weight is
     kept; the latent flow is new and unfitted (``galgen train`` fits it after training).
     With a latent symmetry gate (whose coordinate is the last), the new coordinates are
-    inserted before the gate's, which stays the last.
+    inserted before the gate's, which stays the last; with a latent companion (whose
+    coordinates come last, before a gate's), before the companion's, which keep their place
+    at the end.
 
     Parameters
     ----------
@@ -1074,7 +1076,11 @@ def add_latents(model: VAE, extra: int, scale: float = 0.1, generator: torch.Gen
     if isinstance(extra, bool) or not isinstance(extra, numbers.Integral) or extra < 1:
         raise GalgenInputError(f"extra: expected an integer >= 1, got {extra!r}")
     L, e = model.latent_dim, int(extra)
-    at = L - 1 if model.config.get("symmetry_gate") == "latent" else L  # where the new coordinates go
+    # where the new coordinates go: before the coordinates that only the companion and the latent
+    # gate read, which the model places last (companion, then gate) and which must keep their roles
+    at = L - 1 if model.config.get("symmetry_gate") == "latent" else L
+    if model.locator is not None:
+        at = model.decoder.companion.start
     new = VAE(**{**{k: v for k, v in model.config.items() if k != "kind"}, "latent_dim": L + e})
     new = new.to(next(model.parameters()).device)
     old, state = model.state_dict(), new.state_dict()

@@ -486,6 +486,36 @@ def test_added_latents_go_before_a_latent_gate_which_stays_last():
         assert torch.allclose(grown.decode(zg).sum((1, 2)), full.sum((1, 2)), rtol=1e-5)
 
 
+def test_added_latents_go_before_a_companions_coordinates_which_stay_last():
+    """add_latents on a VAE with a latent companion and a latent gate: the companion's seven
+    coordinates and the gate's keep their place at the end (the model reads them there), the
+    new ones go before them, and with the new ones at zero the grown VAE has its source's
+    posterior moments (the locator's included) and draws its galaxies. Before this, the new
+    coordinates went after the companion's, which the grown model then read as new
+    coordinates: its galaxies and its encoder's companion moments were not the source's."""
+    from galgen.models import add_latents, add_symmetry_gate
+
+    vae = add_symmetry_gate(_companion_vae(), "latent", generator=torch.Generator().manual_seed(0)).eval()
+    torch.nn.init.normal_(vae.head[1].weight, std=0.05)
+    torch.nn.init.normal_(vae.locator_head.weight, std=0.05)  # the locator's moments matter
+    assert vae.decoder.companion.start == 9 and vae.decoder.gate_coordinate == 16
+    grown = add_latents(vae, 3, generator=torch.Generator().manual_seed(1)).eval()
+    assert grown.latent_dim == 20 and grown.decoder.companion.start == 12 and grown.decoder.gate_coordinate == 19
+    old_to_new = list(range(9)) + list(range(12, 20))
+    x = 100 * torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mu, lv = vae.encoder_moments(x)
+        mu2, lv2 = grown.encoder_moments(x)
+        assert torch.allclose(mu2[:, old_to_new], mu, atol=1e-6) and torch.allclose(lv2[:, old_to_new], lv, atol=1e-6)
+        assert float(mu2[:, 9:12].abs().max()) == 0 and float(lv2[:, 9:12].abs().max()) == 0
+        z = torch.randn(4, 17, generator=torch.Generator().manual_seed(2))
+        z[:, 9] = 1.5  # a bright companion
+        zg = torch.zeros(4, 20)
+        zg[:, old_to_new] = z
+        old = vae.decode(z)
+        assert torch.allclose(grown.decode(zg), old, rtol=1e-5, atol=1e-6 * float(old.abs().max()))
+
+
 def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path, pipeline_script):
     """pipelines/grow_vae.py: the written checkpoint loads as the grown model (gate and
     latents) with the source's weights and a provenance naming it; the same seed gives the
