@@ -151,6 +151,15 @@ class VAE(GenerativeModel):
         ``seed_latents`` its parameters are the last
         :data:`~galgen.models.networks.COMPANION_COORDINATES` latent coordinates (before a
         latent gate's). :func:`add_companion` adds one to a trained model.
+    free_bits : float, optional
+        Nats of KL per latent coordinate that training does not charge for ("free bits",
+        Kingma et al. 2016): the training loss's KL term is ``sum_d max(KL_d, free_bits)``,
+        ``KL_d`` the batch mean of coordinate ``d``'s KL, so a coordinate that carries less
+        than ``free_bits`` nats gets no push towards its prior. Coordinates that the ELBO
+        left idle, or new ones (:func:`add_latents`), can then start to carry information
+        where the KL's gradient would hold them at the prior; coordinates above it are
+        trained on the true ELBO. :meth:`elbo` and the validation report the true KL.
+        0 (default): the ELBO itself.
 
     Attributes
     ----------
@@ -183,7 +192,7 @@ class VAE(GenerativeModel):
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
                  seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None,
-                 encoder_noise_rms: float | None = None, companion: bool = False):
+                 encoder_noise_rms: float | None = None, companion: bool = False, free_bits: float = 0.0):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
@@ -206,6 +215,9 @@ class VAE(GenerativeModel):
                 raise GalgenInputError(f"{name}: must be a positive number, got {value!r}")
         if not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
             raise GalgenInputError(f"beta: must be a number >= 0, got {beta!r}")
+        if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real) or not math.isfinite(free_bits) \
+                or free_bits < 0:
+            raise GalgenInputError(f"free_bits: must be a number of nats >= 0, got {free_bits!r}")
         if prior is not None and not isinstance(prior, dict):
             raise GalgenInputError(f"prior: expected a dict of flow options, got {prior!r}")
         unknown = sorted(set(prior or {}) - set(_PRIOR_DEFAULTS))
@@ -268,6 +280,8 @@ class VAE(GenerativeModel):
             self.config.update(symmetry_gate=symmetry_gate)
         if companion:
             self.config.update(companion=True)
+        if free_bits:  # configs without it are those before the option
+            self.config.update(free_bits=float(free_bits))
         if self.encoder_noise_rms != self.input_scale:
             self.config.update(encoder_noise_rms=self.encoder_noise_rms)
 
@@ -437,23 +451,29 @@ class VAE(GenerativeModel):
         a per-galaxy point estimate (its KL term is left out), so that the decoder trains
         with every galaxy's best gate rather than with an encoder that cannot learn it.
         """
+        return {k: v for k, v in self._elbo_terms(batch, beta, generator).items() if k != "kl_coordinates"}
+
+    def _elbo_terms(self, batch: Batch, beta: float = 1.0, generator: torch.Generator | None = None) -> dict:
+        """:meth:`elbo`'s terms and ``kl_coordinates``, the ``(B, L)`` KL of each coordinate
+        (without a latent gate's)."""
         mu, logvar = self.encoder_moments(batch.observed, batch.cond)
         mu, logvar = mu.float(), logvar.float()
         eps = _randn(mu.shape, generator, mu.device, mu.dtype)
         z = mu + eps * (0.5 * logvar).exp()
-        kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1)
+        kl_coordinates = 0.5 * (mu**2 + logvar.exp() - logvar - 1)
         if self.config.get("symmetry_gate") == "latent":  # the gate's weight: the likelihood's, per galaxy
             z = self.with_best_gate(z, batch)
-            kl = kl[:, :-1]
-        kl = kl.sum(1)
+            kl_coordinates = kl_coordinates[:, :-1]
+        kl = kl_coordinates.sum(1)
         intrinsic = self.decode(z, batch.cond)
         nll = -batch.observation.log_likelihood(intrinsic.float(), batch.observed)
         elbo = -nll - beta * kl
         bpp = -elbo / (good_pixels(batch.observed, batch.observation) * math.log(2))
-        return {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp}
+        return {"nll": nll, "kl": kl, "elbo": elbo, "bits_per_pixel": bpp, "kl_coordinates": kl_coordinates}
 
     def training_step(self, batch: Batch, optimizers: dict, step: int, sync=no_sync) -> dict:
-        """One step on ``mean(nll + beta_at(step) * kl)`` (see :meth:`GenerativeModel.training_step`).
+        """One step on ``mean(nll + beta_at(step) * kl)`` (see :meth:`GenerativeModel.training_step`);
+        with ``free_bits`` on ``mean(nll) + beta_at(step) * sum_d max(mean(KL_d), free_bits)``.
 
         Parameters
         ----------
@@ -475,9 +495,14 @@ class VAE(GenerativeModel):
         """
         opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        t = self.elbo(batch)
+        t = self._elbo_terms(batch)
+        kl_coordinates = t.pop("kl_coordinates")
         beta = self.beta_at(step)
-        loss = (t["nll"] + beta * t["kl"]).mean()
+        free = self.config.get("free_bits", 0.0)
+        if free:  # free bits: each coordinate's batch-mean KL, floored
+            loss = t["nll"].mean() + beta * kl_coordinates.mean(0).clamp(min=free).sum()
+        else:
+            loss = (t["nll"] + beta * t["kl"]).mean()
         loss.backward()
         sync(self.parameters())
         opt.step()

@@ -411,6 +411,46 @@ def test_symmetry_gate_closed_draws_point_symmetric_galaxies_with_the_same_flux(
         VAE(32, latent_dim=4, width=8, symmetry_gate="network")
 
 
+def test_free_bits_floor_each_coordinates_kl_in_training_only():
+    """free_bits: the training loss charges each coordinate max(batch-mean KL, free_bits). With
+    a floor above every coordinate's KL the gradient is the likelihood's alone (no push towards
+    the prior); with a floor below every one the loss is the ELBO's; the logged and validated
+    KL is the true one; the option is in the config only when set; bad values are refused."""
+    batch = toy_batch(stamp=32)
+
+    def step(vae, seed=0):
+        vae.zero_grad()
+        torch.manual_seed(seed)
+        out = vae.training_step(batch, {"model": torch.optim.SGD(vae.parameters(), lr=0.0)}, step=0)
+        return out, [p.grad.clone() for p in vae.head.parameters()]
+
+    torch.manual_seed(0)
+    plain = VAE(32, latent_dim=4, width=8).train()
+    state = plain.state_dict()
+    high, low = VAE(32, latent_dim=4, width=8, free_bits=1e6).train(), VAE(32, latent_dim=4, width=8, free_bits=1e-9)
+    high.load_state_dict(state)
+    low.load_state_dict(state)
+    assert high.config["free_bits"] == 1e6 and "free_bits" not in plain.config
+    assert VAE(**{k: v for k, v in high.config.items() if k != "kind"}).config == high.config
+    out_plain, g_plain = step(plain)
+    out_low, g_low = step(low.train())
+    out_high, g_high = step(high)
+    assert torch.allclose(out_low["loss"], out_plain["loss"], rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_low, g_plain))
+    # the true KL is logged; the loss charges 4 x 1e6 nats
+    assert torch.allclose(out_high["kl"], out_plain["kl"]) and float(out_high["loss"]) > 4e6
+    # the likelihood's gradient alone
+    plain.zero_grad()
+    torch.manual_seed(0)
+    plain.elbo(batch)["nll"].mean().backward()
+    g_nll = [p.grad.clone() for p in plain.head.parameters()]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_high, g_nll))
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_plain, g_nll))  # the KL's pull
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(GalgenInputError, match="free_bits"):
+            VAE(32, latent_dim=4, width=8, free_bits=bad)
+
+
 def test_added_latents_start_at_their_prior_and_can_learn():
     """add_latents: the grown VAE has the same KL and, with the new coordinates at zero, the
     same galaxies as its source; the new coordinates' posterior is N(0, 1); the decoder's new
