@@ -6,8 +6,11 @@
 
 Every weight of the source is kept (:func:`galgen.models.add_symmetry_gate`,
 :func:`galgen.models.add_latents`, :func:`galgen.models.add_companion`, applied in this order);
-the written checkpoint is a model file at step 0 whose provenance names the source, which
-``galgen train --init`` fine-tunes (with a config whose ``model`` section matches the grown
+``--scale`` sets the decoder's columns for new latents as a factor of PyTorch's default
+initialisation (0.1: the grown model draws nearly its source's galaxies, but in
+``sdss-vae-bd-comp`` the new coordinates then stayed at their prior in fine-tuning; 1 wakes
+them, docs/models.md); the written checkpoint is a model file at step 0 whose provenance
+names the source, which ``galgen train --init`` fine-tunes (with a config whose ``model`` section matches the grown
 model). With ``--companion --warm-start DATA`` the encoder is first taught where each
 training galaxy's companion is (:func:`galgen.models.warm_start_companion`; the companion
 fades in ELBO training without it):
@@ -28,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--symmetry-gate", choices=["network", "latent"],
                     help="add a symmetry gate (flux-shape decoder; 'latent' adds its latent coordinate)")
     ap.add_argument("--latents", type=int, default=0, help="latent dimensions to add")
+    ap.add_argument("--scale", type=float, default=0.1,
+                    help="factor on the default initialisation of the decoder's columns for the new latents [0.1]")
     ap.add_argument("--companion", action="store_true",
                     help="add a companion galaxy to the decoder and its latent coordinates (seed-latent VAEs)")
     ap.add_argument("--warm-start", metavar="DATA",
@@ -51,7 +56,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     model = add_symmetry_gate(source, args.symmetry_gate, generator=gen) if args.symmetry_gate else source
     if args.latents:
-        model = add_latents(model, args.latents, generator=gen)
+        model = add_latents(model, args.latents, scale=args.scale, generator=gen)
     if args.companion:
         model = add_companion(model, generator=gen)
     if args.warm_start:

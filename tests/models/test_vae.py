@@ -572,6 +572,11 @@ def test_grow_vae_script_writes_a_model_to_fine_tune(tmp_path, pipeline_script):
     assert a.config["symmetry_gate"] == "network" and a.latent_dim == 12 and a.provenance["grown_from"] == str(src)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert torch.equal(a.decoder.shape.out.weight, vae.decoder.shape.out.weight)
+    # --scale: the decoder's new columns at that factor of the default initialisation (same draws)
+    grow.main(["--from", str(src), "--out", str(tmp_path / "s.pt"), "--symmetry-gate", "network", "--latents", "2",
+               "--scale", "1"])
+    new_cols = [m.decoder.shape.project.weight[:, 10:12] for m in (a, load_model(tmp_path / "s.pt"))]
+    assert torch.allclose(new_cols[1], 10 * new_cols[0], rtol=1e-5) and float(new_cols[0].abs().max()) > 0
     with pytest.raises(SystemExit):
         grow.main(["--from", str(src), "--out", str(tmp_path / "c.pt")])
     with pytest.raises(SystemExit):  # a warm start is the companion's
