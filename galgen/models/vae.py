@@ -155,11 +155,11 @@ class VAE(GenerativeModel):
         Nats of KL per latent coordinate that training does not charge for ("free bits",
         Kingma et al. 2016): the training loss's KL term is ``sum_d max(KL_d, free_bits)``,
         ``KL_d`` the batch mean of coordinate ``d``'s KL, so a coordinate that carries less
-        than ``free_bits`` nats gets no push towards its prior. Coordinates that the ELBO
-        left idle, or new ones (:func:`add_latents`), can then start to carry information
-        where the KL's gradient would hold them at the prior; coordinates above it are
-        trained on the true ELBO. :meth:`elbo` and the validation report the true KL.
-        0 (default): the ELBO itself.
+        than ``free_bits`` nats gets no push towards its prior; coordinates above it are
+        trained on the true ELBO. It frees coordinates that the KL holds at the prior, not
+        ones the decoder barely reads: new coordinates of :func:`add_latents` whose decoder
+        columns start small stay idle with it too (docs/models.md). :meth:`elbo` and the
+        validation report the true KL. 0 (default): the ELBO itself.
 
     Attributes
     ----------
