@@ -37,6 +37,7 @@ the generator learns PSF-free galaxies from observations.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -50,8 +51,8 @@ from .networks import (MORPHOLOGY_VECTOR, Decoder, FluxShapeGenerator, azimuthal
                        morphology_vector, point_reflect, ring_profile)
 from .vae import VAE
 
-__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "GAN_LOSSES",
-           "quantile_distance"]
+__all__ = ["GAN", "FluxShapeGenerator", "SNCritic", "PriorDecoder", "DetailModulation", "LatentKnots",
+           "GAN_LOSSES", "quantile_distance"]
 
 #: Generator heads the :class:`GAN` accepts.
 GAN_HEADS = ("flux-shape", "softplus", "vae")
@@ -368,6 +369,174 @@ class DetailModulation(nn.Module):
         return out * (flux / out.sum(dim=(1, 2), keepdim=True).where(flux != 0, torch.ones_like(flux)))
 
 
+#: Half-light radius of a circular Gaussian in units of its sigma, ``sqrt(2 ln 2)``.
+_GAUSSIAN_HLR = 1.1774100225154747
+
+
+class LatentKnots(nn.Module):
+    """Star-forming knots drawn on a galaxy, their positions latent coordinates.
+
+    A decoder whose code has a few dozen coordinates cannot hold where a galaxy's
+    dozens of knots are, so a likelihood-trained decoder draws their mean, a smooth
+    galaxy: ``sdss-vae-bd-comp``'s galaxies have the Gini of the real ones only where
+    their knots are averaged away (docs/models.md). Here each galaxy gets ``knots`` point
+    sources whose positions are latent coordinates of their own: ``2 * knots`` standard
+    normal numbers ``u``, placed as GalSim's :class:`galsim.RandomKnots` places the
+    simulator's knots, a Gaussian cloud with the half-light radius of the galaxy's disk,
+    sheared with the disk (GalSim's shear matrix) about its centre. A fraction ``f`` of
+    the galaxy's light moves into them, each knot ``f / knots`` of it:
+    ``out = (1 - f) x + f F k``, ``F`` the galaxy's flux and ``k`` the knots' unit-flux
+    image (each point shared bilinearly among its four nearest pixels, so that the
+    image is differentiable in the positions; light falling off the grid is lost). The
+    fraction is ``sigmoid(gain h(z))``, ``h`` a two-layer network of the code whose last
+    layer starts at zero and at ``init_fraction`` (the knots start almost invisible: a
+    game then learns how much light each galaxy has in knots).
+
+    Parameters
+    ----------
+    code_dim : int
+        Size of the codes ``h`` reads.
+    knots : int, optional
+        Knots per galaxy (the simulator's star-forming disks have a median of 34).
+    gain : float, optional
+        The factor on ``h`` (Adam's steps on the fraction's logit are this much larger).
+    init_fraction : float, optional
+        The fraction every galaxy starts with.
+
+    Examples
+    --------
+    >>> knots = LatentKnots(4, knots=8)
+    >>> x = torch.rand(2, 32, 32)
+    >>> disk = {"log_size": torch.zeros(2), "g1": torch.zeros(2), "g2": torch.zeros(2),
+    ...         "dx": torch.zeros(2), "dy": torch.zeros(2)}
+    >>> out = knots(x, torch.randn(2, 4), torch.randn(2, 16), disk, size_unit=2.0)
+    >>> out.shape, torch.allclose(out.sum((1, 2)), x.sum((1, 2)))
+    (torch.Size([2, 32, 32]), True)
+    """
+
+    def __init__(self, code_dim: int, knots: int = 32, gain: float = 40.0, init_fraction: float = 1e-3):
+        super().__init__()
+        if int(knots) < 1:
+            raise GalgenInputError(f"knots: at least one knot per galaxy, got {knots!r}")
+        if not 0.0 < float(init_fraction) < 1.0:
+            raise GalgenInputError(f"init_fraction: in (0, 1), got {init_fraction!r}")
+        if not float(gain) > 0:
+            raise GalgenInputError(f"gain: must be > 0, got {gain!r}")
+        self.knots, self.gain = int(knots), float(gain)
+        self.net = nn.Sequential(nn.Linear(int(code_dim), 64), nn.SiLU(), nn.Linear(64, 1))
+        nn.init.zeros_(self.net[2].weight)
+        with torch.no_grad():
+            f0 = float(init_fraction)
+            self.net[2].bias.fill_(math.log(f0 / (1.0 - f0)) / self.gain)
+
+    @property
+    def latent_dim(self) -> int:
+        """Latent coordinates of the knots' positions, ``2 * knots``."""
+        return 2 * self.knots
+
+    def fraction(self, z: torch.Tensor) -> torch.Tensor:
+        """Fraction of each galaxy's light in its knots.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, code_dim)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` float32 in ``(0, 1)``.
+        """
+        return torch.sigmoid(self.gain * self.net(z.float())[:, 0])
+
+    def positions(self, u: torch.Tensor, disk: dict, size: int, size_unit: float) -> torch.Tensor:
+        """Pixel positions ``(x, y)`` of the knots of latent coordinates ``u``.
+
+        Parameters
+        ----------
+        u : torch.Tensor
+            ``(B, 2 * knots)`` standard normal coordinates.
+        disk : dict of torch.Tensor
+            The disk's ``log_size`` (``ln(hlr / size_unit)``), reduced shear ``g1``,
+            ``g2`` and centre offset ``dx``, ``dy`` from the centre pixel (pixels), each
+            ``(B,)``: :meth:`FluxShapeGenerator.shape_parameters`.
+        size : int
+            Grid side (the centre pixel is ``size // 2``).
+        size_unit : float
+            Pixels per unit of ``exp(log_size)`` (the generator's ``template_sigma``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, knots, 2)``.
+        """
+        sigma = size_unit * disk["log_size"].float().exp() / _GAUSSIAN_HLR
+        w = u.float().view(len(u), self.knots, 2) * sigma[:, None, None]
+        g1, g2 = disk["g1"].float()[:, None], disk["g2"].float()[:, None]
+        k = torch.rsqrt(1 - g1 * g1 - g2 * g2)
+        x = k * ((1 + g1) * w[..., 0] + g2 * w[..., 1]) + disk["dx"].float()[:, None]
+        y = k * (g2 * w[..., 0] + (1 - g1) * w[..., 1]) + disk["dy"].float()[:, None]
+        return torch.stack([x, y], -1) + float(size // 2)
+
+    def image(self, pos: torch.Tensor, size: int) -> torch.Tensor:
+        """Unit-flux image of each galaxy's knots (bilinear deposits; off-grid light lost).
+
+        Parameters
+        ----------
+        pos : torch.Tensor
+            ``(B, K, 2)`` pixel positions ``(x, y)``.
+        size : int
+            Grid side.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, size, size)`` float32, summing to at most 1.
+        """
+        B, K, _ = pos.shape
+        x0, y0 = pos[..., 0].floor(), pos[..., 1].floor()
+        fx, fy = pos[..., 0] - x0, pos[..., 1] - y0
+        x0, y0 = x0.long(), y0.long()
+        out = pos.new_zeros(B, size * size)
+        for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
+            index = (yi.clamp(0, size - 1) * size + xi.clamp(0, size - 1))
+            out = out.scatter_add(1, index, torch.where(inside, w, torch.zeros_like(w)) / K)
+        return out.view(B, size, size)
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor, u: torch.Tensor, disk: dict,
+                size_unit: float) -> torch.Tensor:
+        """The galaxies with their knots.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``(B, S, S)`` intrinsic images.
+        z : torch.Tensor
+            ``(B, code_dim)`` their codes.
+        u : torch.Tensor
+            ``(B, 2 * knots)`` the knots' latent coordinates.
+        disk : dict of torch.Tensor
+            The disks' parameters (:meth:`positions`).
+        size_unit : float
+            As in :meth:`positions`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, S, S)`` float32.
+        """
+        if u.shape != (len(images), self.latent_dim):
+            raise GalgenInputError(f"u: expected ({len(images)}, {self.latent_dim}) knot coordinates, "
+                                   f"got {tuple(u.shape)}")
+        size = images.shape[-1]
+        x = images.float()
+        f = self.fraction(z)[:, None, None]
+        flux = x.sum((1, 2), keepdim=True)
+        return (1 - f) * x + f * flux * self.image(self.positions(u, disk, size, size_unit), size)
+
+
 class PriorDecoder(nn.Module):
     """A VAE's flow prior and decoder as one generator: noise -> latent code -> intrinsic galaxy.
 
@@ -385,6 +554,10 @@ class PriorDecoder(nn.Module):
         Maps ``(B, latent_dim)`` codes to ``(B, S, S)`` intrinsic images.
     detail : DetailModulation, optional
         Small-scale structure drawn on the decoder's galaxies (starts as the identity).
+    knots : LatentKnots, optional
+        Star-forming knots drawn on the decoder's galaxies (a :class:`FluxShapeGenerator`
+        of the bulge + disk profile, whose disk places them): ``eps``'s last
+        ``knots.latent_dim`` coordinates are their positions, the first go through the flow.
 
     Examples
     --------
@@ -395,12 +568,15 @@ class PriorDecoder(nn.Module):
     torch.Size([2, 32, 32])
     """
 
-    def __init__(self, flow: nn.Module, decoder: nn.Module, detail: nn.Module | None = None):
+    def __init__(self, flow: nn.Module, decoder: nn.Module, detail: nn.Module | None = None,
+                 knots: nn.Module | None = None):
         super().__init__()
         if flow.context:
             raise GalgenInputError("flow: a conditional flow prior cannot be a GAN's generator input")
+        if knots is not None and getattr(decoder, "profile", None) != "bulge-disk":
+            raise GalgenInputError("knots: drawn on the disk of a flux-shape decoder of the bulge-disk profile")
         self.flow, self.decoder = flow, decoder
-        self.detail = detail
+        self.detail, self.knots = detail, knots
 
     def codes(self, eps: torch.Tensor) -> torch.Tensor:
         """Latent codes of base noise (differentiable in ``eps`` and the flow's weights).
@@ -423,16 +599,24 @@ class PriorDecoder(nn.Module):
         Parameters
         ----------
         eps : torch.Tensor
-            ``(B, latent_dim)``.
+            ``(B, latent_dim)`` (with ``knots``, ``(B, latent_dim + knots.latent_dim)``).
 
         Returns
         -------
         torch.Tensor
             ``(B, S, S)`` non-negative images.
         """
+        u = None
+        if self.knots is not None:
+            eps, u = eps[:, :-self.knots.latent_dim], eps[:, -self.knots.latent_dim:]
         z = self.codes(eps)
         images = self.decoder(z)
-        return images if self.detail is None else self.detail(images, z)
+        if self.detail is not None:
+            images = self.detail(images, z)
+        if u is not None:
+            disk = self.decoder.shape_parameters(z)
+            images = self.knots(images, z, u, disk, self.decoder.template_sigma)
+        return images
 
 
 class GAN(AdversarialModel):
@@ -482,17 +666,24 @@ class GAN(AdversarialModel):
         Seed profile of the flux-shape head (see :class:`FluxShapeGenerator`).
     warp_body : bool, optional
         Shear the flux-shape head's body with its seed (see :class:`FluxShapeGenerator`).
-    train_parts : {"all", "flow", "detail"}, optional
+    train_parts : {"all", "flow", "detail", "knots"}, optional
         With ``head="vae"``: the game trains the flow prior and the decoder (and
-        ``detail``), the flow alone (the decoder keeps the VAE's weights; only the
-        distribution of codes moves), or ``detail`` alone (the VAE's galaxies stay; the
-        game draws only their small-scale structure).
+        ``detail`` and ``knots``), the flow alone (the decoder keeps the VAE's weights; only the
+        distribution of codes moves), ``detail`` alone (the VAE's galaxies stay; the
+        game draws only their small-scale structure), or ``knots`` alone (the VAE's
+        galaxies stay; the game learns how much of their light is in knots).
     detail : bool, optional
         With ``head="vae"``: a :class:`DetailModulation` redistributes the light of each
         of the VAE's galaxies (flux kept), starting as the identity: structure smaller
         than the decoder draws (clumps, arms, lopsidedness). Measured (run 12 of
         docs/models.md, ``train_parts="detail"``): flux, size and ellipticity stay and the
         game learns lopsidedness, but it also spreads the light (lower Gini).
+    knots : int, optional
+        With ``head="vae"`` and a bulge + disk flux-shape decoder: this many star-forming
+        knots per galaxy (:class:`LatentKnots`), their positions ``2 * knots`` latent
+        coordinates of their own after the VAE's (``latent_dim`` is the VAE's plus
+        ``2 * knots``), the fraction of light in them learnt by the game from about 0.001.
+        0: none.
     fake_noise : {"variance-map", "own"}, optional
         Noise of the fakes observed like a batch: drawn from the real galaxies' variance
         maps, or the Poisson noise of the fakes' own light over each galaxy's background
@@ -578,7 +769,8 @@ class GAN(AdversarialModel):
                  critic_symmetry: bool = False, vae: dict | None = None, fake_noise: str = "variance-map",
                  train_parts: str = "all", anchor: float = 0.0, critic_highpass: bool = False,
                  critic_profile: bool = False, critic_warmup: int = 0, detail: bool = False,
-                 match_statistics: float = 0.0, critic_statistics: bool = False, critic_image: bool = True):
+                 match_statistics: float = 0.0, critic_statistics: bool = False, critic_image: bool = True,
+                 knots: int = 0):
         super().__init__(conditions)
         for name, value, ok in (("latent_dim", latent_dim, int(latent_dim) >= 1),
                                 ("oversampling", oversampling, int(oversampling) >= 1),
@@ -592,7 +784,8 @@ class GAN(AdversarialModel):
                                 ("gate_gain", gate_gain, float(gate_gain) > 0),
                                 ("anchor", anchor, float(anchor) >= 0),
                                 ("match_statistics", match_statistics, float(match_statistics) >= 0),
-                                ("critic_warmup", critic_warmup, int(critic_warmup) >= 0)):
+                                ("critic_warmup", critic_warmup, int(critic_warmup) >= 0),
+                                ("knots", knots, int(knots) >= 0)):
             if not ok:
                 raise GalgenInputError(f"{name}: out of range, got {value!r}")
         if loss not in GAN_LOSSES:
@@ -600,10 +793,13 @@ class GAN(AdversarialModel):
         if detail and head != "vae":
             raise GalgenInputError(f"detail: small-scale structure on a VAE's galaxies, an option of head='vae', "
                                    f"not of head={head!r}")
-        if train_parts not in ("all", "flow", "detail") or (train_parts != "all" and head != "vae") \
-                or (train_parts == "detail" and not detail):
-            raise GalgenInputError(f"train_parts: 'all', 'flow' with head='vae', or 'detail' with detail=True, "
-                                   f"got {train_parts!r}")
+        if int(knots) and head != "vae":
+            raise GalgenInputError(f"knots: star-forming knots on a VAE's galaxies, an option of head='vae', "
+                                   f"not of head={head!r}")
+        if train_parts not in ("all", "flow", "detail", "knots") or (train_parts != "all" and head != "vae") \
+                or (train_parts == "detail" and not detail) or (train_parts == "knots" and not int(knots)):
+            raise GalgenInputError(f"train_parts: 'all', 'flow' with head='vae', 'detail' with detail=True or "
+                                   f"'knots' with knots > 0, got {train_parts!r}")
         if float(anchor) > 0 and head != "vae":
             raise GalgenInputError(f"anchor: a trust region around a VAE's generator, an option of head='vae', "
                                    f"not of head={head!r}")
@@ -611,7 +807,7 @@ class GAN(AdversarialModel):
             raise GalgenInputError(f"fake_noise: 'variance-map' or 'own', got {fake_noise!r}")
         if head not in GAN_HEADS:
             raise GalgenInputError(f"head: one of {list(GAN_HEADS)}, got {head!r}")
-        source = _generator_vae(vae, head, stamp, latent_dim, oversampling, self.cond_dim)
+        source = _generator_vae(vae, head, stamp, int(latent_dim) - 2 * int(knots), oversampling, self.cond_dim)
         if symmetry_gate not in (None, "network"):
             raise GalgenInputError(f"symmetry_gate: None or 'network' for a GAN, got {symmetry_gate!r}")
         if symmetry_gate and head != "flux-shape":
@@ -637,6 +833,8 @@ class GAN(AdversarialModel):
         self.critic_warmup = int(critic_warmup)
         if detail:
             self.config.update(detail=True)
+        if int(knots):
+            self.config.update(knots=int(knots))
         if self.critic_warmup:
             self.config.update(critic_warmup=self.critic_warmup)
         if self.anchor > 0:
@@ -667,8 +865,10 @@ class GAN(AdversarialModel):
                                                 warp_body=warp_body, symmetry_gate=symmetry_gate,
                                                 gate_gain=float(gate_gain))
         elif head == "vae":
+            code_dim = source.latent_dim
             self.generator = PriorDecoder(source.latent_flow, source.decoder,
-                                          DetailModulation(self.latent_dim) if detail else None)
+                                          DetailModulation(code_dim) if detail else None,
+                                          LatentKnots(code_dim, int(knots)) if int(knots) else None)
         else:
             self.generator = Decoder(size, nin, width=int(width), flux_scale=float(flux_scale))
         self.critic = SNCritic(self.stamp, width=int(width), features=min(8 * int(width), 256),
@@ -679,9 +879,12 @@ class GAN(AdversarialModel):
         if train_parts == "flow":  # the decoder stays the VAE's: the game moves which codes are drawn
             for p in self.generator.decoder.parameters():
                 p.requires_grad_(False)
-        if train_parts == "detail":  # the VAE's galaxies stay; the game draws their small-scale structure
+        if train_parts in ("detail", "knots"):  # the VAE's galaxies stay; the game draws their small scales
             for p in list(self.generator.decoder.parameters()) + list(self.generator.flow.parameters()):
                 p.requires_grad_(False)
+            if train_parts == "knots" and detail:
+                for p in self.generator.detail.parameters():
+                    p.requires_grad_(False)
         self.generator_anchor = None
         if self.anchor > 0:  # the generator the game starts from (from_vae or a checkpoint fills its weights)
             self.generator_anchor = copy.deepcopy(self.generator)
@@ -733,7 +936,8 @@ class GAN(AdversarialModel):
             raise GalgenInputError(f"options: {fixed} come from the VAE")
         options.setdefault("input_scale", vae.input_scale)
         w = vae.head[1].weight
-        gan = cls(vae.config["stamp"], latent_dim=vae.latent_dim, oversampling=vae.config["oversampling"],
+        latent_dim = vae.latent_dim + 2 * int(options.get("knots", 0))
+        gan = cls(vae.config["stamp"], latent_dim=latent_dim, oversampling=vae.config["oversampling"],
                   head="vae", vae=vae.config, **options).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             for generator in (gan.generator, gan.generator_ema, gan.generator_anchor):

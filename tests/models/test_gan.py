@@ -940,3 +940,92 @@ def test_statistics_scale_is_one_across_replicas(tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[:4000]
     assert "EQUAL" in res.stdout
+
+
+def test_latent_knots_follow_the_disk_as_galsims_random_knots_and_only_the_fraction_moves_light():
+    """LatentKnots: knot positions of standard normal coordinates are a Gaussian cloud with
+    the disk's half-light radius, sheared by GalSim's shear matrix about the disk's centre
+    (their covariance sigma^2 A A^T, A = galsim.Shear(g1, g2).getMatrix()); the image puts
+    1 / knots of the flux at each (summing to 1 on the grid) and is differentiable in the
+    positions; out = (1 - f) x + f F k keeps the flux, with f at init_fraction to start."""
+    import galsim
+
+    from galgen.models import LatentKnots
+
+    K, size = 20000, 64
+    knots = LatentKnots(3, knots=K)
+    g1, g2, hlr, s0 = 0.3, -0.2, 6.0, 2.0
+    disk = {"log_size": torch.tensor([math.log(hlr / s0)]), "g1": torch.tensor([g1]), "g2": torch.tensor([g2]),
+            "dx": torch.tensor([1.5]), "dy": torch.tensor([-2.0])}
+    u = torch.randn(1, 2 * K, generator=torch.Generator().manual_seed(0))
+    pos = knots.positions(u, disk, size, s0)[0].double()
+    a = torch.as_tensor(galsim.Shear(g1=g1, g2=g2).getMatrix())
+    sigma = hlr / math.sqrt(2 * math.log(2))
+    cov = torch.cov(pos.T)
+    assert torch.allclose(cov, sigma**2 * a @ a.T, rtol=0.05, atol=0.3)
+    assert torch.allclose(pos.mean(0), torch.tensor([size // 2 + 1.5, size // 2 - 2.0], dtype=torch.float64),
+                          atol=0.1)
+    img = knots.image(pos[None].float(), size)
+    assert float(img.sum()) == pytest.approx(float(((pos >= 0) & (pos < size - 1)).all(1).double().mean()),
+                                             abs=1e-3)
+    # the image's own centroid is the knots' (bilinear deposits keep the first moment)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = ((pos >= 0) & (pos < size - 1)).all(1)
+    assert float((img[0] * xx).sum() / img.sum()) == pytest.approx(float(pos[inside, 0].mean()), abs=1e-3)
+    p = torch.tensor([[[10.3, 20.6]]], requires_grad=True)
+    knots.image(p, 32).pow(2).sum().backward()
+    assert p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+    small = LatentKnots(3, knots=8, init_fraction=0.01)
+    x = torch.rand(4, 32, 32) + 0.1
+    z = torch.randn(4, 3)
+    centred = {k: torch.zeros(4) for k in ("log_size", "g1", "g2", "dx", "dy")}
+    uu = torch.randn(4, 16) * 0.5
+    out = small(x, z, uu, centred, size_unit=2.0)
+    assert torch.allclose(small.fraction(z), torch.full((4,), 0.01), rtol=1e-5)
+    assert torch.allclose(out.sum((1, 2)), x.sum((1, 2)), rtol=1e-5)
+    k_img = small.image(small.positions(uu, centred, 32, 2.0), 32)
+    assert torch.allclose(out, 0.99 * x + 0.01 * x.sum((1, 2), keepdim=True) * k_img, rtol=1e-5, atol=1e-6)
+    with pytest.raises(GalgenInputError, match="u: expected"):
+        small(x, z, torch.randn(4, 15), centred, size_unit=2.0)
+    with pytest.raises(GalgenInputError, match="knots: at least one"):
+        LatentKnots(3, knots=0)
+
+
+def test_a_gan_with_knots_starts_at_its_vae_and_its_game_trains_the_knots_alone():
+    """GAN.from_vae(knots=K) on a bulge + disk VAE: 2K latent coordinates after the VAE's,
+    galaxies within the starting knot fraction (0.001) of the VAE's galaxy of the same
+    code; train_parts='knots' moves only the knots' fraction network; the config round
+    trip keeps it; knots are refused without a VAE head or a bulge + disk decoder."""
+    from galgen.models import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(S, latent_dim=10, width=8, input_scale=SKY, decoder="flux-shape", seed_profile="bulge-disk",
+              seed_latents=True, log_flux=(math.log(500.0), 0.5))
+    vae.fit_prior(torch.randn(200, 10) * 0.5, epochs=2, generator=torch.Generator().manual_seed(0))
+    gan = GAN.from_vae(vae, width=8, ema=0.0, knots=6, train_parts="knots", spectral_norm=False)
+    assert gan.latent_dim == 10 + 12 and gan.config["knots"] == 6
+    eps = torch.randn(5, 22, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = vae.decoder(gan.generator.codes(eps[:, :10]))
+        got = gan.generator(eps)
+    assert torch.allclose(got.sum((1, 2)), ref.sum((1, 2)), rtol=1e-4)
+    assert float((got - ref).abs().sum() / ref.sum()) < 2.5e-3
+    frozen = {k: v.clone() for k, v in gan.generator.state_dict().items() if not k.startswith("knots.")}
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    opts = gan.make_optimizers(lr=1e-2)
+    before = copy.deepcopy(gan.generator.knots.state_dict())
+    for t in range(2):
+        gan.training_step(batch, opts, t)
+    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in frozen.items())
+    assert not all(torch.equal(v, gan.generator.knots.state_dict()[k]) for k, v in before.items())
+    clone = GAN.from_config(json.loads(json.dumps(gan.config)))
+    clone.load_state_dict(gan.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(clone.generator(eps), gan.generator(eps))
+    with pytest.raises(GalgenInputError, match="knots: star-forming knots"):
+        GAN(S, latent_dim=4, knots=3)
+    with pytest.raises(GalgenInputError, match="knots: drawn on the disk"):
+        GAN.from_vae(_fitted_vae(), width=8, knots=3)
+    with pytest.raises(GalgenInputError, match="train_parts: .*'knots' with knots > 0"):
+        GAN.from_vae(vae, width=8, train_parts="knots")
