@@ -5,7 +5,8 @@
         --out pipelines/runs/sdss-vae-bd-gate --init gated.pt
 
 Every weight of the source is kept (:func:`galgen.models.add_symmetry_gate`,
-:func:`galgen.models.add_latents`, :func:`galgen.models.add_companion`, applied in this order);
+:func:`galgen.models.add_latents`, :func:`galgen.models.add_companion`,
+:func:`galgen.models.add_bulge_index`, applied in this order);
 ``--scale`` sets the decoder's columns for new latents as a factor of PyTorch's default
 initialisation (0.1: the grown model draws nearly its source's galaxies, but in
 ``sdss-vae-bd-comp`` the new coordinates then stayed at their prior in fine-tuning; 1 wakes
@@ -33,6 +34,9 @@ def main(argv=None):
     ap.add_argument("--latents", type=int, default=0, help="latent dimensions to add")
     ap.add_argument("--scale", type=float, default=0.1,
                     help="factor on the default initialisation of the decoder's columns for the new latents [0.1]")
+    ap.add_argument("--bulge-index", action="store_true",
+                    help="make the bulge's Sersic index a latent coordinate (bulge + disk seed-latent VAEs; "
+                         "galgen.models.add_bulge_index)")
     ap.add_argument("--companion", action="store_true",
                     help="add a companion galaxy to the decoder and its latent coordinates (seed-latent VAEs)")
     ap.add_argument("--warm-start", metavar="DATA",
@@ -44,12 +48,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3, help="warm-start learning rate (Adam)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the new weights (the gate's, the new columns)")
     args = ap.parse_args(argv)
-    if not args.symmetry_gate and args.latents == 0 and not args.companion:
-        ap.error("nothing to grow: give --symmetry-gate, --latents N and/or --companion")
+    if not args.symmetry_gate and args.latents == 0 and not args.companion and not args.bulge_index:
+        ap.error("nothing to grow: give --symmetry-gate, --latents N, --companion and/or --bulge-index")
     import torch
 
     from galgen.checkpoints import load_model, save_checkpoint
-    from galgen.models import add_companion, add_latents, add_symmetry_gate
+    from galgen.models import add_bulge_index, add_companion, add_latents, add_symmetry_gate
 
     source = load_model(args.source)
     torch.manual_seed(args.seed)  # the network gate's hidden layer takes PyTorch's default initialisation
@@ -59,6 +63,8 @@ def main(argv=None):
         model = add_latents(model, args.latents, scale=args.scale, generator=gen)
     if args.companion:
         model = add_companion(model, generator=gen)
+    if args.bulge_index:
+        model = add_bulge_index(model, generator=gen)
     if args.warm_start:
         if not args.companion:
             ap.error("--warm-start: needs --companion")
@@ -78,7 +84,7 @@ def main(argv=None):
     save_checkpoint(args.out, model_state=model.state_dict(), config=cfg,
                     provenance={**source.provenance, "grown_from": source.checkpoint_path})
     print(f"{args.out}: {source.checkpoint_path} grown (symmetry gate: {args.symmetry_gate}, "
-          f"latents +{args.latents}, companion: {args.companion})")
+          f"latents +{args.latents}, companion: {args.companion}, bulge index: {args.bulge_index})")
 
 
 if __name__ == "__main__":

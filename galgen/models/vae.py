@@ -28,7 +28,7 @@ from .networks import (COMPANION_COORDINATES, LATENT_GATE_GAIN, SYMMETRY_GATES, 
 from .prior import CodeMixturePrior, LatentFlowPrior
 
 __all__ = ["VAE", "GaussianPosterior", "reseed_bulge_disk", "add_symmetry_gate", "add_latents", "add_companion",
-           "companion_codes", "warm_start_companion"]
+           "add_bulge_index", "companion_codes", "warm_start_companion"]
 
 #: Range of the encoder's log-variance: sigma from 0.0025 to 20 (N(0, I) has sigma 1).
 LOGVAR_RANGE = (-12.0, 6.0)
@@ -160,6 +160,12 @@ class VAE(GenerativeModel):
         ones the decoder barely reads: new coordinates of :func:`add_latents` whose decoder
         columns start small stay idle with it too (docs/models.md). :meth:`elbo` and the
         validation report the true KL. 0 (default): the ELBO itself.
+    bulge_index : bool, optional
+        With ``seed_profile="bulge-disk"`` and ``seed_latents``: the bulge's Sersic index is
+        a latent coordinate of its own (``n = 4`` at 0; the one before the companion's, or
+        before the latent gate's, or the last), where it is 4 without
+        (:class:`~galgen.models.networks.FluxShapeGenerator` ``bulge_index_coordinate``).
+        :func:`add_bulge_index` adds one to a trained model.
 
     Attributes
     ----------
@@ -192,13 +198,15 @@ class VAE(GenerativeModel):
                  input_scale: float = 1.0, flux_scale: float = 1.0, beta: float = 1.0, warmup_steps: int = 0,
                  conditions=(), prior: dict | None = None, decoder: str = "conv", log_flux=None,
                  seed_profile: str = "sersic", seed_latents: bool = False, symmetry_gate: str | None = None,
-                 encoder_noise_rms: float | None = None, companion: bool = False, free_bits: float = 0.0):
+                 encoder_noise_rms: float | None = None, companion: bool = False, free_bits: float = 0.0,
+                 bulge_index: bool = False):
         super().__init__(conditions)
         if decoder not in VAE_DECODERS:
             raise GalgenInputError(f"decoder: one of {list(VAE_DECODERS)}, got {decoder!r}")
         if seed_profile not in ("sersic", "bulge-disk"):
             raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
-        if (seed_profile != "sersic" or seed_latents or symmetry_gate or companion) and decoder != "flux-shape":
+        if (seed_profile != "sersic" or seed_latents or symmetry_gate or companion or bulge_index) \
+                and decoder != "flux-shape":
             raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate/companion: options of the flux-shape "
                                    f"decoder; "
                                    f"decoder is {decoder!r}")
@@ -239,11 +247,17 @@ class VAE(GenerativeModel):
             if companion and seed_latents and own < 0:
                 raise GalgenInputError(f"latent_dim: the companion needs {COMPANION_COORDINATES} coordinates "
                                        f"beside the seed's, got latent_dim={self.latent_dim}")
+            # the bulge's index: the coordinate before the companion's (or the gate's, or the last)
+            index = ((own if companion and seed_latents else self.latent_dim if gate is None else gate) - 1
+                     if bulge_index else None)
+            if bulge_index and not (seed_profile == "bulge-disk" and seed_latents):
+                raise GalgenInputError("bulge_index: an option of seed_profile='bulge-disk' with seed_latents=True")
             self.decoder = FluxShapeGenerator(size, nin, width=int(width), log_flux=log_flux, profile=seed_profile,
                                               warp_body=True, seed_latents=bool(seed_latents),
                                               symmetry_gate=symmetry_gate, gate_coordinate=gate,
                                               companion=bool(companion),
-                                              companion_coordinate=own if companion and seed_latents else None)
+                                              companion_coordinate=own if companion and seed_latents else None,
+                                              bulge_index_coordinate=index)
             # Its fits need second-order steps: from the same start on 32 held-out galaxies, Levenberg-
             # Marquardt reached the bulge + disk optimum of a bulge + disk seed in 11 steps (median chi2/dof
             # 1.0124 against the parametric 1.0107) where Adam stopped at 1.0198 after 84 (docs/inference.md).
@@ -282,6 +296,8 @@ class VAE(GenerativeModel):
             self.config.update(companion=True)
         if free_bits:  # configs without it are those before the option
             self.config.update(free_bits=float(free_bits))
+        if bulge_index:
+            self.config.update(bulge_index=True)
         if self.encoder_noise_rms != self.input_scale:
             self.config.update(encoder_noise_rms=self.encoder_noise_rms)
 
@@ -1197,6 +1213,65 @@ def add_companion(model: VAE, generator: torch.Generator | None = None) -> VAE:
     missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
     if unexpected or any(not k.startswith(("decoder.companion.", "locator")) for k in missing):
         raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
+    return new.train(model.training)
+
+
+def add_bulge_index(model: VAE, generator: torch.Generator | None = None) -> VAE:
+    """A copy of a trained bulge + disk VAE whose bulges take any Sersic index, to fine-tune from.
+
+    :func:`add_latents` adds one coordinate (before a companion's and a latent gate's),
+    which only the bulge's Sersic index reads (``VAE(bulge_index=True)``: ``n = 4`` at 0).
+    The encoder starts it at a posterior of mean 0 and standard deviation ``e^-2`` (0.14,
+    ``n`` within about 0.3 of 4, at 1.5 nats of KL): at its prior, N(0, 1), every bulge
+    of the first training steps would take an index anywhere from 2.3 to 5.2. So the copy
+    draws its source's galaxies at the coordinate's mean. Every other weight is kept; the
+    latent flow is new and unfitted.
+
+    Parameters
+    ----------
+    model : VAE
+        A trained VAE with the flux-shape decoder, ``seed_profile="bulge-disk"`` and
+        ``seed_latents=True``, without a bulge index.
+    generator : torch.Generator, optional
+        Draws the decoder's new (unread) input columns.
+
+    Returns
+    -------
+    VAE
+        With ``latent_dim + 1`` dimensions and ``bulge_index=True``, in the mode of ``model``.
+
+    Raises
+    ------
+    GalgenInputError
+        If ``model`` is not such a VAE.
+
+    Examples
+    --------
+    >>> vae = VAE(32, latent_dim=12, width=8, decoder="flux-shape", log_flux=(6.0, 1.0),
+    ...           seed_profile="bulge-disk", seed_latents=True).eval()
+    >>> grown = add_bulge_index(vae).eval()
+    >>> grown.latent_dim, grown.config["bulge_index"]
+    (13, True)
+    >>> z = torch.randn(2, 12)
+    >>> with torch.no_grad():  # the index's coordinate at 0: n = 4, the same galaxies
+    ...     same = grown.decode(torch.cat([z, torch.zeros(2, 1)], 1))
+    >>> bool(torch.allclose(same, vae.decode(z), rtol=1e-4, atol=1e-6))
+    True
+    """
+    cfg = model.config if isinstance(model, VAE) else {}
+    if cfg.get("decoder") != "flux-shape" or cfg.get("seed_profile") != "bulge-disk" or not cfg.get("seed_latents") \
+            or cfg.get("bulge_index"):
+        raise GalgenInputError("model: add_bulge_index needs a VAE with the flux-shape decoder, seed_profile="
+                               f"'bulge-disk' and seed_latents=True, without a bulge index; got "
+                               f"{type(model).__name__} with config {cfg!r}")
+    grown = add_latents(model, 1, generator=generator)
+    new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, "bulge_index": True})
+    new = new.to(next(model.parameters()).device)
+    missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("decoder.bulge_index.") for k in missing):
+        raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():  # the new coordinate's posterior: N(0, e^-4) rather than N(0, 1)
+        new.head[1].bias[new.latent_dim + new.decoder.bulge_index.start] = -4.0
     return new.train(model.training)
 
 
