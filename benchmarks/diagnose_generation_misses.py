@@ -24,6 +24,12 @@ survey's CCD noise, :func:`galgen.evaluation.generated_observations`):
 
 Per set: the W1 / floor of every statistic and the C2ST of the statistics (as
 ``galgen evaluate --measure-on observed``), and the medians.
+
+With ``--by-type`` and ``--codes``, galaxy by galaxy: the statistics of each galaxy's
+reconstruction at its given code minus those of its own intrinsic image observed anew
+(the same PSF and noise model), medians over the catalog's morphological types (arms,
+bar, irregular, companion, lopsided, dust lane, knots, none of these), bulge-to-total
+ranges and bulge Sersic-index ranges: where the decoder's light goes.
 """
 
 from __future__ import annotations
@@ -50,8 +56,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--by-type", action="store_true",
+                    help="with --codes: reconstruction minus the same galaxies' truth, by catalog type")
+    ap.add_argument("--only-by-type", action="store_true", help="with --by-type: only the galaxy-by-galaxy part")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    args.by_type = args.by_type or args.only_by_type
     from galgen.data import CutoutFile, ObservationLoader
     from galgen.errors import GalgenInputError
     from galgen.evaluation import generated_observations, morphology_statistics
@@ -69,6 +79,10 @@ def main(argv=None):
         mask = f.read("mask", slice(0, n)).astype(bool) if "mask" in f.keys else None
         other = len(f) >= 2 * n
         intrinsic = f.read("intrinsic", slice(n, 2 * n) if other else slice(0, n))
+        own = f.read("intrinsic", slice(0, n)) if args.by_type else None
+        catalog = f.catalog[:n] if args.by_type else None
+    if args.by_type and not args.codes:
+        raise GalgenInputError("--by-type: needs --codes (the reconstructions compared galaxy by galaxy)")
     vae = resolve_model(args.vae, "cpu")
     if vae.kind != "vae" or vae.cond_dim:
         raise GalgenInputError(f"--vae: {args.vae} is a {vae.kind} with {vae.cond_dim} conditions; an "
@@ -91,6 +105,8 @@ def main(argv=None):
         sets.append(("reconstruction (MAP codes)", dict(model=vae, latents=(given[:n].float(), torch.zeros(n)))))
     sets += [(f"prior ({label})", dict(model=vae.with_prior(choice))) for choice, label in vae.prior_choices.items()]
     sets += [(f"gan {spec}", dict(model=resolve_model(spec, "cpu"))) for spec in args.gan]
+    if args.only_by_type:
+        sets = []
 
     t0 = time.perf_counter()
     stats = {"real": morphology_statistics(real, scale, mask=mask, variance=real_var)}
@@ -113,12 +129,72 @@ def main(argv=None):
         worst = sorted(((cmp[k]["w1_ratio"], k) for k in names), reverse=True)[:4]
         print(f"{label}: C2ST {c2st['accuracy']:.3f} (floor {c2st['floor']:.3f}); W1/floor "
               + ", ".join(f"{k} {r:.2f}" for r, k in worst) + f"; {time.perf_counter() - t0:.0f} s", flush=True)
-    print("medians (real / " + " / ".join(result["sets"]) + "):")
-    for k in names:
+    if result["sets"]:
+        print("medians (real / " + " / ".join(result["sets"]) + "):")
+    for k in names or []:
         print(f"  {k}: {next(iter(result['sets'].values()))['median_real'][k]:.4g} / "
               + " / ".join(f"{s['median'][k]:.4g}" for s in result["sets"].values()))
+    if args.by_type:
+        t0 = time.perf_counter()
+        g = observe(images=own)
+        paired = {"truth (the same galaxies)": morphology_statistics(g["observed"].astype(np.float64), scale, mask=mask,
+                                                                    variance=g["variance"].astype(np.float64))}
+        g = observe(model=vae, latents=(given[:n].float(), torch.zeros(n)))
+        paired["reconstruction (MAP codes)"] = morphology_statistics(g["observed"].astype(np.float64), scale,
+                                                                     mask=mask, variance=g["variance"].astype(np.float64))
+        result["by_type"] = by_type(catalog, stats["real"], *paired.values())
+        print(f"by type: {time.perf_counter() - t0:.0f} s; median reconstruction - truth of the same galaxy "
+              f"(and real - truth):")
+        for group, row in result["by_type"].items():
+            print(f"  {group:28s} n={row['n']:5d} " + ", ".join(
+                f"{k} {row[k]['reconstruction_minus_truth']:+.4f} ({row[k]['real_minus_truth']:+.4f})"
+                for k in ("gini", "concentration", "asymmetry", "m20")))
     result["machine"] = machine_info()
     finish(result, args.json)
+
+
+def by_type(catalog, real, truth, recon) -> dict:
+    """Medians, over groups of galaxies, of their reconstructions' statistics minus their truth's.
+
+    Parameters
+    ----------
+    catalog : astropy.table.Table
+        The galaxies' simulation catalog (the rich-morphology columns).
+    real, truth, recon : dict of numpy.ndarray
+        :func:`galgen.evaluation.morphology_statistics` of the galaxies' observations, of
+        their intrinsic images observed anew and of their reconstructions, in the same order.
+
+    Returns
+    -------
+    dict
+        Per group: ``n`` and, per statistic, the medians of ``real``, ``truth`` and
+        ``reconstruction``, ``reconstruction_minus_truth`` and ``real_minus_truth``
+        (medians of the galaxy-by-galaxy differences).
+    """
+    def col(name):
+        return np.asarray(catalog[name], dtype=float)
+
+    kinds = {"arms": col("arm_amp") > 0, "bar": col("bar_frac") > 0, "irregular": col("irregular") > 0,
+             "companion": col("comp_flux_ratio") > 0, "lopsided": col("lop_a1") > 0, "dust lane": col("dust_tau") > 0}
+    groups = dict(kinds, knots=col("n_knots") > 0)
+    groups["none of the six"] = ~np.any(list(kinds.values()), axis=0)
+    groups["all"] = np.ones(len(catalog), bool)
+    bt, index = col("bt"), col("n_bulge")
+    for lo, hi in ((0, 0.2), (0.2, 0.5), (0.5, 0.8), (0.8, 1.01)):
+        groups[f"B/T in [{lo}, {min(hi, 1)})"] = (bt >= lo) & (bt < hi)
+    for lo, hi in ((0, 3), (3, 3.7), (3.7, 4.3), (4.3, 5), (5, 99)):
+        groups[f"B/T > 0.5, n_bulge in [{lo}, {hi})"] = (bt > 0.5) & (index >= lo) & (index < hi)
+    out = {}
+    for group, m in groups.items():
+        row = {"n": int(m.sum())}
+        for k in ("gini", "concentration", "asymmetry", "m20", "r50"):
+            r, t, g = real[k][m], truth[k][m], recon[k][m]
+            row[k] = {"real": float(np.nanmedian(r)), "truth": float(np.nanmedian(t)),
+                      "reconstruction": float(np.nanmedian(g)),
+                      "reconstruction_minus_truth": float(np.nanmedian(g - t)),
+                      "real_minus_truth": float(np.nanmedian(r - t))}
+        out[group] = row
+    return out
 
 
 if __name__ == "__main__":

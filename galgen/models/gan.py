@@ -378,8 +378,7 @@ class LatentKnots(nn.Module):
 
     A decoder whose code has a few dozen coordinates cannot hold where a galaxy's
     dozens of knots are, so a likelihood-trained decoder draws their mean, a smooth
-    galaxy: ``sdss-vae-bd-comp``'s galaxies have the Gini of the real ones only where
-    their knots are averaged away (docs/models.md). Here each galaxy gets ``knots`` point
+    galaxy. Here each galaxy gets ``knots`` point
     sources whose positions are latent coordinates of their own: ``2 * knots`` standard
     normal numbers ``u``, placed as GalSim's :class:`galsim.RandomKnots` places the
     simulator's knots, a Gaussian cloud with the half-light radius of the galaxy's disk,
@@ -390,7 +389,11 @@ class LatentKnots(nn.Module):
     image is differentiable in the positions; light falling off the grid is lost). The
     fraction is ``sigmoid(gain h(z))``, ``h`` a two-layer network of the code whose last
     layer starts at zero and at ``init_fraction`` (the knots start almost invisible: a
-    game then learns how much light each galaxy has in knots).
+    game then learns how much light each galaxy has in knots). Measured on SDSS-like rich
+    galaxies (docs/models.md, "Where the Gini goes"): below the noise at a 1.4" PSF, knots
+    raise the asymmetry but lower the Gini and the concentration (the light they take
+    leaves the bulge + disk profile for a Gaussian cloud), so they are not what that
+    decoder's Gini lacks there.
 
     Parameters
     ----------
