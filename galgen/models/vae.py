@@ -1207,13 +1207,20 @@ def add_companion(model: VAE, generator: torch.Generator | None = None) -> VAE:
     if cfg.get("decoder") != "flux-shape" or not cfg.get("seed_latents") or cfg.get("companion"):
         raise GalgenInputError("model: add_companion needs a VAE with the flux-shape decoder and seed_latents=True "
                                f"and without a companion; got {type(model).__name__} with config {cfg!r}")
-    grown = add_latents(model, COMPANION_COORDINATES, generator=generator)
-    new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, "companion": True})
+    new = _grown_with(model, COMPANION_COORDINATES, "companion", ("decoder.companion.", "locator"), generator)
+    return new.train(model.training)
+
+
+def _grown_with(model: VAE, extra: int, option: str, new_weights: tuple, generator) -> VAE:
+    """``model`` with ``extra`` more latents (:func:`add_latents`) and the config ``option``
+    switched on, every weight carried over; only those named ``new_weights*`` start anew."""
+    grown = add_latents(model, extra, generator=generator)
+    new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, option: True})
     new = new.to(next(model.parameters()).device)
     missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(("decoder.companion.", "locator")) for k in missing):
+    if unexpected or any(not k.startswith(new_weights) for k in missing):
         raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
-    return new.train(model.training)
+    return new
 
 
 def add_bulge_index(model: VAE, generator: torch.Generator | None = None) -> VAE:
@@ -1264,12 +1271,7 @@ def add_bulge_index(model: VAE, generator: torch.Generator | None = None) -> VAE
         raise GalgenInputError("model: add_bulge_index needs a VAE with the flux-shape decoder, seed_profile="
                                f"'bulge-disk' and seed_latents=True, without a bulge index; got "
                                f"{type(model).__name__} with config {cfg!r}")
-    grown = add_latents(model, 1, generator=generator)
-    new = VAE(**{**{k: v for k, v in grown.config.items() if k != "kind"}, "bulge_index": True})
-    new = new.to(next(model.parameters()).device)
-    missing, unexpected = new.load_state_dict(grown.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("decoder.bulge_index.") for k in missing):
-        raise GalgenInputError(f"model: cannot carry its weights over (missing {missing}, unexpected {unexpected})")
+    new = _grown_with(model, 1, "bulge_index", ("decoder.bulge_index.",), generator)
     with torch.no_grad():  # the new coordinate's posterior: N(0, e^-4) rather than N(0, 1)
         new.head[1].bias[new.latent_dim + new.decoder.bulge_index.start] = -4.0
     return new.train(model.training)

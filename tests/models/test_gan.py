@@ -756,6 +756,19 @@ def test_critic_warmup_trains_the_critic_alone_first():
         GAN(S, latent_dim=4, critic_warmup=-1)
 
 
+def _only_part_trains(gan, part):
+    """Two game steps change the generator's ``part`` and none of its other weights."""
+    frozen = {k: v.clone() for k, v in gan.generator.state_dict().items() if not k.startswith(part + ".")}
+    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
+    opts = gan.make_optimizers(lr=1e-2)
+    module = getattr(gan.generator, part)
+    before = copy.deepcopy(module.state_dict())
+    for t in range(2):
+        gan.training_step(batch, opts, t)
+    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in frozen.items())
+    assert not all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
 def test_detail_modulation_redistributes_light_and_the_game_trains_it_alone():
     """DetailModulation starts as the identity (so GAN.from_vae(detail=True) draws the VAE's
     galaxies bit for bit); once its last layer is nonzero it changes the images but keeps
@@ -784,14 +797,7 @@ def test_detail_modulation_redistributes_light_and_the_game_trains_it_alone():
     eps = torch.randn(5, 4, generator=g)
     with torch.no_grad():
         assert torch.equal(gan.generator(eps), vae.decoder(gan.generator.codes(eps)))
-    frozen = {k: v.clone() for k, v in gan.generator.state_dict().items() if not k.startswith("detail.")}
-    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
-    opts = gan.make_optimizers(lr=1e-2)
-    before = copy.deepcopy(gan.generator.detail.state_dict())
-    for t in range(2):
-        gan.training_step(batch, opts, t)
-    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in frozen.items())
-    assert not all(torch.equal(v, gan.generator.detail.state_dict()[k]) for k, v in before.items())
+    _only_part_trains(gan, "detail")
     clone = GAN.from_config(json.loads(json.dumps(gan.config)))
     clone.load_state_dict(gan.state_dict(), strict=True)
     with pytest.raises(GalgenInputError, match="detail: small-scale structure"):
@@ -1011,14 +1017,7 @@ def test_a_gan_with_knots_starts_at_its_vae_and_its_game_trains_the_knots_alone(
         got = gan.generator(eps)
     assert torch.allclose(got.sum((1, 2)), ref.sum((1, 2)), rtol=1e-4)
     assert float((got - ref).abs().sum() / ref.sum()) < 2.5e-3
-    frozen = {k: v.clone() for k, v in gan.generator.state_dict().items() if not k.startswith("knots.")}
-    batch = Batch(_blobs(8, torch.Generator().manual_seed(1)) + SKY * torch.randn(8, S, S), _observation(8))
-    opts = gan.make_optimizers(lr=1e-2)
-    before = copy.deepcopy(gan.generator.knots.state_dict())
-    for t in range(2):
-        gan.training_step(batch, opts, t)
-    assert all(torch.equal(v, gan.generator.state_dict()[k]) for k, v in frozen.items())
-    assert not all(torch.equal(v, gan.generator.knots.state_dict()[k]) for k, v in before.items())
+    _only_part_trains(gan, "knots")
     clone = GAN.from_config(json.loads(json.dumps(gan.config)))
     clone.load_state_dict(gan.state_dict(), strict=True)
     with torch.no_grad():
