@@ -439,7 +439,7 @@ class SeedCoordinates(nn.Module):
         elif profile == "companion":  # t_f, x, y (pixels), log size, shear h1, h2, t_n: faint (f ~ 0.03), anywhere
             loc = torch.tensor([-3.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
             scale = torch.tensor([1.0, 8.0, 8.0, 0.7, 0.5, 0.5, 1.0])
-        elif profile == "bulge-index":  # t_n of n = 1 + 5 sigmoid(t_n): n = 4 at z = 0, about 2.3-5.2 at z = -+1
+        elif profile == "bulge-index":  # t_n of n = 1 + 5 sigmoid(t_n): n = 4 at z = 0, 2.8 / 5.0 at z = -1 / +1
             loc, scale = torch.tensor([math.log(1.5)]), torch.tensor([1.0])
         self.k, self.start = k, int(start)
         self.loc = nn.Parameter(loc)

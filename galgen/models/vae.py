@@ -207,9 +207,8 @@ class VAE(GenerativeModel):
             raise GalgenInputError(f"seed_profile: 'sersic' or 'bulge-disk', got {seed_profile!r}")
         if (seed_profile != "sersic" or seed_latents or symmetry_gate or companion or bulge_index) \
                 and decoder != "flux-shape":
-            raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate/companion: options of the flux-shape "
-                                   f"decoder; "
-                                   f"decoder is {decoder!r}")
+            raise GalgenInputError(f"seed_profile/seed_latents/symmetry_gate/companion/bulge_index: options of the "
+                                   f"flux-shape decoder; decoder is {decoder!r}")
         if symmetry_gate not in SYMMETRY_GATES:
             raise GalgenInputError(f"symmetry_gate: one of {list(SYMMETRY_GATES)}, got {symmetry_gate!r}")
         checks = [("stamp", stamp, 4), ("latent_dim", latent_dim, 1), ("oversampling", oversampling, 1),
@@ -1229,8 +1228,8 @@ def add_bulge_index(model: VAE, generator: torch.Generator | None = None) -> VAE
     :func:`add_latents` adds one coordinate (before a companion's and a latent gate's),
     which only the bulge's Sersic index reads (``VAE(bulge_index=True)``: ``n = 4`` at 0).
     The encoder starts it at a posterior of mean 0 and standard deviation ``e^-2`` (0.14,
-    ``n`` within about 0.3 of 4, at 1.5 nats of KL): at its prior, N(0, 1), every bulge
-    of the first training steps would take an index anywhere from 2.3 to 5.2. So the copy
+    ``n`` within about 0.3 of 4, at 1.5 nats of KL): at its prior, N(0, 1), the bulges
+    of the first training steps would take indices of 2.8-5.0 within one sigma. So the copy
     draws its source's galaxies at the coordinate's mean. Every other weight is kept; the
     latent flow is new and unfitted.
 
