@@ -108,16 +108,19 @@ def main(argv=None):
     if args.only_by_type:
         sets = []
 
+    def measure(**how):
+        g = observe(**how)
+        return morphology_statistics(g["observed"].astype(np.float64), scale, mask=mask,
+                                     variance=g["variance"].astype(np.float64))
+
     t0 = time.perf_counter()
     stats = {"real": morphology_statistics(real, scale, mask=mask, variance=real_var)}
     print(f"real: {n} galaxies measured in {time.perf_counter() - t0:.0f} s", flush=True)
     result = {"vae": args.vae, "data": str(args.data), "n": n, "seed": args.seed, "sets": {}}
-    names = None
+    names, measured = None, {}
     for label, how in sets:
         t0 = time.perf_counter()
-        g = observe(**how)
-        st = morphology_statistics(g["observed"].astype(np.float64), scale, mask=mask,
-                                   variance=g["variance"].astype(np.float64))
+        st = measured[label] = measure(**how)
         cmp = compare_statistics(stats["real"], st, seed=args.seed)["statistics"]
         c2st = c2st_statistics(stats["real"], st, seed=args.seed)
         names = names or [k for k in cmp if isinstance(cmp[k], dict) and "w1_ratio" in cmp[k]]
@@ -136,13 +139,11 @@ def main(argv=None):
               + " / ".join(f"{s['median'][k]:.4g}" for s in result["sets"].values()))
     if args.by_type:
         t0 = time.perf_counter()
-        g = observe(images=own)
-        paired = {"truth (the same galaxies)": morphology_statistics(g["observed"].astype(np.float64), scale, mask=mask,
-                                                                    variance=g["variance"].astype(np.float64))}
-        g = observe(model=vae, latents=(given[:n].float(), torch.zeros(n)))
-        paired["reconstruction (MAP codes)"] = morphology_statistics(g["observed"].astype(np.float64), scale,
-                                                                     mask=mask, variance=g["variance"].astype(np.float64))
-        result["by_type"] = by_type(catalog, stats["real"], *paired.values())
+        # the sets above, where they were measured (the same galaxies and noise draws), are not measured again
+        truth = measured.get("truth (the same galaxies)") or measure(images=own)
+        recon = measured.get("reconstruction (MAP codes)") or measure(model=vae, latents=(given[:n].float(),
+                                                                                          torch.zeros(n)))
+        result["by_type"] = by_type(catalog, stats["real"], truth, recon)
         print(f"by type: {time.perf_counter() - t0:.0f} s; median reconstruction - truth of the same galaxy "
               f"(and real - truth):")
         for group, row in result["by_type"].items():

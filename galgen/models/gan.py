@@ -370,7 +370,7 @@ class DetailModulation(nn.Module):
 
 
 #: Half-light radius of a circular Gaussian in units of its sigma, ``sqrt(2 ln 2)``.
-_GAUSSIAN_HLR = 1.1774100225154747
+_GAUSSIAN_HLR = math.sqrt(2 * math.log(2))
 
 
 class LatentKnots(nn.Module):
